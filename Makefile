@@ -1,0 +1,18 @@
+# The two commands of the quick start: `make demo` and `make test`. Both set up what is missing first.
+.PHONY: setup demo test lint bench-ingest
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	.venv/bin/raddraft demo
+
+test: setup
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check .
+
+bench-ingest: setup
+	.venv/bin/python bench/ingest.py

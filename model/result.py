@@ -1,0 +1,72 @@
+"""The typed result of analysing one study episode: what reporting, delivery and the worklist consume."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from raddraft.jsonio import write_atomic
+
+Laterality = Literal["left", "right", "bilateral"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Finding(_Strict):
+    """One localized finding. The box is in source-image pixels: (x1, y1, x2, y2) = (column, row) corners."""
+
+    label: str = Field(min_length=1)
+    sop_instance_uid: str
+    frame_number: int | None = Field(None, ge=1, description="1-based frame of a multi-frame image")
+    box: tuple[float, float, float, float]
+    laterality: Laterality | None = None
+    site: str | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _box_is_ordered(self) -> Finding:
+        x1, y1, x2, y2 = self.box
+        if not (x1 < x2 and y1 < y2):
+            raise ValueError(f"box {self.box} must have x1 < x2 and y1 < y2")
+        return self
+
+
+class ModelIdentity(_Strict):
+    """Algorithm identification (DICOM TID 4019): name, version and the parameters that shaped the output."""
+
+    name: str
+    version: str
+    parameters: dict[str, str] = Field(default_factory=dict)
+
+
+class DraftReport(_Strict):
+    findings: str
+    impression: str
+
+    @property
+    def text(self) -> str:
+        return f"FINDINGS:\n{self.findings}\n\nIMPRESSION:\n{self.impression}"
+
+
+class AnalysisResult(_Strict):
+    study_instance_uid: str
+    episode_id: int
+    model: ModelIdentity
+    report: DraftReport
+    findings: list[Finding]
+    analysed_instances: list[str] = Field(description="SOP Instance UIDs the model looked at")
+    raw_outputs: dict[str, str] = Field(default_factory=dict, description="model text per task/instance")
+    status: Literal["preliminary", "final"] = "preliminary"
+    created_at: datetime
+
+    def write(self, path: Path) -> None:
+        write_atomic(path, self.model_dump_json(indent=2).encode())
+
+    @classmethod
+    def read(cls, path: Path) -> AnalysisResult:
+        return cls.model_validate_json(path.read_bytes())

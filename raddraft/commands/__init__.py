@@ -1,0 +1,1 @@
+"""Sub-commands of the ``raddraft`` console script (see ``raddraft.cli``)."""

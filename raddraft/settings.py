@@ -1,0 +1,273 @@
+"""One typed settings object for every raddraft process.
+
+Values come from (highest priority first) keyword overrides, ``RADDRAFT_*`` environment variables, an
+optional TOML file (``--config``; keys are the field names, e.g. ``ae_title = "RADDRAFT"``) and the defaults
+below. Everything is validated once at start-up; a bad value stops the process with a message naming it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash, <= 16 chars
+
+
+def validate_ae_title(value: str, what: str = "AE title") -> str:
+    """Return *value* stripped, or raise ``ValueError`` saying which DICOM rule it breaks."""
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError(f"{what} must not be empty")
+    if not _AE_TITLE_RE.match(stripped):
+        raise ValueError(f"{what} {value!r} must be 1-16 printable ASCII characters without a backslash")
+    return stripped
+
+
+class PeerSpec(BaseModel):
+    """An allowed calling peer: ``AETITLE@host`` (host may be a name, an address or a CIDR network)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ae_title: str
+    host: str
+
+    @classmethod
+    def parse(cls, text: str) -> PeerSpec:
+        if "@" not in text:
+            raise ValueError(f"peer {text!r} must be written AETITLE@host")
+        aet, host = text.rsplit("@", 1)
+        if not host:
+            raise ValueError(f"peer {text!r} has no host after '@'")
+        return cls(ae_title=validate_ae_title(aet, f"AE title of peer {text!r}"), host=host.strip())
+
+    def matches(self, ae_title: str, address: str) -> bool:
+        """True if a calling AE title and peer IP address are this peer."""
+        if ae_title.strip() != self.ae_title:
+            return False
+        return address in self.addresses()
+
+    def addresses(self) -> _AddressMatcher:
+        return _AddressMatcher(self.host)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}"
+
+
+class _AddressMatcher:
+    """Membership test of an IP address in a host name, an address or a network."""
+
+    def __init__(self, host: str) -> None:
+        self._host = host
+
+    def __contains__(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        try:
+            return ip in ipaddress.ip_network(self._host, strict=False)
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(self._host, None)
+        except OSError:
+            return False
+        return any(ipaddress.ip_address(info[4][0]) == ip for info in infos)
+
+
+class Destination(BaseModel):
+    """A DICOM destination ``AETITLE@host:port``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        match = re.fullmatch(r"(?P<aet>[^@]+)@(?P<host>[^:@]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)", text.strip())
+        if not match:
+            raise ValueError(f"DICOM destination {text!r} must be written AETITLE@host:port")
+        return cls(
+            ae_title=validate_ae_title(match["aet"], f"AE title of destination {text!r}"),
+            host=match["host"].strip("[]"),
+            port=int(match["port"]),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class HL7Destination(BaseModel):
+    """An HL7 MLLP destination ``host:port``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> HL7Destination:
+        match = re.fullmatch(r"(?P<host>[^:]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)", text.strip())
+        if not match:
+            raise ValueError(f"HL7 destination {text!r} must be written host:port")
+        return cls(host=match["host"].strip("[]"), port=int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a list, or a string of items separated by commas and/or whitespace."""
+    if isinstance(value, str):
+        return [item for item in re.split(r"[,\s]+", value) if item]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of raddraft, with its default. Environment: ``RADDRAFT_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="RADDRAFT_", extra="forbid", frozen=True)
+
+    # --- storage --------------------------------------------------------------------------------------------
+    home: Path = Field(Path("./var"), description="data directory: spool, index, broker, outbox")
+    max_instance_mb: float = Field(1024.0, gt=0, description="largest accepted instance, MiB")
+    min_free_disk_mb: float = Field(512.0, ge=0, description="refuse instances when free space falls below")
+
+    # --- DICOM node -----------------------------------------------------------------------------------------
+    ae_title: str = "RADDRAFT"
+    dicom_bind: str = Field("0.0.0.0", description="address the DICOM port listens on")
+    dicom_port: int = Field(11112, ge=0, le=65535)
+    require_called_ae_title: bool = Field(True, description="reject associations not addressed to ae_title")
+    allowed_peers: Annotated[list[PeerSpec], NoDecode] = Field(
+        default_factory=list, description="AETITLE@host entries; empty accepts any peer"
+    )
+    tls_certificate: Path | None = Field(None, description="PEM server certificate: enables DICOM TLS")
+    tls_private_key: Path | None = None
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require and verify client certificates")
+    max_associations: int = Field(16, ge=1)
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    # --- study completeness and queue -----------------------------------------------------------------------
+    study_idle_seconds: float = Field(10.0, gt=0)
+    broker_url: str | None = Field(None, description="redis://… in production; empty = embedded durable broker")
+    handoff_retry_seconds: float = Field(2.0, gt=0, description="pause between hand-off attempts to the broker")
+
+    # --- delivery --------------------------------------------------------------------------------------------
+    dicom_destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    hl7_destinations: Annotated[list[HL7Destination], NoDecode] = Field(default_factory=list)
+    hl7_sending_application: str = "RADDRAFT"
+    hl7_sending_facility: str = "RADDRAFT"
+    hl7_receiving_application: str = "RIS"
+    hl7_receiving_facility: str = "HOSPITAL"
+
+    # --- HTTP (metrics, health, worklist) -------------------------------------------------------------------
+    http_bind: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+
+    # --- model -----------------------------------------------------------------------------------------------
+    model: str = Field("embedded", description="preset name or path to a model folder")
+
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("ae_title", "hl7_sending_application", mode="after")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+    @field_validator("allowed_peers", mode="before")
+    @classmethod
+    def _parse_peers(cls, value: Any) -> Any:
+        return [PeerSpec.parse(v) if isinstance(v, str) else v for v in _split_list(value)]
+
+    @field_validator("dicom_destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, value: Any) -> Any:
+        return [Destination.parse(v) if isinstance(v, str) else v for v in _split_list(value)]
+
+    @field_validator("hl7_destinations", mode="before")
+    @classmethod
+    def _parse_hl7_destinations(cls, value: Any) -> Any:
+        return [HL7Destination.parse(v) if isinstance(v, str) else v for v in _split_list(value)]
+
+    @field_validator("tls_certificate", "tls_private_key", "tls_client_ca", mode="after")
+    @classmethod
+    def _check_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
+
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    # --- derived paths -------------------------------------------------------------------------------------
+    @cached_property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @cached_property
+    def index_path(self) -> Path:
+        return self.home / "index.sqlite"
+
+    @cached_property
+    def outbox_dir(self) -> Path:
+        return self.home / "outbox"
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The configured broker, or the embedded durable broker (SQLite file in ``home``)."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.home / 'broker.sqlite').resolve()}"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_certificate is not None
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build and validate the settings: overrides > environment > TOML file > defaults."""
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"settings file {config} does not exist")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=config)
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            if config is not None:
+                sources += (TomlConfigSettingsSource(settings_cls),)
+            return sources
+
+    loaded = _FromFile(**overrides)
+    if loaded.tls_certificate is not None and loaded.tls_private_key is None:
+        raise ValueError("tls_private_key is required when tls_certificate is set")
+    return Settings.model_validate(loaded.model_dump())

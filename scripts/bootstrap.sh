@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs everything raddraft needs on a Debian machine: the system packages (dcmtk, Orthanc, validators,
+# Redis, Chromium) and the Python virtual environment in .venv with torch pinned to the CPU build.
+# Idempotent and quiet when nothing changed; safe to run before every command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { echo "[bootstrap] $*" >&2; }
+
+apt_packages=(dcmtk orthanc dicom3tools pixelmed-apps redis-server chromium default-jre-headless)
+missing=()
+for pkg in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    log "installing system packages: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON="${RADDRAFT_PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+    for candidate in python3.11 python3; do
+        if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+            PYTHON="$candidate"; break
+        fi
+    done
+fi
+[ -n "$PYTHON" ] || { log "Python 3.11 is required (the pinned CPU torch wheel is built for it)"; exit 1; }
+
+stamp=".venv/.raddraft-installed"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    log "creating the virtual environment in .venv"
+    [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+    pip_args=(-q --disable-pip-version-check -c constraints.txt)
+    [ -d /opt/wheels ] && pip_args+=(--find-links /opt/wheels)
+    if ! .venv/bin/python -m pip install "${pip_args[@]}" -e ".[dev]" >.venv/pip-install.log 2>&1; then
+        grep -v "is ignored: it is neither" .venv/pip-install.log >&2
+        log "pip install failed (full log: .venv/pip-install.log)"; exit 1
+    fi
+    echo "$want" > "$stamp"
+fi
