@@ -1,0 +1,108 @@
+"""Settings: defaults, environment, TOML file, precedence and validation messages."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from raddraft.settings import Destination, HL7Destination, PeerSpec, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("RADDRAFT_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_are_the_documented_ones():
+    settings = load_settings()
+    assert settings.home == Path("./var")
+    assert settings.ae_title == "RADDRAFT"
+    assert settings.dicom_port == 11112
+    assert settings.study_idle_seconds == 10
+    assert settings.allowed_peers == []
+    assert settings.broker_url is None
+    assert settings.uses_embedded_broker
+    assert settings.effective_broker_url.startswith("sqla+sqlite:///")
+    assert settings.effective_broker_url.endswith("/var/broker.sqlite")
+
+
+def test_environment_overrides_toml_and_toml_overrides_defaults(tmp_path, monkeypatch):
+    config = tmp_path / "raddraft.toml"
+    config.write_text('ae_title = "FROMFILE"\ndicom_port = 4242\nstudy_idle_seconds = 3.5\n')
+    monkeypatch.setenv("RADDRAFT_DICOM_PORT", "5555")
+    settings = load_settings(config)
+    assert settings.ae_title == "FROMFILE"
+    assert settings.dicom_port == 5555
+    assert settings.study_idle_seconds == 3.5
+
+
+def test_lists_from_environment_accept_commas_and_spaces(monkeypatch):
+    monkeypatch.setenv("RADDRAFT_ALLOWED_PEERS", "ORTHANC@127.0.0.1, CT1@10.1.0.0/16 MR2@localhost")
+    monkeypatch.setenv("RADDRAFT_DICOM_DESTINATIONS", "PACS@pacs.example:104")
+    monkeypatch.setenv("RADDRAFT_HL7_DESTINATIONS", "ris.example:2575,[::1]:6661")
+    monkeypatch.setenv("RADDRAFT_BROKER_URL", "redis://127.0.0.1:6379/0")
+    settings = load_settings()
+    assert [str(p) for p in settings.allowed_peers] == ["ORTHANC@127.0.0.1", "CT1@10.1.0.0/16", "MR2@localhost"]
+    assert settings.dicom_destinations == [Destination(ae_title="PACS", host="pacs.example", port=104)]
+    assert settings.hl7_destinations == [HL7Destination(host="ris.example", port=2575),
+                                         HL7Destination(host="::1", port=6661)]
+    assert not settings.uses_embedded_broker
+    assert settings.effective_broker_url == "redis://127.0.0.1:6379/0"
+
+
+def test_peer_matching_by_address_network_and_name():
+    assert PeerSpec.parse("ORTHANC@127.0.0.1").matches("ORTHANC", "127.0.0.1")
+    assert not PeerSpec.parse("ORTHANC@127.0.0.1").matches("ORTHANC", "127.0.0.2")
+    assert not PeerSpec.parse("ORTHANC@127.0.0.1").matches("OTHER", "127.0.0.1")
+    assert PeerSpec.parse("CT@127.0.0.0/8").matches("CT", "127.9.9.9")
+    assert PeerSpec.parse("CT@localhost").matches("CT", "127.0.0.1")
+    assert not PeerSpec.parse("CT@localhost").matches("CT", "not-an-ip")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("RADDRAFT_AE_TITLE", "THIS_AE_TITLE_IS_TOO_LONG", "1-16 printable ASCII"),
+        ("RADDRAFT_AE_TITLE", "BACK\\SLASH", "without a backslash"),
+        ("RADDRAFT_ALLOWED_PEERS", "NOHOST", "must be written AETITLE@host"),
+        ("RADDRAFT_DICOM_DESTINATIONS", "PACS@host", "must be written AETITLE@host:port"),
+        ("RADDRAFT_HL7_DESTINATIONS", "ris.example", "must be written host:port"),
+        ("RADDRAFT_DICOM_PORT", "70000", "less than or equal to 65535"),
+        ("RADDRAFT_STUDY_IDLE_SECONDS", "0", "greater than 0"),
+        ("RADDRAFT_TLS_CERTIFICATE", "/nonexistent/cert.pem", "does not exist"),
+        ("RADDRAFT_UNKNOWN_SETTING", "1", None),
+    ],
+)
+def test_bad_values_are_refused_with_a_message_naming_them(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    if message is None:
+        # Unknown RADDRAFT_* variables are ignored by the environment source (they may belong to a newer
+        # version); unknown keys in a TOML file are an error (see the next test).
+        load_settings()
+        return
+    with pytest.raises(ValidationError, match=message):
+        load_settings()
+
+
+def test_unknown_key_in_toml_file_is_an_error(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('ae_titel = "TYPO"\n')
+    with pytest.raises(ValidationError, match="ae_titel"):
+        load_settings(config)
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_tls_certificate_needs_a_key(tmp_path, monkeypatch):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not checked here")
+    monkeypatch.setenv("RADDRAFT_TLS_CERTIFICATE", str(cert))
+    with pytest.raises(ValueError, match="tls_private_key is required"):
+        load_settings()
