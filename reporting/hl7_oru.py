@@ -1,0 +1,361 @@
+"""HL7 v2.5.1 ORU^R01 for a study's report and findings: one pure function, manifest + result in, bytes out.
+
+Layout of the message (segments separated by ``\\r``, UTF-8, MSH-18 ``UNICODE UTF-8``)::
+
+    MSH  sending/receiving application and facility, MSH-9 ORU^R01^ORU_R01, MSH-10 control id, MSH-12 2.5.1
+    PID  PID-3 patient ID (CX, issuer in CX-4), PID-5 name (XPN from DICOM PN), PID-7 birth date, PID-8 sex
+    ORC  RE, placer/filler order number = accession number
+    OBR  OBR-2/3 accession, OBR-4 study description, OBR-7 study date/time, OBR-25 result status
+    OBX  ST   110180^Study Instance UID^DCM
+    OBX  TX   59776-5^Procedure findings^LN, sub-ID 1: one OBX per line of the findings text
+    OBX  TX   19005-8^Radiology Imaging study [Impression] (narrative)^LN, sub-ID 2: one per impression line
+    OBX  CWE  121071^Finding^DCM, sub-ID 3, 4, ...: one per finding, the label coded, site and laterality in
+              CWE-9 (original text); NTE after it for each line of the finding's description
+
+OBR-25 and every OBX-11 carry the same result status: P for the AI draft, F after a radiologist signed, C for a
+correction. Free text is escaped here (``\\E\\ \\F\\ \\S\\ \\T\\ \\R\\``) before hl7apy sees it; hl7apy only escapes
+some of the delimiters and leaves complete escape sequences alone. Line breaks become separate OBX/NTE segments,
+and a line break in a single-line attribute (name, ID, description) is an error, as it is in DICOM.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.core import Group, Message
+
+from model.result import AnalysisResult, Finding
+from raddraft.settings import Settings
+from workers.manifest import StudyManifest
+
+logger = logging.getLogger(__name__)
+
+HL7_VERSION = "2.5.1"
+MAX_CONTROL_ID_LENGTH = 20  # MSH-10 is ST(20) in v2.5.1
+
+STUDY_UID_OBSERVATION = ("110180", "Study Instance UID", "DCM")
+FINDINGS_TEXT_OBSERVATION = ("59776-5", "Procedure findings", "LN")
+IMPRESSION_TEXT_OBSERVATION = ("19005-8", "Radiology Imaging study [Impression] (narrative)", "LN")
+FINDING_OBSERVATION = ("121071", "Finding", "DCM")
+
+_SEX_TO_HL7 = {"M": "M", "F": "F", "O": "O", "": "U"}  # DICOM (0010,0040) -> HL7 table 0001
+_ORDER_STATUS = {"P": "A", "F": "CM", "C": "CM"}  # ORC-5, HL7 table 0038: A = some results available
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_DICOM_TIME = re.compile(r"(?P<hh>\d{2})(?:(?P<mm>\d{2})(?:(?P<ss>\d{2})(?:\.(?P<frac>\d{1,6}))?)?)?")
+
+# Finding labels the model emits -> SNOMED CT (the lead will point this at reporting/codes.py).
+_FINDING_CODES: dict[str, tuple[str, str]] = {
+    "atelectasis": ("46621007", "Atelectasis"),
+    "cardiomegaly": ("8186001", "Cardiomegaly"),
+    "consolidation": ("95436008", "Lung consolidation"),
+    "edema": ("19242006", "Pulmonary edema"),
+    "emphysema": ("87433001", "Pulmonary emphysema"),
+    "fracture": ("125605004", "Fracture of bone"),
+    "mass": ("4147007", "Mass"),
+    "nodule": ("27925004", "Nodule"),
+    "pleural effusion": ("60046008", "Pleural effusion"),
+    "pneumonia": ("233604007", "Pneumonia"),
+    "pneumothorax": ("36118008", "Pneumothorax"),
+}
+
+
+class ResultStatus(StrEnum):
+    """OBR-25 / OBX-11 result status (HL7 table 0085)."""
+
+    PRELIMINARY = "P"
+    FINAL = "F"
+    CORRECTED = "C"
+
+
+class HL7BuildError(ValueError):
+    """The manifest or result cannot be expressed as a valid ORU^R01; the message names the attribute."""
+
+
+@dataclass(frozen=True)
+class HL7Endpoints:
+    """MSH-3 to MSH-6."""
+
+    sending_application: str
+    sending_facility: str
+    receiving_application: str
+    receiving_facility: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HL7Endpoints:
+        return cls(
+            sending_application=settings.hl7_sending_application,
+            sending_facility=settings.hl7_sending_facility,
+            receiving_application=settings.hl7_receiving_application,
+            receiving_facility=settings.hl7_receiving_facility,
+        )
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    code: str
+    meaning: str
+    scheme: str  # HL7 table 0396: SCT, LN, DCM, L (local)
+
+
+def finding_code(label: str) -> CodedConcept:
+    """The code of a finding label: SNOMED CT where known, else a local code (scheme ``L``) named by the label."""
+    key = " ".join(label.lower().split())
+    known = _FINDING_CODES.get(key)
+    if known is not None:
+        return CodedConcept(code=known[0], meaning=known[1], scheme="SCT")
+    local_code = re.sub(r"[^A-Z0-9]+", "_", key.upper()).strip("_") or "FINDING"
+    return CodedConcept(code=local_code, meaning=label, scheme="L")
+
+
+def new_control_id() -> str:
+    """A fresh MSH-10 value (20 characters). Store it with the outgoing message: a retry must reuse it."""
+    return uuid.uuid4().hex[:MAX_CONTROL_ID_LENGTH]
+
+
+def escape(text: str, what: str) -> str:
+    """Escape an HL7 v2 text value for any position (field, component or subcomponent).
+
+    ``what`` names the attribute for the error raised on a line break or other control character.
+    """
+    if _CONTROL_CHARS.search(text):
+        raise HL7BuildError(f"{what} {text!r} contains a line break or control character; "
+                            "it must be a single line of text")
+    return (
+        text.replace("\\", "\\E\\")
+        .replace("|", "\\F\\")
+        .replace("^", "\\S\\")
+        .replace("&", "\\T\\")
+        .replace("~", "\\R\\")
+    )
+
+
+def build_oru_r01(
+    manifest: StudyManifest,
+    result: AnalysisResult,
+    status: ResultStatus,
+    *,
+    endpoints: HL7Endpoints,
+    control_id: str,
+    message_time: datetime,
+) -> bytes:
+    """ORU^R01 v2.5.1 for one study's report; ``\\r``-separated segments, UTF-8 encoded.
+
+    Raises ``HL7BuildError`` when the status contradicts the result (an unsigned draft is only ever P), when
+    the result belongs to another study, or when an attribute cannot be sent (named in the message).
+    """
+    status = ResultStatus(status)
+    _check_status(result, status)
+    if result.study_instance_uid != manifest.study_instance_uid:
+        raise HL7BuildError(f"AnalysisResult.study_instance_uid {result.study_instance_uid} is not the manifest's "
+                            f"study {manifest.study_instance_uid}")
+    _check_control_id(control_id)
+    study = manifest.study
+    if not study.accession_number.strip():
+        raise HL7BuildError(f"StudyInfo.accession_number of study {manifest.study_instance_uid} is empty; "
+                            "ORU^R01 needs it as placer/filler order number (ORC-2/3, OBR-2/3)")
+    if not study.patient_id.strip():
+        raise HL7BuildError(f"StudyInfo.patient_id of study {manifest.study_instance_uid} is empty; "
+                            "ORU^R01 needs it in PID-3")
+
+    message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
+    msh = message.msh
+    msh.msh_3 = escape(endpoints.sending_application, "sending application")
+    msh.msh_4 = escape(endpoints.sending_facility, "sending facility")
+    msh.msh_5 = escape(endpoints.receiving_application, "receiving application")
+    msh.msh_6 = escape(endpoints.receiving_facility, "receiving facility")
+    msh.msh_7 = _hl7_datetime(message_time)
+    msh.msh_9 = "ORU^R01^ORU_R01"
+    msh.msh_10 = control_id
+    msh.msh_11 = "P"
+    msh.msh_12 = HL7_VERSION
+    msh.msh_18 = "UNICODE UTF-8"
+
+    patient_result = message.add_group("ORU_R01_PATIENT_RESULT")
+    pid = patient_result.add_group("ORU_R01_PATIENT").add_segment("PID")
+    pid.pid_1 = "1"
+    pid.pid_3 = _patient_identifier(study.patient_id, study.issuer_of_patient_id)
+    pid.pid_5 = person_name_to_xpn(study.patient_name)
+    if study.patient_birth_date:
+        pid.pid_7 = _dicom_date(study.patient_birth_date, "StudyInfo.patient_birth_date")
+    pid.pid_8 = _sex(study.patient_sex)
+
+    order = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
+    accession = escape(study.accession_number.strip(), "StudyInfo.accession_number")
+    orc = order.add_segment("ORC")
+    orc.orc_1 = "RE"
+    orc.orc_2 = accession
+    orc.orc_3 = accession
+    orc.orc_5 = _ORDER_STATUS[status]
+    obr = order.add_segment("OBR")
+    obr.obr_1 = "1"
+    obr.obr_2 = accession
+    obr.obr_3 = accession
+    obr.obr_4 = "^" + escape(_procedure_text(manifest), "StudyInfo.study_description")
+    if study.study_date:
+        obr.obr_7 = _dicom_datetime(study.study_date, study.study_time)
+    obr.obr_22 = _hl7_datetime(message_time)
+    obr.obr_24 = "RAD"
+    obr.obr_25 = status.value
+
+    observations = _Observations(order, status)
+    observations.add("ST", STUDY_UID_OBSERVATION, "", escape(manifest.study_instance_uid, "study_instance_uid"))
+    for line in result.report.findings.splitlines():
+        observations.add("TX", FINDINGS_TEXT_OBSERVATION, "1", escape(line, "report findings line"))
+    for line in result.report.impression.splitlines():
+        observations.add("TX", IMPRESSION_TEXT_OBSERVATION, "2", escape(line, "report impression line"))
+    for number, finding in enumerate(result.findings, start=1):
+        group = observations.add("CWE", FINDING_OBSERVATION, str(2 + number), _finding_value(finding, number))
+        for index, line in enumerate(finding.description.splitlines(), start=1):
+            nte = group.add_segment("NTE")
+            nte.nte_1 = str(index)
+            nte.nte_3 = escape(line, f"description of finding {number}")
+
+    text = message.to_er7() + "\r"  # every segment, the last included, ends with a carriage return
+    logger.debug("built ORU^R01 %s (%s) for study %s: %d OBX", control_id, status.value,
+                 manifest.study_instance_uid, observations.count)
+    return text.encode("utf-8")
+
+
+def oru_r01_from_settings(
+    manifest: StudyManifest,
+    result: AnalysisResult,
+    status: ResultStatus,
+    *,
+    settings: Settings,
+    control_id: str,
+    message_time: datetime,
+) -> bytes:
+    """``build_oru_r01`` with MSH-3..6 taken from ``settings.hl7_sending_*`` / ``hl7_receiving_*``."""
+    return build_oru_r01(manifest, result, status, endpoints=HL7Endpoints.from_settings(settings),
+                         control_id=control_id, message_time=message_time)
+
+
+def person_name_to_xpn(person_name: str) -> str:
+    """DICOM PN ``Family^Given^Middle^Prefix^Suffix`` (alphabetic group) -> escaped XPN.
+
+    XPN order is family, given, middle, suffix, prefix, degree, name type (L = legal; U when the name is empty).
+    """
+    alphabetic = person_name.split("=", 1)[0]
+    parts = [*alphabetic.split("^"), "", "", "", "", ""][:5]
+    if alphabetic.count("^") > 4:
+        raise HL7BuildError(f"StudyInfo.patient_name {person_name!r} has more than 5 DICOM PN components")
+    family, given, middle, prefix, suffix = (escape(p.strip(), "StudyInfo.patient_name") for p in parts)
+    if not any((family, given, middle, prefix, suffix)):
+        return "^^^^^^U"
+    return f"{family}^{given}^{middle}^{suffix}^{prefix}^^L"
+
+
+class _Observations:
+    """Appends OBSERVATION groups (OBX + NTE) with consecutive OBX-1 and one result status."""
+
+    def __init__(self, order: Group, status: ResultStatus) -> None:
+        self._order = order
+        self._status = status
+        self.count = 0
+
+    def add(self, value_type: str, identifier: tuple[str, str, str], sub_id: str, value: str) -> Group:
+        self.count += 1
+        group = self._order.add_group("ORU_R01_OBSERVATION")
+        obx = group.add_segment("OBX")
+        obx.obx_1 = str(self.count)
+        obx.obx_2 = value_type
+        obx.obx_3 = "^".join(escape(part, "observation identifier") for part in identifier)
+        if sub_id:
+            obx.obx_4 = sub_id
+        if value:
+            obx.obx_5 = value
+        obx.obx_11 = self._status.value
+        return group
+
+
+def _finding_value(finding: Finding, number: int) -> str:
+    """CWE: code^text^scheme, CWE-9 original text = label with its site and laterality."""
+    what = f"finding {number}"
+    concept = finding_code(finding.label)
+    location = [f"site: {finding.site}" if finding.site else "",
+                f"laterality: {finding.laterality}" if finding.laterality else ""]
+    location_text = "; ".join(part for part in location if part)
+    original = f"{finding.label} ({location_text})" if location_text else finding.label
+    return "^".join((
+        escape(concept.code, f"code of {what}"),
+        escape(concept.meaning, f"label of {what}"),
+        concept.scheme,
+        "", "", "", "", "",
+        escape(original, f"label/site of {what}"),
+    ))
+
+
+def _check_status(result: AnalysisResult, status: ResultStatus) -> None:
+    if result.status == "preliminary" and status is not ResultStatus.PRELIMINARY:
+        raise HL7BuildError(f"result status {status.value} is not allowed for an unsigned AI draft "
+                            f"(AnalysisResult.status 'preliminary'); it must be P until a radiologist signs")
+    if result.status == "final" and status is ResultStatus.PRELIMINARY:
+        raise HL7BuildError("result status P is not allowed for a signed report (AnalysisResult.status 'final'); "
+                            "use F, or C for a correction")
+
+
+def _check_control_id(control_id: str) -> None:
+    if not control_id or len(control_id) > MAX_CONTROL_ID_LENGTH:
+        raise HL7BuildError(f"message control id {control_id!r} must be 1-{MAX_CONTROL_ID_LENGTH} characters (MSH-10)")
+    if not re.fullmatch(r"[\x21-\x7e]+", control_id) or any(c in control_id for c in "|^~\\&"):
+        raise HL7BuildError(f"message control id {control_id!r} must be printable ASCII without spaces "
+                            "or HL7 delimiters (MSH-10)")
+
+
+def _patient_identifier(patient_id: str, issuer: str) -> str:
+    """CX: ID^^^assigning authority^MR."""
+    cx = escape(patient_id.strip(), "StudyInfo.patient_id")
+    if issuer.strip():
+        return f"{cx}^^^{escape(issuer.strip(), 'StudyInfo.issuer_of_patient_id')}^MR"
+    return f"{cx}^^^^MR"
+
+
+def _sex(dicom_sex: str) -> str:
+    value = dicom_sex.strip()
+    if value not in _SEX_TO_HL7:
+        raise HL7BuildError(f"StudyInfo.patient_sex {dicom_sex!r} must be M, F, O or empty (DICOM PatientSex)")
+    return _SEX_TO_HL7[value]
+
+
+def _procedure_text(manifest: StudyManifest) -> str:
+    """OBR-4 text: the study description, else the modalities (e.g. ``CT study``)."""
+    description = manifest.study.study_description.strip()
+    if description:
+        return description
+    modalities = "/".join(manifest.modalities) or "Imaging"
+    logger.debug("study %s has no description; OBR-4 says %s study", manifest.study_instance_uid, modalities)
+    return f"{modalities} study"
+
+
+def _dicom_date(value: str, what: str) -> str:
+    try:
+        datetime.strptime(value.strip(), "%Y%m%d")
+    except ValueError:
+        raise HL7BuildError(f"{what} {value!r} must be a DICOM date YYYYMMDD") from None
+    return value.strip()
+
+
+def _dicom_datetime(date: str, time: str) -> str:
+    """DICOM DA + TM -> HL7 DTM ``YYYYMMDD[HH[MM[SS[.SSSS]]]]`` (HL7 allows 4 fraction digits)."""
+    result = _dicom_date(date, "StudyInfo.study_date")
+    time = time.strip().replace(":", "")
+    if not time:
+        return result
+    match = _DICOM_TIME.fullmatch(time)
+    if match is None or int(match["hh"]) > 23 or int(match["mm"] or 0) > 59 or int(match["ss"] or 0) > 60:
+        raise HL7BuildError(f"StudyInfo.study_time {time!r} must be a DICOM time HH[MM[SS[.FFFFFF]]]")
+    result += match["hh"] + (match["mm"] or "") + (match["ss"] or "")
+    if match["frac"]:
+        result += "." + match["frac"][:4]
+    return result
+
+
+def _hl7_datetime(value: datetime) -> str:
+    """HL7 DTM with seconds, and the UTC offset when the datetime is aware."""
+    return value.strftime("%Y%m%d%H%M%S%z")
