@@ -1,5 +1,6 @@
 """Settings: defaults, environment, TOML file, precedence and validation messages."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,6 @@ from raddraft.settings import Destination, HL7Destination, PeerSpec, load_settin
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    import os
-
     for key in list(os.environ):
         if key.startswith("RADDRAFT_"):
             monkeypatch.delenv(key)

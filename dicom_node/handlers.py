@@ -1,0 +1,58 @@
+"""pynetdicom event handlers of the raddraft DICOM node, bound with ``evt_handlers=[(evt.X, handler, [extra])]``."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from pynetdicom.events import Event
+
+from dicom_node.receive import IncomingInstance, InstanceReceiver
+from dicom_node.statuses import EchoStatus, RejectReason, RejectResult, RejectSource
+from raddraft.settings import PeerSpec
+
+log = logging.getLogger(__name__)
+
+
+def handle_conn_open(event: Event) -> None:
+    """EVT_CONN_OPEN: disable Nagle's algorithm; small PDUs otherwise wait for delayed ACKs."""
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def handle_requested(event: Event, allowed_peers: list[PeerSpec]) -> None:
+    """EVT_REQUESTED: reject a calling AE title / address pair that is not in *allowed_peers* (if any)."""
+    if not allowed_peers:
+        return
+    requestor = event.assoc.requestor  # its ae_title is only filled in after EVT_REQUESTED; read the request
+    calling_ae, address = str(requestor.primitive.calling_ae_title).strip(), requestor.address
+    if any(peer.matches(calling_ae, address) for peer in allowed_peers):
+        return
+    log.warning("association from %r at %s rejected: not in allowed_peers", calling_ae, address)
+    event.assoc.acse.send_reject(
+        RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.CALLING_AE_NOT_RECOGNIZED
+    )
+    # as pynetdicom's own ACSE does after a rejection: wait for the DUL to send the A-ASSOCIATE-RJ and stop,
+    # otherwise the server closes the socket first and the peer sees an abort instead of the rejection
+    event.assoc.kill()
+
+
+def handle_echo(event: Event) -> int:
+    """EVT_C_ECHO: always answer Success."""
+    return EchoStatus.SUCCESS
+
+
+def handle_store(event: Event, receiver: InstanceReceiver) -> int:
+    """EVT_C_STORE: persist the dataset exactly as received (file meta + encoded bytes) and answer its status."""
+    context = event.context
+    requestor = event.assoc.requestor
+    incoming = IncomingInstance(
+        data=event.encoded_dataset(include_meta=True),
+        abstract_syntax=str(context.abstract_syntax),
+        affected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+        transfer_syntax_uid=str(context.transfer_syntax),
+        calling_ae=requestor.ae_title,
+        peer_address=requestor.address,
+    )
+    return int(receiver.receive(incoming))

@@ -1,0 +1,404 @@
+"""The SQLite index of received instances, study episodes and their hand-off to the queue (outbox).
+
+One connection shared under a lock (pynetdicom runs one thread per association); WAL journal with
+``synchronous=FULL`` so a committed row survives a crash. Every write is one short ``BEGIN IMMEDIATE`` transaction.
+
+Episode life cycle: ``receiving`` (instances arriving) → ``ready`` (idle for ``study_idle_seconds``; waits in
+the outbox) → ``queued`` (handed off, or being handed off when ``published_at`` is NULL) → ``preparing`` (claimed
+by the prepare task) → ``prepared`` / ``failed``. Later stages may set ``analysing`` and ``analysed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class EpisodeState(StrEnum):
+    RECEIVING = "receiving"
+    READY = "ready"
+    QUEUED = "queued"
+    PREPARING = "preparing"
+    PREPARED = "prepared"
+    ANALYSING = "analysing"
+    ANALYSED = "analysed"
+    FAILED = "failed"
+
+
+# An episode in one of these states blocks the hand-off of the next episode of the same study.
+IN_FLIGHT_STATES: tuple[EpisodeState, ...] = (EpisodeState.QUEUED, EpisodeState.PREPARING, EpisodeState.ANALYSING)
+# New instances join the latest episode of a study while it is in one of these states (not yet handed off).
+OPEN_STATES: tuple[EpisodeState, ...] = (EpisodeState.RECEIVING, EpisodeState.READY)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    study_instance_uid  TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    patient_id          TEXT NOT NULL,
+    sop_class_uid       TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    calling_ae          TEXT NOT NULL,
+    peer_address        TEXT NOT NULL,
+    size_bytes          INTEGER NOT NULL,
+    sha256              TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    received_at         REAL NOT NULL,
+    episode_id          INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_instance_uid, episode_id);
+CREATE TABLE IF NOT EXISTS episodes (
+    study_instance_uid TEXT NOT NULL,
+    episode_id         INTEGER NOT NULL,
+    state              TEXT NOT NULL,
+    opened_at          REAL NOT NULL,
+    last_received_at   REAL NOT NULL,
+    received           INTEGER NOT NULL DEFAULT 0,
+    closed_at          REAL,
+    queued_at          REAL,
+    published_at       REAL,
+    next_attempt_at    REAL,
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    claimed_at         REAL,
+    finished_at        REAL,
+    last_error         TEXT,
+    PRIMARY KEY (study_instance_uid, episode_id)
+);
+CREATE INDEX IF NOT EXISTS episodes_by_state ON episodes (state);
+CREATE TABLE IF NOT EXISTS task_runs (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    task               TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    episode_id         INTEGER NOT NULL,
+    outcome            TEXT NOT NULL,
+    at                 REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One received instance, as stored in the ``instances`` table."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    peer_address: str
+    size_bytes: int
+    sha256: str
+    path: str
+    received_at: float
+    episode_id: int = 0
+
+
+class Arrival(StrEnum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True)
+class ArrivalOutcome:
+    kind: Arrival
+    episode_id: int
+    new_episode: bool
+    previous_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Episode:
+    study_instance_uid: str
+    episode_id: int
+    state: EpisodeState
+    opened_at: float
+    last_received_at: float
+    received: int
+    queued_at: float | None
+    published_at: float | None
+    attempts: int
+    last_error: str | None
+
+    @property
+    def task_id(self) -> str:
+        return f"prepare-{self.study_instance_uid}-{self.episode_id}"
+
+
+_EPISODE_COLUMNS = (
+    "study_instance_uid, episode_id, state, opened_at, last_received_at, received, queued_at, published_at, "
+    "attempts, last_error"
+)
+
+
+def _episode(row: sqlite3.Row) -> Episode:
+    return Episode(
+        study_instance_uid=row["study_instance_uid"],
+        episode_id=row["episode_id"],
+        state=EpisodeState(row["state"]),
+        opened_at=row["opened_at"],
+        last_received_at=row["last_received_at"],
+        received=row["received"],
+        queued_at=row["queued_at"],
+        published_at=row["published_at"],
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+    )
+
+
+class Index:
+    """Thread-safe access to ``index.sqlite``."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        with self._transaction() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    # --- instances -------------------------------------------------------------------------------------------
+    def record_instance(
+        self, record: InstanceRecord, place: Callable[[], None], is_duplicate: Callable[[str], bool]
+    ) -> ArrivalOutcome:
+        """Record an arrival in one transaction; *place* makes the file visible just before the commit.
+
+        *is_duplicate(stored_path)* is asked when the stored instance has the same sha256; if it answers True
+        nothing is written and *place* is not called. If *place* raises, nothing is recorded.
+        """
+        with self._transaction() as db:
+            existing = db.execute(
+                "SELECT sha256, path FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,)
+            ).fetchone()
+            if existing is not None and existing["sha256"] == record.sha256 and is_duplicate(existing["path"]):
+                current = db.execute(
+                    "SELECT episode_id FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,)
+                ).fetchone()
+                return ArrivalOutcome(Arrival.DUPLICATE, current["episode_id"], new_episode=False)
+            episode_id, new_episode = self._episode_for_arrival(db, record.study_instance_uid, record.received_at)
+            db.execute(
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, "
+                "patient_id, sop_class_uid, transfer_syntax_uid, calling_ae, peer_address, size_bytes, sha256, "
+                "path, received_at, episode_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.sop_instance_uid, record.study_instance_uid, record.series_instance_uid,
+                    record.patient_id, record.sop_class_uid, record.transfer_syntax_uid, record.calling_ae,
+                    record.peer_address, record.size_bytes, record.sha256, record.path, record.received_at,
+                    episode_id,
+                ),
+            )
+            place()
+        if existing is None:
+            return ArrivalOutcome(Arrival.NEW, episode_id, new_episode)
+        return ArrivalOutcome(Arrival.REPLACED, episode_id, new_episode, previous_path=existing["path"])
+
+    @staticmethod
+    def _episode_for_arrival(db: sqlite3.Connection, study_uid: str, now: float) -> tuple[int, bool]:
+        latest = db.execute(
+            "SELECT episode_id, state FROM episodes WHERE study_instance_uid = ? ORDER BY episode_id DESC LIMIT 1",
+            (study_uid,),
+        ).fetchone()
+        if latest is not None and latest["state"] in OPEN_STATES:
+            db.execute(
+                "UPDATE episodes SET state = ?, last_received_at = ?, received = received + 1, closed_at = NULL "
+                "WHERE study_instance_uid = ? AND episode_id = ?",
+                (EpisodeState.RECEIVING, now, study_uid, latest["episode_id"]),
+            )
+            return latest["episode_id"], False
+        episode_id = 1 if latest is None else latest["episode_id"] + 1
+        db.execute(
+            "INSERT INTO episodes (study_instance_uid, episode_id, state, opened_at, last_received_at, received) "
+            "VALUES (?, ?, ?, ?, ?, 1)",
+            (study_uid, episode_id, EpisodeState.RECEIVING, now, now),
+        )
+        return episode_id, True
+
+    def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
+        return None if row is None else InstanceRecord(**dict(row))
+
+    def instances_for_episode(self, study_uid: str, episode_id: int) -> list[InstanceRecord]:
+        """The study's instances as of *episode_id* (received in it or in an earlier episode)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE study_instance_uid = ? AND episode_id <= ? ORDER BY sop_instance_uid",
+                (study_uid, episode_id),
+            ).fetchall()
+        return [InstanceRecord(**dict(row)) for row in rows]
+
+    def count_instances(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+    # --- episodes and hand-off --------------------------------------------------------------------------------
+    def episode(self, study_uid: str, episode_id: int) -> Episode | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_EPISODE_COLUMNS} FROM episodes WHERE study_instance_uid = ? AND episode_id = ?",
+                (study_uid, episode_id),
+            ).fetchone()
+        return None if row is None else _episode(row)
+
+    def episodes(self) -> list[Episode]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_EPISODE_COLUMNS} FROM episodes ORDER BY opened_at, study_instance_uid, episode_id"
+            ).fetchall()
+        return [_episode(row) for row in rows]
+
+    def study_counts(self) -> dict[str, tuple[int, int]]:
+        """Study UID → (instances, series) over all episodes."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_instance_uid, COUNT(*) AS n, COUNT(DISTINCT series_instance_uid) AS s "
+                "FROM instances GROUP BY study_instance_uid"
+            ).fetchall()
+        return {row["study_instance_uid"]: (row["n"], row["s"]) for row in rows}
+
+    def close_idle_episodes(self, now: float, idle_seconds: float) -> list[Episode]:
+        """Move episodes with no arrival for *idle_seconds* from ``receiving`` to ``ready``."""
+        with self._transaction() as db:
+            rows = db.execute(
+                f"UPDATE episodes SET state = ?, closed_at = ? WHERE state = ? AND last_received_at <= ? "
+                f"RETURNING {_EPISODE_COLUMNS}",
+                (EpisodeState.READY, now, EpisodeState.RECEIVING, now - idle_seconds),
+            ).fetchall()
+        return [_episode(row) for row in rows]
+
+    def queue_ready_episodes(self, now: float) -> list[Episode]:
+        """Put ``ready`` episodes in the outbox unless an episode of the same study is still in flight."""
+        in_flight = ", ".join("?" for _ in IN_FLIGHT_STATES)
+        with self._transaction() as db:
+            rows = db.execute(
+                f"UPDATE episodes SET state = ?, queued_at = ?, published_at = NULL, next_attempt_at = ? "
+                f"WHERE state = ? AND NOT EXISTS (SELECT 1 FROM episodes AS other "
+                f"WHERE other.study_instance_uid = episodes.study_instance_uid "
+                f"AND other.episode_id <> episodes.episode_id AND other.state IN ({in_flight})) "
+                f"RETURNING {_EPISODE_COLUMNS}",
+                (EpisodeState.QUEUED, now, now, EpisodeState.READY, *IN_FLIGHT_STATES),
+            ).fetchall()
+        return [_episode(row) for row in rows]
+
+    def due_handoffs(self, now: float) -> list[Episode]:
+        """Queued episodes not yet accepted by the broker whose next attempt is due (the outbox)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_EPISODE_COLUMNS} FROM episodes WHERE published_at IS NULL AND next_attempt_at <= ? "
+                f"AND state = ? ORDER BY queued_at",
+                (now, EpisodeState.QUEUED),
+            ).fetchall()
+        return [_episode(row) for row in rows]
+
+    def mark_published(self, study_uid: str, episode_id: int, now: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE episodes SET published_at = ?, attempts = attempts + 1, last_error = NULL "
+                "WHERE study_instance_uid = ? AND episode_id = ?",
+                (now, study_uid, episode_id),
+            )
+
+    def mark_publish_failed(self, study_uid: str, episode_id: int, retry_at: float, error: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE episodes SET next_attempt_at = ?, attempts = attempts + 1, last_error = ? "
+                "WHERE study_instance_uid = ? AND episode_id = ?",
+                (retry_at, error, study_uid, episode_id),
+            )
+
+    def requeue_after_restart(self, now: float, reset_claimed: bool) -> int:
+        """Put episodes a previous run handed off back in the outbox; with *reset_claimed* also unclaim them.
+
+        Use *reset_claimed* only when no worker outside this process can still be running a claimed episode
+        (the embedded broker with its in-process worker).
+        """
+        states = [EpisodeState.QUEUED] + ([EpisodeState.PREPARING] if reset_claimed else [])
+        marks = ", ".join("?" for _ in states)
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"UPDATE episodes SET state = ?, published_at = NULL, next_attempt_at = ?, claimed_at = NULL "
+                f"WHERE state IN ({marks})",
+                (EpisodeState.QUEUED, now, *states),
+            )
+            return cursor.rowcount
+
+    def claim(self, study_uid: str, episode_id: int, now: float, stale_after: float) -> bool:
+        """Atomically move a queued episode to ``preparing``; False if it is not queued (already claimed/done).
+
+        A claim older than *stale_after* seconds (a worker that died without giving it back) may be taken over.
+        """
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE episodes SET state = ?, claimed_at = ? WHERE study_instance_uid = ? AND episode_id = ? "
+                "AND (state = ? OR (state = ? AND claimed_at < ?))",
+                (EpisodeState.PREPARING, now, study_uid, episode_id, EpisodeState.QUEUED, EpisodeState.PREPARING,
+                 now - stale_after),
+            )
+            return cursor.rowcount == 1
+
+    def set_state(self, study_uid: str, episode_id: int, state: EpisodeState, now: float, *,
+                  error: str | None = None, task_run: tuple[str, str] | None = None) -> None:
+        """Set an episode's state; *task_run* ``(task, outcome)`` is recorded in the same transaction."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE episodes SET state = ?, finished_at = ?, last_error = ? "
+                "WHERE study_instance_uid = ? AND episode_id = ?",
+                (state, now, error, study_uid, episode_id),
+            )
+            if cursor.rowcount != 1:
+                raise KeyError(f"episode {episode_id} of study {study_uid} is not in the index")
+            if task_run is not None:
+                db.execute(
+                    "INSERT INTO task_runs (task, study_instance_uid, episode_id, outcome, at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (task_run[0], study_uid, episode_id, task_run[1], now),
+                )
+
+    # --- task runs (observability and tests) ------------------------------------------------------------------
+    def record_task_run(self, task: str, study_uid: str, episode_id: int, outcome: str, now: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO task_runs (task, study_instance_uid, episode_id, outcome, at) VALUES (?, ?, ?, ?, ?)",
+                (task, study_uid, episode_id, outcome, now),
+            )
+
+    def task_runs(self, study_uid: str, episode_id: int) -> list[tuple[str, str]]:
+        """(task, outcome) of every run for the episode, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task, outcome FROM task_runs WHERE study_instance_uid = ? AND episode_id = ? ORDER BY id",
+                (study_uid, episode_id),
+            ).fetchall()
+        return [(row["task"], row["outcome"]) for row in rows]

@@ -1,0 +1,215 @@
+"""Accept one received instance: check it, write it durably to the spool and record it in the index.
+
+Network-free so every branch is testable directly; :mod:`dicom_node.handlers` maps a C-STORE event onto
+:meth:`InstanceReceiver.receive` and returns the status it gives. Success is returned only after the file is
+fsynced under its final name and its index row is committed; on any failure neither remains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from dicom_node.index import Arrival, Index, InstanceRecord
+from dicom_node.spool import InvalidUIDError, Placement, Spool, validate_uid
+from dicom_node.statuses import StoreStatus
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class IncomingInstance:
+    """A C-STORE request as received: the encoded file (preamble, file meta, dataset) and its context."""
+
+    data: bytes
+    abstract_syntax: str
+    affected_sop_instance_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    peer_address: str
+
+
+class RefusedError(Exception):
+    """An instance that is refused with *status*; the message names the attribute and the rule."""
+
+    def __init__(self, status: StoreStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class _Identity:
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    patient_id: str
+
+
+class InstanceReceiver:
+    """Applies the acceptance rules and persists accepted instances."""
+
+    def __init__(
+        self, spool: Spool, index: Index, max_instance_mb: float, min_free_disk_mb: float, *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.index = index
+        self.max_instance_bytes = int(max_instance_mb * MIB)
+        self.min_free_bytes = int(min_free_disk_mb * MIB)
+        self._clock = clock
+
+    def receive(self, incoming: IncomingInstance) -> StoreStatus:
+        """Return the C-STORE status for *incoming*; every refusal is logged with its reason."""
+        try:
+            return self._receive(incoming)
+        except RefusedError as exc:
+            log.warning("refused instance %s from %s (%s): 0x%04X %s", incoming.affected_sop_instance_uid,
+                        incoming.calling_ae, incoming.peer_address, exc.status, exc)
+            return exc.status
+
+    def _receive(self, incoming: IncomingInstance) -> StoreStatus:
+        size = len(incoming.data)
+        if size > self.max_instance_bytes:
+            raise RefusedError(StoreStatus.OUT_OF_RESOURCES,
+                               f"instance is {size / MIB:.1f} MiB; max_instance_mb is {self.max_instance_bytes / MIB}")
+        identity = self._identify(incoming)
+        try:
+            free = self.spool.free_bytes()
+        except OSError as exc:
+            raise RefusedError(StoreStatus.OUT_OF_RESOURCES, f"cannot measure free disk space: {exc}") from exc
+        if free - size < self.min_free_bytes:
+            raise RefusedError(StoreStatus.OUT_OF_RESOURCES,
+                               f"free disk space {free / MIB:.0f} MiB minus the instance is below min_free_disk_mb "
+                               f"{self.min_free_bytes / MIB:.0f}")
+        try:
+            self._persist(incoming, identity)
+        except (OSError, sqlite3.Error) as exc:
+            raise RefusedError(StoreStatus.OUT_OF_RESOURCES, f"cannot persist the instance: {exc}") from exc
+        return StoreStatus.SUCCESS
+
+    @staticmethod
+    def _identify(incoming: IncomingInstance) -> _Identity:
+        """Parse the dataset and check its identifiers against the request."""
+        try:
+            dataset = dcmread(BytesIO(incoming.data))
+            check_structure(dataset, len(incoming.data), UID(incoming.transfer_syntax_uid))
+            _decode_all(dataset)
+            sop_class_uid = dataset.get("SOPClassUID")
+            sop_instance_uid = dataset.get("SOPInstanceUID")
+            study_uid = dataset.get("StudyInstanceUID")
+            series_uid = dataset.get("SeriesInstanceUID")
+            patient_id = str(dataset.get("PatientID", ""))
+        # Untrusted bytes: pydicom signals malformed data with many exception types (struct.error, ValueError,
+        # EOFError, NotImplementedError, InvalidDicomError...); every one of them means "cannot understand".
+        except Exception as exc:
+            raise RefusedError(StoreStatus.CANNOT_UNDERSTAND,
+                               f"dataset cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        mismatch = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        try:
+            validate_uid(str(study_uid) if study_uid is not None else None, "Study Instance UID (0020,000D)")
+            validate_uid(str(series_uid) if series_uid is not None else None, "Series Instance UID (0020,000E)")
+            validate_uid(str(sop_instance_uid) if sop_instance_uid is not None else None,
+                         "SOP Instance UID (0008,0018)")
+        except InvalidUIDError as exc:
+            raise RefusedError(mismatch, str(exc)) from exc
+        if sop_class_uid != incoming.abstract_syntax:
+            raise RefusedError(mismatch, f"SOP Class UID (0008,0016) {sop_class_uid} does not match the "
+                                         f"presentation context's abstract syntax {incoming.abstract_syntax}")
+        if sop_instance_uid != incoming.affected_sop_instance_uid:
+            raise RefusedError(mismatch, f"SOP Instance UID (0008,0018) {sop_instance_uid} differs from the "
+                                         f"request's Affected SOP Instance UID {incoming.affected_sop_instance_uid}")
+        return _Identity(str(study_uid), str(series_uid), str(sop_instance_uid), str(sop_class_uid), patient_id)
+
+    def _persist(self, incoming: IncomingInstance, identity: _Identity) -> None:
+        digest = hashlib.sha256(incoming.data).hexdigest()
+        final = self.spool.instance_path(identity.study_uid, identity.series_uid, identity.sop_instance_uid)
+        stored = self.index.instance(identity.sop_instance_uid)
+        if stored is not None and stored.sha256 == digest and final.is_file():
+            log.debug("identical instance %s received again; stored once", identity.sop_instance_uid)
+            return
+        staged = self.spool.stage(incoming.data, digest)
+        placed: list[Placement] = []
+
+        def place() -> None:
+            placed.append(self.spool.place(staged, identity.study_uid, identity.series_uid,
+                                           identity.sop_instance_uid))
+
+        def is_duplicate(stored_path: str) -> bool:
+            return (self.spool.root / stored_path).is_file()
+
+        record = InstanceRecord(
+            sop_instance_uid=identity.sop_instance_uid, study_instance_uid=identity.study_uid,
+            series_instance_uid=identity.series_uid, patient_id=identity.patient_id,
+            sop_class_uid=identity.sop_class_uid, transfer_syntax_uid=incoming.transfer_syntax_uid,
+            calling_ae=incoming.calling_ae, peer_address=incoming.peer_address, size_bytes=staged.size,
+            sha256=staged.sha256, path=self.spool.relative(final), received_at=self._clock(),
+        )
+        try:
+            outcome = self.index.record_instance(record, place, is_duplicate)
+        except BaseException:
+            for placement in placed:
+                placement.rollback()
+            self.spool.discard(staged)
+            raise
+        for placement in placed:
+            placement.commit()
+        if outcome.kind is Arrival.DUPLICATE:
+            self.spool.discard(staged)
+            log.debug("identical instance %s received again; stored once", identity.sop_instance_uid)
+        elif outcome.kind is Arrival.REPLACED:
+            if outcome.previous_path is not None and outcome.previous_path != record.path:
+                (self.spool.root / outcome.previous_path).unlink(missing_ok=True)
+            log.info("instance %s of study %s replaced by a different version; episode %d%s",
+                     identity.sop_instance_uid, identity.study_uid, outcome.episode_id,
+                     " (new)" if outcome.new_episode else "")
+        if outcome.new_episode:
+            log.info("study %s: episode %d opened", identity.study_uid, outcome.episode_id)
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def check_structure(dataset: Dataset, data_length: int, transfer_syntax: UID) -> None:
+    """Raise ``ValueError`` for a stream pydicom only warns about: wrong VR encoding, truncated or trailing bytes.
+
+    Must run before the elements are converted (it inspects the raw elements' lengths and offsets).
+    """
+    end: int | None = None
+    for tag in dataset.keys():  # noqa: SIM118 -- iterating a Dataset itself would convert the raw elements
+        raw = dataset.get_item(tag)
+        if not isinstance(raw, RawDataElement):
+            end = None
+            continue
+        if raw.is_implicit_VR != transfer_syntax.is_implicit_VR:
+            raise ValueError(f"element {tag} is not encoded in {'im' if transfer_syntax.is_implicit_VR else 'ex'}"
+                             f"plicit VR as transfer syntax {transfer_syntax.name} requires")
+        if raw.length == UNDEFINED_LENGTH or not isinstance(raw.value, bytes):
+            end = None
+            continue
+        if len(raw.value) != raw.length:
+            raise ValueError(f"element {tag} is truncated: {len(raw.value)} of {raw.length} bytes present")
+        end = raw.value_tell + raw.length
+    if end is not None and not transfer_syntax.is_deflated and end != data_length:
+        raise ValueError(f"the data set ends at byte {end} but {data_length} bytes were received "
+                         "(truncated element header or trailing bytes)")
+
+
+def _decode_all(dataset: Dataset) -> None:
+    """Convert every element (and sequence item) so malformed values fail here, not in a later stage."""
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value:
+                _decode_all(item)

@@ -1,0 +1,98 @@
+"""The raddraft storage SCP: AE construction (all storage SOP classes × all transfer syntaxes), TLS, start/stop."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node import handlers
+from dicom_node.receive import InstanceReceiver
+from raddraft.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAXIMUM_PDU_SIZE = 1024 * 1024  # what peers may send us per P-DATA PDU; fewer PDUs per instance
+
+# The acceptor's order decides when a peer proposes several in one context: Explicit VR Little Endian first
+# (keeps the VRs of private elements), then every other syntax, so compressed-only proposals are accepted as is.
+TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, *(ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian)]
+
+
+def build_ae(settings: Settings) -> AE:
+    """An AE that accepts every storage SOP class pynetdicom knows, in every transfer syntax, and Verification."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.network_timeout = settings.network_timeout_s
+    ae.acse_timeout = settings.network_timeout_s
+    ae.dimse_timeout = settings.network_timeout_s
+    ae.require_called_aet = settings.require_called_ae_title
+    ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
+    return ae
+
+
+def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server TLS context from the settings, or None when TLS is off; client certificates required with a CA."""
+    if settings.tls_certificate is None:
+        return None
+    if settings.tls_private_key is None:
+        raise ValueError("tls_private_key is required when tls_certificate is set")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=settings.tls_certificate, keyfile=settings.tls_private_key)
+    if settings.tls_client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=settings.tls_client_ca)
+    return context
+
+
+class DicomNode:
+    """The listening storage SCP. ``start()`` returns at once; ``stop()`` closes the port and open associations."""
+
+    def __init__(self, settings: Settings, receiver: InstanceReceiver) -> None:
+        self.settings = settings
+        self.receiver = receiver
+        self.ae = build_ae(settings)
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the real port when ``dicom_port`` is 0."""
+        if self._server is None:
+            raise RuntimeError("the DICOM node is not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> tuple[str, int]:
+        event_handlers = [
+            (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
+            (evt.EVT_REQUESTED, handlers.handle_requested, [list(self.settings.allowed_peers)]),
+            (evt.EVT_C_ECHO, handlers.handle_echo),
+            (evt.EVT_C_STORE, handlers.handle_store, [self.receiver]),
+        ]
+        self._server = self.ae.start_server(
+            (self.settings.dicom_bind, self.settings.dicom_port),
+            block=False,
+            evt_handlers=event_handlers,
+            ssl_context=build_ssl_context(self.settings),
+        )
+        host, port = self.address
+        log.info("DICOM node %s listening on %s:%d%s", self.settings.ae_title, host, port,
+                 " (TLS)" if self.settings.tls_enabled else "")
+        return host, port
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()
+        for assoc in server.active_associations:
+            assoc.abort()
+        log.info("DICOM node %s stopped", self.settings.ae_title)

@@ -1,0 +1,145 @@
+"""Durable instance files: ``spool/<study>/<series>/<sop>.dcm`` written via ``spool/tmp`` and an atomic rename.
+
+A file is first *staged* (written to ``spool/tmp`` and fsynced), then *placed* (renamed over its final path and
+the directory fsynced). A placement can be rolled back until it is committed, so the caller can make the file and
+its index row appear together or not at all. Paths are built only from UIDs that pass :func:`validate_uid`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from raddraft.jsonio import fsync_directory
+
+log = logging.getLogger(__name__)
+
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX_LENGTH = 64
+
+
+class InvalidUIDError(ValueError):
+    """A UID that cannot name a spool path (bad characters or too long)."""
+
+
+def validate_uid(value: object, attribute: str) -> str:
+    """Return *value* if it is a DICOM UID usable in a path, else raise :class:`InvalidUIDError` naming it."""
+    if not isinstance(value, str) or not value:
+        raise InvalidUIDError(f"{attribute} is missing or empty")
+    if len(value) > UID_MAX_LENGTH:
+        raise InvalidUIDError(f"{attribute} is {len(value)} characters long; a UID has at most {UID_MAX_LENGTH}")
+    if not UID_PATTERN.match(value):
+        raise InvalidUIDError(f"{attribute} {value!r} must be digits separated by single dots")
+    return value
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """Bytes written and fsynced in ``spool/tmp``, not yet visible under their final name."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass
+class Placement:
+    """A staged file renamed to its final path; :meth:`rollback` undoes it until :meth:`commit`."""
+
+    path: Path
+    backup: Path | None
+
+    def commit(self) -> None:
+        if self.backup is not None:
+            self.backup.unlink(missing_ok=True)
+            self.backup = None
+
+    def rollback(self) -> None:
+        if self.backup is not None:
+            os.replace(self.backup, self.path)
+            self.backup = None
+        else:
+            self.path.unlink(missing_ok=True)
+        fsync_directory(self.path.parent)
+
+
+class Spool:
+    """The spool directory of received instances."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp_dir = root / "tmp"
+
+    def ensure(self) -> None:
+        """Create the spool and its tmp directory, and remove temporary files a crash left behind."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():
+            log.info("removing leftover temporary spool file %s", leftover.name)
+            leftover.unlink()
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        study = validate_uid(study_uid, "Study Instance UID")
+        series = validate_uid(series_uid, "Series Instance UID")
+        sop = validate_uid(sop_instance_uid, "SOP Instance UID")
+        return self.root / study / series / f"{sop}.dcm"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def free_bytes(self) -> int:
+        """Free space on the file system holding the spool (its nearest existing ancestor)."""
+        probe = self.root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        return shutil.disk_usage(probe).free
+
+    def stage(self, data: bytes, sha256: str | None = None) -> StagedFile:
+        """Write *data* to a new file in ``spool/tmp`` and fsync it (*sha256*: its digest, if already known)."""
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
+        return StagedFile(path=Path(name), sha256=digest, size=len(data))
+
+    def discard(self, staged: StagedFile) -> None:
+        staged.path.unlink(missing_ok=True)
+
+    def place(self, staged: StagedFile, study_uid: str, series_uid: str, sop_instance_uid: str) -> Placement:
+        """Rename *staged* to its final path (replacing an older file atomically) and fsync the directory."""
+        final = self.instance_path(study_uid, series_uid, sop_instance_uid)
+        self._make_dirs(final.parent)
+        backup: Path | None = None
+        if final.exists():
+            backup = staged.path.with_suffix(".backup")
+            os.link(final, backup)
+        try:
+            os.replace(staged.path, final)
+            fsync_directory(final.parent)
+        except BaseException:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+            raise
+        return Placement(path=final, backup=backup)
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create *directory* below the spool root, fsyncing each parent whose entry was created."""
+        missing: list[Path] = []
+        probe = directory
+        while not probe.is_dir():
+            missing.append(probe)
+            probe = probe.parent
+        for path in reversed(missing):
+            path.mkdir(exist_ok=True)
+            fsync_directory(path.parent)

@@ -1,0 +1,69 @@
+"""``raddraft status [--json]``: studies with the state of each episode and their counts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from dicom_node.index import Index
+from raddraft.settings import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    """The status document: one entry per study episode, plus totals per state."""
+    if not settings.index_path.exists():
+        return {"studies": [], "totals": {}, "instances": 0}
+    index = Index(settings.index_path)
+    try:
+        counts = index.study_counts()
+        episodes = index.episodes()
+        total_instances = index.count_instances()
+    finally:
+        index.close()
+    rows = []
+    for episode in episodes:
+        instances, series = counts.get(episode.study_instance_uid, (0, 0))
+        rows.append({
+            "study_instance_uid": episode.study_instance_uid,
+            "episode": episode.episode_id,
+            "state": str(episode.state),
+            "received_in_episode": episode.received,
+            "study_instances": instances,
+            "study_series": series,
+            "last_received": datetime.fromtimestamp(episode.last_received_at, UTC).isoformat(timespec="seconds"),
+            "handed_off": episode.published_at is not None,
+            "handoff_attempts": episode.attempts,
+            "error": episode.last_error,
+        })
+    totals = Counter(row["state"] for row in rows)
+    return {"studies": rows, "totals": dict(sorted(totals.items())), "instances": total_instances}
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    document = collect(settings)
+    out = sys.stdout
+    if args.json:
+        json.dump(document, out, indent=2)
+        out.write("\n")
+        return 0
+    if not document["studies"]:
+        out.write(f"no studies in {settings.home}\n")
+        return 0
+    out.write(f"{'STUDY INSTANCE UID':<64}  {'EP':>3}  {'STATE':<10}  {'INST':>5}  {'SER':>4}  LAST RECEIVED\n")
+    for row in document["studies"]:
+        line = (f"{row['study_instance_uid']:<64}  {row['episode']:>3}  {row['state']:<10}  "
+                f"{row['study_instances']:>5}  {row['study_series']:>4}  {row['last_received']}")
+        if row["error"]:
+            line += f"  ({row['error']})"
+        out.write(line + "\n")
+    totals = ", ".join(f"{state} {count}" for state, count in document["totals"].items())
+    out.write(f"{len(document['studies'])} episode(s): {totals}; {document['instances']} instance(s) stored\n")
+    return 0

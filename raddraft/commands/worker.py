@@ -1,0 +1,32 @@
+"""``raddraft worker --queues io|gpu``: a production Celery worker (gpu: one process, ``--pool solo``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from raddraft.settings import Settings
+from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queues", choices=[IO_QUEUE, GPU_QUEUE], required=True, help="queue to consume")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="io worker threads (default 4); the gpu worker always runs one task at a time")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    app = configure(settings)
+    if args.queues == GPU_QUEUE:
+        if args.concurrency not in (None, 1):
+            raise SystemExit("raddraft worker: --concurrency must be 1 for the gpu queue (one model per process)")
+        pool, concurrency = "solo", 1
+    else:
+        pool, concurrency = "threads", args.concurrency or 4
+    log.info("Celery worker for queue %s (pool %s, concurrency %d)", args.queues, pool, concurrency)
+    worker = app.Worker(queues=[args.queues], pool_cls=pool, concurrency=concurrency,
+                        loglevel=settings.log_level, hostname=f"raddraft-{args.queues}@%h")
+    worker.start()
+    return int(worker.exitcode or 0)

@@ -1,0 +1,182 @@
+"""Study completeness and hand-off to the queue: one prepare task per episode, outbox retries, restart recovery."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from node_helpers import make_ct, node_settings, redis_server, running_node, wait_for
+from pydicom.uid import generate_uid
+
+from dicom_node.episodes import HandoffDispatcher
+from dicom_node.index import EpisodeState, Index, InstanceRecord
+from dicom_node.statuses import StoreStatus
+from raddraft.commands import status
+from workers.celery_app import IO_QUEUE, configure, publish_prepare
+from workers.inprocess import InProcessWorker
+from workers.manifest import StudyManifest
+from workers.prepare import manifest_path, prepare_episode
+
+
+def send(node, datasets):
+    assoc = node.associate()
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(ds).Status for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def state(index, study, episode):
+    found = index.episode(study, episode)
+    return None if found is None else found.state
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    """SCP + dispatcher + in-process worker on the embedded sqla broker in a temp home."""
+    settings = node_settings(tmp_path / "home")
+    app = configure(settings)
+    worker = InProcessWorker(app, [IO_QUEUE], concurrency=1)
+    worker.start()
+    with running_node(settings) as node:
+        dispatcher = HandoffDispatcher(node.index, publish_prepare, settings.study_idle_seconds,
+                                       settings.handoff_retry_seconds)
+        dispatcher.start()
+        try:
+            yield node
+        finally:
+            dispatcher.stop()
+            worker.stop()
+
+
+def test_idle_study_is_prepared_once_and_a_later_arrival_opens_a_new_episode(pipeline):
+    node = pipeline
+    study, series = generate_uid(), generate_uid()
+    slices = [make_ct(study, series, position=z, instance_number=n) for n, z in ((3, 10.0), (1, -10.0), (2, 0.0))]
+    assert send(node, slices) == [StoreStatus.SUCCESS] * 3
+
+    wait_for(lambda: state(node.index, study, 1) == EpisodeState.PREPARED, timeout=30, what="episode 1 prepared")
+    assert node.index.task_runs(study, 1) == [("prepare", "prepared")]
+    manifest = StudyManifest.read(manifest_path(node.settings.home, study, 1))
+    assert manifest.study_instance_uid == study and manifest.episode_id == 1
+    (only,) = manifest.series
+    assert only.orientation == "axial"
+    assert [i.image_position_patient[2] for i in only.instances] == [-10.0, 0.0, 10.0]
+    assert only.instances[0].pixel_spacing == (0.5, 0.5)
+    assert all((node.spool.root / i.path).is_file() for i in only.instances)
+
+    # a duplicate delivery of the same task finds the episode claimed and does nothing
+    assert prepare_episode(node.settings, study, 1) is None
+    assert node.index.task_runs(study, 1) == [("prepare", "prepared"), ("prepare", "duplicate")]
+
+    extra = make_ct(study, generate_uid(), position=0.0)
+    assert send(node, [extra]) == [StoreStatus.SUCCESS]
+    wait_for(lambda: state(node.index, study, 2) == EpisodeState.PREPARED, timeout=30, what="episode 2 prepared")
+    second = StudyManifest.read(manifest_path(node.settings.home, study, 2))
+    assert sum(len(s.instances) for s in second.series) == 4
+    assert node.index.task_runs(study, 2) == [("prepare", "prepared")]
+
+
+def _receive_study(index, study, count=2, now=1000.0):
+    for n in range(count):
+        record = InstanceRecord(
+            sop_instance_uid=generate_uid(), study_instance_uid=study, series_instance_uid="1.2.3",
+            patient_id="P", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+            calling_ae="X", peer_address="127.0.0.1", size_bytes=1, sha256=f"{study}-{n}", path=f"{study}/{n}.dcm",
+            received_at=now,
+        )
+        index.record_instance(record, place=lambda: None, is_duplicate=lambda path: False)
+
+
+def test_next_episode_waits_while_an_earlier_one_is_in_flight(tmp_path):
+    index = Index(tmp_path / "index.sqlite")
+    published = []
+    clock = [1000.0]
+    dispatcher = HandoffDispatcher(index, lambda s, e, t: published.append(t), 5.0, 1.0, clock=lambda: clock[0])
+    study = "1.2.826.0.1.3680043.10.1"
+    _receive_study(index, study, now=clock[0])
+    dispatcher.tick()
+    assert published == []  # still receiving
+    clock[0] += 5.0
+    dispatcher.tick()
+    assert published == [f"prepare-{study}-1"]
+    assert index.claim(study, 1, clock[0], stale_after=600)
+    assert not index.claim(study, 1, clock[0], stale_after=600)  # claimed once only
+
+    _receive_study(index, study, now=clock[0])  # arrives after hand-off: episode 2
+    clock[0] += 5.0
+    dispatcher.tick()
+    assert state(index, study, 2) == EpisodeState.READY
+    assert published == [f"prepare-{study}-1"]  # episode 1 is still preparing
+    index.set_state(study, 1, EpisodeState.PREPARED, clock[0])
+    dispatcher.tick()
+    assert published == [f"prepare-{study}-1", f"prepare-{study}-2"]
+    index.close()
+
+
+def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tmp_path):
+    port = __import__("node_helpers").free_port()
+    settings = node_settings(tmp_path / "home", broker_url=f"redis://127.0.0.1:{port}/0")
+    app = configure(settings)
+    with running_node(settings) as node:
+        dispatcher = HandoffDispatcher(node.index, publish_prepare, settings.study_idle_seconds,
+                                       settings.handoff_retry_seconds)
+        dispatcher.start()
+        try:
+            study = generate_uid()
+            # the broker is down: the instances are still accepted (they are on disk and in the index)
+            assert send(node, [make_ct(study, position=z) for z in (0.0, 1.0)]) == [StoreStatus.SUCCESS] * 2
+
+            def failed_twice():
+                episode = node.index.episode(study, 1)
+                return episode is not None and episode.attempts >= 2 and episode.published_at is None
+
+            wait_for(failed_twice, timeout=30, what="two failed hand-off attempts")
+            assert state(node.index, study, 1) == EpisodeState.QUEUED
+            assert "did not accept" in node.index.episode(study, 1).last_error
+
+            with redis_server(tmp_path / "redis", port):
+                wait_for(lambda: node.index.episode(study, 1).published_at is not None, timeout=30,
+                         what="hand-off accepted by redis")
+                worker = InProcessWorker(app, [IO_QUEUE], concurrency=1)
+                worker.start()
+                try:
+                    wait_for(lambda: state(node.index, study, 1) == EpisodeState.PREPARED, timeout=30,
+                             what="episode prepared")
+                finally:
+                    worker.stop()
+        finally:
+            dispatcher.stop()
+        assert node.index.task_runs(study, 1) == [("prepare", "prepared")]
+        assert manifest_path(settings.home, study, 1).is_file()
+
+
+def test_restart_republishes_episodes_left_in_flight(tmp_path):
+    settings = node_settings(tmp_path / "home")
+    index = Index(settings.index_path)
+    study = "1.2.826.0.1.3680043.10.2"
+    _receive_study(index, study, now=1.0)
+    index.close_idle_episodes(100.0, 1.0)
+    index.queue_ready_episodes(100.0)
+    index.mark_published(study, 1, 100.0)  # a previous run handed it off; its broker message was lost
+    assert index.claim(study, 1, 101.0, stale_after=600)  # ... and its in-process worker died while preparing
+    sent = []
+    dispatcher = HandoffDispatcher(index, lambda s, e, t: sent.append(t), 1.0, 1.0)
+    assert dispatcher.recover(reset_claimed=True) == 1
+    dispatcher.tick()
+    assert sent == [f"prepare-{study}-1"]
+    assert state(index, study, 1) == EpisodeState.QUEUED
+    index.close()
+
+
+def test_status_json_lists_episodes(pipeline, capsys):
+    node = pipeline
+    study = generate_uid()
+    send(node, [make_ct(study)])
+    wait_for(lambda: state(node.index, study, 1) == EpisodeState.PREPARED, timeout=30, what="prepared")
+    args = type("Args", (), {"json": True})()
+    assert status.run(args, node.settings) == 0
+    document = json.loads(capsys.readouterr().out)
+    (row,) = [r for r in document["studies"] if r["study_instance_uid"] == study]
+    assert row["state"] == "prepared" and row["study_instances"] == 1 and row["handed_off"]

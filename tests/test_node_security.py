@@ -1,0 +1,112 @@
+"""Association security: called AE title, allowed peers (A-ASSOCIATE-RJ) and DICOM TLS with client certificates."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import ssl
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from node_helpers import make_ct, node_settings, running_node
+from pynetdicom.sop_class import Verification
+
+from dicom_node.statuses import StoreStatus
+
+
+def test_unknown_calling_ae_is_rejected_and_a_listed_peer_is_served(tmp_path, caplog):
+    settings = node_settings(tmp_path / "home", allowed_peers="GOODSCU@127.0.0.1, OTHER@10.0.0.0/8")
+    with running_node(settings) as node:
+        rejected = node.associate(ae_title="BADSCU")
+        assert rejected.is_rejected
+        assert any("'BADSCU'" in r.getMessage() and "allowed_peers" in r.getMessage() for r in caplog.records)
+        accepted = node.associate(ae_title="GOODSCU")
+        assert accepted.is_established
+        assert accepted.send_c_store(make_ct()).Status == StoreStatus.SUCCESS
+        accepted.release()
+
+
+def test_listed_ae_title_from_an_unlisted_host_is_rejected(tmp_path):
+    with running_node(node_settings(tmp_path / "home", allowed_peers="GOODSCU@10.1.2.3")) as node:
+        assoc = node.associate(ae_title="GOODSCU")
+        assert assoc.is_rejected
+        assert node.index.count_instances() == 0
+
+
+def test_wrong_called_ae_title_is_rejected_when_required(tmp_path):
+    with running_node(node_settings(tmp_path / "home")) as node:
+        assert node.associate(called="SOMEONEELSE").is_rejected
+    with running_node(node_settings(tmp_path / "home2", require_called_ae_title=False)) as lenient:
+        assoc = lenient.associate(called="SOMEONEELSE")
+        assert assoc.is_established
+        assoc.release()
+
+
+# --- TLS -----------------------------------------------------------------------------------------------------------
+def _name(common_name):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(subject, issuer, public_key, signing_key, *, ca=False, san=None):
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(issuer).public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def _write(path, cert, key=None):
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    if key is not None:
+        path.with_suffix(".key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A self-signed CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate(_name("raddraft test CA"), _name("raddraft test CA"), ca_key.public_key(), ca_key, ca=True)
+    _write(folder / "ca", ca)
+    for role, san in (("server", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                      ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write(folder / role, _certificate(_name(f"raddraft {role}"), ca.subject, key.public_key(), ca_key, san=san),
+               key)
+    return folder
+
+
+def _client_context(pki, with_certificate):
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=pki / "ca.crt")
+    if with_certificate:
+        context.load_cert_chain(pki / "client.crt", pki / "client.key")
+    return context
+
+
+def test_tls_association_with_client_certificate(tmp_path, pki):
+    settings = node_settings(tmp_path / "home", tls_certificate=pki / "server.crt",
+                             tls_private_key=pki / "server.key", tls_client_ca=pki / "ca.crt")
+    with running_node(settings) as node:
+        assoc = node.associate([Verification], tls_args=(_client_context(pki, True), "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        secure = node.associate(tls_args=(_client_context(pki, True), "127.0.0.1"))
+        assert secure.send_c_store(make_ct()).Status == StoreStatus.SUCCESS
+        secure.release()
+
+        without_certificate = node.associate([Verification], tls_args=(_client_context(pki, False), "127.0.0.1"))
+        assert not without_certificate.is_established
+        plain = node.associate([Verification])
+        assert not plain.is_established
+        assert node.index.count_instances() == 1

@@ -1,0 +1,103 @@
+"""The Celery application of raddraft: every Celery setting in one place, static routes to the io and gpu queues.
+
+``app`` is module-level so ``celery -A workers.celery_app worker`` works; :func:`configure` binds it to a
+:class:`~raddraft.settings.Settings` (the broker is ``settings.effective_broker_url``: the embedded
+``sqla+sqlite`` broker in ``home`` by default, or ``redis://`` in production). Tasks are idempotent, so they
+are acknowledged late and re-queued when a worker dies.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from dicom_node.episodes import BrokerUnavailableError
+from raddraft.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+PREPARE_TASK = "raddraft.prepare"
+INFER_TASK = "raddraft.infer"
+REPORT_TASK = "raddraft.report"
+
+IO_QUEUE = "io"
+GPU_QUEUE = "gpu"
+
+TASK_ROUTES: dict[str, dict[str, str]] = {
+    PREPARE_TASK: {"queue": IO_QUEUE},
+    REPORT_TASK: {"queue": IO_QUEUE},
+    "raddraft.deliver_*": {"queue": IO_QUEUE},
+    INFER_TASK: {"queue": GPU_QUEUE},
+}
+
+CONNECT_TIMEOUT_S = 2.0  # a dead broker must not block the hand-off dispatcher for long
+SOCKET_TIMEOUT_S = 10.0
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+app = Celery("raddraft", include=["workers.tasks"])
+
+_bound: dict[str, Settings] = {}
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.uses_embedded_broker:
+        # kombu's sqlalchemy transport passes these to sqlalchemy.create_engine
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    return {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": SOCKET_TIMEOUT_S}
+
+
+def configure(settings: Settings) -> Celery:
+    """Bind :data:`app` to *settings* (call once per process before publishing or starting a worker)."""
+    if settings.uses_embedded_broker:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    app.conf.update(
+        broker_url=settings.effective_broker_url,
+        broker_transport_options=_transport_options(settings),
+        broker_connection_timeout=CONNECT_TIMEOUT_S,
+        broker_connection_retry_on_startup=True,
+        task_routes=TASK_ROUTES,
+        task_default_queue=IO_QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_publish_retry=False,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        # the sqlalchemy transport has no fan-out exchanges, which remote control needs
+        worker_enable_remote_control=not settings.uses_embedded_broker,
+        enable_utc=True,
+    )
+    _bound["settings"] = settings
+    return app
+
+
+def current_settings() -> Settings:
+    """The settings :data:`app` is bound to; loaded from the environment in a bare ``celery`` worker."""
+    if "settings" not in _bound:
+        configure(load_settings())
+    return _bound["settings"]
+
+
+def publish_prepare(study_uid: str, episode_id: int, task_id: str) -> None:
+    """Send one ``prepare`` task carrying IDs only; raise :class:`BrokerUnavailableError` if the broker refuses."""
+    try:
+        # a fresh connection per hand-off: nothing stale survives a broker restart, and retry=False fails fast
+        with app.connection_for_write() as connection:
+            app.send_task(PREPARE_TASK, args=[study_uid, episode_id], task_id=task_id, retry=False,
+                          connection=connection)
+    except (OperationalError, OSError) as exc:
+        broker = _redacted(app.conf.broker_url)
+        raise BrokerUnavailableError(f"broker {broker} did not accept {task_id}: {exc}") from exc
+
+
+def _redacted(url: str) -> str:
+    """The broker URL without a password."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"

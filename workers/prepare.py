@@ -1,0 +1,186 @@
+"""Prepare one study episode: read its instances from the spool and write the typed StudyManifest.
+
+The manifest goes to ``<home>/work/<study_uid>/<episode>/manifest.json``; series and instances are sorted
+spatially (position along the slice normal), else by Instance Number. The episode is claimed atomically in the
+index first, so a duplicate delivery of the task exits without doing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from dicom_node.index import EpisodeState, Index, InstanceRecord
+from dicom_node.spool import validate_uid
+from raddraft.settings import Settings
+from workers.manifest import InstanceEntry, Orientation, SeriesEntry, StudyInfo, StudyManifest
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "prepare"
+CLAIM_STALE_AFTER_S = 600.0  # a claim older than this is from a dead worker and may be taken over
+AXIS_ALIGNED_COSINE = 0.9  # |normal · axis| above this (within ~25°) names the plane; below it is oblique
+
+
+def manifest_path(home: Path, study_uid: str, episode_id: int) -> Path:
+    validate_uid(study_uid, "study UID")
+    return home / "work" / study_uid / str(episode_id) / "manifest.json"
+
+
+def prepare_episode(
+    settings: Settings, study_uid: str, episode_id: int, *, clock: Callable[[], float] = time.time
+) -> Path | None:
+    """Claim the episode, write its manifest and mark it prepared; None if another delivery already claimed it."""
+    path = manifest_path(settings.home, study_uid, episode_id)
+    index = Index(settings.index_path)
+    try:
+        if not index.claim(study_uid, episode_id, clock(), CLAIM_STALE_AFTER_S):
+            index.record_task_run(TASK_NAME, study_uid, episode_id, "duplicate", clock())
+            log.info("study %s episode %d is already claimed or done; duplicate delivery ignored",
+                     study_uid, episode_id)
+            return None
+        try:
+            records = index.instances_for_episode(study_uid, episode_id)
+            manifest = build_manifest(settings.spool_dir, study_uid, episode_id, records)
+            manifest.write(path)
+        except Exception as exc:
+            index.set_state(study_uid, episode_id, EpisodeState.FAILED, clock(), error=f"prepare: {exc}",
+                            task_run=(TASK_NAME, "failed"))
+            raise
+        index.set_state(study_uid, episode_id, EpisodeState.PREPARED, clock(), task_run=(TASK_NAME, "prepared"))
+    finally:
+        index.close()
+    log.info("study %s episode %d prepared: %d series, %d instance(s)", study_uid, episode_id,
+             len(manifest.series), len(records))
+    return path
+
+
+def build_manifest(spool_dir: Path, study_uid: str, episode_id: int, records: Sequence[InstanceRecord]
+                   ) -> StudyManifest:
+    """The manifest of the given spool instances (all of one study)."""
+    if not records:
+        raise ValueError(f"study {study_uid} episode {episode_id} has no instances in the index")
+    by_series: dict[str, list[tuple[InstanceEntry, Dataset]]] = {}
+    for record in records:
+        if record.study_instance_uid != study_uid:
+            raise ValueError(f"instance {record.sop_instance_uid} belongs to study {record.study_instance_uid}, "
+                             f"not {study_uid}")
+        dataset = dcmread(spool_dir / record.path, stop_before_pixels=True)
+        entry = instance_entry(dataset, record)
+        by_series.setdefault(record.series_instance_uid, []).append((entry, dataset))
+    series = [series_entry(uid, members) for uid, members in by_series.items()]
+    series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_instance_uid))
+    first_dataset = next(iter(by_series.values()))[0][1]
+    return StudyManifest(
+        study_instance_uid=study_uid,
+        episode_id=episode_id,
+        created_at=datetime.now(UTC),
+        study=study_info(first_dataset),
+        series=series,
+    )
+
+
+def study_info(dataset: Dataset) -> StudyInfo:
+    def text(keyword: str) -> str:
+        value = dataset.get(keyword)
+        return "" if value is None else str(value)
+
+    return StudyInfo(
+        patient_name=text("PatientName"), patient_id=text("PatientID"),
+        issuer_of_patient_id=text("IssuerOfPatientID"), patient_birth_date=text("PatientBirthDate"),
+        patient_sex=text("PatientSex"), accession_number=text("AccessionNumber"), study_id=text("StudyID"),
+        study_date=text("StudyDate"), study_time=text("StudyTime"), study_description=text("StudyDescription"),
+        referring_physician_name=text("ReferringPhysicianName"), institution_name=text("InstitutionName"),
+    )
+
+
+def instance_entry(dataset: Dataset, record: InstanceRecord) -> InstanceEntry:
+    where = f"instance {record.sop_instance_uid}"
+    spacing = _floats(dataset, "PixelSpacing", 2, where) or _floats(dataset, "ImagerPixelSpacing", 2, where)
+    return InstanceEntry(
+        sop_instance_uid=record.sop_instance_uid,
+        sop_class_uid=record.sop_class_uid,
+        path=record.path,
+        transfer_syntax_uid=record.transfer_syntax_uid,
+        instance_number=_int(dataset, "InstanceNumber"),
+        rows=_int(dataset, "Rows"),
+        columns=_int(dataset, "Columns"),
+        number_of_frames=_int(dataset, "NumberOfFrames") or 1,
+        photometric_interpretation=dataset.get("PhotometricInterpretation"),
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+        image_position_patient=_floats(dataset, "ImagePositionPatient", 3, where),  # type: ignore[arg-type]
+        image_orientation_patient=_floats(dataset, "ImageOrientationPatient", 6, where),  # type: ignore[arg-type]
+        slice_location=float(dataset.SliceLocation) if dataset.get("SliceLocation") is not None else None,
+        view_position=dataset.get("ViewPosition") or None,
+        image_laterality=dataset.get("ImageLaterality") or None,
+        size_bytes=record.size_bytes,
+    )
+
+
+def series_entry(series_uid: str, members: list[tuple[InstanceEntry, Dataset]]) -> SeriesEntry:
+    first = members[0][1]
+    instances = sort_spatially([entry for entry, _ in members])
+    iop = next((i.image_orientation_patient for i in instances if i.image_orientation_patient), None)
+    return SeriesEntry(
+        series_instance_uid=series_uid,
+        modality=str(first.get("Modality", "")),
+        series_number=_int(first, "SeriesNumber"),
+        series_description=str(first.get("SeriesDescription", "")),
+        body_part_examined=str(first.get("BodyPartExamined", "")),
+        orientation=None if iop is None else orientation_of(iop),
+        instances=instances,
+    )
+
+
+def slice_normal(iop: Sequence[float]) -> np.ndarray:
+    """Unit normal of the image plane (row direction × column direction)."""
+    normal = np.cross(np.asarray(iop[:3], dtype=float), np.asarray(iop[3:6], dtype=float))
+    length = float(np.linalg.norm(normal))
+    if length == 0:
+        raise ValueError(f"Image Orientation (Patient) {list(iop)} has parallel row and column directions")
+    return normal / length
+
+
+def orientation_of(iop: Sequence[float]) -> Orientation:
+    """axial / coronal / sagittal when the slice normal is within ~25° of the z / y / x axis, else oblique."""
+    normal = np.abs(slice_normal(iop))
+    axis = int(np.argmax(normal))
+    if normal[axis] < AXIS_ALIGNED_COSINE:
+        return "oblique"
+    planes: tuple[Orientation, Orientation, Orientation] = ("sagittal", "coronal", "axial")
+    return planes[axis]
+
+
+def sort_spatially(instances: list[InstanceEntry]) -> list[InstanceEntry]:
+    """Order by position along the slice normal when every instance has a position and orientation."""
+    if instances and all(i.image_position_patient and i.image_orientation_patient for i in instances):
+        normal = slice_normal(instances[0].image_orientation_patient)  # type: ignore[arg-type]
+        return sorted(instances, key=lambda i: (float(np.dot(normal, i.image_position_patient)),  # type: ignore[arg-type]
+                                                i.instance_number or 0, i.sop_instance_uid))
+    return sorted(instances, key=lambda i: (i.instance_number is None, i.instance_number or 0, i.sop_instance_uid))
+
+
+def _int(dataset: Dataset, keyword: str) -> int | None:
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return None
+    return int(value)
+
+
+def _floats(dataset: Dataset, keyword: str, count: int, where: str) -> tuple[float, ...] | None:
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return None
+    values = [float(v) for v in (value if isinstance(value, MultiValue | list | tuple) else [value])]
+    if len(values) != count:
+        log.warning("%s: %s has %d values, expected %d; ignored", where, keyword, len(values), count)
+        return None
+    return tuple(values)
