@@ -1,0 +1,153 @@
+"""Checked inputs of the DICOM outputs: the manifest, the model result and the source datasets, cross-validated.
+
+Every builder (sr, narrative, gsps, overlay) starts from a ``ReportInputs``: it refuses a result that does
+not belong to the manifest, a finding whose image was not passed in, or a box outside its image, with a
+message naming the finding and the rule, before anything is written.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from pydicom.dataset import Dataset
+
+from model.result import AnalysisResult, Finding
+from workers.manifest import SeriesEntry, StudyManifest
+
+MANUFACTURER = "raddraft"
+DEVICE_SERIAL_NUMBER = "0"  # software device: no hardware serial number (GSPS General Equipment needs a value)
+
+
+def software_version() -> str:
+    """Version of the installed raddraft distribution (the software that writes the objects)."""
+    try:
+        return version("raddraft")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class Signoff:
+    """A radiologist's signature: turns a draft into the final, verified variant of a document."""
+
+    verifying_observer_name: str  # DICOM person name, e.g. "Curie^Marie"
+    verifying_organization: str
+    signed_at: datetime.datetime
+
+    def __post_init__(self) -> None:
+        if not self.verifying_observer_name.strip():
+            raise ValueError("Signoff.verifying_observer_name must not be empty for a verified document")
+        if not self.verifying_organization.strip():
+            raise ValueError("Signoff.verifying_organization must not be empty for a verified document")
+
+
+@dataclass(frozen=True)
+class LocatedFinding:
+    """A finding with its position in the result and the source image it was drawn on."""
+
+    index: int  # position in AnalysisResult.findings: stable across retries
+    finding: Finding
+    image: Dataset
+    series: SeriesEntry
+
+    @property
+    def frame_number(self) -> int | None:
+        return self.finding.frame_number
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    manifest: StudyManifest
+    result: AnalysisResult
+    sources: Mapping[str, Dataset]  # SOP Instance UID -> dataset (pixel data needed only for GSPS/overlay)
+
+    @classmethod
+    def check(cls, manifest: StudyManifest, result: AnalysisResult, sources: Sequence[Dataset]) -> ReportInputs:
+        """Cross-validate the three inputs; raise ``ValueError`` naming the first broken rule."""
+        if result.study_instance_uid != manifest.study_instance_uid:
+            raise ValueError(f"AnalysisResult.study_instance_uid {result.study_instance_uid} must equal the "
+                             f"manifest's {manifest.study_instance_uid}")
+        if result.episode_id != manifest.episode_id:
+            raise ValueError(f"AnalysisResult.episode_id {result.episode_id} must equal the manifest's "
+                             f"{manifest.episode_id}")
+        if not sources:
+            raise ValueError("sources must hold at least one source dataset (the SR evidence)")
+        by_uid: dict[str, Dataset] = {}
+        for dataset in sources:
+            uid = str(dataset.get("SOPInstanceUID", ""))
+            if dataset.get("StudyInstanceUID") != manifest.study_instance_uid:
+                raise ValueError(f"source SOP Instance UID {uid or '(missing)'}: StudyInstanceUID "
+                                 f"{dataset.get('StudyInstanceUID')} must equal the manifest's "
+                                 f"{manifest.study_instance_uid}")
+            if uid in by_uid:
+                raise ValueError(f"source SOP Instance UID {uid} was passed twice")
+            by_uid[uid] = dataset
+        inputs = cls(manifest=manifest, result=result, sources=by_uid)
+        for uid in result.analysed_instances:
+            inputs._source(uid, "AnalysisResult.analysed_instances")
+        for located in inputs.located_findings():
+            _check_box(located)
+        return inputs
+
+    def _source(self, uid: str, what: str) -> tuple[SeriesEntry, Dataset]:
+        try:
+            series, _ = self.manifest.find_instance(uid)
+        except KeyError as error:
+            raise ValueError(f"{what}: SOP Instance UID {uid} is not in the study manifest") from error
+        if uid not in self.sources:
+            raise ValueError(f"{what}: SOP Instance UID {uid} has no source dataset; pass every referenced "
+                             f"instance in sources")
+        return series, self.sources[uid]
+
+    def located_findings(self) -> list[LocatedFinding]:
+        located = []
+        for index, finding in enumerate(self.result.findings):
+            series, image = self._source(finding.sop_instance_uid, f"finding {index} ({finding.label!r})")
+            located.append(LocatedFinding(index=index, finding=finding, image=image, series=series))
+        return located
+
+    def evidence(self) -> list[Dataset]:
+        """Every source instance, in manifest order (the first one lends the SR its patient/study module)."""
+        order = {instance.sop_instance_uid: n for n, (_, instance) in enumerate(self.manifest.instances())}
+        return sorted(self.sources.values(), key=lambda ds: order.get(str(ds.SOPInstanceUID), len(order)))
+
+    def primary_series(self) -> SeriesEntry:
+        """The series the model looked at (of the first finding, else the first analysed image)."""
+        uids = [f.sop_instance_uid for f in self.result.findings] + list(self.result.analysed_instances)
+        if uids:
+            return self.manifest.find_instance(uids[0])[0]
+        if not self.manifest.series:
+            raise ValueError(f"manifest of study {self.manifest.study_instance_uid} has no series")
+        return self.manifest.series[0]
+
+    def annotated_images(self) -> list[tuple[Dataset, list[LocatedFinding]]]:
+        """Each image that has findings, with its findings, in the order the images first appear."""
+        groups: dict[str, list[LocatedFinding]] = {}
+        for located in self.located_findings():
+            groups.setdefault(located.finding.sop_instance_uid, []).append(located)
+        return [(self.sources[uid], findings) for uid, findings in groups.items()]
+
+
+def _check_box(located: LocatedFinding) -> None:
+    image, finding = located.image, located.finding
+    what = f"finding {located.index} ({finding.label!r}) on SOP Instance UID {finding.sop_instance_uid}"
+    if "Rows" not in image or "Columns" not in image:
+        raise ValueError(f"{what}: the source dataset has no Rows/Columns: it is not an image a box can be on")
+    x1, y1, x2, y2 = finding.box
+    if not (0 <= x1 < x2 <= image.Columns and 0 <= y1 < y2 <= image.Rows):
+        raise ValueError(f"{what}: box {finding.box} must lie within the image, 0 <= x1 < x2 <= Columns "
+                         f"({image.Columns}) and 0 <= y1 < y2 <= Rows ({image.Rows})")
+    frames = int(image.get("NumberOfFrames", 1) or 1)
+    if frames > 1 and finding.frame_number is None:
+        raise ValueError(f"{what}: frame_number is required on a multi-frame image ({frames} frames)")
+    if finding.frame_number is not None and finding.frame_number > frames:
+        raise ValueError(f"{what}: frame_number {finding.frame_number} must be <= NumberOfFrames ({frames})")
+
+
+def box_polyline(box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    """A box as a closed polyline of 5 (column, row) points, clockwise from the top-left, first = last."""
+    x1, y1, x2, y2 = box
+    return [(x1, y1), (x2, y1), (x2, y2), (x1, y2), (x1, y1)]

@@ -1,0 +1,119 @@
+"""The narrative draft report (FINDINGS, IMPRESSION) as its own SR document: Enhanced SR, TID 2000.
+
+TID 1500 takes no free text, so the model's prose goes into a Basic Diagnostic Imaging Report: a
+"Diagnostic Imaging Report" container whose observer is the algorithm (DEVICE), with a "Findings" section
+holding a "Finding" TEXT item and an "Impressions" section holding an "Impression" TEXT item. Same study as
+the images, its own series; the same flag rules as the findings SR (draft PRELIMINARY/UNVERIFIED, final
+FINAL/VERIFIED with the draft as predecessor).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.uid import EnhancedSRStorage
+from pydicom.valuerep import DT
+
+from model.result import AnalysisResult, DraftReport
+from reporting import codes as rcodes
+from reporting.context import DEVICE_SERIAL_NUMBER, MANUFACTURER, ReportInputs, Signoff, software_version
+from reporting.sr import device_observer_context, processing_equipment
+from reporting.uids import OutputKind, output_uid
+from workers.manifest import StudyManifest
+
+logger = logging.getLogger(__name__)
+
+NARRATIVE_SERIES_NUMBER = 9902
+DRAFT_INSTANCE_NUMBER = 1
+FINAL_INSTANCE_NUMBER = 2
+
+_LANGUAGE = hd.sr.CodedConcept(value="en-US", scheme_designator="RFC5646", meaning="English (United States)")
+
+
+def _section(heading: hd.sr.CodedConcept, item_name: hd.sr.CodedConcept, text: str) -> hd.sr.ContainerContentItem:
+    section = hd.sr.ContainerContentItem(name=heading, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    section.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.TextContentItem(name=item_name, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    ])
+    return section
+
+
+def build_report_content(report: DraftReport, result: AnalysisResult) -> hd.sr.ContainerContentItem:
+    """The TID 2000 content tree; a section whose text is empty is left out, a report with no text refused."""
+    sections = []
+    if report.findings.strip():
+        sections.append(_section(hd.sr.CodedConcept.from_code(rcodes.FINDINGS_SECTION),
+                                 hd.sr.CodedConcept.from_code(rcodes.FINDING_TEXT), report.findings.strip()))
+    if report.impression.strip():
+        sections.append(_section(hd.sr.CodedConcept.from_code(rcodes.IMPRESSIONS_SECTION),
+                                 hd.sr.CodedConcept.from_code(rcodes.IMPRESSION_TEXT), report.impression.strip()))
+    if not sections:
+        raise ValueError("DraftReport.findings and DraftReport.impression are both empty: a narrative report needs "
+                         "text in at least one of them")
+    root = hd.sr.ContainerContentItem(
+        name=hd.sr.CodedConcept.from_code(rcodes.DIAGNOSTIC_IMAGING_REPORT),
+        is_content_continuous=False,
+        template_id="2000",
+    )
+    content = hd.sr.ContentSequence()
+    content.extend(hd.sr.LanguageOfContentItemAndDescendants(_LANGUAGE))
+    content.extend(hd.sr.ObservationContext(observer_device_context=device_observer_context(result.model)))
+    content.extend(sections)
+    root.ContentSequence = content
+    return root
+
+
+def build_narrative_sr(
+    manifest: StudyManifest,
+    result: AnalysisResult,
+    sources: Sequence[Dataset],
+    signoff: Signoff | None = None,
+) -> hd.sr.EnhancedSR:
+    """The narrative report SR: the preliminary draft, or with ``signoff`` the verified final version.
+
+    For the final version pass the result holding the text the radiologist signed (it may differ from the draft).
+    """
+    inputs = ReportInputs.check(manifest, result, sources)
+    final = signoff is not None
+    uid_args = (result.study_instance_uid, result.episode_id, result.model.version)
+    draft_uid = output_uid(*uid_args, OutputKind.NARRATIVE_DRAFT)
+    series_uid = output_uid(*uid_args, OutputKind.NARRATIVE_SERIES)
+    created = result.created_at
+    content_at = signoff.signed_at if signoff is not None else created
+    predecessor = Dataset()
+    predecessor.SOPClassUID = EnhancedSRStorage
+    predecessor.SOPInstanceUID = draft_uid
+    predecessor.StudyInstanceUID = manifest.study_instance_uid
+    predecessor.SeriesInstanceUID = series_uid
+    sr = hd.sr.EnhancedSR(
+        evidence=inputs.evidence(),
+        content=build_report_content(result.report, result),
+        series_instance_uid=series_uid,
+        series_number=NARRATIVE_SERIES_NUMBER,
+        sop_instance_uid=output_uid(*uid_args, OutputKind.NARRATIVE_FINAL) if final else draft_uid,
+        instance_number=FINAL_INSTANCE_NUMBER if final else DRAFT_INSTANCE_NUMBER,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=final,
+        is_verified=final,
+        institution_name=manifest.study.institution_name or None,
+        verifying_observer_name=signoff.verifying_observer_name if signoff else None,
+        verifying_organization=signoff.verifying_organization if signoff else None,
+        previous_versions=[predecessor] if final else None,
+        contributing_equipment=[processing_equipment(result.model)],
+        series_description="AI draft report (signed)" if final else "AI draft report (preliminary)",
+        manufacturer_model_name=result.model.name,
+        software_versions=software_version(),
+        device_serial_number=DEVICE_SERIAL_NUMBER,
+        content_date=content_at.date(),
+        content_time=content_at.time(),
+        series_date=created.date(),
+        series_time=created.time(),
+    )
+    if signoff is not None:
+        sr.VerifyingObserverSequence[0].VerificationDateTime = DT(signoff.signed_at)
+    logger.info("built %s narrative SR for episode %d", "final" if final else "draft", result.episode_id)
+    return sr

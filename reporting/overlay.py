@@ -1,0 +1,136 @@
+"""How findings look outside a PACS: an 8-bit PNG of each annotated image with boxes and labels drawn, and a
+findings JSON. Both carry the preliminary status until a radiologist signs; neither holds patient identity.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+
+from reporting import codes as rcodes
+from reporting.context import LocatedFinding, ReportInputs, box_polyline
+from reporting.uids import OutputKind, output_uid
+
+FINDINGS_SCHEMA_VERSION = 1
+BOX_COLOR = (255, 220, 0)  # yellow, as the GSPS graphic layer
+BANNER_COLOR = (255, 64, 64)
+
+
+def finding_caption(located: LocatedFinding, signed: bool) -> str:
+    """Text shown next to a box, e.g. ``1 left pneumothorax (AI, preliminary)``."""
+    coded = rcodes.lookup_finding(located.finding.label)
+    words = " ".join(w for w in (located.finding.laterality or "", coded.display.lower()) if w)
+    return f"{located.index + 1} {words} ({'AI, signed' if signed else 'AI, preliminary'})"
+
+
+def full_range_window(values: np.ndarray) -> tuple[float, float]:
+    """(center, width) of a window spanning every value."""
+    low, high = float(np.min(values)), float(np.max(values))
+    width = max(high - low, 1.0)
+    return low + width / 2, width
+
+
+def frame_values(image: Dataset, frame_number: int | None) -> np.ndarray:
+    """Modality values (after Rescale Slope/Intercept) of one frame, (rows, columns)."""
+    pixels = image.pixel_array
+    if int(image.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[(frame_number or 1) - 1]
+    return np.asarray(apply_modality_lut(pixels, image), dtype=np.float64)
+
+
+def to_display(image: Dataset, values: np.ndarray) -> np.ndarray:
+    """8-bit grey levels: the image's first VOI window (else its full range), linear, MONOCHROME1 inverted."""
+    if "WindowCenter" in image and "WindowWidth" in image:
+        center = float(np.atleast_1d(image.WindowCenter)[0])
+        width = max(float(np.atleast_1d(image.WindowWidth)[0]), 1.0)
+    else:
+        center, width = full_range_window(values)
+    low = center - width / 2
+    grey = np.clip((values - low) / width, 0.0, 1.0) * 255.0
+    if image.get("PhotometricInterpretation") == "MONOCHROME1":
+        grey = 255.0 - grey
+    return grey.round().astype(np.uint8)
+
+
+def render_overlay(image: Dataset, findings: list[LocatedFinding], signed: bool = False) -> bytes:
+    """PNG bytes of the image (first finding's frame) with every finding's box and caption, plus a status banner."""
+    if image.get("SamplesPerPixel", 1) != 1:
+        raise ValueError(f"SOP Instance UID {image.SOPInstanceUID}: overlay needs a grayscale image "
+                         f"(SamplesPerPixel 1), got {image.SamplesPerPixel}")
+    frame = findings[0].frame_number if findings else None
+    picture = Image.fromarray(to_display(image, frame_values(image, frame))).convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    short_side = min(picture.size)
+    line = max(1, short_side // 300)
+    font = ImageFont.load_default(size=max(10, short_side // 40))
+    for located in findings:
+        if located.frame_number != frame:
+            continue  # another frame of a multi-frame image: the PNG shows one frame
+        draw.line(box_polyline(located.finding.box), fill=BOX_COLOR, width=line)
+        x1, y1, _, _ = located.finding.box
+        caption = finding_caption(located, signed)
+        _, top, _, bottom = draw.textbbox((0, 0), caption, font=font)
+        above = y1 - (bottom - top) - 2 * line
+        y_text = above if above >= 0 else y1 + line  # above the box, or inside it at the top edge
+        draw.text((x1 + line, y_text), caption, fill=BOX_COLOR, font=font)
+    banner = "AI FINDINGS - SIGNED" if signed else "AI DRAFT - PRELIMINARY - NOT VERIFIED"
+    draw.text((line * 2, line * 2), banner, fill=BANNER_COLOR, font=font)
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()
+
+
+def findings_document(inputs: ReportInputs, overlays: dict[str, str], signed: bool = False) -> dict[str, Any]:
+    """The findings as plain data (no patient identity): codes, boxes, tracking UIDs, overlay file names.
+
+    ``overlays`` maps SOP Instance UID to the overlay PNG's file name.
+    """
+    result = inputs.result
+    findings = []
+    for located in inputs.located_findings():
+        finding = located.finding
+        coded = rcodes.lookup_finding(finding.label)
+        site = rcodes.finding_site(coded, finding.site, located.series.body_part_examined)
+        findings.append({
+            "index": located.index,
+            "label": finding.label,
+            "code": _code(coded.finding_type),
+            "coded_as_generic_finding": coded.is_fallback,
+            "site": finding.site,
+            "site_code": _code(site) if site is not None else None,
+            "laterality": finding.laterality,
+            "laterality_code": _code(rcodes.LATERALITY_CODES[finding.laterality]) if finding.laterality else None,
+            "description": finding.description,
+            "sop_instance_uid": finding.sop_instance_uid,
+            "frame_number": finding.frame_number,
+            "box": list(finding.box),
+            "polyline": [list(point) for point in box_polyline(finding.box)],
+            "tracking_uid": str(output_uid(result.study_instance_uid, result.episode_id, result.model.version,
+                                           OutputKind.FINDING, located.index)),
+            "overlay": overlays.get(finding.sop_instance_uid),
+        })
+    return {
+        "schema_version": FINDINGS_SCHEMA_VERSION,
+        "study_instance_uid": result.study_instance_uid,
+        "episode_id": result.episode_id,
+        "status": "final" if signed else "preliminary",
+        "model": result.model.model_dump(),
+        "report": {"findings": result.report.findings, "impression": result.report.impression},
+        "analysed_instances": list(result.analysed_instances),
+        "findings": findings,
+        "created_at": result.created_at.isoformat(),
+    }
+
+
+def findings_json(inputs: ReportInputs, overlays: dict[str, str], signed: bool = False) -> bytes:
+    return (json.dumps(findings_document(inputs, overlays, signed), indent=2) + "\n").encode()
+
+
+def _code(code: Any) -> dict[str, str]:
+    return {"value": code.value, "scheme": code.scheme_designator, "meaning": code.meaning}

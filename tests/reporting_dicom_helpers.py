@@ -1,0 +1,230 @@
+"""Real source studies for the reporting tests: a generated chest CR (800 rows x 600 columns, two views) and
+pydicom's shipped CT_small/MR_small, copied into a temp spool dir, with a StudyManifest and AnalysisResult.
+
+Also the validators: dciodvfy (dicom3tools), dsrdump (dcmtk) and PixelMed's DicomSRValidator.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
+from workers.manifest import InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
+
+PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # shipped files only: no network
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+CREATED_AT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+MODEL = ModelIdentity(name="MiniGPT-Med", version="stage3-test",
+                      parameters={"max_new_tokens": "300", "decoding": "greedy"})
+REPORT = DraftReport(findings="Small left pneumothorax. Nodule in the right lung.",
+                     impression="Left pneumothorax; right lung nodule.")
+
+
+@dataclass
+class Study:
+    spool: Path
+    manifest: StudyManifest
+    sources: list[Dataset]
+
+    def by_uid(self, uid: str) -> Dataset:
+        return next(ds for ds in self.sources if ds.SOPInstanceUID == uid)
+
+
+def make_cr(study_uid: str, series_uid: str, number: int, view: str, rows: int = 800, columns: int = 600) -> Dataset:
+    """A chest CR with every Type 1/2 attribute of the CR Image IOD, a gradient and a bright 'lesion'."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CR_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[study_uid, str(number)])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = CR_STORAGE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "Tester^Chest"
+    ds.PatientID = "RD-0001"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = "20240501"
+    ds.StudyTime = "101500"
+    ds.ReferringPhysicianName = "Referrer^Rita"
+    ds.StudyID = "S1"
+    ds.AccessionNumber = "ACC1001"
+    ds.StudyDescription = "XR Chest 2 views"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = 1
+    ds.Modality = "CR"
+    ds.Laterality = ""
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = view
+    ds.Manufacturer = "Example Imaging"
+    ds.ManufacturerModelName = "CR-1"
+    ds.InstitutionName = "General Hospital"
+    ds.InstanceNumber = number
+    ds.PatientOrientation = ["L", "F"] if view == "PA" else ["A", "F"]
+    ds.ContentDate = "20240501"
+    ds.ContentTime = "101500"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = 2048
+    ds.WindowWidth = 4096
+    ds.ImagerPixelSpacing = [0.2, 0.2]
+    pixels = (np.linspace(0, 3000, rows, dtype=np.float64)[:, None] + np.zeros((1, columns))).astype(np.uint16)
+    pixels[200:300, 100:200] = 4000
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def write_source(spool: Path, relative: str, ds: Dataset) -> None:
+    path = spool / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def manifest_for(spool: Path, relatives: Sequence[str], episode_id: int = 7) -> StudyManifest:
+    """A StudyManifest of the files (one study) as the prepare task would write it."""
+    datasets = [(relative, pydicom.dcmread(spool / relative, stop_before_pixels=True)) for relative in relatives]
+    first = datasets[0][1]
+    series: dict[str, list[tuple[str, Dataset]]] = {}
+    for relative, ds in datasets:
+        series.setdefault(ds.SeriesInstanceUID, []).append((relative, ds))
+    entries = []
+    for series_uid, members in series.items():
+        head = members[0][1]
+        entries.append(SeriesEntry(
+            series_instance_uid=series_uid,
+            modality=head.Modality,
+            body_part_examined=head.get("BodyPartExamined", ""),
+            instances=[InstanceEntry(
+                sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, path=relative,
+                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, rows=ds.get("Rows"), columns=ds.get("Columns"),
+                view_position=ds.get("ViewPosition") or None,
+            ) for relative, ds in members],
+        ))
+    return StudyManifest(
+        study_instance_uid=first.StudyInstanceUID, episode_id=episode_id, created_at=CREATED_AT,
+        study=StudyInfo(patient_name=str(first.PatientName), patient_id=first.PatientID,
+                        accession_number=first.get("AccessionNumber", ""), study_date=first.get("StudyDate", ""),
+                        study_description=first.get("StudyDescription", ""),
+                        institution_name=first.get("InstitutionName", "")),
+        series=entries,
+    )
+
+
+def load(spool: Path, manifest: StudyManifest) -> list[Dataset]:
+    return [pydicom.dcmread(spool / instance.path) for _, instance in manifest.instances()]
+
+
+def cr_study(root: Path, episode_id: int = 7) -> Study:
+    """Two-view chest CR study (PA with findings, lateral without) in ``root/spool``."""
+    spool = root / "spool"
+    study_uid = "1.2.826.0.1.3680043.8.498.424242"
+    series_uid = f"{study_uid}.1"
+    write_source(spool, "cr/pa.dcm", make_cr(study_uid, series_uid, 1, "PA"))
+    write_source(spool, "cr/ll.dcm", make_cr(study_uid, series_uid, 2, "LL"))
+    manifest = manifest_for(spool, ["cr/pa.dcm", "cr/ll.dcm"], episode_id)
+    return Study(spool, manifest, load(spool, manifest))
+
+
+def shipped_study(root: Path, name: str, episode_id: int = 3) -> Study:
+    """One of pydicom's shipped test files (CT_small.dcm, MR_small.dcm) copied into ``root/spool``."""
+    spool = root / "spool"
+    (spool / "in").mkdir(parents=True, exist_ok=True)
+    shutil.copy(PYDICOM_TEST_FILES / name, spool / "in" / name)
+    manifest = manifest_for(spool, [f"in/{name}"], episode_id)
+    return Study(spool, manifest, load(spool, manifest))
+
+
+def result_for(study: Study, findings: list[Finding], analysed: list[str] | None = None) -> AnalysisResult:
+    return AnalysisResult(
+        study_instance_uid=study.manifest.study_instance_uid, episode_id=study.manifest.episode_id, model=MODEL,
+        report=REPORT, findings=findings,
+        analysed_instances=analysed if analysed is not None else [i.sop_instance_uid for _, i in
+                                                                   study.manifest.instances()],
+        created_at=CREATED_AT,
+    )
+
+
+def cr_findings(study: Study) -> list[Finding]:
+    pa = study.manifest.series[0].instances[0].sop_instance_uid
+    return [
+        Finding(label="Pneumothorax", sop_instance_uid=pa, box=(410.0, 60.0, 590.0, 300.0), laterality="left"),
+        Finding(label="nodule", sop_instance_uid=pa, box=(100.0, 200.0, 200.0, 300.0), laterality="right",
+                site="right upper lung"),
+        Finding(label="Kerley B lines", sop_instance_uid=pa, box=(20.5, 600.25, 180.0, 790.0)),
+    ]
+
+
+# --- validators ---------------------------------------------------------------------------------------------
+
+def dciodvfy(path: Path) -> list[str]:
+    """dciodvfy's Error lines (it exits 0 even with errors); warnings are returned by ``dciodvfy_warnings``."""
+    return [line for line in _dciodvfy(path) if line.startswith("Error")]
+
+
+def dciodvfy_warnings(path: Path) -> list[str]:
+    return [line for line in _dciodvfy(path) if line.startswith("Warning")]
+
+
+def new_dciodvfy_warnings(path: Path, study: Study) -> list[str]:
+    """Warnings of an output that its source files do not have themselves.
+
+    highdicom copies the patient/study modules from the evidence, so a source's dubious value (pydicom's
+    CT_small.dcm has Patient's Weight 0, MR_small.dcm "----" person names; our CR and both have an empty
+    Laterality) reappears in the output as the same warning: that is source data, not our encoding.
+    """
+    inherited = {w for _, instance in study.manifest.instances() for w in dciodvfy_warnings(study.spool /
+                                                                                            instance.path)}
+    return [w for w in dciodvfy_warnings(path) if w not in inherited]
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    done = subprocess.run(["/usr/bin/dciodvfy", "-new", str(path)], check=False, capture_output=True, text=True,
+                          timeout=60)
+    return (done.stdout + done.stderr).splitlines()
+
+
+def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["dsrdump", str(path)], check=False, capture_output=True, text=True, timeout=60)
+
+
+PIXELMED_MANY = Path(__file__).parent / "reporting_dicom_java" / "PixelmedSRValidateMany.java"
+
+
+def pixelmed_sr_validate(paths: Sequence[Path]) -> dict[Path, str]:
+    """PixelMed DicomSRValidator's report per file, all files in one JVM (the validator's set-up is slow)."""
+    done = subprocess.run(
+        ["java", "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0",
+         "-cp", "/usr/share/java/pixelmed.jar", str(PIXELMED_MANY), *map(str, paths)],
+        check=False, capture_output=True, text=True, timeout=180,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"PixelMed validator failed ({done.returncode}): {done.stderr[-2000:]}")
+    reports: dict[Path, str] = {}
+    current: Path | None = None
+    for line in done.stdout.splitlines():
+        if line.startswith("== "):
+            current = Path(line[3:])
+            reports[current] = ""
+        elif current is not None:
+            reports[current] += line + "\n"
+    return reports

@@ -1,0 +1,132 @@
+"""GSPS per annotated image (dciodvfy, graphics, VOI) and the overlay PNG + findings JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from reporting_dicom_helpers import (
+    Study,
+    cr_findings,
+    cr_study,
+    dciodvfy,
+    new_dciodvfy_warnings,
+    result_for,
+    shipped_study,
+)
+
+from model.result import Finding
+from reporting.context import ReportInputs
+from reporting.gsps import build_presentation_states
+from reporting.overlay import BOX_COLOR, findings_document, render_overlay
+from reporting.uids import OutputKind, output_uid
+
+
+@pytest.fixture(scope="module")
+def cr(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    return cr_study(tmp_path_factory.mktemp("cr"))
+
+
+def _write(dataset: pydicom.Dataset, path: Path) -> Path:
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_one_valid_gsps_per_annotated_image_with_boxes_and_labels(cr: Study, tmp_path: Path) -> None:
+    findings = cr_findings(cr)
+    result = result_for(cr, findings)
+    states = build_presentation_states(cr.manifest, result, cr.sources)
+    assert len(states) == 1  # all findings are on the PA view; the lateral view has none
+    path = _write(states[0], tmp_path / "gsps.dcm")
+    assert dciodvfy(path) == []
+    assert new_dciodvfy_warnings(path, cr) == []
+
+    ds = pydicom.dcmread(path)
+    pa = cr.by_uid(findings[0].sop_instance_uid)
+    assert ds.StudyInstanceUID == pa.StudyInstanceUID and ds.SeriesInstanceUID != pa.SeriesInstanceUID
+    referenced = ds.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == pa.SOPInstanceUID
+    annotation = ds.GraphicAnnotationSequence[0]
+    assert annotation.GraphicLayer == ds.GraphicLayerSequence[0].GraphicLayer == "AI_FINDINGS"
+    assert len(annotation.GraphicObjectSequence) == len(findings)
+    for index, (graphic, finding) in enumerate(zip(annotation.GraphicObjectSequence, findings, strict=True)):
+        assert graphic.GraphicType == "POLYLINE" and graphic.GraphicAnnotationUnits == "PIXEL"
+        points = np.array(graphic.GraphicData, dtype=float).reshape(-1, 2)
+        x1, y1, x2, y2 = finding.box
+        np.testing.assert_allclose(points, [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]])
+        assert graphic.TrackingUID == output_uid(result.study_instance_uid, result.episode_id,
+                                                 result.model.version, OutputKind.FINDING, index)
+    texts = [t.UnformattedTextValue for t in annotation.TextObjectSequence]
+    assert texts == ["1 left pneumothorax (AI, preliminary)", "2 right nodule (AI, preliminary)",
+                     "3 kerley b lines (AI, preliminary)"]
+    # The CR carries its own window: kept as is.
+    voi = ds.SoftcopyVOILUTSequence[0]
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (2048.0, 4096.0)
+
+
+def test_gsps_uids_are_deterministic(cr: Study) -> None:
+    result = result_for(cr, cr_findings(cr))
+    first = build_presentation_states(cr.manifest, result, cr.sources)[0]
+    again = build_presentation_states(cr.manifest, result, cr.sources)[0]
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+
+
+@pytest.mark.parametrize(("name", "window"), [("MR_small.dcm", (600.0, 1600.0)), ("CT_small.dcm", None)])
+def test_voi_window_kept_or_computed(tmp_path: Path, name: str, window: tuple[float, float] | None) -> None:
+    study = shipped_study(tmp_path, name)
+    image = study.sources[0]
+    result = result_for(study, [Finding(label="tumour", sop_instance_uid=image.SOPInstanceUID, box=(5, 6, 40, 50))])
+    path = _write(build_presentation_states(study.manifest, result, study.sources)[0], tmp_path / "gsps.dcm")
+    assert dciodvfy(path) == []
+    assert new_dciodvfy_warnings(path, study) == []
+    voi = pydicom.dcmread(path).SoftcopyVOILUTSequence[0]
+    if window is None:  # CT_small has no window: one spanning its Hounsfield values
+        hu = image.pixel_array * float(image.RescaleSlope) + float(image.RescaleIntercept)
+        assert float(voi.WindowWidth) == pytest.approx(hu.max() - hu.min())
+        assert float(voi.WindowCenter) == pytest.approx((hu.max() + hu.min()) / 2)
+        assert voi.WindowCenterWidthExplanation == "AI: full pixel range"
+    else:
+        assert (float(voi.WindowCenter), float(voi.WindowWidth)) == window
+
+
+def test_signed_gsps_labels_say_signed(cr: Study) -> None:
+    state = build_presentation_states(cr.manifest, result_for(cr, cr_findings(cr)), cr.sources, signed=True)[0]
+    texts = [t.UnformattedTextValue for t in state.GraphicAnnotationSequence[0].TextObjectSequence]
+    assert all(text.endswith("(AI, signed)") for text in texts)
+
+
+def test_no_findings_no_gsps(cr: Study) -> None:
+    assert build_presentation_states(cr.manifest, result_for(cr, []), cr.sources) == []
+
+
+def test_overlay_png_draws_boxes_in_image_geometry(cr: Study) -> None:
+    inputs = ReportInputs.check(cr.manifest, result_for(cr, cr_findings(cr)), cr.sources)
+    [(image, located)] = inputs.annotated_images()
+    png = Image.open(io.BytesIO(render_overlay(image, located)))
+    assert png.format == "PNG" and png.mode == "RGB"
+    assert png.size == (600, 800)  # (width = Columns, height = Rows)
+    pixels = np.asarray(png)
+    x1, y1, x2, y2 = (int(v) for v in located[1].finding.box)  # the nodule box
+    assert tuple(pixels[(y1 + y2) // 2, x1]) == BOX_COLOR  # left edge, half-way down
+    assert tuple(pixels[y2, (x1 + x2) // 2]) == BOX_COLOR  # bottom edge
+    inside = pixels[y1 + 20, x1 + 20]
+    assert inside[0] == inside[1] == inside[2]  # the image itself stays grey
+
+
+def test_findings_document_has_codes_boxes_and_no_patient_identity(cr: Study) -> None:
+    inputs = ReportInputs.check(cr.manifest, result_for(cr, cr_findings(cr)), cr.sources)
+    document = findings_document(inputs, {cr.sources[0].SOPInstanceUID: "overlay_1.png"})
+    assert document["status"] == "preliminary"
+    first, _, unknown = document["findings"]
+    assert first["code"] == {"value": "36118008", "scheme": "SCT", "meaning": "Pneumothorax"}
+    assert first["laterality_code"]["value"] == "7771000"
+    assert first["polyline"][0] == first["polyline"][-1]
+    assert first["overlay"] == "overlay_1.png"
+    assert unknown["coded_as_generic_finding"] is True and unknown["label"] == "Kerley B lines"
+    text = json.dumps(document)
+    assert "Tester" not in text and "RD-0001" not in text

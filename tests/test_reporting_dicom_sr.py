@@ -1,0 +1,237 @@
+"""Findings SR (TID 1500) and narrative SR (TID 2000): validators, read-back, flags, UIDs, evidence."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from reporting_dicom_helpers import (
+    MODEL,
+    Study,
+    cr_findings,
+    cr_study,
+    dciodvfy,
+    dsrdump,
+    new_dciodvfy_warnings,
+    pixelmed_sr_validate,
+    result_for,
+    shipped_study,
+)
+
+from model.result import Finding
+from reporting.context import Signoff
+from reporting.narrative import build_narrative_sr
+from reporting.sr import build_findings_sr
+from reporting.uids import OutputKind, device_uid, output_uid
+
+SIGNOFF = Signoff("Curie^Marie", "General Hospital Radiology", datetime(2024, 5, 6, 9, 30, tzinfo=UTC))
+SR_NAMES = ["sr_draft", "sr_final", "sr_no_findings", "narrative_draft", "narrative_final"]
+
+
+@pytest.fixture(scope="module")
+def cr(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    return cr_study(tmp_path_factory.mktemp("cr"))
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    return shipped_study(tmp_path_factory.mktemp("ct"), "CT_small.dcm")
+
+
+@pytest.fixture(scope="module")
+def written(cr: Study, ct: Study, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every SR variant written to disk once for the (slow-ish) validators."""
+    out = tmp_path_factory.mktemp("sr_out")
+    result = result_for(cr, cr_findings(cr))
+    objects = {
+        "sr_draft": build_findings_sr(cr.manifest, result, cr.sources),
+        "sr_final": build_findings_sr(cr.manifest, result, cr.sources, SIGNOFF),
+        "sr_no_findings": build_findings_sr(ct.manifest, result_for(ct, []), ct.sources),
+        "narrative_draft": build_narrative_sr(cr.manifest, result, cr.sources),
+        "narrative_final": build_narrative_sr(cr.manifest, result, cr.sources, SIGNOFF),
+    }
+    paths = {}
+    for name, dataset in objects.items():
+        paths[name] = out / f"{name}.dcm"
+        dataset.save_as(paths[name], enforce_file_format=True)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pixelmed_reports(written: dict[str, Path]) -> dict[Path, str]:
+    return pixelmed_sr_validate(list(written.values()))
+
+
+@pytest.mark.parametrize("name", SR_NAMES)
+def test_dciodvfy_finds_no_errors(written: dict[str, Path], cr: Study, ct: Study, name: str) -> None:
+    assert dciodvfy(written[name]) == []
+    # Only warnings the source images have themselves (CT_small.dcm: Patient's Weight 0) are allowed.
+    assert new_dciodvfy_warnings(written[name], ct if name == "sr_no_findings" else cr) == []
+
+
+@pytest.mark.parametrize("name", SR_NAMES)
+def test_dsrdump_reads_the_document(written: dict[str, Path], name: str) -> None:
+    done = dsrdump(written[name])
+    assert done.returncode == 0, done.stderr
+    assert "Verification Flag" in done.stdout
+
+
+@pytest.mark.parametrize("name", SR_NAMES)
+def test_pixelmed_finds_no_errors_or_warnings(written: dict[str, Path], pixelmed_reports: dict[Path, str],
+                                              name: str) -> None:
+    report = pixelmed_reports[written[name]]
+    assert "Root Template Validation Complete" in report
+    assert "IOD validation complete" in report
+    assert "Error" not in report
+    assert "Warning" not in report
+    assert ("TID_1500" if name.startswith("sr") else "TID_2000") in report
+
+
+def test_boxes_read_back_as_closed_polylines_on_their_source_images(cr: Study, written: dict[str, Path]) -> None:
+    sr = hd.sr.srread(written["sr_draft"])
+    findings = cr_findings(cr)
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(findings)
+    for index, (group, finding) in enumerate(zip(groups, findings, strict=True)):
+        assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        x1, y1, x2, y2 = finding.box
+        expected = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]])
+        np.testing.assert_allclose(group.roi.value, expected)
+        source = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert source.ReferencedSOPInstanceUID == finding.sop_instance_uid
+        assert group.tracking_uid == output_uid(cr.manifest.study_instance_uid, cr.manifest.episode_id,
+                                                MODEL.version, OutputKind.FINDING, index)
+        assert group.tracking_identifier.startswith(f"Finding {index + 1}:")
+    # (column, row) order: every x is within the 600 columns, the y of the last box goes past 600 rows.
+    assert max(group.roi.value[:, 0].max() for group in groups) <= 600
+    assert max(group.roi.value[:, 1].max() for group in groups) > 600
+
+
+def test_findings_are_coded_with_site_laterality_and_fallback(written: dict[str, Path]) -> None:
+    groups = hd.sr.srread(written["sr_draft"]).content.get_planar_roi_measurement_groups()
+    pneumothorax, nodule, unknown = groups
+    assert pneumothorax.finding_type == codes.SCT.Pneumothorax
+    site = pneumothorax.finding_sites[0]
+    assert site.value == codes.SCT.Pleura
+    assert site.laterality == codes.SCT.Left
+    assert nodule.finding_type == codes.SCT.Nodule
+    assert nodule.finding_sites[0].value == codes.SCT.Lung  # from the model's site "right upper lung"
+    assert nodule.finding_sites[0].laterality == codes.SCT.Right
+    assert unknown.finding_type == codes.SCT.Finding  # "Kerley B lines" is not in the table
+    assert "Kerley B lines" in unknown.tracking_identifier  # the label survives as text
+
+
+def test_observer_is_the_algorithm_device_and_algorithm_is_identified(written: dict[str, Path]) -> None:
+    ds = pydicom.dcmread(written["sr_draft"])
+    items = {(item.ConceptNameCodeSequence[0].CodeValue, item.ValueType): item for item in ds.ContentSequence}
+    assert items[("121005", "CODE")].ConceptCodeSequence[0].CodeValue == codes.DCM.Device.value
+    assert device_uid(MODEL.name, MODEL.version) == items[("121012", "UIDREF")].UID
+    procedure = items[("121058", "CODE")].ConceptCodeSequence[0]
+    assert (procedure.CodeValue, procedure.CodingSchemeDesignator) == ("363679005", "SCT")  # imaging, not AI
+    text = dsrdump(written["sr_draft"]).stdout
+    assert '"Algorithm Name")="MiniGPT-Med"' in text
+    assert '"Algorithm Version")="stage3-test"' in text
+    assert '"Algorithm Parameters")="max_new_tokens=300"' in text
+    purposes = [item.PurposeOfReferenceCodeSequence[0].CodeValue for item in ds.ContributingEquipmentSequence]
+    assert codes.DCM.ProcessingEquipment.value in purposes
+    raddraft = [item for item in ds.ContributingEquipmentSequence if item.Manufacturer == "raddraft"]
+    assert raddraft[0].SoftwareVersions == MODEL.version
+
+
+@pytest.mark.parametrize("kind", ["sr", "narrative"])
+def test_flags_draft_versus_final(written: dict[str, Path], kind: str) -> None:
+    draft = pydicom.dcmread(written[f"{kind}_draft"])
+    final = pydicom.dcmread(written[f"{kind}_final"])
+    assert (draft.CompletionFlag, draft.VerificationFlag, draft.PreliminaryFlag) == (
+        "COMPLETE", "UNVERIFIED", "PRELIMINARY")
+    assert "VerifyingObserverSequence" not in draft
+    assert (final.CompletionFlag, final.VerificationFlag, final.PreliminaryFlag) == ("COMPLETE", "VERIFIED", "FINAL")
+    observer = final.VerifyingObserverSequence[0]
+    assert str(observer.VerifyingObserverName) == "Curie^Marie"
+    assert observer.VerifyingOrganization == "General Hospital Radiology"
+    assert observer.VerificationDateTime.startswith("20240506093000")
+    assert final.SOPInstanceUID != draft.SOPInstanceUID
+    assert final.SeriesInstanceUID == draft.SeriesInstanceUID
+    predecessor = final.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == draft.SOPInstanceUID
+
+
+@pytest.mark.parametrize("name", SR_NAMES)
+def test_same_study_new_series_and_every_source_is_evidence(cr: Study, written: dict[str, Path], name: str) -> None:
+    ds = pydicom.dcmread(written[name])
+    doc = hd.sr.Comprehensive3DSR.from_dataset(ds) if name.startswith("sr") else hd.sr.EnhancedSR.from_dataset(ds)
+    evidence = doc.get_evidence()
+    source_series = {e[1] for e in evidence}
+    assert ds.StudyInstanceUID == evidence[0][0]
+    assert ds.SeriesInstanceUID not in source_series
+    assert ds.Modality == "SR"
+    if name != "sr_no_findings":
+        assert ds.StudyInstanceUID == cr.manifest.study_instance_uid
+        assert {e[2] for e in evidence} == {str(s.SOPInstanceUID) for s in cr.sources}  # the lateral view too
+        assert ds.PatientID == cr.sources[0].PatientID
+
+
+def test_no_findings_gives_one_group_stating_no_abnormality(written: dict[str, Path]) -> None:
+    sr = hd.sr.srread(written["sr_no_findings"])
+    assert sr.content.get_planar_roi_measurement_groups() == []
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    assert groups[0].finding_type == codes.DCM.NoAbnormality
+    assert groups[0].tracking_identifier == "No localized finding"
+
+
+def test_narrative_holds_findings_and_impression_text(written: dict[str, Path]) -> None:
+    ds = pydicom.dcmread(written["narrative_draft"])
+    assert ds.ConceptNameCodeSequence[0].CodeValue == "18748-4"
+    sections = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in ds.ContentSequence
+                if item.ValueType == "CONTAINER"}
+    assert sections["Findings"].ContentSequence[0].TextValue == "Small left pneumothorax. Nodule in the right lung."
+    assert sections["Impressions"].ContentSequence[0].TextValue == "Left pneumothorax; right lung nodule."
+
+
+def test_uids_are_deterministic_and_change_with_the_episode(cr: Study, tmp_path: Path) -> None:
+    result = result_for(cr, cr_findings(cr))
+    first = build_findings_sr(cr.manifest, result, cr.sources)
+    again = build_findings_sr(cr.manifest, result, cr.sources)
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+    narrative = build_narrative_sr(cr.manifest, result, cr.sources)
+    assert narrative.SOPInstanceUID == build_narrative_sr(cr.manifest, result, cr.sources).SOPInstanceUID
+    assert narrative.SOPInstanceUID != first.SOPInstanceUID
+
+    other = cr_study(tmp_path, episode_id=cr.manifest.episode_id + 1)
+    retried = build_findings_sr(other.manifest, result_for(other, cr_findings(other)), other.sources)
+    assert retried.SOPInstanceUID != first.SOPInstanceUID
+    assert retried.SeriesInstanceUID != first.SeriesInstanceUID
+
+
+def test_a_box_outside_its_image_is_refused(cr: Study) -> None:
+    pa = cr.manifest.series[0].instances[0].sop_instance_uid
+    # 700 is inside the 800 rows but outside the 600 columns: x is the column.
+    bad = result_for(cr, [Finding(label="mass", sop_instance_uid=pa, box=(100, 100, 700, 200))])
+    with pytest.raises(ValueError, match=r"finding 0 \('mass'\).*x2 <= Columns \(600\)"):
+        build_findings_sr(cr.manifest, bad, cr.sources)
+
+
+def test_a_finding_on_an_image_that_was_not_passed_is_refused(cr: Study) -> None:
+    pa = cr.manifest.series[0].instances[0].sop_instance_uid
+    lateral_only = [ds for ds in cr.sources if ds.SOPInstanceUID != pa]
+    result = result_for(cr, [Finding(label="mass", sop_instance_uid=pa, box=(1, 1, 20, 20))],
+                        analysed=[lateral_only[0].SOPInstanceUID])
+    with pytest.raises(ValueError, match=rf"finding 0 \('mass'\): SOP Instance UID {pa} has no source dataset"):
+        build_findings_sr(cr.manifest, result, lateral_only)
+
+
+def test_a_result_of_another_study_is_refused(cr: Study, tmp_path: Path) -> None:
+    ct = shipped_study(tmp_path, "CT_small.dcm")
+    with pytest.raises(ValueError, match=r"AnalysisResult\.study_instance_uid .* must equal the manifest's"):
+        build_findings_sr(cr.manifest, result_for(ct, []), cr.sources)
+
+
+def test_signoff_needs_observer_and_organization() -> None:
+    with pytest.raises(ValueError, match="verifying_organization must not be empty"):
+        Signoff("Curie^Marie", " ", datetime(2024, 1, 1, tzinfo=UTC))
