@@ -214,13 +214,14 @@ class StoreSCP(_Process):
 
     ``accept_all_syntaxes`` (``+xa``) accepts compressed transfer syntaxes too; without it storescp accepts only
     uncompressed ones. ``refuse`` (``--refuse``) rejects every association. ``promiscuous`` (``-pm``) also
-    accepts SOP classes dcmtk does not know.
+    accepts SOP classes dcmtk does not know. ``tls`` = (PEM private key, PEM certificate) serves DICOM over TLS
+    without asking for a client certificate.
     """
 
     name = "storescp"
 
     def __init__(self, workdir: Path, aet: str = "STORESCP", accept_all_syntaxes: bool = True,
-                 refuse: bool = False, promiscuous: bool = False) -> None:
+                 refuse: bool = False, promiscuous: bool = False, tls: tuple[Path, Path] | None = None) -> None:
         super().__init__(workdir)
         self.aet = aet
         self.port = free_port()
@@ -228,6 +229,7 @@ class StoreSCP(_Process):
         self.accept_all_syntaxes = accept_all_syntaxes
         self.refuse = refuse
         self.promiscuous = promiscuous
+        self.tls = tls
 
     def start(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -238,6 +240,8 @@ class StoreSCP(_Process):
             argv.append("--refuse")
         if self.promiscuous:
             argv.append("--promiscuous")
+        if self.tls is not None:
+            argv += ["+tls", str(self.tls[0]), str(self.tls[1]), "--ignore-peer-cert"]
         self._spawn([*argv, str(self.port)])
         wait_for(lambda: self._check_alive() and port_is_open(self.port), timeout=START_TIMEOUT_S,
                  what=f"storescp on port {self.port}")
