@@ -1,0 +1,136 @@
+"""The multi-slice policy: which images of a CT/MR series the model reads, and how per-slice findings merge.
+
+Selection. A series of *n* images (in the manifest's spatial order) is cut into ``k = min(n, max_per_series)``
+equal runs and the middle image of each run is analysed: indices ``floor((i + 0.5) * n / k)`` for
+``i = 0 … k-1``. The choice depends only on the series length — never on the truth or the pixels — so it is
+the same in production and in evaluation. A series of ``k`` images or fewer is read whole; a radiograph
+(one image) is always read. Images without pixels (``rows``/``columns`` absent) are skipped first.
+
+Merging. The model reads each selected slice on its own, so one lesion crossing several slices comes back
+as several findings. Two findings are the same lesion when they have the same label, lie in the same series,
+on slices that are neighbours among the *analysed* slices (their selection ranks differ by at most
+``max_gap``), and their boxes overlap (intersection over the smaller box ≥ ``min_overlap``). Chains of such
+pairs form one group. Each group becomes one finding: the member with the largest box (ties: the member on
+the middle slice of the group, then the first in slice order), which is also the slice the phantom truth
+names. The merged finding keeps that member's slice, box, laterality and site; ``support`` counts the
+slices it was seen on. Findings on instances outside the selection are kept unmerged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from model.result import Finding
+from workers.manifest import InstanceEntry, SeriesEntry, StudyManifest
+
+
+@dataclass(frozen=True)
+class SlicePolicy:
+    max_per_series: int = 8
+    max_gap: int = 1  # analysed-slice ranks apart that still count as adjacent
+    min_overlap: float = 0.3  # intersection / smaller box area
+
+    def __post_init__(self) -> None:
+        if self.max_per_series < 1:
+            raise ValueError(f"max_per_series {self.max_per_series} must be at least 1")
+        if self.max_gap < 1:
+            raise ValueError(f"max_gap {self.max_gap} must be at least 1")
+        if not 0.0 < self.min_overlap <= 1.0:
+            raise ValueError(f"min_overlap {self.min_overlap} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SlicePosition:
+    series_instance_uid: str
+    rank: int  # position among the analysed slices of the series
+
+
+@dataclass(frozen=True)
+class MergedFinding:
+    finding: Finding
+    support: int  # how many analysed slices showed it
+    sop_instance_uids: tuple[str, ...]  # every slice of the group, in slice order
+
+
+def select_indices(count: int, max_per_series: int) -> list[int]:
+    """Evenly spaced indices (the middle of each of ``min(count, max)`` equal runs) of a ``count``-long series."""
+    if count < 0:
+        raise ValueError(f"count {count} must not be negative")
+    if max_per_series < 1:
+        raise ValueError(f"max_per_series {max_per_series} must be at least 1")
+    k = min(count, max_per_series)
+    return [int((i + 0.5) * count / k) for i in range(k)]
+
+
+def select_instances(series: SeriesEntry, policy: SlicePolicy) -> list[InstanceEntry]:
+    """The images of *series* the model reads, in spatial order."""
+    images = [instance for instance in series.instances if instance.has_pixels]
+    return [images[i] for i in select_indices(len(images), policy.max_per_series)]
+
+
+def plan_study(manifest: StudyManifest, policy: SlicePolicy) -> tuple[list[tuple[SeriesEntry, InstanceEntry]],
+                                                                       dict[str, SlicePosition]]:
+    """The (series, instance) pairs to analyse and each one's slice position, for :func:`merge_findings`."""
+    chosen: list[tuple[SeriesEntry, InstanceEntry]] = []
+    positions: dict[str, SlicePosition] = {}
+    for series in manifest.series:
+        for rank, instance in enumerate(select_instances(series, policy)):
+            chosen.append((series, instance))
+            positions[instance.sop_instance_uid] = SlicePosition(series.series_instance_uid, rank)
+    return chosen, positions
+
+
+def _area(box: tuple[float, float, float, float]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection area over the smaller box's area (0 when either box is empty)."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    smaller = min(_area(a), _area(b))
+    if width <= 0 or height <= 0 or smaller <= 0:
+        return 0.0
+    return width * height / smaller
+
+
+def merge_findings(findings: Sequence[Finding], positions: Mapping[str, SlicePosition], policy: SlicePolicy
+                   ) -> list[MergedFinding]:
+    """One finding per lesion, following the rule in the module docstring; output in input order of leaders."""
+    parent = list(range(len(findings)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, a in enumerate(findings):
+        pa = positions.get(a.sop_instance_uid)
+        if pa is None:
+            continue
+        for j in range(i + 1, len(findings)):
+            b = findings[j]
+            pb = positions.get(b.sop_instance_uid)
+            if (pb is None or a.label != b.label or pa.series_instance_uid != pb.series_instance_uid
+                    or abs(pa.rank - pb.rank) > policy.max_gap or pa.rank == pb.rank
+                    or overlap(a.box, b.box) < policy.min_overlap):
+                continue
+            parent[root(j)] = root(i)
+
+    groups: dict[int, list[int]] = {}
+    for i in range(len(findings)):
+        groups.setdefault(root(i), []).append(i)
+    merged = []
+    for members in groups.values():
+        def rank(i: int) -> int:
+            position = positions.get(findings[i].sop_instance_uid)
+            return position.rank if position else 0
+
+        ordered = sorted(members, key=lambda i: (rank(i), i))
+        middle = (rank(ordered[0]) + rank(ordered[-1])) / 2
+        best = max(ordered, key=lambda i: (_area(findings[i].box), -abs(rank(i) - middle), -ordered.index(i)))
+        uids = tuple(dict.fromkeys(findings[i].sop_instance_uid for i in ordered))
+        merged.append(MergedFinding(findings[best], len(uids), uids))
+    return merged

@@ -1,0 +1,97 @@
+"""The multi-slice policy: evenly spaced selection with a cap, and merging of per-slice findings."""
+
+import itertools
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from model.phantoms import generate_study, study_rng
+from model.result import Finding
+from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study, select_indices
+from workers.manifest import InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
+
+
+def test_selection_is_evenly_spaced_and_capped():
+    assert select_indices(1, 8) == [0]
+    assert select_indices(5, 8) == [0, 1, 2, 3, 4]
+    assert select_indices(100, 4) == [12, 37, 62, 87]
+    chosen = select_indices(301, 8)
+    assert len(chosen) == 8 and chosen == sorted(set(chosen))
+    gaps = {b - a for a, b in itertools.pairwise(chosen)}
+    assert max(gaps) - min(gaps) <= 1
+    with pytest.raises(ValueError, match="max_per_series 0 must be at least 1"):
+        select_indices(3, 0)
+
+
+def _manifest(n):
+    instances = [InstanceEntry(sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                               path=f"{i}.dcm", transfer_syntax_uid="1.2.840.10008.1.2.1", rows=64, columns=64)
+                 for i in range(n)]
+    instances.append(InstanceEntry(sop_instance_uid="1.2.3.999", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33",
+                                   path="sr.dcm", transfer_syntax_uid="1.2.840.10008.1.2.1"))
+    series = SeriesEntry(series_instance_uid="1.2.3", modality="CT", instances=instances)
+    return StudyManifest(study_instance_uid="1.2", episode_id=1, created_at=datetime.now(UTC), study=StudyInfo(),
+                         series=[series])
+
+
+def test_plan_skips_non_images_and_ranks_the_selected_slices():
+    chosen, positions = plan_study(_manifest(40), SlicePolicy(max_per_series=5))
+    assert [instance.sop_instance_uid for _, instance in chosen] == [f"1.2.3.{i}" for i in (4, 12, 20, 28, 36)]
+    assert positions["1.2.3.20"] == SlicePosition("1.2.3", 2)
+    assert "1.2.3.999" not in positions
+
+
+def _finding(uid, box, label="nodule"):
+    return Finding(label=label, sop_instance_uid=uid, box=box, laterality="right")
+
+
+def test_overlapping_findings_on_adjacent_slices_merge_into_the_largest():
+    positions = {f"s{k}": SlicePosition("ser", k) for k in range(5)}
+    findings = [
+        _finding("s1", (10, 10, 20, 20)),
+        _finding("s2", (8, 8, 22, 22)),  # largest section
+        _finding("s3", (11, 11, 19, 19)),
+        _finding("s2", (60, 60, 70, 70)),  # another nodule on the same slice
+        _finding("s4", (8, 8, 22, 22), label="mass"),  # another label
+        _finding("s0", (40, 40, 50, 50)),  # no overlap with the chain
+    ]
+    merged = merge_findings(findings, positions, SlicePolicy())
+    assert len(merged) == 4
+    lesion = next(m for m in merged if m.support == 3)
+    assert lesion.finding.box == (8, 8, 22, 22) and lesion.finding.sop_instance_uid == "s2"
+    assert lesion.sop_instance_uids == ("s1", "s2", "s3")
+
+
+def test_slices_further_apart_than_max_gap_do_not_merge():
+    positions = {f"s{k}": SlicePosition("ser", k) for k in range(5)}
+    findings = [_finding("s0", (10, 10, 20, 20)), _finding("s2", (10, 10, 20, 20))]
+    assert len(merge_findings(findings, positions, SlicePolicy())) == 2
+    assert len(merge_findings(findings, positions, SlicePolicy(max_gap=2))) == 1
+
+
+def test_policy_rejects_bad_values():
+    with pytest.raises(ValueError, match=r"min_overlap 0\.0 must be in"):
+        SlicePolicy(min_overlap=0.0)
+
+
+def test_phantom_ct_truth_is_on_the_slice_with_the_largest_section():
+    """Boxes of every drawn nodule section, merged by the policy, reproduce the truth: one box per nodule."""
+    for index in range(6):
+        study = generate_study(study_rng(13, index), "CT")
+        plain = generate_study(study_rng(13, index), "CT", paint_findings=False)
+        uids = [str(ds.SOPInstanceUID) for ds in study.datasets]
+        positions = {uid: SlicePosition("ser", k) for k, uid in enumerate(uids)}
+        per_slice = []
+        for finding in study.findings:
+            x1, y1, x2, y2 = finding.box
+            for k, (a, b) in enumerate(zip(study.rendering.images, plain.rendering.images, strict=True)):
+                diff = a[y1:y2, x1:x2] != b[y1:y2, x1:x2]
+                if diff.any():
+                    rows, cols = np.nonzero(diff)
+                    per_slice.append(_finding(uids[k], (x1 + cols.min(), y1 + rows.min(), x1 + cols.max() + 1,
+                                                        y1 + rows.max() + 1)))
+        merged = merge_findings(per_slice, positions, SlicePolicy())
+        got = sorted((m.finding.sop_instance_uid, m.finding.box) for m in merged)
+        want = sorted((f.sop_instance_uid, tuple(float(v) for v in f.box)) for f in study.findings)
+        assert got == want
