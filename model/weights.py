@@ -87,6 +87,8 @@ def assign_state_dict(
             raise WeightsError(f"{source}: tensor {label(name)} has dtype {dtype}, expected floating point")
     converted = {name: tensor.to(own[name].dtype) for name, tensor in tensors.items()}
     on_meta = any(own[name].is_meta for name in converted)
+    # A checkpoint may hold only part of a module (MiniGPT-Med's holds the projection and LoRA tensors): the
+    # expected/unexpected/shape checks above are the strict check for that part, and the result is checked below.
     result = module.load_state_dict(converted, strict=False, assign=on_meta)
     left = sorted(set(result.missing_keys) & expected) + sorted(result.unexpected_keys)
     if left:
