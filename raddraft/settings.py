@@ -166,6 +166,12 @@ class Settings(BaseSettings):
     study_idle_seconds: float = Field(10.0, gt=0)
     broker_url: str | None = Field(None, description="redis://… in production; empty = embedded durable broker")
     handoff_retry_seconds: float = Field(2.0, gt=0, description="pause between hand-off attempts to the broker")
+    task_max_retries: int = Field(8, ge=0, description="retries of a transient failure before the dead-letter table")
+    task_retry_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles with each retry")
+    task_retry_backoff_max_s: float = Field(300.0, gt=0, description="longest delay between two retries")
+    broker_visibility_timeout_s: float = Field(
+        3600.0, gt=0, description="redis: an unacknowledged task (its worker died) is re-delivered after this"
+    )
 
     # --- delivery --------------------------------------------------------------------------------------------
     dicom_destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
@@ -178,9 +184,14 @@ class Settings(BaseSettings):
     # --- HTTP (metrics, health, worklist) -------------------------------------------------------------------
     http_bind: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
+    database_url: str | None = Field(
+        None, description="worklist database, e.g. postgresql://user@host/db; empty = SQLite file in home"
+    )
 
     # --- model -----------------------------------------------------------------------------------------------
     model: str = Field("embedded", description="preset name or path to a model folder")
+    inference_device: str = Field("auto", description="torch device of gpu workers: auto, cpu, cuda, cuda:1 …")
+    inference_threads: int | None = Field(None, ge=1, description="torch CPU threads; empty = torch default")
 
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
@@ -211,7 +222,7 @@ class Settings(BaseSettings):
             raise ValueError(f"file {value} does not exist")
         return value
 
-    @field_validator("broker_url", mode="before")
+    @field_validator("broker_url", "database_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value

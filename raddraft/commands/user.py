@@ -1,0 +1,85 @@
+"""``raddraft user add NAME --role radiologist|admin [--password-stdin]`` and ``raddraft user list``.
+
+Without ``--password-stdin`` the password is asked twice on the terminal (never on the command line, where
+other users could read it in the process list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+from raddraft.settings import Settings
+from worklist.auth import Role, check_username, hash_password
+from worklist.storage import Store, UserExistsError
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    add = sub.add_parser("add", help="create a worklist user")
+    add.add_argument("name", help="user name (letters, digits, '.', '_', '-')")
+    add.add_argument("--role", required=True, choices=[r.value for r in Role])
+    add.add_argument("--full-name", help="DICOM person name written as verifying observer, e.g. 'Curie^Marie' "
+                                         "(default: the user name)")
+    add.add_argument("--organization", help="verifying organization (default: hl7_sending_facility)")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    passwd = sub.add_parser("passwd", help="set a user's password")
+    passwd.add_argument("name")
+    passwd.add_argument("--password-stdin", action="store_true")
+    listing = sub.add_parser("list", help="list worklist users")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    store = Store.from_settings(settings)
+    try:
+        if args.user_command == "list":
+            return _list(store, args.json)
+        try:
+            name = check_username(args.name)
+            password_hash = hash_password(_read_password(args.password_stdin))
+            if args.user_command == "passwd":
+                store.set_password(name, password_hash)
+                print(f"password of {name} changed")
+                return 0
+            full_name = args.full_name or name
+            if "\n" in full_name or len(full_name) > 320:
+                raise ValueError("--full-name must be one line of at most 320 characters (DICOM PN)")
+            user = store.add_user(name, args.role, password_hash, full_name=full_name,
+                                  organization=args.organization or settings.hl7_sending_facility,
+                                  now=datetime.now(UTC))
+        except (ValueError, KeyError) as exc:  # UserExistsError is a ValueError
+            print(f"raddraft user: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+            return 1 if isinstance(exc, UserExistsError) else 2
+        print(f"added {user.username} ({user.role})")
+        log.info("worklist user %s added with role %s", user.username, user.role)
+        return 0
+    finally:
+        store.close()
+
+
+def _list(store: Store, as_json: bool) -> int:
+    users = store.list_users()
+    if as_json:
+        print(json.dumps([{"name": u.username, "role": u.role, "full_name": u.full_name,
+                           "organization": u.organization, "disabled": u.disabled} for u in users], indent=2))
+        return 0
+    for user in users:
+        print(f"{user.username:24} {user.role:12} {user.full_name} / {user.organization}"
+              f"{' (disabled)' if user.disabled else ''}")
+    return 0

@@ -1,0 +1,109 @@
+"""Worklist storage on both backends: users, sessions, entries, decisions, immutable signed versions, audit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from worklist_helpers import database_url_fixture, settings_for, write_draft  # noqa: F401 - fixture
+
+from workers.manifest import StudyInfo
+from worklist import auth
+from worklist.bridge import Bridge, age_in_years
+from worklist.storage import Decision, Priority, ReportVersion, Store, StudyState, UserExistsError
+
+NOW = datetime(2024, 5, 2, 9, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(database_url):
+    s = Store(database_url)
+    yield s
+    s.close()
+
+
+def test_users_and_sessions(store):
+    user = store.add_user("curie", "radiologist", auth.hash_password("radium-226"), full_name="Curie^Marie",
+                          organization="Institut du Radium", now=NOW)
+    assert user.role == "radiologist" and user.full_name == "Curie^Marie"
+    with pytest.raises(UserExistsError, match="user 'curie' already exists"):
+        store.add_user("curie", "admin", auth.hash_password("another-one"), full_name="x", organization="y", now=NOW)
+    assert [u.username for u in store.list_users()] == ["curie"]
+    token, csrf = auth.new_token(), auth.new_token()
+    store.create_session(auth.token_digest(token), user.id, csrf, NOW, NOW + timedelta(hours=1))
+    session = store.get_session(auth.token_digest(token), NOW + timedelta(minutes=5))
+    assert session is not None and session.user.username == "curie" and session.csrf_token == csrf
+    assert store.get_session(auth.token_digest(token), NOW + timedelta(hours=2)) is None  # expired
+    assert store.get_session(auth.token_digest("forged"), NOW) is None
+    store.delete_session(auth.token_digest(token))
+    assert store.get_session(auth.token_digest(token), NOW) is None
+
+
+def test_register_list_filter_sort_and_review(tmp_path, database_url):
+    settings = settings_for(tmp_path, database_url)
+    store = Store.from_settings(settings)
+    try:
+        bridge = Bridge(settings, store, clock=lambda: NOW)
+        first = write_draft(settings, accession="ACC-001")
+        second = write_draft(settings, (5, 5), accession="ACC-002")
+        a = bridge.register_draft(first.manifest_path, first.result_path)
+        b = bridge.register_draft(second.manifest_path, second.result_path, Priority.STAT)
+        assert bridge.register_draft(first.manifest_path, first.result_path) == a  # a retried task: same entry
+        rows = store.list_studies()
+        assert [r.id for r in rows] == [b, a]  # stat before routine
+        assert [r.id for r in store.list_studies(sort="accession")] == [a, b]
+        assert [r.id for r in store.list_studies(sort="accession", descending=True)] == [b, a]
+        assert [r.id for r in store.list_studies(accession="002")] == [b]
+        assert [r.id for r in store.list_studies(priority="routine")] == [a]
+        assert store.list_studies(states=["signed"]) == []
+        entry = store.get_study(a)
+        assert entry.state is StudyState.DRAFT_READY and entry.modality == "CR" and entry.accession == "ACC-001"
+        assert entry.draft_findings == first.result.report.findings
+        with pytest.raises(ValueError, match="sort 'name' must be one of"):
+            store.list_studies(sort="name")
+
+        store.set_finding_review(a, 1, Decision.REJECTED, label="consolidation", username="curie", now=NOW)
+        store.set_finding_review(a, 0, Decision.ACCEPTED, label="lung nodule", username="curie", now=NOW)
+        reviews = store.finding_reviews(a)
+        assert reviews[1].decision is Decision.REJECTED and reviews[0].label == "lung nodule"
+        store.save_draft_text(a, "Edited findings.", "Edited impression.", NOW)
+        assert store.get_study(a).draft_findings == "Edited findings."
+        audit = store.audit_entries(a)
+        assert [e.action for e in audit] == ["draft-registered"]
+    finally:
+        store.close()
+
+
+def test_signed_versions_are_immutable_in_the_database(store):
+    study_id, _ = store.upsert_study(
+        study_uid="1.2.3", episode_id=1, manifest_path="/m.json", result_path="/r.json",
+        state=StudyState.IN_REVIEW, modality="CR", accession="A1", description="", age_years=40,
+        priority=Priority.ROUTINE, draft_findings="f", draft_impression="i", error="", now=NOW)
+    store.add_version(ReportVersion(study_id=study_id, version=1, result_status="F", findings="Signed findings.",
+                                    impression="Signed impression.", signed_by="curie", signed_at=NOW,
+                                    output_dir="/out", sr_uid="1.2.3.4", narrative_uid="1.2.3.5"), NOW)
+    assert store.get_study(study_id).state is StudyState.SIGNED
+    with pytest.raises(PermissionError, match="signed or failed: its draft text cannot be edited"):
+        store.save_draft_text(study_id, "sneaky", "change", NOW)
+    with pytest.raises(PermissionError, match="findings can be reviewed only"):
+        store.set_finding_review(study_id, 0, Decision.REJECTED, label="x", username="curie", now=NOW)
+    for statement in ("UPDATE worklist_report_versions SET findings = 'changed'",
+                      "DELETE FROM worklist_report_versions"):
+        with pytest.raises(DBAPIError, match="signed report versions are immutable"), store.engine.begin() as conn:
+            conn.execute(text(statement))
+    assert store.versions(study_id)[0].findings == "Signed findings."
+    # a re-registered draft never overwrites a signed entry
+    _, changed = store.upsert_study(
+        study_uid="1.2.3", episode_id=1, manifest_path="/m2.json", result_path="/r2.json",
+        state=StudyState.DRAFT_READY, modality="CR", accession="A1", description="", age_years=40,
+        priority=Priority.ROUTINE, draft_findings="new", draft_impression="new", error="", now=NOW)
+    assert not changed and store.get_study(study_id).state is StudyState.SIGNED
+
+
+def test_age_in_years():
+    assert age_in_years(StudyInfo(patient_birth_date="19800502", study_date="20240501")) == 43
+    assert age_in_years(StudyInfo(patient_birth_date="19800502", study_date="20240502")) == 44
+    assert age_in_years(StudyInfo(patient_birth_date="", study_date="20240502")) is None
+    assert age_in_years(StudyInfo(patient_birth_date="1980-05-02", study_date="20240502")) is None

@@ -1,0 +1,227 @@
+"""The worklist over real HTTP on loopback: login, cookies, CSRF and origin checks, JSON API, PNG, audit."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import re
+from datetime import UTC, datetime
+from urllib.parse import urlencode
+
+import pytest
+from PIL import Image
+from worklist_helpers import database_url_fixture, settings_for, write_draft  # noqa: F401 - fixture
+
+from raddraft.http import respond
+from worklist import auth
+from worklist.app import WorklistApp
+from worklist.bridge import Bridge
+from worklist.server import RunningServer
+from worklist.storage import Store
+
+
+class Client:
+    """http.client with a cookie jar of one host; no redirects followed."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        self.cookies: dict[str, str] = {}
+        self.csrf = ""
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=10)
+        try:
+            all_headers = dict(headers or {})
+            if self.cookies:
+                all_headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+            conn.request(method, path, body=body, headers=all_headers)
+            response = conn.getresponse()
+            data = response.read()
+            set_cookies = response.headers.get_all("Set-Cookie") or []
+            for cookie in set_cookies:
+                name, value = cookie.split(";", 1)[0].split("=", 1)
+                if value:
+                    self.cookies[name] = value
+                else:
+                    self.cookies.pop(name, None)
+            return response, data, set_cookies
+        finally:
+            conn.close()
+
+    def login(self, username="curie", password="radium-226"):
+        _, page, _ = self.request("GET", "/login")
+        token = re.search(rb'name="csrf_token" value="([^"]+)"', page)[1].decode()
+        form = urlencode({"csrf_token": token, "username": username, "password": password})
+        response, data, cookies = self.request("POST", "/login", form,
+                                               {"Content-Type": "application/x-www-form-urlencoded"})
+        if response.status == 303:
+            _, page, _ = self.request("GET", "/")
+            self.csrf = re.search(rb'name="csrf-token" content="([^"]+)"', page)[1].decode()
+        return response, data, cookies
+
+    def post_json(self, path, value, csrf=True, headers=None):
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        if csrf:
+            all_headers["X-CSRF-Token"] = self.csrf
+        response, data, _ = self.request("POST", path, json.dumps(value), all_headers)
+        return response.status, json.loads(data)
+
+
+@pytest.fixture
+def web(tmp_path, database_url):
+    settings = settings_for(tmp_path, database_url)
+    store = Store.from_settings(settings)
+    store.add_user("curie", "radiologist", auth.hash_password("radium-226"), full_name="Curie^Marie",
+                   organization="Institut du Radium", now=datetime.now(UTC))
+    store.add_user("root", "admin", auth.hash_password("admin-pass"), full_name="Admin", organization="X",
+                   now=datetime.now(UTC))
+    bridge = Bridge(settings, store)
+    draft = write_draft(settings, accession="ACC-7")
+    entry = bridge.register_draft(draft.manifest_path, draft.result_path)
+    with RunningServer(WorklistApp(bridge)) as server:
+        yield Client(server), store, entry, draft
+    store.close()
+
+
+def test_login_sets_a_strict_http_only_session_and_wrong_passwords_are_audited(web):
+    client, store, _, _ = web
+    response, _, _ = client.request("GET", "/")
+    assert response.status == 303 and response.headers["Location"] == "/login"
+    response, data, _ = client.request("GET", "/api/studies")
+    assert response.status == 401 and json.loads(data) == {"error": "sign in first"}
+    response, data, _ = client.login(password="not-the-password")
+    assert response.status == 401 and b"Wrong user name or password." in data
+    response, _, cookies = client.login()
+    assert response.status == 303
+    session_cookie = next(c for c in cookies if c.startswith("rd_session="))
+    assert "HttpOnly" in session_cookie and "SameSite=Strict" in session_cookie and "Secure" not in session_cookie
+    response, _, _ = client.request("GET", "/")
+    assert response.status == 200
+    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    actions = [(e.username, e.action) for e in store.audit_entries()]
+    assert ("curie", "login-failed") in actions and ("curie", "login") in actions
+
+
+def test_login_form_needs_its_csrf_cookie(web):
+    client, _, _, _ = web
+    client.request("GET", "/login")
+    client.cookies.clear()
+    form = urlencode({"csrf_token": "guess", "username": "curie", "password": "radium-226"})
+    response, data, _ = client.request("POST", "/login", form, {"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status == 403 and b"login form expired" in data
+
+
+def test_every_post_needs_the_session_csrf_token_and_same_origin(web):
+    client, store, entry, _ = web
+    client.login()
+    path = f"/api/studies/{entry}/findings/0"
+    assert client.post_json(path, {"decision": "rejected"}, csrf=False) == (
+        403, {"error": "CSRF token missing or wrong: reload the page"})
+    assert client.post_json(path, {"decision": "rejected"}, csrf=False,
+                            headers={"X-CSRF-Token": "forged"})[0] == 403
+    status, body = client.post_json(path, {"decision": "rejected"},
+                                    headers={"Origin": "http://evil.example"})
+    assert (status, body) == (403, {"error": "cross-origin POST refused"})
+    assert store.finding_reviews(entry) == {}
+    status, body = client.post_json(path, {"decision": "rejected"})
+    assert status == 200 and body == {"index": 0, "decision": "rejected", "label": "nodule"}
+    assert client.post_json(path, {"decision": "maybe"}) == (
+        400, {"error": "decision must be 'accepted', 'rejected' or 'pending'"})
+    assert client.post_json(f"/api/studies/{entry}/findings/9", {"decision": "accepted"})[0] == 404
+    response, _, _ = client.request("POST", "/logout", urlencode({"csrf_token": client.csrf}),
+                                    {"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status == 303
+    response, _, _ = client.request("GET", "/api/studies")
+    assert response.status == 401
+
+
+def test_api_worklist_study_image_and_edits(web):
+    client, store, entry, draft = web
+    client.login()
+    response, data, _ = client.request("GET", "/api/studies")
+    listing = json.loads(data)
+    assert [s["accession"] for s in listing["studies"]] == ["ACC-7"]
+    assert "PHANTOM" not in data.decode() and draft.phantom.datasets[0].PatientID not in data.decode()
+    response, data, _ = client.request("GET", "/api/studies?state=bogus")
+    assert response.status == 400 and b"state 'bogus' must be one of" in data
+    client.request("GET", f"/studies/{entry}")  # opening the page puts the draft in review
+    response, data, _ = client.request("GET", f"/api/studies/{entry}")
+    study = json.loads(data)
+    assert study["state"] == "in review" and study["preliminary"] and study["can_sign"]
+    assert [f["label"] for f in study["findings"]] == ["nodule", "consolidation", "nodule"]
+    assert study["findings"][0]["box"] == list(draft.result.findings[0].box)
+    image = study["images"][0]
+    response, png, _ = client.request("GET", image["url"])
+    assert response.status == 200 and response.headers["Content-Type"] == "image/png"
+    assert Image.open(io.BytesIO(png)).size == (image["columns"], image["rows"])
+    response, _, _ = client.request("GET", f"/studies/{entry}/images/5.png")
+    assert response.status == 404
+
+    status, body = client.post_json(f"/api/studies/{entry}/correct", {
+        "findings": "The heart size is normal. There is no pleural effusion or pneumothorax.",
+        "impression": "No active disease.", "request": "The patient also has a left pneumothorax."})
+    assert status == 200 and body["edits"] == ["added left pneumothorax"]
+    assert body["impression"] == "Left pneumothorax."
+    assert store.get_study(entry).draft_impression == "Left pneumothorax."
+    status, body = client.post_json(f"/api/studies/{entry}/correct", {"findings": "x", "impression": "y",
+                                                                     "request": "make it shorter"})
+    assert status == 422 and "known finding" in body["error"]
+    assert client.post_json(f"/api/studies/{entry}/report", {"findings": 3})[0] == 400
+    status, _ = client.post_json(f"/api/studies/{entry}/ask", {"image": 0, "kind": "vqa", "text": "effusion?"})
+    assert status == 503  # no model connected
+    response, _, _ = client.request("GET", "/audit")
+    assert response.status == 403  # radiologists do not read the audit log
+    actions = [e.action for e in store.audit_entries(entry)]
+    assert "view" in actions and "correct" in actions
+
+
+def test_admin_reads_the_audit_log_but_cannot_sign(web):
+    client, _, entry, _ = web
+    client.login("root", "admin-pass")
+    response, data, _ = client.request("GET", "/audit")
+    assert response.status == 200 and b"login" in data
+    status, body = client.post_json(f"/api/studies/{entry}/sign", {})
+    assert status == 403 and body == {"error": "role 'admin' cannot edit reports"}
+
+
+def test_sign_then_amend_over_http_makes_a_correction(web):
+    client, store, entry, _ = web
+    client.login()
+    for index, decision in enumerate(["accepted", "rejected", "accepted"]):
+        assert client.post_json(f"/api/studies/{entry}/findings/{index}", {"decision": decision})[0] == 200
+    status, body = client.post_json(f"/api/studies/{entry}/sign",
+                                    {"findings": "Two nodules.", "impression": "Nodules."})
+    assert (status, body["version"], body["status"], body["signed_by"]) == (200, 1, "F", "curie")
+    status, body = client.post_json(f"/api/studies/{entry}/report", {"findings": "changed", "impression": "x"})
+    assert status == 409 and "amend it to make a new version" in body["error"]
+    status, body = client.post_json(f"/api/studies/{entry}/amend", {})
+    assert (status, body) == (200, {"state": "in review", "from_version": 1})
+    assert client.post_json(f"/api/studies/{entry}/amend", {})[0] == 409  # already amending
+    status, body = client.post_json(f"/api/studies/{entry}/sign", {"findings": "Two nodules, one calcified.",
+                                                                  "impression": "Nodules."})
+    assert (status, body["version"], body["status"]) == (200, 2, "C")
+    _, data, _ = client.request("GET", f"/api/studies/{entry}")
+    study = json.loads(data)
+    assert [(v["version"], v["status"], v["findings"]) for v in study["versions"]] == [
+        (1, "F", "Two nodules."), (2, "C", "Two nodules, one calcified.")]
+    assert not study["preliminary"] and study["can_amend"] and not study["editable"]
+    assert "amend-start" in [e.action for e in store.audit_entries(entry)]
+
+
+def test_one_port_serves_the_operations_endpoints_when_wired(tmp_path):
+    settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'w.sqlite'}")
+    store = Store.from_settings(settings)
+    try:
+        app = WorklistApp(Bridge(settings, store), ops=lambda method, path: respond(settings, method, path))
+        with RunningServer(app) as server:
+            client = Client(server)
+            response, data, _ = client.request("GET", "/healthz")
+            assert response.status in (200, 503) and "disk" in json.loads(data)["checks"]
+            response, data, _ = client.request("GET", "/metrics")
+            assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
+            response, _, _ = client.request("GET", "/")
+            assert response.status == 303  # everything else is the worklist, behind its login
+    finally:
+        store.close()

@@ -1,0 +1,105 @@
+"""Worklist test data and databases: a phantom study in a real spool with its manifest and draft result, and the
+two database backends (SQLite file, PostgreSQL database created for the test and dropped after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dicom_node.index import InstanceRecord
+from model.phantoms import PhantomStudy, generate_study, study_rng
+from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
+from raddraft.settings import Settings, load_settings
+from workers.prepare import build_manifest
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+# (seed, index) of a CR phantom with three findings: left nodule, left consolidation, right nodule
+THREE_FINDINGS_CR = (5, 4)
+ONE_FINDING_CR = (5, 5)
+
+
+@dataclass(frozen=True)
+class DraftOnDisk:
+    manifest_path: Path
+    result_path: Path
+    phantom: PhantomStudy
+    result: AnalysisResult
+
+
+def settings_for(home: Path, database_url: str) -> Settings:
+    return load_settings(home=home, database_url=database_url, hl7_sending_facility="RADDRAFT HOSPITAL")
+
+
+def write_draft(settings: Settings, which: tuple[int, int] = THREE_FINDINGS_CR, episode_id: int = 1,
+                accession: str | None = None) -> DraftOnDisk:
+    """A phantom CR study in ``settings.spool_dir``, its manifest (workers.prepare) and a preliminary result
+    whose findings and report are the phantom's ground truth (what a perfect model would have drafted)."""
+    phantom = generate_study(study_rng(*which), "CR")
+    records = []
+    for ds in phantom.datasets:
+        if accession is not None:
+            ds.AccessionNumber = accession
+        relative = Path(str(ds.StudyInstanceUID)) / f"{ds.SOPInstanceUID}.dcm"
+        path = settings.spool_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        data = path.read_bytes()
+        records.append(InstanceRecord(
+            sop_instance_uid=str(ds.SOPInstanceUID), study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID), patient_id=str(ds.PatientID),
+            sop_class_uid=str(ds.SOPClassUID), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            calling_ae="TEST", peer_address="127.0.0.1", size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(), path=str(relative), received_at=0.0, episode_id=episode_id))
+    manifest = build_manifest(settings.spool_dir, phantom.study_uid, episode_id, records)
+    work = settings.home / "work" / phantom.study_uid / str(episode_id)
+    manifest_path = work / "manifest.json"
+    manifest.write(manifest_path)
+    findings_text, impression_text = phantom.report.split("IMPRESSION:")
+    result = AnalysisResult(
+        study_instance_uid=phantom.study_uid, episode_id=episode_id,
+        model=ModelIdentity(name="raddraft-small", version="0.1.0-test"),
+        report=DraftReport(findings=findings_text.replace("FINDINGS:", "").strip(),
+                           impression=impression_text.strip()),
+        findings=[Finding(label=f.label, sop_instance_uid=f.sop_instance_uid, box=tuple(map(float, f.box)),
+                          laterality=f.laterality, site=f.site) for f in phantom.findings],
+        analysed_instances=[str(ds.SOPInstanceUID) for ds in phantom.datasets],
+        created_at=datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
+    )
+    result_path = work / "result.json"
+    result.write(result_path)
+    return DraftOnDisk(manifest_path, result_path, phantom, result)
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test; its SQLAlchemy-style URL; dropped afterwards."""
+    name = f"worklist_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is not reachable: {exc}")
+    try:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], name="database_url")
+def database_url_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test using it runs twice: on a SQLite file and on a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'worklist.sqlite'}"
+    else:
+        with postgres_database() as url:
+            yield url

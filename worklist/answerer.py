@@ -1,0 +1,30 @@
+"""``QuestionModel`` over a loaded MiniGPT-Med, for ``Bridge(model=…)`` (imports torch; the web app does not)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from model.minigpt import MiniGPTMed
+
+ASK_MAX_NEW_TOKENS = 100  # MiniGPT-Med's budget for box answers
+
+
+class MiniGPTAnswerer:
+    """One question at a time, greedy, under inference mode."""
+
+    def __init__(self, model: MiniGPTMed, max_new_tokens: int = ASK_MAX_NEW_TOKENS) -> None:
+        self._model = model.eval()
+        self._max_new_tokens = max_new_tokens
+        self._lock = threading.Lock()
+
+    @property
+    def image_size(self) -> int:
+        return self._model.config.vision.image_size
+
+    def answer(self, pixels: np.ndarray, instruction: str) -> str:
+        images = torch.from_numpy(np.ascontiguousarray(pixels))[None].to(self._model.device)  # (1, 3, S, S)
+        with self._lock, torch.inference_mode():
+            return self._model.generate(images, [instruction], max_new_tokens=self._max_new_tokens)[0]

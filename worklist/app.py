@@ -1,0 +1,453 @@
+"""The radiologist worklist as a WSGI application: login, worklist, study view, edits, questions and signing.
+
+Every page except the login needs a session (cookie ``rd_session``: HttpOnly, SameSite=Strict, Secure over
+TLS); every POST needs the session's CSRF token (``X-CSRF-Token`` header or ``csrf_token`` form field), the
+login form a double-submit token. Views, edits, questions and signatures go to the audit table; the
+application log names entries by id only, never a patient.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Protocol
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from model.result import AnalysisResult, DraftReport
+from workers.manifest import StudyManifest
+from worklist import auth
+from worklist.bridge import Bridge, ModelUnavailableError
+from worklist.correction import apply_correction
+from worklist.render import PngCache
+from worklist.signing import SignConflictError, SignError
+from worklist.storage import Decision, SessionInfo, Study, StudyNotFoundError, StudyState
+from worklist.web import HTTPError, Request, Response, Router
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).parent
+SESSION_COOKIE = "rd_session"
+LOGIN_CSRF_COOKIE = "rd_login_csrf"
+SESSION_LIFETIME = timedelta(hours=12)
+DEFAULT_REFRESH_MS = 5000
+MAX_TEXT = 20000
+EDITABLE = (StudyState.DRAFT_READY, StudyState.IN_REVIEW)
+
+
+class OpsReply(Protocol):
+    """What ``raddraft.http.respond`` returns."""
+
+    status: HTTPStatus
+    content_type: str
+    body: bytes
+
+
+OpsResponder = Callable[[str, str], OpsReply]  # (method, path) -> reply, for /healthz and /metrics
+OPS_PATHS = ("/healthz", "/metrics")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    sop_instance_uid: str
+    frame_number: int | None
+    rows: int
+    columns: int
+    path: Path
+
+
+class WorklistApp:
+    """``WorklistApp(bridge)`` is a WSGI callable."""
+
+    def __init__(self, bridge: Bridge, *, secure_cookies: bool = False, refresh_ms: int = DEFAULT_REFRESH_MS,
+                 ops: OpsResponder | None = None) -> None:
+        """*ops* answers ``/healthz`` and ``/metrics`` (``raddraft.http.respond``) so one port serves both."""
+        self.bridge = bridge
+        self.ops = ops
+        self.store = bridge.store
+        self.secure_cookies = secure_cookies
+        self.refresh_ms = refresh_ms
+        self.pngs = PngCache()
+        self.templates = Environment(loader=FileSystemLoader(PACKAGE_DIR / "templates"),
+                                     autoescape=select_autoescape(["html"]), auto_reload=False)
+        self.router = Router()
+        routes: list[tuple[str, str, Callable[[Request], Response]]] = [
+            ("GET", "/login", self.login_page), ("POST", "/login", self.login), ("POST", "/logout", self.logout),
+            ("GET", "/", self.worklist_page), ("GET", "/api/studies", self.api_studies),
+            ("GET", "/studies/{study_id}", self.study_page), ("GET", "/api/studies/{study_id}", self.api_study),
+            ("GET", "/studies/{study_id}/images/{image_id}.png", self.image_png),
+            ("POST", "/api/studies/{study_id}/findings/{finding_id}", self.api_finding),
+            ("POST", "/api/studies/{study_id}/report", self.api_report),
+            ("POST", "/api/studies/{study_id}/correct", self.api_correct),
+            ("POST", "/api/studies/{study_id}/ask", self.api_ask),
+            ("POST", "/api/studies/{study_id}/sign", self.api_sign),
+            ("POST", "/api/studies/{study_id}/amend", self.api_amend),
+            ("GET", "/audit", self.audit_page),
+            ("GET", "/static/{name}", self.static),
+        ]
+        for method, pattern, handler in routes:
+            self.router.add(method, pattern, handler)
+
+    # ------------------------------------------------------------------ WSGI
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        request = Request(environ)
+        try:
+            if self.ops is not None and request.path in OPS_PATHS:
+                reply = self.ops(request.method, request.path)
+                return Response(reply.body, HTTPStatus(reply.status), reply.content_type).wsgi(start_response)
+            response = self.router.match(request)(request)
+        except HTTPError as exc:
+            response = self._error(request, exc.status, exc.message)
+        except StudyNotFoundError as exc:
+            response = self._error(request, HTTPStatus.NOT_FOUND, str(exc.args[0]))
+        except Exception:
+            logger.exception("unhandled error on %s %s", request.method, request.path)
+            response = self._error(request, HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the server log")
+        return response.wsgi(start_response)
+
+    def _error(self, request: Request, status: HTTPStatus, message: str) -> Response:
+        if request.path.startswith("/api/"):
+            return Response.json({"error": message}, status)
+        if status is HTTPStatus.UNAUTHORIZED:
+            return Response.redirect("/login")
+        return Response(self._render("error.html", status=status.value, message=message), status)
+
+    def _render(self, template: str, **context: Any) -> bytes:
+        return self.templates.get_template(template).render(**context).encode("utf-8")
+
+    def _now(self) -> datetime:
+        return self.bridge.clock()
+
+    # ------------------------------------------------------------------ sessions and CSRF
+
+    def _session(self, request: Request) -> SessionInfo:
+        token = request.cookies.get(SESSION_COOKIE)
+        session = self.store.get_session(auth.token_digest(token), self._now()) if token else None
+        if session is None:
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "sign in first")
+        return session
+
+    def _post_session(self, request: Request) -> SessionInfo:
+        """The session of a POST, after the CSRF token and the Origin header are checked."""
+        session = self._session(request)
+        self._check_origin(request)
+        given = request.header("X-CSRF-Token")
+        if given is None and (request.header("content-type") or "").startswith("application/x-www-form-urlencoded"):
+            given = request.form().get("csrf_token")
+        if not auth.tokens_equal(given, session.csrf_token):
+            raise HTTPError(HTTPStatus.FORBIDDEN, "CSRF token missing or wrong: reload the page")
+        return session
+
+    def _check_origin(self, request: Request) -> None:
+        origin = request.header("Origin")
+        if origin and origin != "null":
+            host = request.header("Host") or ""
+            if origin.split("://", 1)[-1] != host:
+                raise HTTPError(HTTPStatus.FORBIDDEN, "cross-origin POST refused")
+
+    def _secure(self, request: Request) -> bool:
+        return self.secure_cookies or request.is_https
+
+    # ------------------------------------------------------------------ login
+
+    def login_page(self, request: Request, error: str = "", status: HTTPStatus = HTTPStatus.OK) -> Response:
+        token = auth.new_token()
+        response = Response(self._render("login.html", csrf_token=token, error=error), status)
+        response.set_cookie(LOGIN_CSRF_COOKIE, token, secure=self._secure(request), max_age=3600)
+        return response
+
+    def login(self, request: Request) -> Response:
+        self._check_origin(request)
+        form = request.form()
+        if not auth.tokens_equal(form.get("csrf_token"), request.cookies.get(LOGIN_CSRF_COOKIE, "")) or \
+                not request.cookies.get(LOGIN_CSRF_COOKIE):
+            raise HTTPError(HTTPStatus.FORBIDDEN, "login form expired: reload the page")
+        username, password = form.get("username", ""), form.get("password", "")
+        user = self.store.get_user(username) if username else None
+        valid = user is not None and not user.disabled and auth.verify_password(password, user.password_hash)
+        now = self._now()
+        if not valid or user is None:
+            self.store.audit(username[:64] or "-", "login-failed", None, "", now)
+            return self.login_page(request, "Wrong user name or password.", HTTPStatus.UNAUTHORIZED)
+        token, csrf = auth.new_token(), auth.new_token()
+        self.store.create_session(auth.token_digest(token), user.id, csrf, now, now + SESSION_LIFETIME)
+        self.store.audit(user.username, "login", None, "", now)
+        response = Response.redirect("/")
+        response.set_cookie(SESSION_COOKIE, token, secure=self._secure(request),
+                            max_age=int(SESSION_LIFETIME.total_seconds()))
+        response.set_cookie(LOGIN_CSRF_COOKIE, "", secure=self._secure(request), max_age=0)
+        return response
+
+    def logout(self, request: Request) -> Response:
+        session = self._post_session(request)
+        token = request.cookies.get(SESSION_COOKIE, "")
+        self.store.delete_session(auth.token_digest(token))
+        self.store.audit(session.user.username, "logout", None, "", self._now())
+        response = Response.redirect("/login")
+        response.set_cookie(SESSION_COOKIE, "", secure=self._secure(request), max_age=0)
+        return response
+
+    # ------------------------------------------------------------------ worklist
+
+    def worklist_page(self, request: Request) -> Response:
+        session = self._session(request)
+        self.store.audit(session.user.username, "view-worklist", None, "", self._now())
+        return Response(self._render("worklist.html", user=session.user, csrf_token=session.csrf_token,
+                                     refresh_ms=self.refresh_ms, states=[s.value for s in StudyState]))
+
+    def api_studies(self, request: Request) -> Response:
+        self._session(request)
+        states = [s for s in request.query_lists.get("state", []) if s]
+        for state in states:
+            if state not in {s.value for s in StudyState}:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, f"state {state!r} must be one of "
+                                                        f"{', '.join(s.value for s in StudyState)}")
+        try:
+            rows = self.store.list_studies(states=states, modality=request.query.get("modality") or None,
+                                           priority=request.query.get("priority") or None,
+                                           accession=request.query.get("accession") or None,
+                                           sort=request.query.get("sort", "priority"),
+                                           descending=request.query.get("order") == "desc")
+        except ValueError as exc:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        latest = self.store.latest_change()
+        return Response.json({"studies": [s.to_json() for s in rows],
+                              "latest_change": latest.isoformat() if latest else None})
+
+    # ------------------------------------------------------------------ study view
+
+    def study_page(self, request: Request) -> Response:
+        session = self._session(request)
+        study = self.store.get_study(int(request.params["study_id"]))
+        now = self._now()
+        if study.state is StudyState.DRAFT_READY and session.user.role == "radiologist":
+            self.store.set_state(study.id, StudyState.IN_REVIEW, now, expect=[StudyState.DRAFT_READY])
+        self.store.audit(session.user.username, "view", study.id, f"state {study.state.value}", now)
+        return Response(self._render("study.html", user=session.user, csrf_token=session.csrf_token,
+                                     study_id=study.id))
+
+    def api_study(self, request: Request) -> Response:
+        session = self._session(request)
+        study = self.store.get_study(int(request.params["study_id"]))
+        return Response.json(self._study_document(study, session))
+
+    def _study_document(self, study: Study, session: SessionInfo) -> dict[str, Any]:
+        manifest = StudyManifest.read(Path(study.manifest_path))
+        result = AnalysisResult.read(Path(study.result_path)) if study.result_path else None
+        images = self._images(study)
+        image_index = {(img.sop_instance_uid, img.frame_number): n for n, img in enumerate(images)}
+        reviews = self.store.finding_reviews(study.id)
+        findings = []
+        for index, finding in enumerate(result.findings if result else []):
+            review = reviews.get(index)
+            findings.append({
+                "index": index, "label": review.label if review else finding.label, "model_label": finding.label,
+                "decision": (review.decision if review else Decision.PENDING).value,
+                "box": list(finding.box), "laterality": finding.laterality, "site": finding.site,
+                "description": finding.description,
+                "image": image_index.get((finding.sop_instance_uid, finding.frame_number)),
+            })
+        info = manifest.study
+        versions = self.store.versions(study.id)
+        editable = study.state in EDITABLE
+        return {
+            **study.to_json(),
+            "patient": {"name": info.patient_name, "id": info.patient_id, "sex": info.patient_sex,
+                        "birth_date": info.patient_birth_date},
+            "study_date": info.study_date,
+            "report": {"findings": study.draft_findings, "impression": study.draft_impression},
+            "findings": findings,
+            "images": [{"index": n, "rows": img.rows, "columns": img.columns, "frame_number": img.frame_number,
+                        "url": f"/studies/{study.id}/images/{n}.png"} for n, img in enumerate(images)],
+            "versions": [{"version": v.version, "status": v.result_status, "signed_by": v.signed_by,
+                          "signed_at": v.signed_at.isoformat(), "findings": v.findings, "impression": v.impression}
+                         for v in versions],
+            "model": {"name": result.model.name, "version": result.model.version} if result else None,
+            "editable": editable,
+            "can_sign": editable and session.user.role == "radiologist",
+            "can_amend": study.state is StudyState.SIGNED and session.user.role == "radiologist",
+            "can_ask": self.bridge.model is not None and study.result_path is not None,
+            "preliminary": study.state is not StudyState.SIGNED,
+        }
+
+    def _images(self, study: Study) -> list[ImageRef]:
+        """The images a reader needs: every image with a finding or analysed by the model, in manifest order."""
+        manifest = StudyManifest.read(Path(study.manifest_path))
+        wanted: list[tuple[str, int | None]] = []
+        if study.result_path:
+            result = AnalysisResult.read(Path(study.result_path))
+            wanted = [(f.sop_instance_uid, f.frame_number) for f in result.findings]
+            wanted += [(uid, None) for uid in result.analysed_instances]
+        refs: list[ImageRef] = []
+        seen: set[tuple[str, int | None]] = set()
+        order = {inst.sop_instance_uid: n for n, (_, inst) in enumerate(manifest.instances())}
+        candidates = sorted(dict.fromkeys(wanted), key=lambda w: (order.get(w[0], len(order)), w[1] or 0))
+        if not candidates:
+            candidates = [(inst.sop_instance_uid, None) for _, inst in manifest.instances() if inst.has_pixels][:1]
+        for uid, frame in candidates:
+            if uid in {s for s, _ in seen} and frame is None:
+                continue  # an analysed image already shown with its finding frame
+            _, instance = manifest.find_instance(uid)
+            if not instance.has_pixels:
+                continue
+            seen.add((uid, frame))
+            refs.append(ImageRef(uid, frame, instance.rows or 0, instance.columns or 0,
+                                 self.bridge.settings.spool_dir / instance.path))
+        return refs
+
+    def image_png(self, request: Request) -> Response:
+        self._session(request)
+        study = self.store.get_study(int(request.params["study_id"]))
+        images = self._images(study)
+        index = int(request.params["image_id"])
+        if not 0 <= index < len(images):
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"image {index} does not exist for entry {study.id}")
+        image = images[index]
+        try:
+            png = self.pngs.render(image.path, image.frame_number)
+        except (OSError, ValueError) as exc:
+            logger.warning("worklist entry %d image %d cannot be rendered: %s", study.id, index, exc)
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, f"image {index} cannot be rendered: {exc}") from None
+        return Response(png, content_type="image/png")
+
+    # ------------------------------------------------------------------ edits
+
+    def _editable_study(self, request: Request) -> tuple[SessionInfo, Study, dict[str, Any]]:
+        session = self._post_session(request)
+        body = request.json()
+        study = self.store.get_study(int(request.params["study_id"]))
+        if session.user.role != "radiologist":
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"role {session.user.role!r} cannot edit reports")
+        if study.state not in EDITABLE:
+            raise HTTPError(HTTPStatus.CONFLICT, f"entry {study.id} is {study.state.value}: it cannot be edited"
+                            + ("; amend it to make a new version" if study.state is StudyState.SIGNED else ""))
+        return session, study, body
+
+    def api_finding(self, request: Request) -> Response:
+        session, study, body = self._editable_study(request)
+        index = int(request.params["finding_id"])
+        result = AnalysisResult.read(Path(study.result_path)) if study.result_path else None
+        if result is None or not 0 <= index < len(result.findings):
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"finding {index} does not exist for entry {study.id}")
+        try:
+            decision = Decision(body.get("decision", ""))
+        except ValueError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "decision must be 'accepted', 'rejected' or 'pending'") from None
+        label = " ".join(str(body.get("label") or result.findings[index].label).split())
+        if not 1 <= len(label) <= 128:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "label must be 1-128 characters")
+        self.store.set_finding_review(study.id, index, decision, label=label, username=session.user.username,
+                                      now=self._now())
+        relabel = f", label {label!r}" if label != result.findings[index].label else ""
+        self.store.audit(session.user.username, f"finding-{decision.value}", study.id,
+                         f"finding {index + 1}{relabel}", self._now())
+        return Response.json({"index": index, "decision": decision.value, "label": label})
+
+    def api_report(self, request: Request) -> Response:
+        session, study, body = self._editable_study(request)
+        findings, impression = _text(body, "findings"), _text(body, "impression")
+        self.store.save_draft_text(study.id, findings, impression, self._now())
+        self.store.audit(session.user.username, "edit-report", study.id,
+                         f"findings {len(findings)} chars, impression {len(impression)} chars", self._now())
+        return Response.json({"findings": findings, "impression": impression})
+
+    def api_correct(self, request: Request) -> Response:
+        session, study, body = self._editable_study(request)
+        current = DraftReport(findings=_text(body, "findings"), impression=_text(body, "impression"))
+        try:
+            corrected = apply_correction(current, _text(body, "request"))
+        except ValueError as exc:
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
+        report = corrected.report
+        self.store.save_draft_text(study.id, report.findings, report.impression, self._now())
+        self.store.audit(session.user.username, "correct", study.id,
+                         "; ".join(e.describe() for e in corrected.edits), self._now())
+        return Response.json({"findings": report.findings, "impression": report.impression,
+                              "edits": [e.describe() for e in corrected.edits],
+                              "changed": corrected.changed_sentences})
+
+    def api_ask(self, request: Request) -> Response:
+        session = self._post_session(request)
+        body = request.json()
+        study = self.store.get_study(int(request.params["study_id"]))
+        images = self._images(study)
+        try:
+            image = images[int(body.get("image", 0))]
+        except (IndexError, ValueError, TypeError):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "image must be the index of one of the study's images") from None
+        kind = body.get("kind")
+        if kind not in ("vqa", "refer"):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "kind must be 'vqa' or 'refer'")
+        text = _text(body, "text")
+        if not text.strip():
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "text must not be empty")
+        try:
+            answer = self.bridge.ask(study.id, image.sop_instance_uid, frame_number=image.frame_number, kind=kind,
+                                     text=text, user=session.user)
+        except ModelUnavailableError as exc:
+            raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
+        return Response.json({**answer.to_json(), "image": images.index(image)})
+
+    def api_sign(self, request: Request) -> Response:
+        session, study, body = self._editable_study(request)
+        if "findings" in body or "impression" in body:
+            self.store.save_draft_text(study.id, _text(body, "findings"), _text(body, "impression"), self._now())
+        try:
+            report, errors = self.bridge.sign(study.id, session.user)
+        except SignConflictError as exc:
+            raise HTTPError(HTTPStatus.CONFLICT, str(exc)) from None
+        except SignError as exc:
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
+        return Response.json({"version": report.version, "status": report.result_status.value,
+                              "signed_by": report.signed_by, "delivery_errors": errors})
+
+    def api_amend(self, request: Request) -> Response:
+        session = self._post_session(request)
+        study = self.store.get_study(int(request.params["study_id"]))
+        if session.user.role != "radiologist":
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"role {session.user.role!r} cannot amend reports")
+        versions = self.store.versions(study.id)
+        now = self._now()
+        if not versions or not self.store.set_state(study.id, StudyState.IN_REVIEW, now, expect=[StudyState.SIGNED]):
+            raise HTTPError(HTTPStatus.CONFLICT, f"entry {study.id} is {study.state.value}: only a signed report can "
+                                                 "be amended")
+        self.store.save_draft_text(study.id, versions[-1].findings, versions[-1].impression, now)
+        self.store.audit(session.user.username, "amend-start", study.id, f"from version {versions[-1].version}", now)
+        return Response.json({"state": StudyState.IN_REVIEW.value, "from_version": versions[-1].version})
+
+    # ------------------------------------------------------------------ audit and static files
+
+    def audit_page(self, request: Request) -> Response:
+        session = self._session(request)
+        if session.user.role != "admin":
+            raise HTTPError(HTTPStatus.FORBIDDEN, "the audit log is for administrators")
+        entries = self.store.audit_entries(limit=500)
+        return Response(self._render("audit.html", user=session.user, csrf_token=session.csrf_token,
+                                     entries=entries))
+
+    def static(self, request: Request) -> Response:
+        name = request.params["name"]
+        path = PACKAGE_DIR / "static" / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise HTTPError(HTTPStatus.NOT_FOUND, "no such file")
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type == "application/javascript":
+            content_type += "; charset=utf-8"
+        return Response(path.read_bytes(), content_type=content_type)
+
+
+def _text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key, "")
+    if not isinstance(value, str):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"{key} must be a string")
+    if len(value) > MAX_TEXT:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"{key} must be at most {MAX_TEXT} characters")
+    return value.replace("\r\n", "\n").strip()

@@ -1,0 +1,180 @@
+"""Signing a reviewed draft: the final SR, narrative, GSPS and ORU, written to the outbox, and the signed version.
+
+The final result holds the radiologist's text and only the accepted findings (with edited labels). The first
+signature writes the final set of ``reporting/outbox.py`` beside the draft (``sr_final.dcm`` …, ORU with
+OBR-25 = F). An amendment of a signed report writes a complete new final set to
+``<episode folder>/amendment_<n>/`` with new SOP Instance UIDs, each SR naming the previous signed version as
+its predecessor, and an ORU with OBR-25 = C; earlier versions stay on disk and in the database unchanged.
+The entry is claimed (state -> signed) before anything is written, so two radiologists signing at once cannot
+both write: the second gets ``SignConflictError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import textwrap
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import UID
+
+from model.result import AnalysisResult, DraftReport
+from raddraft.jsonio import write_atomic
+from raddraft.settings import Settings
+from reporting.context import Signoff
+from reporting.hl7_oru import HL7Endpoints, ResultStatus, build_oru_r01, new_control_id
+from reporting.outbox import OutboxEntry, dicom_bytes, episode_dir, read_sources, write_outbox
+from workers.manifest import StudyManifest
+from worklist.storage import Decision, ReportVersion, Store, Study, StudyState, User
+
+logger = logging.getLogger(__name__)
+
+_AMENDMENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/raddraft/raddraft/worklist/amendment/v1")
+FINAL_RESULT_NAME = "result_final.json"
+HL7_TX_LINE = 190  # hl7apy refuses an OBX-5 TX value over 199 characters
+
+
+class SignError(ValueError):
+    """The entry cannot be signed as it is (pending findings, no text, wrong role); the message says why."""
+
+
+class SignConflictError(SignError):
+    """Another radiologist signed (or is signing) this entry first."""
+
+
+@dataclass(frozen=True)
+class SignedReport:
+    """What the pipeline delivers after a signature: every file of the final set, and who signed."""
+
+    study_id: int
+    study_uid: str
+    episode_id: int
+    version: int
+    result_status: ResultStatus  # F for the first signature, C for an amendment
+    signed_by: str  # worklist user name
+    verifying_observer: str  # DICOM PN written in the SR
+    signed_at: datetime
+    output_dir: Path
+    files: list[OutboxEntry]
+    hl7_path: Path
+    manifest_path: Path
+    result_path: Path  # the final AnalysisResult (status "final") as JSON
+
+    def dicom_files(self) -> list[Path]:
+        return [entry.path for entry in self.files if entry.kind in ("sr", "narrative", "gsps")]
+
+
+def final_result(draft: AnalysisResult, study: Study, reviews: dict[int, tuple[Decision, str]]) -> AnalysisResult:
+    """The signed result: the edited text and the accepted findings (relabelled), status final."""
+    kept = []
+    for index, finding in enumerate(draft.findings):
+        decision, label = reviews.get(index, (Decision.PENDING, finding.label))
+        if decision is Decision.PENDING:
+            raise SignError(f"finding {index + 1} ({finding.label!r}) is still pending: accept or reject every "
+                            "finding before signing")
+        if decision is Decision.ACCEPTED:
+            kept.append(finding.model_copy(update={"label": label}) if label != finding.label else finding)
+    findings_text, impression_text = study.draft_findings.strip(), study.draft_impression.strip()
+    if not findings_text and not impression_text:
+        raise SignError("the report has neither FINDINGS nor IMPRESSION text: write the report before signing")
+    return draft.model_copy(update={"report": DraftReport(findings=findings_text, impression=impression_text),
+                                    "findings": kept, "status": "final"})
+
+
+def hl7_wrapped(result: AnalysisResult) -> AnalysisResult:
+    """The result with report lines wrapped at word boundaries to fit one HL7 TX value (OBX-5) each."""
+    def wrap(text: str) -> str:
+        return "\n".join(textwrap.fill(line, HL7_TX_LINE, break_long_words=True) if line else line
+                         for line in text.splitlines())
+
+    report = DraftReport(findings=wrap(result.report.findings), impression=wrap(result.report.impression))
+    return result.model_copy(update={"report": report})
+
+
+def sign_study(store: Store, settings: Settings, study_id: int, user: User, now: datetime) -> SignedReport:
+    """Sign (or, after an amendment was started, re-sign) an entry; write the final set and the version row."""
+    if user.role != "radiologist":
+        raise SignError(f"user {user.username!r} has role {user.role!r}: only a radiologist can sign")
+    study = store.get_study(study_id)
+    if study.state not in (StudyState.DRAFT_READY, StudyState.IN_REVIEW):
+        raise SignConflictError(f"worklist entry {study_id} is {study.state.value}: only a draft or a report under "
+                                "review can be signed")
+    if study.result_path is None:
+        raise SignError(f"worklist entry {study_id} has no model result to sign")
+    manifest = StudyManifest.read(Path(study.manifest_path))
+    draft = AnalysisResult.read(Path(study.result_path))
+    reviews = {i: (r.decision, r.label) for i, r in store.finding_reviews(study_id).items()}
+    result = final_result(draft, study, reviews)
+    previous = store.versions(study_id)
+    version = len(previous) + 1
+    status = ResultStatus.FINAL if version == 1 else ResultStatus.CORRECTED
+    signoff = Signoff(verifying_observer_name=user.full_name, verifying_organization=user.organization,
+                      signed_at=now)
+    sources = read_sources(settings.spool_dir, manifest)
+    hl7 = build_oru_r01(manifest, hl7_wrapped(result), status, endpoints=HL7Endpoints.from_settings(settings),
+                        control_id=new_control_id(), message_time=now)
+
+    if not store.set_state(study_id, StudyState.SIGNED, now, expect=[StudyState.DRAFT_READY, StudyState.IN_REVIEW]):
+        raise SignConflictError(f"worklist entry {study_id} was signed by someone else a moment ago")
+    try:
+        folder = episode_dir(settings.outbox_dir, manifest.study_instance_uid, manifest.episode_id)
+        if version == 1:
+            entries = write_outbox(settings.outbox_dir, manifest, result, sources, hl7, signoff=signoff)
+        else:
+            folder = folder / f"amendment_{version}"
+            entries = _write_amendment(folder, settings, manifest=manifest, result=result, sources=sources, hl7=hl7,
+                                       signoff=signoff, version=version, previous=previous[-1])
+        result_path = folder / FINAL_RESULT_NAME
+        result.write(result_path)
+        sr_uid = next(e.sop_instance_uid for e in entries if e.kind == "sr")
+        narrative_uid = next(e.sop_instance_uid for e in entries if e.kind == "narrative")
+        store.add_version(ReportVersion(
+            study_id=study_id, version=version, result_status=status.value, findings=result.report.findings,
+            impression=result.report.impression, signed_by=user.username, signed_at=now, output_dir=str(folder),
+            sr_uid=sr_uid or "", narrative_uid=narrative_uid or ""), now)
+    except BaseException:
+        store.set_state(study_id, StudyState.IN_REVIEW, now, expect=[StudyState.SIGNED])
+        raise
+    logger.info("worklist entry %d signed as version %d (%s) by %s", study_id, version, status.value, user.username)
+    hl7_path = next(e.path for e in entries if e.kind == "hl7")
+    return SignedReport(study_id=study_id, study_uid=manifest.study_instance_uid, episode_id=manifest.episode_id,
+                        version=version, result_status=status, signed_by=user.username,
+                        verifying_observer=user.full_name, signed_at=now, output_dir=folder, files=entries,
+                        hl7_path=hl7_path, manifest_path=Path(study.manifest_path), result_path=result_path)
+
+
+def amendment_uid(original: str, version: int) -> UID:
+    """The SOP Instance UID of an object in amendment *version*: a 2.25 UID of a name-based UUID."""
+    name = "\x1f".join((original, str(version)))
+    return UID(f"2.25.{uuid.uuid5(_AMENDMENT_NAMESPACE, name).int}")
+
+
+def _write_amendment(folder: Path, settings: Settings, *, manifest: StudyManifest, result: AnalysisResult,
+                     sources: list[pydicom.Dataset], hl7: bytes, signoff: Signoff, version: int,
+                     previous: ReportVersion) -> list[OutboxEntry]:
+    """The final set of an amendment in *folder*: new UIDs, predecessor = the previous signed version."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    written: list[OutboxEntry] = []
+    with tempfile.TemporaryDirectory(dir=settings.home, prefix=".amendment-") as staging:
+        for entry in write_outbox(Path(staging), manifest, result, sources, hl7, signoff=signoff):
+            target = folder / entry.path.name
+            if entry.sop_instance_uid is None:
+                write_atomic(target, entry.path.read_bytes())
+                written.append(OutboxEntry(target, entry.kind))
+                continue
+            dataset = pydicom.dcmread(entry.path)
+            new_uid = amendment_uid(entry.sop_instance_uid, version)
+            dataset.SOPInstanceUID = new_uid
+            dataset.file_meta.MediaStorageSOPInstanceUID = new_uid
+            dataset.InstanceNumber = version + 1
+            predecessor = {"sr": previous.sr_uid, "narrative": previous.narrative_uid}.get(entry.kind)
+            if predecessor and "PredecessorDocumentsSequence" in dataset:
+                reference = dataset.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+                reference.ReferencedSOPSequence[0].ReferencedSOPInstanceUID = predecessor
+            write_atomic(target, dicom_bytes(dataset))
+            written.append(OutboxEntry(target, entry.kind, str(new_uid)))
+    return written

@@ -1,0 +1,264 @@
+"use strict";
+// Study view: image with SVG boxes (toggle, zoom), findings review, report editor, questions, signing.
+(() => {
+  const root = document.getElementById("study");
+  const studyId = root.dataset.studyId;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const $ = (id) => document.getElementById(id);
+  const SVG = "http://www.w3.org/2000/svg";
+  let doc = null;
+  let imageIndex = 0;
+  let zoom = 1;
+  let answerBoxes = [];
+
+  async function api(path, body) {
+    const init = { credentials: "same-origin", headers: {} };
+    if (body !== undefined) {
+      init.method = "POST";
+      init.headers = { "Content-Type": "application/json", "X-CSRF-Token": csrf };
+      init.body = JSON.stringify(body);
+    }
+    const response = await fetch(path, init);
+    if (response.status === 401) { window.location.href = "/login"; throw new Error("signed out"); }
+    const data = await response.json();
+    if (!response.ok) throw new Error(data.error || response.statusText);
+    return data;
+  }
+
+  async function load() {
+    doc = await api("/api/studies/" + studyId);
+    $("title").textContent = (doc.modality || "") + " · " + (doc.accession || "no accession");
+    $("state-badge").textContent = doc.state;
+    $("prelim-badge").hidden = !doc.preliminary;
+    const p = doc.patient;
+    $("meta").textContent = [p.name.replaceAll("^", " "), "ID " + p.id, p.sex,
+      doc.age_years === null ? "" : doc.age_years + " y", doc.description, doc.study_date,
+      doc.model ? "model " + doc.model.name + " " + doc.model.version : ""].filter(Boolean).join(" · ");
+    $("report-findings").value = doc.report.findings;
+    $("report-impression").value = doc.report.impression;
+    for (const id of ["report-findings", "report-impression", "save-report", "correct-text"]) {
+      $(id).disabled = !doc.editable;
+    }
+    $("correct-form").querySelector("button").disabled = !doc.editable;
+    $("sign").hidden = !doc.editable;
+    $("sign").disabled = !doc.can_sign;
+    $("amend").hidden = !doc.can_amend;
+    $("ask-form").querySelector("button").disabled = !doc.can_ask;
+    if (!doc.can_ask) $("ask-answer").textContent = "The model is not connected: questions are unavailable.";
+    renderImages();
+    renderFindings();
+    renderVersions();
+  }
+
+  function renderImages() {
+    const select = $("image-select");
+    select.replaceChildren();
+    for (const img of doc.images) {
+      const option = document.createElement("option");
+      option.value = img.index;
+      option.textContent = "Image " + (img.index + 1) + (img.frame_number ? " frame " + img.frame_number : "")
+        + " (" + img.columns + "×" + img.rows + ")";
+      select.appendChild(option);
+    }
+    if (imageIndex >= doc.images.length) imageIndex = 0;
+    select.value = imageIndex;
+    showImage();
+  }
+
+  function showImage() {
+    const img = doc.images[imageIndex];
+    if (!img) return;
+    const el = $("image");
+    if (el.dataset.src !== img.url) {
+      el.dataset.src = img.url;
+      el.onload = () => { fit(); };
+      el.src = img.url;
+    }
+    $("overlay").setAttribute("viewBox", "0 0 " + img.columns + " " + img.rows);
+    drawBoxes();
+  }
+
+  function box(rect, className, caption, fontSize) {
+    const g = document.createElementNS(SVG, "g");
+    g.setAttribute("class", "box " + className);
+    const r = document.createElementNS(SVG, "rect");
+    r.setAttribute("x", rect[0]); r.setAttribute("y", rect[1]);
+    r.setAttribute("width", rect[2] - rect[0]); r.setAttribute("height", rect[3] - rect[1]);
+    const t = document.createElementNS(SVG, "text");
+    t.setAttribute("x", rect[0]);
+    t.setAttribute("y", Math.max(fontSize, rect[1] - fontSize * 0.3));
+    t.setAttribute("font-size", fontSize);
+    t.textContent = caption;
+    g.append(r, t);
+    return g;
+  }
+
+  function drawBoxes() {
+    const svg = $("overlay");
+    svg.replaceChildren();
+    if (!$("toggle-boxes").checked) return;
+    const img = doc.images[imageIndex];
+    const fontSize = Math.max(10, Math.round(Math.max(img.columns, img.rows) / 40));
+    for (const f of doc.findings) {
+      if (f.image !== imageIndex) continue;
+      svg.appendChild(box(f.box, f.decision, (f.index + 1) + " " + f.label + (f.decision === "rejected" ? " ✗" : ""), fontSize));
+    }
+    for (const b of answerBoxes) {
+      if (b.image === imageIndex) svg.appendChild(box(b.box, "answer", b.caption, fontSize));
+    }
+  }
+
+  function setZoom(value) {
+    zoom = Math.min(8, Math.max(0.1, value));
+    const img = doc.images[imageIndex];
+    $("stage").style.width = Math.round(img.columns * zoom) + "px";
+    $("zoom-level").textContent = Math.round(zoom * 100) + "%";
+  }
+
+  function fit() {
+    const img = doc.images[imageIndex];
+    const viewport = $("viewport");
+    setZoom(Math.min(viewport.clientWidth / img.columns, viewport.clientHeight / img.rows));
+  }
+
+  function renderFindings() {
+    const list = $("findings");
+    list.replaceChildren();
+    if (doc.findings.length === 0) {
+      const li = document.createElement("li");
+      li.textContent = "The model localized no finding.";
+      list.appendChild(li);
+    }
+    for (const f of doc.findings) {
+      const li = document.createElement("li");
+      li.className = f.decision;
+      li.dataset.index = f.index;
+      li.dataset.testid = "finding";
+      const label = document.createElement("span");
+      label.className = "label";
+      label.textContent = f.label;
+      const where = document.createElement("div");
+      where.className = "where";
+      where.textContent = [f.laterality, f.site, f.decision, f.label !== f.model_label ? "model: " + f.model_label : ""]
+        .filter(Boolean).join(" · ");
+      const actions = document.createElement("div");
+      actions.className = "actions";
+      const accept = document.createElement("button");
+      accept.textContent = "Accept";
+      accept.className = f.decision === "accepted" ? "on" : "";
+      accept.dataset.action = "accept";
+      const reject = document.createElement("button");
+      reject.textContent = "Reject";
+      reject.className = f.decision === "rejected" ? "on" : "";
+      reject.dataset.action = "reject";
+      const input = document.createElement("input");
+      input.value = f.label;
+      input.setAttribute("aria-label", "Label of finding " + (f.index + 1));
+      const rename = document.createElement("button");
+      rename.textContent = "Set label";
+      rename.dataset.action = "label";
+      for (const el of [accept, reject, input, rename]) el.disabled = !doc.editable;
+      accept.onclick = () => review(f, "accepted", input.value);
+      reject.onclick = () => review(f, "rejected", f.label);
+      rename.onclick = () => review(f, f.decision === "pending" ? "accepted" : f.decision, input.value);
+      actions.append(accept, reject, input, rename);
+      li.append(label, where, actions);
+      li.addEventListener("mouseenter", () => { if (f.image !== null && f.image !== imageIndex) { imageIndex = f.image; $("image-select").value = imageIndex; showImage(); } });
+      list.appendChild(li);
+    }
+  }
+
+  function renderVersions() {
+    const list = $("versions");
+    list.replaceChildren();
+    $("versions-card").hidden = doc.versions.length === 0;
+    for (const v of doc.versions) {
+      const li = document.createElement("li");
+      li.dataset.testid = "version";
+      const head = document.createElement("div");
+      head.textContent = "Version " + v.version + " (" + (v.status === "F" ? "final" : "corrected") + ") signed by "
+        + v.signed_by + " at " + new Date(v.signed_at).toLocaleString();
+      const text = document.createElement("pre");
+      text.textContent = "FINDINGS:\n" + v.findings + "\n\nIMPRESSION:\n" + v.impression;
+      li.append(head, text);
+      list.appendChild(li);
+    }
+  }
+
+  async function review(f, decision, label) {
+    try {
+      await api("/api/studies/" + studyId + "/findings/" + f.index, { decision, label });
+      await load();
+    } catch (err) { $("report-status").textContent = "Finding not saved: " + err.message; }
+  }
+
+  function reportText() {
+    return { findings: $("report-findings").value, impression: $("report-impression").value };
+  }
+
+  $("save-report").onclick = async () => {
+    try {
+      await api("/api/studies/" + studyId + "/report", reportText());
+      $("report-status").textContent = "Draft saved " + new Date().toLocaleTimeString();
+    } catch (err) { $("report-status").textContent = "Not saved: " + err.message; }
+  };
+
+  $("correct-form").onsubmit = async (event) => {
+    event.preventDefault();
+    try {
+      const data = await api("/api/studies/" + studyId + "/correct",
+        { ...reportText(), request: $("correct-text").value });
+      $("report-findings").value = data.findings;
+      $("report-impression").value = data.impression;
+      $("correct-status").textContent = "Corrected: " + data.edits.join("; ");
+    } catch (err) { $("correct-status").textContent = err.message; }
+  };
+
+  $("ask-form").onsubmit = async (event) => {
+    event.preventDefault();
+    const kind = $("ask-kind").value;
+    const text = $("ask-text").value;
+    $("ask-answer").textContent = "Asking…";
+    try {
+      const data = await api("/api/studies/" + studyId + "/ask", { image: imageIndex, kind, text });
+      answerBoxes = data.boxes.map((b) => ({ box: b, image: data.image, caption: "? " + text }));
+      $("ask-answer").textContent = "Model (" + data.instruction + "): " + (data.text || "(no text)")
+        + (data.boxes.length ? " · " + data.boxes.length + " box(es) shown in cyan" : "");
+      drawBoxes();
+    } catch (err) { $("ask-answer").textContent = "No answer: " + err.message; }
+  };
+
+  $("sign").onclick = async () => {
+    $("sign").disabled = true;
+    try {
+      const data = await api("/api/studies/" + studyId + "/sign", reportText());
+      $("sign-status").textContent = "Signed version " + data.version + " (" + data.status + ")"
+        + (data.delivery_errors.length ? " · delivery hand-off failed: " + data.delivery_errors.join("; ") : "");
+      await load();
+    } catch (err) {
+      $("sign-status").textContent = "Not signed: " + err.message;
+      $("sign").disabled = false;
+    }
+  };
+
+  $("amend").onclick = async () => {
+    try {
+      const data = await api("/api/studies/" + studyId + "/amend", {});
+      $("sign-status").textContent = "Amending version " + data.from_version + ": sign again to send a correction";
+      await load();
+    } catch (err) { $("sign-status").textContent = err.message; }
+  };
+
+  $("image-select").onchange = () => { imageIndex = Number($("image-select").value); showImage(); fit(); };
+  $("toggle-boxes").onchange = drawBoxes;
+  $("zoom-in").onclick = () => setZoom(zoom * 1.25);
+  $("zoom-out").onclick = () => setZoom(zoom / 1.25);
+  $("zoom-fit").onclick = fit;
+  $("viewport").addEventListener("wheel", (event) => {
+    if (!event.ctrlKey) return;
+    event.preventDefault();
+    setZoom(zoom * (event.deltaY < 0 ? 1.1 : 1 / 1.1));
+  }, { passive: false });
+
+  load().catch((err) => { $("title").textContent = "Cannot load the study: " + err.message; });
+})();

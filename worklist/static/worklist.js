@@ -1,0 +1,95 @@
+"use strict";
+// Worklist: fetches /api/studies with the filters, renders the table, polls for new drafts.
+(() => {
+  const table = document.getElementById("worklist");
+  const body = table.querySelector("tbody");
+  const refreshMs = Number(table.dataset.refreshMs) || 5000;
+  const statusLine = document.getElementById("refresh-status");
+  const filters = {
+    state: document.getElementById("f-state"),
+    modality: document.getElementById("f-modality"),
+    priority: document.getElementById("f-priority"),
+    accession: document.getElementById("f-accession"),
+  };
+  let sort = "priority";
+  let order = "asc";
+  let known = null; // ids seen in the previous refresh, to highlight new rows
+
+  function query() {
+    const params = new URLSearchParams();
+    const state = filters.state.value;
+    if (state === "") { params.append("state", "draft ready"); params.append("state", "in review"); }
+    else if (state !== "all") { params.append("state", state); }
+    for (const key of ["modality", "priority", "accession"]) {
+      if (filters[key].value.trim()) params.set(key, filters[key].value.trim());
+    }
+    params.set("sort", sort);
+    params.set("order", order);
+    return params.toString();
+  }
+
+  function cell(text, className) {
+    const td = document.createElement("td");
+    if (className) {
+      const pill = document.createElement("span");
+      pill.className = "pill " + className;
+      pill.textContent = text;
+      td.appendChild(pill);
+    } else {
+      td.textContent = text;
+    }
+    return td;
+  }
+
+  function render(studies) {
+    const ids = new Set(studies.map((s) => s.id));
+    body.replaceChildren();
+    for (const s of studies) {
+      const tr = document.createElement("tr");
+      tr.dataset.id = s.id;
+      tr.dataset.testid = "study-row";
+      if (known && !known.has(s.id)) tr.classList.add("new");
+      tr.appendChild(cell(s.priority, s.priority));
+      tr.appendChild(cell(s.state, "s-" + s.state.replace(" ", "-")));
+      tr.appendChild(cell(s.modality));
+      tr.appendChild(cell(s.accession));
+      tr.appendChild(cell(s.description || ""));
+      tr.appendChild(cell(s.age_years === null ? "" : s.age_years + " y"));
+      tr.appendChild(cell(new Date(s.received_at).toLocaleString()));
+      tr.addEventListener("click", () => { window.location.href = "/studies/" + s.id; });
+      body.appendChild(tr);
+    }
+    known = ids;
+    document.getElementById("empty").hidden = studies.length > 0;
+    for (const th of table.querySelectorAll("th[data-sort]")) {
+      th.classList.toggle("sorted-asc", th.dataset.sort === sort && order === "asc");
+      th.classList.toggle("sorted-desc", th.dataset.sort === sort && order === "desc");
+    }
+  }
+
+  async function refresh() {
+    try {
+      const response = await fetch("/api/studies?" + query(), { credentials: "same-origin" });
+      if (response.status === 401) { window.location.href = "/login"; return; }
+      const data = await response.json();
+      if (!response.ok) { statusLine.textContent = data.error || "refresh failed"; return; }
+      render(data.studies);
+      statusLine.textContent = "updated " + new Date().toLocaleTimeString() + " · " + data.studies.length + " studies";
+    } catch (err) {
+      statusLine.textContent = "refresh failed: " + err;
+    }
+  }
+
+  for (const th of table.querySelectorAll("th[data-sort]")) {
+    th.addEventListener("click", () => {
+      if (sort === th.dataset.sort) order = order === "asc" ? "desc" : "asc";
+      else { sort = th.dataset.sort; order = "asc"; }
+      refresh();
+    });
+  }
+  for (const input of Object.values(filters)) {
+    input.addEventListener(input.tagName === "SELECT" ? "change" : "input", refresh);
+  }
+  refresh();
+  setInterval(refresh, refreshMs);
+})();

@@ -1,0 +1,528 @@
+"""The worklist database: users, sessions, studies, finding decisions, signed report versions and the audit log.
+
+SQLAlchemy Core on SQLite (default: ``<home>/worklist.sqlite``, WAL) or PostgreSQL (``RADDRAFT_DATABASE_URL``
+``postgresql://…``, driven by psycopg 3). A signed report version is insert-only: a database trigger refuses
+any UPDATE or DELETE of ``report_versions``, so the signed text cannot change even outside this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy import delete as sql_delete
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+
+from raddraft.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class StudyState(StrEnum):
+    DRAFT_READY = "draft ready"
+    IN_REVIEW = "in review"
+    SIGNED = "signed"
+    FAILED = "failed"
+
+
+class Priority(StrEnum):
+    STAT = "stat"
+    URGENT = "urgent"
+    ROUTINE = "routine"
+
+
+PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
+
+
+class Decision(StrEnum):
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+metadata = MetaData()
+
+users = Table(
+    "worklist_users", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),
+    Column("full_name", String(320), nullable=False),  # DICOM PN, the verifying observer name
+    Column("organization", String(64), nullable=False),
+    Column("password_hash", String(256), nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+sessions = Table(
+    "worklist_sessions", metadata,
+    Column("token_digest", String(64), primary_key=True),
+    Column("user_id", Integer, ForeignKey("worklist_users.id"), nullable=False),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+studies = Table(
+    "worklist_studies", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False),
+    Column("episode_id", Integer, nullable=False),
+    Column("manifest_path", Text, nullable=False),
+    Column("result_path", Text, nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("modality", String(32), nullable=False, default=""),
+    Column("accession", String(64), nullable=False, default=""),
+    Column("description", String(128), nullable=False, default=""),
+    Column("age_years", Integer, nullable=True),
+    Column("priority", String(8), nullable=False),
+    Column("priority_rank", Integer, nullable=False),
+    Column("draft_findings", Text, nullable=False, default=""),
+    Column("draft_impression", Text, nullable=False, default=""),
+    Column("error", Text, nullable=False, default=""),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("study_uid", "episode_id", name="uq_worklist_study_episode"),
+)
+
+finding_reviews = Table(
+    "worklist_finding_reviews", metadata,
+    Column("study_id", Integer, ForeignKey("worklist_studies.id"), primary_key=True),
+    Column("finding_index", Integer, primary_key=True),
+    Column("decision", String(16), nullable=False),
+    Column("label", String(128), nullable=False),
+    Column("updated_by", String(64), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+report_versions = Table(
+    "worklist_report_versions", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_id", Integer, ForeignKey("worklist_studies.id"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("result_status", String(1), nullable=False),  # HL7 OBR-25: F first signature, C amendment
+    Column("findings", Text, nullable=False),
+    Column("impression", Text, nullable=False),
+    Column("signed_by", String(64), nullable=False),
+    Column("signed_at", DateTime(timezone=True), nullable=False),
+    Column("output_dir", Text, nullable=False),
+    Column("sr_uid", String(64), nullable=False),
+    Column("narrative_uid", String(64), nullable=False),
+    UniqueConstraint("study_id", "version", name="uq_worklist_report_version"),
+)
+
+audit_log = Table(
+    "worklist_audit", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("username", String(64), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("study_id", Integer, nullable=True),
+    Column("detail", Text, nullable=False, default=""),
+)
+
+_SQLITE_IMMUTABLE = [
+    f"CREATE TRIGGER IF NOT EXISTS worklist_report_versions_no_{verb.lower()} BEFORE {verb} ON "
+    f"worklist_report_versions BEGIN SELECT RAISE(ABORT, 'signed report versions are immutable: "
+    f"{verb} is refused'); END"
+    for verb in ("UPDATE", "DELETE")
+]
+_POSTGRES_IMMUTABLE = [
+    "CREATE OR REPLACE FUNCTION worklist_refuse_change() RETURNS trigger AS $$ BEGIN "
+    "RAISE EXCEPTION USING MESSAGE = 'signed report versions are immutable: ' || TG_OP || ' is refused'; END; "
+    "$$ LANGUAGE plpgsql",
+    "DROP TRIGGER IF EXISTS worklist_report_versions_immutable ON worklist_report_versions",
+    "CREATE TRIGGER worklist_report_versions_immutable BEFORE UPDATE OR DELETE ON worklist_report_versions "
+    "FOR EACH ROW EXECUTE FUNCTION worklist_refuse_change()",
+]
+
+
+class UserExistsError(ValueError):
+    """A user of that name is already registered."""
+
+
+class StudyNotFoundError(KeyError):
+    """No worklist entry has that id."""
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    username: str
+    role: str
+    full_name: str
+    organization: str
+    password_hash: str
+    disabled: bool
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    user: User
+    csrf_token: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Study:
+    id: int
+    study_uid: str
+    episode_id: int
+    manifest_path: str
+    result_path: str | None
+    state: StudyState
+    modality: str
+    accession: str
+    description: str
+    age_years: int | None
+    priority: Priority
+    draft_findings: str
+    draft_impression: str
+    error: str
+    received_at: datetime
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        """The worklist row the browser sees (no patient name or ID)."""
+        return {"id": self.id, "state": self.state.value, "modality": self.modality, "accession": self.accession,
+                "description": self.description, "age_years": self.age_years, "priority": self.priority.value,
+                "received_at": self.received_at.isoformat(), "updated_at": self.updated_at.isoformat(),
+                "error": self.error}
+
+
+@dataclass(frozen=True)
+class FindingReview:
+    finding_index: int
+    decision: Decision
+    label: str
+    updated_by: str
+
+
+@dataclass(frozen=True)
+class ReportVersion:
+    study_id: int
+    version: int
+    result_status: str
+    findings: str
+    impression: str
+    signed_by: str
+    signed_at: datetime
+    output_dir: str
+    sr_uid: str
+    narrative_uid: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: datetime
+    username: str
+    action: str
+    study_id: int | None
+    detail: str
+
+
+SORT_COLUMNS = {
+    "received": studies.c.received_at,
+    "priority": studies.c.priority_rank,
+    "accession": studies.c.accession,
+    "modality": studies.c.modality,
+    "age": studies.c.age_years,
+    "state": studies.c.state,
+    "updated": studies.c.updated_at,
+}
+
+
+def database_url(settings: Settings) -> str:
+    """The SQLAlchemy URL: ``settings.database_url`` (``postgresql://`` uses psycopg 3), else SQLite in home."""
+    if not settings.database_url:
+        return f"sqlite:///{(settings.home / 'worklist.sqlite').resolve()}"
+    url = make_url(settings.database_url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"database_url {url.render_as_string(hide_password=True)!r} must be a sqlite:// or "
+                         "postgresql:// URL")
+    return url.render_as_string(hide_password=False)
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes: everything is stored in UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Store:
+    """All reads and writes of the worklist tables; one transaction per method."""
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self.backend = parsed.get_backend_name()
+        if self.backend == "sqlite" and parsed.database:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        if self.backend == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            for statement in _SQLITE_IMMUTABLE if self.backend == "sqlite" else _POSTGRES_IMMUTABLE:
+                conn.exec_driver_sql(statement)
+        logger.debug("worklist database ready (%s)", self.backend)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        return cls(database_url(settings))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # ------------------------------------------------------------------ users and sessions
+
+    def add_user(self, username: str, role: str, password_hash: str, *, full_name: str, organization: str,
+                 now: datetime) -> User:
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(users).values(username=username, role=role, full_name=full_name,
+                                                  organization=organization, password_hash=password_hash,
+                                                  disabled=False, created_at=now))
+        except IntegrityError as exc:
+            raise UserExistsError(f"user {username!r} already exists") from exc
+        user = self.get_user(username)
+        assert user is not None
+        return user
+
+    def set_password(self, username: str, password_hash: str) -> None:
+        with self._tx() as conn:
+            changed = conn.execute(update(users).where(users.c.username == username)
+                                   .values(password_hash=password_hash)).rowcount
+        if not changed:
+            raise KeyError(f"user {username!r} does not exist")
+
+    def get_user(self, username: str) -> User | None:
+        with self._tx() as conn:
+            row = conn.execute(select(users).where(users.c.username == username)).mappings().first()
+        return _user(row) if row else None
+
+    def list_users(self) -> list[User]:
+        with self._tx() as conn:
+            return [_user(row) for row in conn.execute(select(users).order_by(users.c.username)).mappings()]
+
+    def create_session(self, digest: str, user_id: int, csrf_token: str, now: datetime, expires_at: datetime
+                       ) -> None:
+        with self._tx() as conn:
+            conn.execute(sql_delete(sessions).where(sessions.c.expires_at < now))
+            conn.execute(insert(sessions).values(token_digest=digest, user_id=user_id, csrf_token=csrf_token,
+                                                 created_at=now, expires_at=expires_at))
+
+    def get_session(self, digest: str, now: datetime) -> SessionInfo | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(sessions.c.csrf_token, sessions.c.expires_at, users)
+                .join(users, users.c.id == sessions.c.user_id)
+                .where(sessions.c.token_digest == digest)
+            ).mappings().first()
+        if row is None or _utc(row["expires_at"]) <= now or row["disabled"]:
+            return None
+        return SessionInfo(user=_user(row), csrf_token=row["csrf_token"], expires_at=_utc(row["expires_at"]))
+
+    def delete_session(self, digest: str) -> None:
+        with self._tx() as conn:
+            conn.execute(sql_delete(sessions).where(sessions.c.token_digest == digest))
+
+    # ------------------------------------------------------------------ studies
+
+    def upsert_study(self, *, study_uid: str, episode_id: int, manifest_path: str, result_path: str | None,
+                     state: StudyState, modality: str, accession: str, description: str, age_years: int | None,
+                     priority: Priority, draft_findings: str, draft_impression: str, error: str, now: datetime
+                     ) -> tuple[int, bool]:
+        """Insert the entry of a study episode, or refresh it while unsigned; (id, True if it changed)."""
+        values = dict(manifest_path=manifest_path, result_path=result_path, state=state.value, modality=modality,
+                      accession=accession, description=description, age_years=age_years, priority=priority.value,
+                      priority_rank=PRIORITY_RANK[priority], draft_findings=draft_findings,
+                      draft_impression=draft_impression, error=error, updated_at=now)
+        with self._tx() as conn:
+            row = conn.execute(select(studies.c.id, studies.c.state, studies.c.manifest_path,
+                                      studies.c.result_path).where(
+                studies.c.study_uid == study_uid, studies.c.episode_id == episode_id)).first()
+            if row is None:
+                new_id = conn.execute(insert(studies).values(study_uid=study_uid, episode_id=episode_id,
+                                                             received_at=now, **values)).inserted_primary_key
+                return int(new_id[0]), True
+            if row.state in (StudyState.SIGNED.value, StudyState.IN_REVIEW.value):
+                return int(row.id), False  # never overwrite a report a radiologist is reading or has signed
+            if (row.manifest_path, row.result_path, row.state) == (manifest_path, result_path, state.value):
+                return int(row.id), False  # the same draft registered again (a retried task)
+            conn.execute(update(studies).where(studies.c.id == row.id).values(**values))
+            conn.execute(sql_delete(finding_reviews).where(finding_reviews.c.study_id == row.id))
+            return int(row.id), True
+
+    def get_study(self, study_id: int) -> Study:
+        with self._tx() as conn:
+            row = conn.execute(select(studies).where(studies.c.id == study_id)).mappings().first()
+        if row is None:
+            raise StudyNotFoundError(f"worklist entry {study_id} does not exist")
+        return _study(row)
+
+    def find_study(self, study_uid: str, episode_id: int) -> Study | None:
+        with self._tx() as conn:
+            row = conn.execute(select(studies).where(studies.c.study_uid == study_uid,
+                                                     studies.c.episode_id == episode_id)).mappings().first()
+        return _study(row) if row else None
+
+    def list_studies(self, *, states: list[str] | None = None, modality: str | None = None,
+                     priority: str | None = None, accession: str | None = None, sort: str = "priority",
+                     descending: bool = False, limit: int = 500) -> list[Study]:
+        if sort not in SORT_COLUMNS:
+            raise ValueError(f"sort {sort!r} must be one of {', '.join(SORT_COLUMNS)}")
+        query = select(studies)
+        if states:
+            query = query.where(studies.c.state.in_(states))
+        if modality:
+            query = query.where(studies.c.modality.contains(modality.upper(), autoescape=True))
+        if priority:
+            query = query.where(studies.c.priority == priority)
+        if accession:
+            query = query.where(studies.c.accession.contains(accession, autoescape=True))
+        column = SORT_COLUMNS[sort]
+        order = column.desc().nulls_last() if descending else column.asc().nulls_last()
+        query = query.order_by(order, studies.c.received_at.asc(), studies.c.id.asc()).limit(limit)
+        with self._tx() as conn:
+            return [_study(row) for row in conn.execute(query).mappings()]
+
+    def latest_change(self) -> datetime | None:
+        with self._tx() as conn:
+            value = conn.execute(select(func.max(studies.c.updated_at))).scalar()
+        return _utc(value) if value is not None else None
+
+    def set_state(self, study_id: int, state: StudyState, now: datetime, *, expect: list[StudyState] | None = None,
+                  error: str | None = None) -> bool:
+        """Move an entry to *state*; with *expect*, only from one of those states. True if it moved."""
+        query = update(studies).where(studies.c.id == study_id)
+        if expect:
+            query = query.where(studies.c.state.in_([s.value for s in expect]))
+        values: dict[str, Any] = {"state": state.value, "updated_at": now}
+        if error is not None:
+            values["error"] = error
+        with self._tx() as conn:
+            return bool(conn.execute(query.values(**values)).rowcount)
+
+    def save_draft_text(self, study_id: int, findings: str, impression: str, now: datetime) -> None:
+        with self._tx() as conn:
+            changed = conn.execute(update(studies).where(studies.c.id == study_id, studies.c.state.in_(
+                [StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value])).values(
+                draft_findings=findings, draft_impression=impression, updated_at=now)).rowcount
+        if not changed:
+            raise PermissionError(f"worklist entry {study_id} is signed or failed: its draft text cannot be edited; "
+                                  "amend it to make a new version")
+
+    def set_finding_review(self, study_id: int, index: int, decision: Decision, *, label: str, username: str,
+                           now: datetime) -> None:
+        with self._tx() as conn:
+            state = conn.execute(select(studies.c.state).where(studies.c.id == study_id)).scalar()
+            if state not in (StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value):
+                raise PermissionError(f"worklist entry {study_id} is {state}: findings can be reviewed only in a "
+                                      "draft or a report under review")
+            conn.execute(sql_delete(finding_reviews).where(finding_reviews.c.study_id == study_id,
+                                                           finding_reviews.c.finding_index == index))
+            conn.execute(insert(finding_reviews).values(study_id=study_id, finding_index=index,
+                                                        decision=decision.value, label=label, updated_by=username,
+                                                        updated_at=now))
+            conn.execute(update(studies).where(studies.c.id == study_id).values(updated_at=now))
+
+    def finding_reviews(self, study_id: int) -> dict[int, FindingReview]:
+        with self._tx() as conn:
+            rows = conn.execute(select(finding_reviews).where(finding_reviews.c.study_id == study_id)).mappings()
+            return {row["finding_index"]: FindingReview(row["finding_index"], Decision(row["decision"]),
+                                                        row["label"], row["updated_by"]) for row in rows}
+
+    # ------------------------------------------------------------------ signed versions
+
+    def add_version(self, version: ReportVersion, now: datetime) -> None:
+        """Record a signed version and mark the entry signed, in one transaction."""
+        with self._tx() as conn:
+            conn.execute(insert(report_versions).values(
+                study_id=version.study_id, version=version.version, result_status=version.result_status,
+                findings=version.findings, impression=version.impression, signed_by=version.signed_by,
+                signed_at=version.signed_at, output_dir=version.output_dir, sr_uid=version.sr_uid,
+                narrative_uid=version.narrative_uid))
+            conn.execute(update(studies).where(studies.c.id == version.study_id).values(
+                state=StudyState.SIGNED.value, updated_at=now))
+
+    def versions(self, study_id: int) -> list[ReportVersion]:
+        with self._tx() as conn:
+            rows = conn.execute(select(report_versions).where(report_versions.c.study_id == study_id)
+                                .order_by(report_versions.c.version)).mappings()
+            return [ReportVersion(study_id=row["study_id"], version=row["version"],
+                                  result_status=row["result_status"], findings=row["findings"],
+                                  impression=row["impression"], signed_by=row["signed_by"],
+                                  signed_at=_utc(row["signed_at"]), output_dir=row["output_dir"],
+                                  sr_uid=row["sr_uid"], narrative_uid=row["narrative_uid"]) for row in rows]
+
+    # ------------------------------------------------------------------ audit
+
+    def audit(self, username: str, action: str, study_id: int | None, detail: str, now: datetime) -> None:
+        with self._tx() as conn:
+            conn.execute(insert(audit_log).values(at=now, username=username, action=action, study_id=study_id,
+                                                  detail=detail))
+
+    def audit_entries(self, study_id: int | None = None, limit: int = 1000) -> list[AuditEntry]:
+        query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
+        if study_id is not None:
+            query = query.where(audit_log.c.study_id == study_id)
+        with self._tx() as conn:
+            return [AuditEntry(_utc(row["at"]), row["username"], row["action"], row["study_id"], row["detail"])
+                    for row in conn.execute(query).mappings()]
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def _user(row: Any) -> User:
+    return User(id=row["id"], username=row["username"], role=row["role"], full_name=row["full_name"],
+                organization=row["organization"], password_hash=row["password_hash"], disabled=bool(row["disabled"]))
+
+
+def _study(row: Any) -> Study:
+    return Study(
+        id=row["id"], study_uid=row["study_uid"], episode_id=row["episode_id"], manifest_path=row["manifest_path"],
+        result_path=row["result_path"], state=StudyState(row["state"]), modality=row["modality"],
+        accession=row["accession"], description=row["description"], age_years=row["age_years"],
+        priority=Priority(row["priority"]), draft_findings=row["draft_findings"],
+        draft_impression=row["draft_impression"], error=row["error"], received_at=_utc(row["received_at"]),
+        updated_at=_utc(row["updated_at"]),
+    )
