@@ -1,0 +1,198 @@
+"""Analysis of one image, one series or a prepared study: a draft report and localized findings.
+
+One :func:`analyze_series` call makes ONE batched ``generate`` call: row 0 is the report request on the study
+overview (:func:`model.examples.overview`), rows 1… are the ``[grounding]`` request on each analysed image. The
+grounded answers are parsed with the never-raising parser, each ``<p>label</p> {box}`` becomes a
+:class:`~model.result.Finding` with its box mapped from the 0–100 grid back to source pixels through the
+image's letterbox transform; boxes that fall wholly in the letterbox padding are dropped. Findings of
+neighbouring slices of a CT/MR series are merged by :func:`model.slices.merge_findings`. The report text is
+split at ``FINDINGS:`` / ``IMPRESSION:``. Everything returned is preliminary until a radiologist signs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from model import prompts
+from model.examples import TASKS, laterality_of, overview
+from model.imaging import Letterbox, PreparedImage, prepare_image
+from model.minigpt import MiniGPTMed
+from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
+from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study
+from workers.manifest import StudyManifest
+
+logger = logging.getLogger(__name__)
+
+REPORT_TOKENS = 200  # new tokens of the batched call (the report is the longest answer)
+TASK_TOKENS = 100  # new tokens of a single box/VQA task
+_SECTION = re.compile(r"(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SeriesAnalysis:
+    """What the model said about one series (or one radiograph)."""
+
+    report: DraftReport
+    report_text: str
+    findings: list[Finding]
+    analysed_instances: list[str]
+    raw_outputs: dict[str, str] = field(default_factory=dict)  # "report", "grounding:<SOP Instance UID>"
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TaskAnswer:
+    task: str
+    instruction: str
+    text: str
+    findings: list[Finding]
+
+
+def split_report(text: str) -> DraftReport:
+    """``FINDINGS: … IMPRESSION: …`` → :class:`DraftReport`; text without headers is all findings."""
+    parts: dict[str, str] = {}
+    matches = list(_SECTION.finditer(text))
+    for i, match in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        parts.setdefault(match.group(1).upper(), " ".join(text[match.end():end].split()))
+    if not matches:
+        return DraftReport(findings=" ".join(text.split()), impression="")
+    return DraftReport(findings=parts.get("FINDINGS", ""), impression=parts.get("IMPRESSION", ""))
+
+
+def findings_from_answer(text: str, transform: Letterbox, sop_instance_uid: str, default_label: str | None = None
+                         ) -> list[Finding]:
+    """Findings of one grounded answer, boxes in source pixels; unreadable or off-image boxes are dropped."""
+    parsed = prompts.parse_grounded(text)
+    for dropped in parsed.dropped:
+        logger.debug("dropped %r from the model answer: %s", dropped.fragment, dropped.reason)
+    findings = []
+    for phrase in parsed.phrases:
+        label = phrase.phrase or default_label
+        if not label:
+            continue
+        words = label.split()
+        side = words[0] if words[0] in ("left", "right") and len(words) > 1 else None
+        label = " ".join(words[1:]) if side else label
+        for box in phrase.boxes:
+            source = transform.grid_to_source(box.as_tuple())
+            if source[2] - source[0] < 1.0 or source[3] - source[1] < 1.0:
+                logger.debug("dropped box %s of %r: it lies outside the image", box.as_tuple(), label)
+                continue
+            findings.append(Finding(label=label, sop_instance_uid=sop_instance_uid, box=source,
+                                    laterality=side or laterality_of(label, box)))
+    return findings
+
+
+def _images(prepared: Sequence[PreparedImage]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([p.pixels for p in prepared]))  # (N, 3, S, S)
+
+
+def analyze_series(model: MiniGPTMed, datasets: Sequence[Dataset], policy: SlicePolicy | None = None,
+                   *, max_new_tokens: int = REPORT_TOKENS) -> SeriesAnalysis:
+    """Report + findings of one series given in spatial order (a radiograph: one dataset)."""
+    if not datasets:
+        raise ValueError("analyze_series needs at least one image")
+    started = time.perf_counter()
+    policy = policy or SlicePolicy()
+    size = model.config.vision.image_size
+    prepared = [prepare_image(ds, size) for ds in datasets]
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    view = prepared[0].pixels if len(prepared) == 1 else overview([p.display for p in prepared], size)
+    images = torch.cat([torch.from_numpy(view)[None], _images(prepared)])  # (1 + N, 3, S, S)
+    instructions = [prompts.report_instruction()] + [prompts.grounding_instruction()] * len(prepared)
+    texts = model.generate(images, instructions, max_new_tokens=max_new_tokens)
+    raw = {"report": texts[0]}
+    findings: list[Finding] = []
+    for uid, image, text in zip(uids, prepared, texts[1:], strict=True):
+        raw[f"grounding:{uid}"] = text
+        findings.extend(findings_from_answer(text, image.transform, uid))
+    if len(datasets) > 1:
+        series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
+        positions = {uid: SlicePosition(series_uid, rank) for rank, uid in enumerate(uids)}
+        findings = [m.finding for m in merge_findings(findings, positions, policy)]
+    seconds = time.perf_counter() - started
+    logger.debug("analysed %d image(s) in %.2f s: %d finding(s)", len(datasets), seconds, len(findings))
+    return SeriesAnalysis(split_report(texts[0]), texts[0], findings, uids, raw, seconds)
+
+
+def analyze_file(model: MiniGPTMed, path: Path) -> SeriesAnalysis:
+    """One DICOM image file: report + findings."""
+    return analyze_series(model, [dcmread(path)])
+
+
+def task_instruction(task: str, prompt: str | None, transform: Letterbox) -> str:
+    """The instruction of a single task; *prompt* is the label/phrase, the question, or for ``identify`` a
+    source-pixel box ``x1,y1,x2,y2``."""
+    if task == "report":
+        return prompts.report_instruction()
+    if task == "grounding":
+        return prompts.grounding_instruction()
+    if not prompt:
+        raise ValueError(f"task {task!r} needs --prompt (a label, phrase, question or box)")
+    if task == "detection":
+        return prompts.detection_instruction(prompt)
+    if task == "refer":
+        return prompts.refer_instruction(prompt)
+    if task == "vqa":
+        return prompts.vqa_instruction(prompt)
+    if task == "identify":
+        try:
+            box = tuple(float(v) for v in prompt.split(","))
+        except ValueError:
+            raise ValueError(f"identify prompt {prompt!r} must be a source-pixel box x1,y1,x2,y2") from None
+        if len(box) != 4:
+            raise ValueError(f"identify prompt {prompt!r} must have 4 numbers x1,y1,x2,y2")
+        x1, y1, x2, y2 = transform.source_to_grid(box)
+        return prompts.identify_instruction(prompts.GridBox(x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)))
+    raise ValueError(f"task {task!r} must be one of {', '.join(TASKS)}")
+
+
+def run_task(model: MiniGPTMed, ds: Dataset, task: str, prompt: str | None = None) -> TaskAnswer:
+    """One task on one image, e.g. ``[detection] nodule``; box answers come back as source-pixel findings."""
+    image = prepare_image(ds, model.config.vision.image_size)
+    instruction = task_instruction(task, prompt, image.transform)
+    tokens = REPORT_TOKENS if task == "report" else TASK_TOKENS
+    text = model.generate(_images([image]), [instruction], max_new_tokens=tokens)[0]
+    default = prompt if task == "detection" else None
+    found = [] if task in ("report", "vqa", "identify") else findings_from_answer(
+        text, image.transform, str(ds.SOPInstanceUID), default)
+    return TaskAnswer(task, instruction, text, found)
+
+
+def analyze_manifest(model: MiniGPTMed, identity: ModelIdentity, manifest: StudyManifest, spool_dir: Path,
+                     policy: SlicePolicy | None = None) -> AnalysisResult:
+    """A prepared study: every series with images is analysed; the report is the first such series' report."""
+    policy = policy or SlicePolicy()
+    chosen, _ = plan_study(manifest, policy)
+    by_series: dict[str, list[Dataset]] = {}
+    for series, instance in chosen:
+        by_series.setdefault(series.series_instance_uid, []).append(dcmread(spool_dir / instance.path))
+    if not by_series:
+        raise ValueError(f"study {manifest.study_instance_uid} has no image the model can read")
+    analyses = [analyze_series(model, datasets, policy) for datasets in by_series.values()]
+    raw: dict[str, str] = {}
+    for analysis in analyses:
+        raw.update(analysis.raw_outputs)
+    return AnalysisResult(
+        study_instance_uid=manifest.study_instance_uid,
+        episode_id=manifest.episode_id,
+        model=identity,
+        report=analyses[0].report,
+        findings=[f for a in analyses for f in a.findings],
+        analysed_instances=[uid for a in analyses for uid in a.analysed_instances],
+        raw_outputs=raw,
+        status="preliminary",
+        created_at=datetime.now(UTC),
+    )

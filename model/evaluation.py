@@ -1,0 +1,226 @@
+"""Metrics of a model on a phantom folder written by ``raddraft phantoms`` (DICOM files + truth.json).
+
+Per study the model runs :func:`model.analyze.analyze_series` on the analysed slices (the slice policy), then
+answers every VQA question of the truth in one batched call on the study overview.
+
+* **finding F1** — a predicted finding matches a truth finding when the label is the same, it is on the same
+  SOP instance and the boxes' IoU ≥ 0.5; matching is one-to-one, greedy by IoU, per study; precision, recall
+  and F1 are computed over all studies' true positives, false positives and false negatives.
+* **mean IoU** — the mean IoU of the matched pairs.
+* **VQA accuracy** — exact match after normalisation (lower case, punctuation and articles removed, number
+  words as digits).
+* **report label F1** — labels extracted from the generated report text by :func:`extract_labels`, compared with
+  the set of truth labels of the study; micro F1 over (study, label) pairs.
+* **latency** — seconds of ``analyze_series`` per study (report + boxes, one generate call), all and by modality.
+
+:func:`extract_labels` — a keyword extractor with negation: the text is cut into clauses (at ``.``, ``;``,
+``:`` and line breaks); a label is present when one of its keywords occurs in a clause and no negation cue
+(``no``, ``not``, ``without``, ``negative for``, ``free of``, ``absence of``) stands before it in that clause.
+Keywords are per modality family (for brain MR, ``mass``/``lesion``/``glioma`` mean *tumor*).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from model import prompts
+from model.analyze import analyze_series
+from model.examples import overview
+from model.imaging import prepare_image
+from model.minigpt import MiniGPTMed
+from model.result import Finding
+from model.slices import SlicePolicy, select_indices
+
+logger = logging.getLogger(__name__)
+
+IOU_THRESHOLD = 0.5
+VQA_TOKENS = 16
+
+_RADIOGRAPH_KEYWORDS = {
+    "nodule": ("nodule", "nodular"),
+    "mass": ("mass",),
+    "pleural effusion": ("pleural effusion", "effusion"),
+    "pneumothorax": ("pneumothorax",),
+    "consolidation": ("consolidation",),
+    "cardiomegaly": ("cardiomegaly", "heart is enlarged", "enlarged cardiac silhouette",
+                     "cardiac silhouette is enlarged", "enlarged heart"),
+}
+KEYWORDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "CR": _RADIOGRAPH_KEYWORDS,
+    "DX": _RADIOGRAPH_KEYWORDS,
+    "CT": {"nodule": ("nodule", "nodules")},
+    "MR": {"tumor": ("tumor", "tumour", "mass", "lesion", "glioma"), "edema": ("edema", "oedema")},
+}
+_NEGATION = re.compile(r"\b(no|not|without|negative for|free of|absence of)\b")
+_CLAUSE = re.compile(r"[.;:\n]+")
+_NUMBERS = {"zero": "0", "none": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5"}
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TruthFinding:
+    label: str
+    sop_instance_uid: str
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class MatchCounts:
+    tp: int
+    fp: int
+    fn: int
+    ious: tuple[float, ...]
+
+
+def match_findings(predicted: Sequence[Finding | TruthFinding], truth: Sequence[TruthFinding],
+                   threshold: float = IOU_THRESHOLD) -> MatchCounts:
+    """One-to-one greedy matching by IoU of same-label, same-instance pairs with IoU ≥ *threshold*."""
+    pairs = []
+    for i, p in enumerate(predicted):
+        for j, t in enumerate(truth):
+            if p.label == t.label and p.sop_instance_uid == t.sop_instance_uid:
+                value = iou(p.box, t.box)
+                if value >= threshold:
+                    pairs.append((value, i, j))
+    used_p: set[int] = set()
+    used_t: set[int] = set()
+    ious = []
+    for value, i, j in sorted(pairs, reverse=True):
+        if i not in used_p and j not in used_t:
+            used_p.add(i)
+            used_t.add(j)
+            ious.append(value)
+    return MatchCounts(len(ious), len(predicted) - len(ious), len(truth) - len(ious), tuple(ious))
+
+
+def f1(tp: int, fp: int, fn: int) -> dict[str, float]:
+    precision = tp / (tp + fp) if tp + fp else 1.0 if not fn else 0.0
+    recall = tp / (tp + fn) if tp + fn else 1.0 if not fp else 0.0
+    score = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": score}
+
+
+def extract_labels(text: str, modality: str) -> set[str]:
+    """Labels the report *text* states as present (negation-aware; see the module docstring)."""
+    keywords = KEYWORDS.get(modality)
+    if keywords is None:
+        raise ValueError(f"modality {modality!r} must be one of {', '.join(KEYWORDS)}")
+    found = set()
+    for clause in _CLAUSE.split(text.lower()):
+        for label, words in keywords.items():
+            for word in words:
+                for match in re.finditer(rf"\b{re.escape(word)}\b", clause):
+                    if not _NEGATION.search(clause[: match.start()]):
+                        found.add(label)
+    return found
+
+
+def normalise_answer(text: str) -> str:
+    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    return " ".join(_NUMBERS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def label_counts(predicted: Iterable[set[str]], truth: Iterable[set[str]]) -> tuple[int, int, int]:
+    tp = fp = fn = 0
+    for p, t in zip(predicted, truth, strict=True):
+        tp += len(p & t)
+        fp += len(p - t)
+        fn += len(t - p)
+    return tp, fp, fn
+
+
+def load_phantom_folder(folder: Path) -> list[tuple[dict[str, Any], list[Path]]]:
+    """(truth study, its image files in instance order) for every study of truth.json."""
+    truth_path = folder / "truth.json"
+    if not truth_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a phantom folder: truth.json is missing")
+    studies = json.loads(truth_path.read_text(encoding="utf-8"))["studies"]
+    files: dict[str, list[tuple[int, Path]]] = {}
+    for path in sorted(folder.rglob("*.dcm")):
+        ds = dcmread(path, stop_before_pixels=True)
+        files.setdefault(str(ds.StudyInstanceUID), []).append((int(ds.get("InstanceNumber") or 0), path))
+    result = []
+    for study in studies:
+        paths = [p for _, p in sorted(files.get(study["study_uid"], []))]
+        if not paths:
+            raise FileNotFoundError(f"{folder}: no DICOM file of study {study['study_uid']} from truth.json")
+        result.append((study, paths))
+    return result
+
+
+def answer_questions(model: MiniGPTMed, datasets: Sequence[Dataset], questions: Sequence[str]) -> list[str]:
+    """All *questions* about one study in one batched call on the study overview."""
+    if not questions:
+        return []
+    size = model.config.vision.image_size
+    prepared = [prepare_image(ds, size) for ds in datasets]
+    view = prepared[0].pixels if len(prepared) == 1 else overview([p.display for p in prepared], size)
+    images = torch.from_numpy(np.stack([view] * len(questions)))  # (Q, 3, S, S)
+    return model.generate(images, [prompts.vqa_instruction(q) for q in questions], max_new_tokens=VQA_TOKENS)
+
+
+def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None,
+                    policy: SlicePolicy | None = None) -> dict[str, Any]:
+    """Every metric of the module docstring on the phantom *folder* (the first *limit* studies)."""
+    policy = policy or SlicePolicy()
+    studies = load_phantom_folder(folder)[:limit]
+    tp = fp = fn = 0
+    ious: list[float] = []
+    vqa_right = vqa_total = 0
+    predicted_labels: list[set[str]] = []
+    truth_labels: list[set[str]] = []
+    latency: dict[str, list[float]] = {}
+    for number, (study, paths) in enumerate(studies, start=1):
+        all_datasets = [dcmread(p) for p in paths]
+        datasets = [all_datasets[i] for i in select_indices(len(all_datasets), policy.max_per_series)]
+        analysis = analyze_series(model, datasets, policy)
+        truth = [TruthFinding(f["label"], f["sop_instance_uid"], tuple(float(v) for v in f["box"]))
+                 for f in study["findings"]]
+        counts = match_findings(analysis.findings, truth)
+        tp, fp, fn = tp + counts.tp, fp + counts.fp, fn + counts.fn
+        ious.extend(counts.ious)
+        predicted_labels.append(extract_labels(analysis.report_text, study["modality"]))
+        truth_labels.append({f["label"] for f in study["findings"]})
+        answers = answer_questions(model, datasets, [q["question"] for q in study["qa"]])
+        for qa, answer in zip(study["qa"], answers, strict=True):
+            vqa_total += 1
+            vqa_right += normalise_answer(answer) == normalise_answer(qa["answer"])
+        latency.setdefault(study["modality"], []).append(analysis.seconds)
+        logger.info("evaluated study %d/%d (%s): %d tp, %d fp, %d fn, %.2f s", number, len(studies),
+                    study["modality"], counts.tp, counts.fp, counts.fn, analysis.seconds)
+    every = [s for values in latency.values() for s in values]
+    label_tp, label_fp, label_fn = label_counts(predicted_labels, truth_labels)
+    return {
+        "studies": len(studies),
+        "finding": {**f1(tp, fp, fn), "tp": tp, "fp": fp, "fn": fn, "iou_threshold": IOU_THRESHOLD},
+        "mean_iou": statistics.fmean(ious) if ious else 0.0,
+        "vqa_accuracy": vqa_right / vqa_total if vqa_total else 0.0,
+        "vqa_questions": vqa_total,
+        "report_labels": {**f1(label_tp, label_fp, label_fn), "tp": label_tp, "fp": label_fp, "fn": label_fn},
+        "latency_s": {
+            "mean": statistics.fmean(every) if every else 0.0,
+            "p95": float(np.percentile(every, 95)) if every else 0.0,
+            "by_modality": {m: statistics.fmean(v) for m, v in sorted(latency.items())},
+        },
+    }

@@ -1,0 +1,255 @@
+"""Training of the embedded model on phantom studies: AdamW, linear warm-up + cosine decay, gradient clipping.
+
+Data: step *s* draws ``studies_per_step`` fresh phantom studies (seeded by ``(seed, s, j)``) and samples
+``batch_size`` examples of every task from them (:mod:`model.examples`), so the stream depends only on the
+seed and the step: a resumed run sees exactly the batches an uninterrupted run would.
+
+The loss is the per-example mean of the answer tokens' cross-entropy, averaged over the batch, so a long
+report does not outweigh a short box answer. Every weight is trained (the vision encoder too: no pretrained
+EVA exists here).
+
+Output folder::
+
+    OUT/checkpoint/model/       model folder (config.json, model.safetensors, tokenizer) at the last checkpoint
+    OUT/checkpoint/trainer.pt   optimizer + scheduler state, step, torch RNG state
+    OUT/final/                  the model folder after the last step
+    OUT/train_config.json       the TrainConfig of the run
+    OUT/loss.jsonl              {"step", "loss", "lr", "elapsed_s"} every log_every steps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from model.config import MiniGPTConfig, get_preset
+from model.examples import Example, corpus_texts, prepare_phantom, sample_examples
+from model.minigpt import IGNORE_INDEX, MiniGPTMed
+from model.phantoms import MODALITIES, MODALITY_WEIGHTS, generate_study, study_rng
+from model.tokenizer import build_tokenizer
+from raddraft.jsonio import write_atomic
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+FINAL_DIR = "final"
+TRAINER_FILE = "trainer.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "raddraft-small"
+    steps: int = 3000
+    batch_size: int = 16
+    studies_per_step: int = 4
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    clip_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    tokenizer_studies: int = 400  # phantom studies whose texts train the tokenizer
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "studies_per_step", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train {name} {getattr(self, name)} must be at least 1")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train lr {self.lr} must be > 0 and min_lr_ratio {self.min_lr_ratio} in [0, 1]")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train warmup_steps {self.warmup_steps} must not be negative")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    steps_done: int
+    first_loss: float | None
+    last_loss: float | None
+    seconds: float
+    final_dir: Path
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of ``config.lr`` at *step*: linear warm-up, then cosine down to ``min_lr_ratio``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_for_step(config: TrainConfig, step: int, model_size: int) -> list[Example]:
+    """The examples of *step*: a pure function of (seed, step)."""
+    examples: list[Example] = []
+    per_study = math.ceil(config.batch_size / config.studies_per_step)
+    for j in range(config.studies_per_step):
+        rng = np.random.default_rng([config.seed, step, j])
+        modality = str(rng.choice(MODALITIES, p=MODALITY_WEIGHTS))
+        study = generate_study(study_rng(config.seed * 1_000_003 + step, j), modality)
+        examples.extend(sample_examples(rng, prepare_phantom(study, model_size), per_study))
+    return examples[: config.batch_size]
+
+
+def stack_images(examples: list[Example]) -> Tensor:
+    return torch.from_numpy(np.stack([e.image for e in examples]))  # (B, 3, S, S)
+
+
+def balanced_loss(model: MiniGPTMed, images: Tensor, instructions: list[str], answers: list[str]) -> Tensor:
+    """Mean over examples of each example's mean answer-token cross-entropy."""
+    embeds, mask, labels = model.embed_prompts(images, instructions, answers)  # (B, T, D), (B, T), (B, T)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits  # (B, T, V)
+    targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at t
+    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
+                                 reduction="none")  # (B, T-1)
+    counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)  # (B,)
+    return (token_loss.sum(dim=1) / counts).mean()
+
+
+def new_model(config: TrainConfig, model_config: MiniGPTConfig | None = None) -> MiniGPTMed:
+    """A freshly initialised model with a tokenizer trained on phantom texts (seeded)."""
+    model_config = model_config or get_preset(config.preset)
+    torch.manual_seed(config.seed)
+    studies = []
+    for i in range(config.tokenizer_studies):
+        rng = study_rng(config.seed + 7_919, i)
+        studies.append(generate_study(rng, str(rng.choice(MODALITIES, p=MODALITY_WEIGHTS))))
+    tokenizer = build_tokenizer(corpus_texts(studies), vocab_size=model_config.llm.vocab_size)
+    return MiniGPTMed(model_config, tokenizer)
+
+
+def make_optimizer(model: MiniGPTMed, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, embeddings of position/class (1-D or token tables)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.dim() < 2 or "embed" in name or "cls_token" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def save_checkpoint(out: Path, model: MiniGPTMed, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Write the checkpoint to a temporary folder, then swap it in (a crash leaves the old one whole)."""
+    tmp = out / f".{CHECKPOINT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+               tmp / TRAINER_FILE)
+    old = out / f".{CHECKPOINT_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (out / CHECKPOINT_DIR).exists():
+        (out / CHECKPOINT_DIR).rename(old)
+    tmp.rename(out / CHECKPOINT_DIR)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("checkpoint at step %d in %s", step, out / CHECKPOINT_DIR)
+
+
+def load_checkpoint(out: Path, config: TrainConfig) -> tuple[MiniGPTMed, torch.optim.AdamW, int]:
+    folder = out / CHECKPOINT_DIR
+    if not (folder / TRAINER_FILE).is_file():
+        raise FileNotFoundError(f"cannot resume: {folder / TRAINER_FILE} does not exist")
+    model = MiniGPTMed.load(folder / "model")
+    state = torch.load(folder / TRAINER_FILE, map_location="cpu", weights_only=True)
+    optimizer = make_optimizer(model, config)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return model, optimizer, int(state["step"])
+
+
+def _check_resume_config(out: Path, config: TrainConfig) -> None:
+    path = out / "train_config.json"
+    if not path.is_file():
+        return
+    stored = TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    if stored != config:
+        changed = sorted(k for k, v in config.to_dict().items() if stored.to_dict()[k] != v)
+        raise ValueError(f"cannot resume {out}: train settings {changed} differ from the stored train_config.json")
+
+
+def train(config: TrainConfig, out: Path, *, resume: bool = False, model_config: MiniGPTConfig | None = None,
+          progress: bool = True, stop_after: int | None = None) -> TrainSummary:
+    """Train (or resume) into *out*; returns losses and where the final model folder is.
+
+    *stop_after* ends this call after that many steps (with a checkpoint), as an interruption would.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _check_resume_config(out, config)
+        model, optimizer, step = load_checkpoint(out, config)
+        logger.info("resuming from step %d of %d", step, config.steps)
+    else:
+        if (out / CHECKPOINT_DIR).exists():
+            raise FileExistsError(f"{out / CHECKPOINT_DIR} exists: pass resume=True (--resume) or choose a new --out")
+        model = new_model(config, model_config)
+        optimizer = make_optimizer(model, config)
+        step = 0
+    write_atomic(out / "train_config.json", json.dumps(config.to_dict(), indent=2).encode())
+    size = model.config.vision.image_size
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("training %s (%.1f M trainable parameters) for %d steps, batch %d", model.config.name,
+                trainable / 1e6, config.steps, config.batch_size)
+    model.train()
+    stop_at = config.steps if stop_after is None else min(config.steps, step + stop_after)
+    first: float | None = None
+    last: float | None = None
+    started = time.monotonic()
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="train", unit="step")
+    log_file = (out / "loss.jsonl").open("a", encoding="utf-8")
+    try:
+        while step < stop_at:
+            examples = batch_for_step(config, step, size)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(step, config)
+            loss = balanced_loss(model, stack_images(examples), [e.instruction for e in examples],
+                                 [e.answer for e in examples])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+            optimizer.step()
+            step += 1
+            last = float(loss.detach())
+            first = last if first is None else first
+            bar.update(1)
+            bar.set_postfix(loss=f"{last:.3f}")
+            if step % config.log_every == 0 or step == config.steps:
+                elapsed = time.monotonic() - started
+                logger.info("step %d loss %.4f lr %.2e (%.1f s)", step, last, optimizer.param_groups[0]["lr"], elapsed)
+                log_file.write(json.dumps({"step": step, "loss": round(last, 5), "lr": optimizer.param_groups[0]["lr"],
+                                           "elapsed_s": round(elapsed, 1)}) + "\n")
+                log_file.flush()
+            if step % config.checkpoint_every == 0 or step == stop_at:
+                save_checkpoint(out, model, optimizer, step)
+    finally:
+        bar.close()
+        log_file.close()
+    final = out / FINAL_DIR
+    if step == config.steps:
+        model.save_pretrained(final)
+    return TrainSummary(step, first, last, time.monotonic() - started, final)

@@ -1,0 +1,171 @@
+"""The operations HTTP endpoint: ``GET /healthz`` and ``GET /metrics`` (stdlib ``http.server`` in a thread).
+
+``/healthz`` answers JSON ``{"ok": bool, "checks": {name: {"ok": bool, "detail": str, …}}}`` with 200 when
+every check passes and 503 otherwise. Checks: the index is readable (read-only, never created), the broker
+answers within a short timeout, free disk space in ``home`` is above ``min_free_disk_mb``. ``/metrics`` is
+:mod:`raddraft.metrics` in the Prometheus text format.
+
+:func:`respond` is the whole application as a function of the path, so another server (the worklist's WSGI
+app) can route the two paths to it instead of opening a second port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Self
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from raddraft import metrics, probes
+from raddraft.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 1.0
+REQUEST_TIMEOUT_S = 10.0
+JSON_TYPE = "application/json"
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: HTTPStatus
+    content_type: str
+    body: bytes
+
+
+def health(settings: Settings, timeout: float = CHECK_TIMEOUT_S) -> dict[str, Any]:
+    """The health document: every check with its outcome."""
+    checks: dict[str, dict[str, Any]] = {}
+    try:
+        probes.index_readable(settings.index_path, timeout)
+        checks["index"] = {"ok": True, "detail": f"{settings.index_path} is readable"}
+    except probes.ProbeError as exc:
+        checks["index"] = {"ok": False, "detail": str(exc)}
+    try:
+        depths = probes.queue_depths(settings.effective_broker_url, metrics.QUEUES, timeout)
+        checks["broker"] = {"ok": True, "detail": f"{probes.redact_url(settings.effective_broker_url)} answered",
+                            "queue_depths": depths}
+    except probes.ProbeError as exc:
+        checks["broker"] = {"ok": False, "detail": str(exc)}
+    try:
+        free = probes.disk_free_mb(settings.home)
+        ok = free >= settings.min_free_disk_mb
+        rule = "at least" if ok else "below the floor of"
+        checks["disk"] = {"ok": ok, "free_mb": round(free, 1), "floor_mb": settings.min_free_disk_mb,
+                          "detail": f"{free:.0f} MiB free in {settings.home}, {rule} {settings.min_free_disk_mb:g} MiB"}
+    except probes.ProbeError as exc:
+        checks["disk"] = {"ok": False, "detail": str(exc)}
+    return {"ok": all(check["ok"] for check in checks.values()), "checks": checks}
+
+
+def respond(settings: Settings, method: str, path: str) -> Reply:
+    """The reply to one request."""
+    route = path.split("?", 1)[0]
+    if route not in ("/healthz", "/metrics"):
+        return Reply(HTTPStatus.NOT_FOUND, JSON_TYPE, b'{"error": "not found: use /healthz or /metrics"}')
+    if method not in ("GET", "HEAD"):
+        return Reply(HTTPStatus.METHOD_NOT_ALLOWED, JSON_TYPE, b'{"error": "only GET and HEAD are allowed"}')
+    if route == "/metrics":
+        return Reply(HTTPStatus.OK, CONTENT_TYPE_LATEST, metrics.exposition())
+    document = health(settings)
+    if not document["ok"]:
+        failed = ", ".join(name for name, check in document["checks"].items() if not check["ok"])
+        log.warning("health check failed: %s", failed)
+    status = HTTPStatus.OK if document["ok"] else HTTPStatus.SERVICE_UNAVAILABLE
+    return Reply(status, JSON_TYPE, json.dumps(document, indent=2).encode())
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = REQUEST_TIMEOUT_S
+    server_version = "raddraft"
+    sys_version = ""
+
+    def _answer(self, method: str) -> None:
+        reply = respond(self.server.settings, method, self.path)
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.send_header("Cache-Control", "no-store")
+        if reply.status == HTTPStatus.METHOD_NOT_ALLOWED:
+            self.send_header("Allow", "GET, HEAD")
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(reply.body)
+
+    def do_GET(self) -> None:
+        self._answer("GET")
+
+    def do_HEAD(self) -> None:
+        self._answer("HEAD")
+
+    def do_POST(self) -> None:
+        self._answer("POST")
+
+    def do_PUT(self) -> None:
+        self._answer("PUT")
+
+    def do_DELETE(self) -> None:
+        self._answer("DELETE")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        super().__init__((settings.http_bind, settings.http_port), _Handler)
+
+
+class OpsServer:
+    """``/healthz`` and ``/metrics`` on ``settings.http_bind:http_port`` (port 0: a free port), in a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the ops HTTP server is not running")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("the ops HTTP server is already running")
+        try:
+            self._server = _Server(self.settings)
+        except OSError as exc:
+            raise OSError(f"cannot listen on http_bind {self.settings.http_bind} http_port "
+                          f"{self.settings.http_port}: {exc}") from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, name="raddraft-http", daemon=True)
+        self._thread.start()
+        log.info("health and metrics on http://%s:%d/healthz and /metrics", self.settings.http_bind, self.port)
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(REQUEST_TIMEOUT_S)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,131 @@
+"""The gpu queue's work as plain functions: the model loaded once per worker process, and batched generation.
+
+:func:`get_model` loads ``settings.model`` lazily on first use and caches it for the life of the process (a
+lock makes concurrent first calls load it once). :func:`run_batch` answers several queued
+:class:`~workers.payload.InferenceRequest` s with ONE greedy ``generate`` call over every task row of every
+request (typically the report instruction on the overview plus a ``[grounding]`` instruction per image).
+Greedy decoding of a row does not depend on the other rows (left padding + attention mask), so each row is
+cut to its own ``max_new_tokens`` and a batch gives the texts each request would get alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from model.embedded import LoadedModel, load_model
+from raddraft.settings import Settings
+from workers.payload import InferenceRequest, InferenceResponse, TaskOutput
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_cache: dict[str, LoadedModel] = {}
+
+
+def get_model(spec: str, device: str = "auto") -> LoadedModel:
+    """The model named by *spec* (``settings.model``) on *device*, loaded once per process."""
+    key = f"{spec}@{device}"
+    with _lock:
+        loaded = _cache.get(key)
+        if loaded is None:
+            started = time.perf_counter()
+            loaded = _load(spec, device)
+            _cache[key] = loaded
+            log.info("model %s %s loaded on %s in %.1f s", loaded.identity.name, loaded.identity.version,
+                     loaded.model.device, time.perf_counter() - started)
+        return loaded
+
+
+def _load(spec: str, device: str) -> LoadedModel:
+    """The one place a worker builds its model (``model.embedded.load_model`` knows every kind of spec)."""
+    loaded = load_model(spec)
+    target = resolve_device(device)
+    if target.type != "cpu":
+        loaded.model.to(target)
+    loaded.model.eval()
+    return loaded
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU; otherwise a torch device string."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"inference device {device!r} is not a torch device (auto, cpu, cuda, cuda:1 …)") from exc
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"inference device {device!r} asks for CUDA, which this torch build/machine does not have")
+    return target
+
+
+def clear_cache() -> None:
+    """Forget the loaded models (tests; a worker keeps its model for life)."""
+    with _lock:
+        _cache.clear()
+
+
+def set_threads(threads: int | None) -> None:
+    """Intra-op CPU threads of torch in this process (None keeps torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"inference threads {threads} must be at least 1")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        log.debug("torch uses %d CPU thread(s)", threads)
+
+
+def run_batch(loaded: LoadedModel, requests: Sequence[InferenceRequest]) -> list[InferenceResponse]:
+    """Answer every task of every request with one greedy generate call; responses in request order."""
+    if not requests:
+        return []
+    model = loaded.model
+    size = model.config.vision.image_size
+    ids = [r.request_id for r in requests]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"request ids in one batch must be unique, repeated: {repeated}")
+    images: list[np.ndarray] = []
+    instructions: list[str] = []
+    limits: list[int] = []
+    for request in requests:
+        if request.model_size != size:
+            raise ValueError(f"request {request.request_id}: model_size {request.model_size} does not match the "
+                             f"model's vision.image_size {size}")
+        decoded = {image.key: image.array() for image in request.images}
+        for task in request.tasks:
+            images.append(decoded[task.image])
+            instructions.append(task.instruction)
+            limits.append(task.max_new_tokens)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        batch = torch.from_numpy(np.stack(images))  # (R, 3, S, S)
+        rows = model.generate_ids(batch, instructions, max_new_tokens=max(limits))
+    seconds = time.perf_counter() - started
+    texts = [model.tokenizer.decode(row[:limit], skip_special_tokens=True).strip()
+             for row, limit in zip(rows, limits, strict=True)]
+    log.info("generated %d row(s) for %d request(s) in %.2f s", len(rows), len(requests), seconds)
+    responses: list[InferenceResponse] = []
+    position = 0
+    for request in requests:
+        outputs = [TaskOutput(task_id=task.task_id, text=texts[position + i]) for i, task in enumerate(request.tasks)]
+        position += len(request.tasks)
+        responses.append(InferenceResponse(
+            request_id=request.request_id, study_instance_uid=request.study_instance_uid,
+            episode_id=request.episode_id, model=loaded.identity, outputs=outputs, batch_rows=len(rows),
+            seconds=seconds,
+        ))
+    return responses
+
+
+def infer(settings: Settings, requests: Sequence[InferenceRequest]) -> list[InferenceResponse]:
+    """What a gpu task calls: the process's model (``settings.model`` on ``settings.inference_device``)."""
+    set_threads(settings.inference_threads)
+    return run_batch(get_model(settings.model, settings.inference_device), requests)
