@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 HL7_VERSION = "2.5.1"
 MAX_CONTROL_ID_LENGTH = 20  # MSH-10 is ST(20) in v2.5.1
+MAX_TEXT_VALUE_LENGTH = 199  # hl7apy's strict length of one TX value in OBX-5 and FT in NTE-3
 
 STUDY_UID_OBSERVATION = ("110180", "Study Instance UID", "DCM")
 FINDINGS_TEXT_OBSERVATION = ("59776-5", "Procedure findings", "LN")
@@ -135,6 +136,31 @@ def escape(text: str, what: str) -> str:
     )
 
 
+def text_lines(text: str, what: str, width: int = MAX_TEXT_VALUE_LENGTH) -> list[str]:
+    """Escaped HL7 values, one per line of *text*; a line longer than *width* once escaped is wrapped at word
+    boundaries (a word longer than the width is split) so every value fits one TX / FT field."""
+    values: list[str] = []
+    for line in text.splitlines():
+        words = line.split(" ")
+        current = ""
+        for word in words:
+            candidate = f"{current} {word}" if current else word
+            if len(escape(candidate, what)) <= width:
+                current = candidate
+                continue
+            if current:
+                values.append(escape(current, what))
+            current = word
+            while len(escape(current, what)) > width:  # a single word too long for one value
+                cut = width
+                while len(escape(current[:cut], what)) > width:
+                    cut -= 1
+                values.append(escape(current[:cut], what))
+                current = current[cut:]
+        values.append(escape(current, what))
+    return values
+
+
 def build_oru_r01(
     manifest: StudyManifest,
     result: AnalysisResult,
@@ -205,16 +231,16 @@ def build_oru_r01(
 
     observations = _Observations(order, status)
     observations.add("ST", STUDY_UID_OBSERVATION, "", escape(manifest.study_instance_uid, "study_instance_uid"))
-    for line in result.report.findings.splitlines():
-        observations.add("TX", FINDINGS_TEXT_OBSERVATION, "1", escape(line, "report findings line"))
-    for line in result.report.impression.splitlines():
-        observations.add("TX", IMPRESSION_TEXT_OBSERVATION, "2", escape(line, "report impression line"))
+    for line in text_lines(result.report.findings, "report findings line"):
+        observations.add("TX", FINDINGS_TEXT_OBSERVATION, "1", line)
+    for line in text_lines(result.report.impression, "report impression line"):
+        observations.add("TX", IMPRESSION_TEXT_OBSERVATION, "2", line)
     for number, finding in enumerate(result.findings, start=1):
         group = observations.add("CWE", FINDING_OBSERVATION, str(2 + number), _finding_value(finding, number))
-        for index, line in enumerate(finding.description.splitlines(), start=1):
+        for index, line in enumerate(text_lines(finding.description, f"description of finding {number}"), start=1):
             nte = group.add_segment("NTE")
             nte.nte_1 = str(index)
-            nte.nte_3 = escape(line, f"description of finding {number}")
+            nte.nte_3 = line
 
     text = message.to_er7() + "\r"  # every segment, the last included, ends with a carriage return
     logger.debug("built ORU^R01 %s (%s) for study %s: %d OBX", control_id, status.value,

@@ -11,12 +11,14 @@ from hl7apy.parser import parse_message
 from model.result import AnalysisResult
 from raddraft.settings import Settings
 from reporting.hl7_oru import (
+    MAX_TEXT_VALUE_LENGTH,
     HL7BuildError,
     ResultStatus,
     build_oru_r01,
     escape,
     finding_code,
     oru_r01_from_settings,
+    text_lines,
 )
 from workers.manifest import StudyManifest
 
@@ -213,3 +215,21 @@ def test_endpoints_from_settings() -> None:
                                            settings=settings, control_id="S1", message_time=MESSAGE_TIME))
     assert message["MSH.F3"] == "GATEWAY"
     assert message["MSH.F6"] == "WARD 7"
+
+
+
+def test_long_report_lines_are_wrapped_into_values_that_validate_strictly() -> None:
+    sentence = "There is a moderate right pleural effusion with adjacent compressive atelectasis | A^B&C~D\\E. "
+    paragraph = sentence * 6 + "x" * 450
+    lines = text_lines(paragraph, "findings")
+    assert len(lines) > 3
+    assert all(len(line) <= MAX_TEXT_VALUE_LENGTH for line in lines)
+    assert text_lines("", "x") == []
+    assert text_lines("a\n\nb", "x") == ["a", "", "b"]
+
+    data = build(result=make_result(findings_text=paragraph))
+    parse_message(data.decode("utf-8"), validation_level=VALIDATION_LEVEL.STRICT).validate()
+    values = obx_values(parsed(data), "59776-5")
+    # the values come back unescaped; joined again they give the paragraph back (spaces at the cuts aside)
+    rejoined = "".join(values)
+    assert rejoined.replace(" ", "") == paragraph.replace(" ", "")

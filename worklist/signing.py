@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import textwrap
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 _AMENDMENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/raddraft/raddraft/worklist/amendment/v1")
 FINAL_RESULT_NAME = "result_final.json"
-HL7_TX_LINE = 190  # hl7apy refuses an OBX-5 TX value over 199 characters
 
 
 class SignError(ValueError):
@@ -85,16 +83,6 @@ def final_result(draft: AnalysisResult, study: Study, reviews: dict[int, tuple[D
                                     "findings": kept, "status": "final"})
 
 
-def hl7_wrapped(result: AnalysisResult) -> AnalysisResult:
-    """The result with report lines wrapped at word boundaries to fit one HL7 TX value (OBX-5) each."""
-    def wrap(text: str) -> str:
-        return "\n".join(textwrap.fill(line, HL7_TX_LINE, break_long_words=True) if line else line
-                         for line in text.splitlines())
-
-    report = DraftReport(findings=wrap(result.report.findings), impression=wrap(result.report.impression))
-    return result.model_copy(update={"report": report})
-
-
 def sign_study(store: Store, settings: Settings, study_id: int, user: User, now: datetime) -> SignedReport:
     """Sign (or, after an amendment was started, re-sign) an entry; write the final set and the version row."""
     if user.role != "radiologist":
@@ -115,7 +103,7 @@ def sign_study(store: Store, settings: Settings, study_id: int, user: User, now:
     signoff = Signoff(verifying_observer_name=user.full_name, verifying_organization=user.organization,
                       signed_at=now)
     sources = read_sources(settings.spool_dir, manifest)
-    hl7 = build_oru_r01(manifest, hl7_wrapped(result), status, endpoints=HL7Endpoints.from_settings(settings),
+    hl7 = build_oru_r01(manifest, result, status, endpoints=HL7Endpoints.from_settings(settings),
                         control_id=new_control_id(), message_time=now)
 
     if not store.set_state(study_id, StudyState.SIGNED, now, expect=[StudyState.DRAFT_READY, StudyState.IN_REVIEW]):
