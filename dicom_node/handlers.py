@@ -13,12 +13,27 @@ from raddraft.settings import PeerSpec
 
 log = logging.getLogger(__name__)
 
+QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
 
 def handle_conn_open(event: Event) -> None:
     """EVT_CONN_OPEN: disable Nagle's algorithm; small PDUs otherwise wait for delayed ACKs."""
     sock = event.assoc.dul.socket.socket
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def handle_data_sent(event: Event) -> None:
+    """EVT_DATA_SENT: leave delayed-ACK ("pingpong") mode so the peer's next small segment is ACKed at once.
+
+    Linux enters pingpong mode when we send soon after receiving (our C-STORE response) and then delays the ACK
+    of the peer's next segment by up to 40 ms. A peer with Nagle's algorithm on (dcmtk's storescu by default)
+    writes the next request as a 12-byte PDU header and its body; the body waits for that delayed ACK, once per
+    instance. ``TCP_QUICKACK`` after each send undoes the mode; it is Linux-only and not sticky, hence per send.
+    """
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
+    if sock is not None and QUICKACK is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
 
 
 def handle_requested(event: Event, allowed_peers: list[PeerSpec]) -> None:

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
+from pydicom.charset import default_encoding
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.uid import UID
+from pydicom.valuerep import AMBIGUOUS_VR, VR
 
 from dicom_node.index import Arrival, Index, InstanceRecord
 from dicom_node.spool import InvalidUIDError, Placement, Spool, validate_uid
@@ -106,7 +109,7 @@ class InstanceReceiver:
         try:
             dataset = dcmread(BytesIO(incoming.data))
             check_structure(dataset, len(incoming.data), UID(incoming.transfer_syntax_uid))
-            _decode_all(dataset)
+            decode_all(dataset)
             sop_class_uid = dataset.get("SOPClassUID")
             sop_instance_uid = dataset.get("SOPInstanceUID")
             study_uid = dataset.get("StudyInstanceUID")
@@ -180,6 +183,7 @@ class InstanceReceiver:
 
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+SPECIFIC_CHARACTER_SET = 0x00080005
 
 
 def check_structure(dataset: Dataset, data_length: int, transfer_syntax: UID) -> None:
@@ -207,9 +211,27 @@ def check_structure(dataset: Dataset, data_length: int, transfer_syntax: UID) ->
                          "(truncated element header or trailing bytes)")
 
 
-def _decode_all(dataset: Dataset) -> None:
-    """Convert every element (and sequence item) so malformed values fail here, not in a later stage."""
-    for element in dataset:
-        if element.VR == "SQ":
-            for item in element.value:
-                _decode_all(item)
+def decode_all(dataset: Dataset, ancestors: tuple[Dataset, ...] = ()) -> None:
+    """Convert every element (and sequence item) so malformed values fail here, not in a later stage.
+
+    The conversions pydicom applies on access (:func:`convert_raw_data_element`, then the ambiguous-VR
+    correction), without storing the converted elements back into *dataset*: storing is half the cost of
+    iterating a dataset, and the converted values are not needed (a few identifiers are read afterwards).
+    *dataset* comes from :func:`dcmread` (its ``original_character_set`` is the one to decode with).
+    """
+    lineage = [dataset, *ancestors]
+    encoding = dataset.original_character_set
+    for tag in dataset.keys():  # noqa: SIM118 -- iterating a Dataset itself would convert and store every element
+        held = dataset.get_item(tag)
+        if not isinstance(held, RawDataElement):
+            element = held
+        else:
+            # Specific Character Set itself is read in the default encoding, as Dataset.__getitem__ does
+            element = convert_raw_data_element(
+                held, encoding=default_encoding if tag == SPECIFIC_CHARACTER_SET else encoding, ds=dataset
+            )
+            if element.VR in AMBIGUOUS_VR:
+                element = correct_ambiguous_vr_element(element, dataset, held.is_little_endian, lineage)
+        if element.VR == VR.SQ:
+            for child in element.value:
+                decode_all(child, tuple(lineage))

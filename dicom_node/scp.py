@@ -73,6 +73,7 @@ class DicomNode:
     def start(self) -> tuple[str, int]:
         event_handlers = [
             (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
+            (evt.EVT_DATA_SENT, handlers.handle_data_sent),
             (evt.EVT_REQUESTED, handlers.handle_requested, [list(self.settings.allowed_peers)]),
             (evt.EVT_C_ECHO, handlers.handle_echo),
             (evt.EVT_C_STORE, handlers.handle_store, [self.receiver]),
