@@ -2,8 +2,9 @@
 
 Generates ``--count`` CT instances (copies of pydicom's ``CT_small.dcm``, ~38 KB, one study and series, new
 UIDs) and sends them with the same client and flags to each target: dcmtk ``storescu +sd`` over one
-association on loopback. Targets: ``raddraft serve`` (a subprocess with a temporary home and default settings,
-so every instance is fsynced; the study idle time is raised so that no analysis starts while it is measured),
+association on loopback. Targets: ``raddraft serve --no-worker`` (a subprocess with a temporary home and default
+settings, so every instance is fsynced; the study idle time is raised and the in-process workers are off, so no
+analysis and no model loading compete with the measured ingest),
 dcmtk ``storescp`` and Orthanc (both from ``tests/peers.py``). Every target must have stored all instances,
 else the run fails. Prints instances/s per target and the ratios raddraft/storescp and raddraft/Orthanc;
 ``--json`` prints the same as JSON.
@@ -114,7 +115,9 @@ def bench_raddraft(workdir: Path, folder: Path, count: int) -> Measurement:
     }
     log_path = workdir / "raddraft-serve.log"
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "raddraft.cli", "serve"], cwd=REPO, env=env,
+        # --no-worker: ingest only; with the embedded broker serve would otherwise start the io/gpu workers and
+        # load the model in the background while the instances arrive
+        process = subprocess.Popen([sys.executable, "-m", "raddraft.cli", "serve", "--no-worker"], cwd=REPO, env=env,
                                    stdout=log_file, stderr=subprocess.STDOUT)
     try:
         def ready() -> bool:

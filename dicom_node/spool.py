@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from raddraft.jsonio import fsync_directory
@@ -50,15 +50,21 @@ class StagedFile:
 
 @dataclass
 class Placement:
-    """A staged file renamed to its final path; :meth:`rollback` undoes it until :meth:`commit`."""
+    """A staged file renamed to its final path; :meth:`rollback` undoes it until :meth:`commit`.
+
+    *created_dirs*: the study/series directories this placement created (deepest last); a rollback removes them
+    again when they are still empty, so a refused instance of a new study leaves no empty directories.
+    """
 
     path: Path
     backup: Path | None
+    created_dirs: list[Path] = field(default_factory=list)
 
     def commit(self) -> None:
         if self.backup is not None:
             self.backup.unlink(missing_ok=True)
             self.backup = None
+        self.created_dirs = []
 
     def rollback(self) -> None:
         if self.backup is not None:
@@ -67,6 +73,20 @@ class Placement:
         else:
             self.path.unlink(missing_ok=True)
         fsync_directory(self.path.parent)
+        _remove_empty(self.created_dirs)
+        self.created_dirs = []
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the directories in *created* (parents first in the list) that are empty, deepest first."""
+    for directory in reversed(created):
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: another association placed an instance there meanwhile; it stays
+            return
+        fsync_directory(directory.parent)
 
 
 class Spool:
@@ -119,27 +139,41 @@ class Spool:
     def place(self, staged: StagedFile, study_uid: str, series_uid: str, sop_instance_uid: str) -> Placement:
         """Rename *staged* to its final path (replacing an older file atomically) and fsync the directory."""
         final = self.instance_path(study_uid, series_uid, sop_instance_uid)
-        self._make_dirs(final.parent)
+        created: list[Path] = []
         backup: Path | None = None
-        if final.exists():
-            backup = staged.path.with_suffix(".backup")
-            os.link(final, backup)
+        renamed = False
         try:
+            self._make_dirs(final.parent, created)
+            if final.exists():
+                backup = staged.path.with_suffix(".backup")
+                os.link(final, backup)
             os.replace(staged.path, final)
+            renamed = True
             fsync_directory(final.parent)
         except BaseException:
-            if backup is not None:
-                backup.unlink(missing_ok=True)
+            if renamed:  # the directory fsync failed: put the old file (or nothing) back, as a rollback does
+                Placement(path=final, backup=backup, created_dirs=created).rollback()
+            else:
+                if backup is not None:
+                    backup.unlink(missing_ok=True)
+                _remove_empty(created)
             raise
-        return Placement(path=final, backup=backup)
+        return Placement(path=final, backup=backup, created_dirs=created)
 
-    def _make_dirs(self, directory: Path) -> None:
-        """Create *directory* below the spool root, fsyncing each parent whose entry was created."""
+    def _make_dirs(self, directory: Path, created: list[Path]) -> None:
+        """Create *directory* below the spool root, fsyncing each parent whose entry was created; each directory
+        this call created is appended to *created* (parents first)."""
         missing: list[Path] = []
         probe = directory
         while not probe.is_dir():
             missing.append(probe)
             probe = probe.parent
         for path in reversed(missing):
-            path.mkdir(exist_ok=True)
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if not path.is_dir():
+                    raise
+                continue  # another association created it meanwhile: not ours to remove
+            created.append(path)
             fsync_directory(path.parent)

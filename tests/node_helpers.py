@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from dicom_node.index import Index
 from dicom_node.receive import InstanceReceiver
@@ -170,3 +176,45 @@ def dataset_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
     assert meta_end is not None
     return raw[132 + 12 + int(meta_end):]
+
+
+class Serve:
+    """A ``raddraft serve`` subprocess on a free port (read from its INFO log); *prefix* wraps the command line
+    (e.g. ``unshare ...``; it must exec the command so that ``process.pid`` is the server's)."""
+
+    def __init__(self, home: Path, *args: str, prefix: tuple[str, ...] = (), **env: str) -> None:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("RADDRAFT_")}
+        environment.update({"RADDRAFT_HOME": str(home), "RADDRAFT_DICOM_PORT": "0",
+                            "RADDRAFT_DICOM_BIND": "127.0.0.1", "RADDRAFT_MIN_FREE_DISK_MB": "0",
+                            "RADDRAFT_HTTP_PORT": "0", **env})
+        self.process = subprocess.Popen([*prefix, sys.executable, "-m", "raddraft.cli", "serve", *args],
+                                        env=environment, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        self.port: int | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_for(lambda: self.port or self.process.poll() is not None, timeout=60, what="serve listening")
+        assert self.port, "".join(self.log)
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            match = re.search(r"listening on [\d.]+:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+
+    def associate(self, contexts: list[str] | None = None, **kwargs: Any) -> Association:
+        ae = AE(ae_title=SCU_AE)
+        for uid in contexts or [CTImageStorage]:
+            ae.add_requested_context(uid)
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="RADDRAFT", **kwargs)
+        assert assoc.is_established
+        return assoc
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout=60)
+        self._reader.join(timeout=10)
+        return code

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 
+import pydicom
 import pytest
-from node_helpers import make_ct, node_settings, redis_server, running_node, wait_for
+import redis
+from node_helpers import free_port, make_ct, node_settings, redis_server, running_node, wait_for
 from pydicom.uid import generate_uid
 
 from dicom_node.episodes import HandoffDispatcher
 from dicom_node.index import EpisodeState, Index, InstanceRecord
 from dicom_node.statuses import StoreStatus
 from raddraft.commands import status
-from workers.celery_app import IO_QUEUE, configure, publish_prepare
+from workers.celery_app import IO_QUEUE, PREPARE_TASK, configure, publish_prepare
 from workers.inprocess import InProcessWorker
 from workers.manifest import StudyManifest
 from workers.prepare import manifest_path, prepare_episode
@@ -78,6 +82,38 @@ def test_idle_study_is_prepared_once_and_a_later_arrival_opens_a_new_episode(pip
     assert node.index.task_runs(study, 2) == [("prepare", "prepared")]
 
 
+def test_changed_instance_resent_after_hand_off_replaces_the_old_one_and_opens_a_new_episode(pipeline, caplog):
+    node = pipeline
+    study, series = generate_uid(), generate_uid()
+    changed, other = make_ct(study, series, description="first version"), make_ct(study, series, position=1.0)
+    assert send(node, [changed, other]) == [StoreStatus.SUCCESS] * 2
+    wait_for(lambda: state(node.index, study, 1) == EpisodeState.PREPARED, timeout=30, what="episode 1 prepared")
+    old = node.index.instance(changed.SOPInstanceUID)
+
+    assert send(node, [changed]) == [StoreStatus.SUCCESS]  # identical after hand-off: stored once, no episode
+    assert node.index.instance(changed.SOPInstanceUID) == old
+    assert node.index.episode(study, 2) is None
+
+    changed.SeriesDescription = "corrected version"
+    with caplog.at_level(logging.INFO, logger="dicom_node.receive"):
+        assert send(node, [changed]) == [StoreStatus.SUCCESS]
+    assert any(f"instance {changed.SOPInstanceUID} of study {study} replaced by a different version; episode 2 (new)"
+               in r.getMessage() for r in caplog.records)
+    new = node.index.instance(changed.SOPInstanceUID)
+    assert new.sha256 != old.sha256 and new.episode_id == 2 and new.path == old.path
+    assert pydicom.dcmread(node.spool.root / new.path).SeriesDescription == "corrected version"
+    assert sorted(p.name for p in node.spool.root.rglob("*.dcm")) == sorted(
+        f"{ds.SOPInstanceUID}.dcm" for ds in (changed, other))
+    assert node.index.count_instances() == 2
+
+    wait_for(lambda: state(node.index, study, 2) == EpisodeState.PREPARED, timeout=30, what="episode 2 prepared")
+    assert node.index.task_runs(study, 2) == [("prepare", "prepared")]
+    manifest = StudyManifest.read(manifest_path(node.settings.home, study, 2))
+    entries = {i.sop_instance_uid: i for s in manifest.series for i in s.instances}
+    assert set(entries) == {changed.SOPInstanceUID, other.SOPInstanceUID}
+    assert entries[changed.SOPInstanceUID].size_bytes == new.size_bytes
+
+
 def _receive_study(index, study, count=2, now=1000.0):
     for n in range(count):
         record = InstanceRecord(
@@ -116,7 +152,7 @@ def test_next_episode_waits_while_an_earlier_one_is_in_flight(tmp_path):
 
 
 def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tmp_path):
-    port = __import__("node_helpers").free_port()
+    port = free_port()
     settings = node_settings(tmp_path / "home", broker_url=f"redis://127.0.0.1:{port}/0")
     app = configure(settings)
     with running_node(settings) as node:
@@ -136,16 +172,26 @@ def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tm
             assert state(node.index, study, 1) == EpisodeState.QUEUED
             assert "did not accept" in node.index.episode(study, 1).last_error
 
-            with redis_server(tmp_path / "redis", port):
+            with redis_server(tmp_path / "redis", port) as url:
                 wait_for(lambda: node.index.episode(study, 1).published_at is not None, timeout=30,
                          what="hand-off accepted by redis")
+                client = redis.Redis.from_url(url)
+                # exactly one message in the io queue, and it carries IDs only
+                (message,) = [json.loads(raw) for raw in client.lrange(IO_QUEUE, 0, -1)]
+                assert message["headers"]["task"] == PREPARE_TASK
+                assert message["headers"]["id"] == f"prepare-{study}-1"
+                args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+                assert (args, kwargs) == ([study, 1], {})
                 worker = InProcessWorker(app, [IO_QUEUE], concurrency=1)
                 worker.start()
                 try:
                     wait_for(lambda: state(node.index, study, 1) == EpisodeState.PREPARED, timeout=30,
                              what="episode prepared")
+                    wait_for(lambda: client.llen(IO_QUEUE) == 0 and client.hlen("unacked") == 0, timeout=30,
+                             what="the task acknowledged and nothing else queued")
                 finally:
                     worker.stop()
+                client.close()
         finally:
             dispatcher.stop()
         assert node.index.task_runs(study, 1) == [("prepare", "prepared")]

@@ -70,6 +70,17 @@ def test_server_socket_leaves_delayed_ack_mode_after_each_response(node):
         assoc.release()
 
 
+def test_accepted_sockets_have_tcp_nodelay(node):
+    """Nagle's algorithm off on every accepted socket: our small response PDUs go out at once."""
+    assoc = node.associate()
+    assert assoc.is_established
+    try:
+        (server_assoc,) = wait_for(lambda: node.node._server.active_associations, what="server association")
+        assert server_assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        assoc.release()
+
+
 def _converted_by(action, dataset: Dataset) -> set[tuple[int, str, int]]:
     """(tag, VR, value offset) of each raw element pydicom converts while *action(dataset)* runs (public hook)."""
     seen: set[tuple[int, str, int]] = set()

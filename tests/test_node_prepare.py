@@ -78,3 +78,22 @@ def test_manifest_refuses_an_instance_of_another_study(tmp_path):
     path = write_ct(tmp_path / "a.dcm", ds)
     with pytest.raises(ValueError, match="belongs to study"):
         build_manifest(tmp_path, "1.2.3", 1, [_record(tmp_path, path, ds)])
+
+
+def test_manifest_of_a_radiograph_has_its_view_and_no_orientation(tmp_path):
+    ds = make_ct()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray
+    ds.Modality = "DX"
+    ds.ViewPosition = "PA"
+    ds.ImageLaterality = "U"
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    ds.Rows, ds.Columns = 4, 16
+    path = write_ct(tmp_path / "dx.dcm", ds)
+
+    (series,) = build_manifest(tmp_path, ds.StudyInstanceUID, 1, [_record(tmp_path, path, ds)]).series
+    (entry,) = series.instances
+    assert series.modality == "DX" and series.orientation is None
+    assert (entry.view_position, entry.image_laterality) == ("PA", "U")
+    assert (entry.rows, entry.columns, entry.pixel_spacing) == (4, 16, (0.5, 0.5))
+    assert entry.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
+    assert entry.sop_class_uid == "1.2.840.10008.5.1.4.1.1.1.1"

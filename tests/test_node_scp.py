@@ -131,6 +131,18 @@ def test_different_instance_with_same_uid_replaces_the_old_one(node):
     assert list(node.spool.tmp_dir.iterdir()) == []
 
 
+def test_replacement_filed_under_another_series_removes_the_old_file(node):
+    ds = make_ct()
+    assert store(node, ds) == StoreStatus.SUCCESS
+    old = node.index.instance(ds.SOPInstanceUID)
+    ds.SeriesInstanceUID = generate_uid()  # the sender corrected the series: same SOP Instance UID, new path
+    assert store(node, ds) == StoreStatus.SUCCESS
+    new = node.index.instance(ds.SOPInstanceUID)
+    assert new.path != old.path and new.series_instance_uid == ds.SeriesInstanceUID
+    assert [f.relative_to(node.spool.root).as_posix() for f in dcm_files(node)] == [new.path]
+    assert node.index.count_instances() == 1
+
+
 # --- bad input ---------------------------------------------------------------------------------------------------
 def raw_file(tmp_path, ds, body: bytes, meta_sop_class=None, meta_sop_instance=None):
     """A Part-10 file whose file meta names the request's SOP class/instance and whose data set is *body*."""
@@ -248,18 +260,21 @@ def test_aborted_association_keeps_the_instances_completed_before_it(node):
 
 
 # --- resources ---------------------------------------------------------------------------------------------------
-def test_disk_below_min_free_refuses_with_out_of_resources(tmp_path):
+def test_disk_below_min_free_refuses_with_out_of_resources(tmp_path, caplog):
+    """The free-space floor; a disk that is really full is in test_node_disk_full.py."""
     free_mb = shutil.disk_usage(tmp_path).free / 1024 / 1024
     settings = node_settings(tmp_path / "home", min_free_disk_mb=free_mb + 1024)
     with running_node(settings) as full:
         assert store(full, make_ct()) == StoreStatus.OUT_OF_RESOURCES
         assert_nothing_stored(full)
+    assert any("below min_free_disk_mb" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
-def test_instance_over_max_instance_mb_is_refused(tmp_path):
+def test_instance_over_max_instance_mb_is_refused(tmp_path, caplog):
     with running_node(node_settings(tmp_path / "home", max_instance_mb=0.0005)) as small:  # 524 bytes
         assert store(small, make_ct()) == StoreStatus.OUT_OF_RESOURCES
         assert_nothing_stored(small)
+    assert any("max_instance_mb" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
 def test_unwritable_study_directory_answers_out_of_resources_and_leaves_nothing(node, caplog):

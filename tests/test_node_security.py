@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import ssl
+import subprocess
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from node_helpers import make_ct, node_settings, running_node
+from node_helpers import PYDICOM_TEST_FILES, SCU_AE, make_ct, node_settings, running_node
 from pynetdicom.sop_class import Verification
 
 from dicom_node.statuses import StoreStatus
@@ -109,4 +110,40 @@ def test_tls_association_with_client_certificate(tmp_path, pki):
         assert not without_certificate.is_established
         plain = node.associate([Verification])
         assert not plain.is_established
+        assert node.index.count_instances() == 1
+
+
+def test_tls_without_a_client_ca_accepts_clients_without_certificates(tmp_path, pki):
+    settings = node_settings(tmp_path / "home", tls_certificate=pki / "server.crt", tls_private_key=pki / "server.key")
+    with running_node(settings) as node:
+        assoc = node.associate(tls_args=(_client_context(pki, False), "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_store(make_ct()).Status == StoreStatus.SUCCESS
+        assoc.release()
+        assert not node.associate([Verification]).is_established  # TLS is still required
+        assert node.index.count_instances() == 1
+
+
+def test_dcmtk_storescu_over_tls_with_a_client_certificate(tmp_path, pki):
+    settings = node_settings(tmp_path / "home", tls_certificate=pki / "server.crt",
+                             tls_private_key=pki / "server.key", tls_client_ca=pki / "ca.crt")
+    source = PYDICOM_TEST_FILES / "CT_small.dcm"
+    base = ["-aet", SCU_AE, "-aec", "RADDRAFT", "+cf", str(pki / "ca.crt")]
+    with running_node(settings) as node:
+        address = ["127.0.0.1", str(node.port)]
+        with_certificate = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), *base]
+        echo = subprocess.run(["echoscu", *with_certificate, *address], check=False, capture_output=True, text=True,
+                              timeout=60)
+        assert echo.returncode == 0, echo.stderr
+        sent = subprocess.run(["storescu", *with_certificate, *address, str(source)], check=False,
+                              capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        assert node.index.count_instances() == 1
+
+        anonymous = subprocess.run(["storescu", "+tla", *base, *address, str(source)], check=False,
+                                   capture_output=True, text=True, timeout=60)
+        assert anonymous.returncode != 0 and "Association Request Failed" in anonymous.stderr  # no client cert
+        plain = subprocess.run(["echoscu", "-aet", SCU_AE, "-aec", "RADDRAFT", "-to", "5", *address], check=False,
+                               capture_output=True, text=True, timeout=60)
+        assert plain.returncode != 0  # no TLS at all
         assert node.index.count_instances() == 1

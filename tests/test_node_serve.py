@@ -1,61 +1,87 @@
-"""``raddraft serve`` as a subprocess: kill -9 between instances loses no accepted instance; SIGTERM stops it."""
+"""``raddraft serve`` as a subprocess: dcmtk peers against it, kill -9 between instances loses no accepted instance,
+SIGTERM stops it."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import re
 import signal
+import sqlite3
 import subprocess
 import sys
-import threading
+import time
 
-from node_helpers import SCU_AE, make_ct, wait_for
-from pydicom.uid import CTImageStorage, generate_uid
-from pynetdicom import AE
+import pydicom
+from node_helpers import PYDICOM_TEST_FILES, SCU_AE, Serve, make_ct, wait_for
+from pydicom.uid import generate_uid
 
 from dicom_node.index import EpisodeState, Index
 from dicom_node.statuses import StoreStatus
 from workers.manifest import StudyManifest
 from workers.prepare import manifest_path
 
+# distinct SOP Instance UIDs, and the storescu option proposing each file's own transfer syntax
+DCMTK_FILES = {"CT_small.dcm": "-xe", "MR_small_jpeg_ls_lossless.dcm": "-xt", "JPEG2000.dcm": "-xw",
+               "SC_rgb_jpeg_dcmtk.dcm": "-xy", "JPGExtended.dcm": "-xx"}
 
-class Serve:
-    """A ``raddraft serve`` process; its listening port is read from its INFO log."""
 
-    def __init__(self, home, **env):
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("RADDRAFT_")}
-        environment.update({"RADDRAFT_HOME": str(home), "RADDRAFT_DICOM_PORT": "0",
-                            "RADDRAFT_DICOM_BIND": "127.0.0.1", "RADDRAFT_MIN_FREE_DISK_MB": "0", **env})
-        self.process = subprocess.Popen([sys.executable, "-m", "raddraft.cli", "serve"], env=environment,
-                                        stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        self.port: int | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        wait_for(lambda: self.port or self.process.poll() is not None, timeout=60, what="serve listening")
-        assert self.port, "".join(self.log)
+def test_dcmtk_echoscu_and_storescu_against_raddraft_serve(tmp_path):
+    home = tmp_path / "home"
+    serve = Serve(home, "--no-worker", RADDRAFT_STUDY_IDLE_SECONDS="3600")
+    try:
+        echo = subprocess.run(["echoscu", "-aet", SCU_AE, "-aec", "RADDRAFT", "127.0.0.1", str(serve.port)],
+                              check=False, capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stderr
+        sources = [PYDICOM_TEST_FILES / name for name in DCMTK_FILES]
+        started = time.time()
+        for source in sources:
+            stored = subprocess.run(["storescu", "-R", DCMTK_FILES[source.name], "-aet", SCU_AE, "-aec", "RADDRAFT",
+                                     "127.0.0.1", str(serve.port), str(source)],
+                                    check=False, capture_output=True, text=True, timeout=120)
+            assert stored.returncode == 0, f"{source.name}: {stored.stderr}"
+        finished = time.time()
 
-    def _read(self):
-        for line in self.process.stderr:
-            self.log.append(line)
-            match = re.search(r"listening on [\d.]+:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
+        index = Index(home / "index.sqlite")
+        try:
+            for source in sources:
+                original = pydicom.dcmread(source, stop_before_pixels=True)
+                record = index.instance(original.SOPInstanceUID)
+                assert record is not None, source.name
+                data = (home / "spool" / record.path).read_bytes()
+                assert (record.study_instance_uid, record.series_instance_uid, record.sop_class_uid) == (
+                    original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPClassUID), source.name
+                assert record.patient_id == str(original.get("PatientID", ""))
+                assert record.transfer_syntax_uid == original.file_meta.TransferSyntaxUID, source.name
+                assert (record.calling_ae, record.peer_address) == (SCU_AE, "127.0.0.1")
+                assert record.size_bytes == len(data) and record.sha256 == hashlib.sha256(data).hexdigest()
+                assert started - 1 <= record.received_at <= finished + 1
+                assert pydicom.dcmread(home / "spool" / record.path).PixelData == pydicom.dcmread(source).PixelData
+        finally:
+            index.close()
+        with sqlite3.connect(home / "index.sqlite") as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
-    def associate(self):
-        ae = AE(ae_title=SCU_AE)
-        ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", self.port, ae_title="RADDRAFT")
-        assert assoc.is_established
-        return assoc
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        code = self.process.wait(timeout=60)
-        self._reader.join(timeout=10)
-        return code
+        # `raddraft status` while the server runs: one receiving episode per study, with its counts
+        studies: dict[str, int] = {}
+        for source in sources:
+            study = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
+            studies[study] = studies.get(study, 0) + 1
+        document = json.loads(_status(home, "--json").stdout)
+        assert {r["study_instance_uid"]: (r["state"], r["study_instances"]) for r in document["studies"]} == {
+            study: ("receiving", count) for study, count in studies.items()}
+        assert document["totals"] == {"receiving": len(studies)} and document["instances"] == len(sources)
+        text = _status(home).stdout
+        for study, count in studies.items():
+            (line,) = [line for line in text.splitlines() if line.startswith(study)]
+            assert line.split()[1:4] == ["1", "receiving", str(count)], line
+        assert f"{len(studies)} episode(s): receiving {len(studies)}; {len(sources)} instance(s) stored" in text
+    finally:
+        code = serve.stop()
+    assert code == 0, "".join(serve.log)
+    log = "".join(serve.log)
+    for identifier in ("CompressedSamples", "Lestrade", "1CT1", "4MR1", "8NM1"):  # patient names and IDs
+        assert identifier not in log, identifier
 
 
 def test_kill_9_between_instances_loses_no_accepted_instance_and_restart_prepares_the_study(tmp_path):
@@ -97,6 +123,14 @@ def test_kill_9_between_instances_loses_no_accepted_instance_and_restart_prepare
     log = "".join(restarted.log)
     assert "raddraft stopped" in log
     assert "NODE-PID-1" not in log and "Node^Test" not in log  # no patient identifiers at INFO
+
+
+def _status(home, *args):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RADDRAFT_")}, "RADDRAFT_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "raddraft.cli", "status", *args], env=env, check=False,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 def test_status_command_reports_states(tmp_path):

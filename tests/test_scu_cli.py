@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pydicom
+from node_helpers import Serve
 from peers import Orthanc, free_port
+
+from dicom_node.index import Index
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -84,3 +87,31 @@ def test_a_missing_tls_ca_file_is_reported(tmp_path):
 
     assert result.returncode == 2
     assert f"--tls-ca {tmp_path / 'nope.pem'} does not exist" in result.stderr
+
+
+def test_send_a_folder_of_compressed_instances_to_raddraft_serve(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+             "JPGExtended.dcm", "SC_rgb_rle.dcm"]  # distinct SOP Instance UIDs, one per transfer syntax
+    for name in names:
+        shutil.copy(TEST_FILES / name, folder / name)
+    serve = Serve(tmp_path / "node", "--no-worker", RADDRAFT_STUDY_IDLE_SECONDS="3600")
+    try:
+        result = raddraft_send(str(folder), "--to", f"RADDRAFT@127.0.0.1:{serve.port}", "--calling-aet", "CLI",
+                               home=tmp_path / "home")
+    finally:
+        assert serve.stop() == 0, "".join(serve.log)
+
+    assert result.returncode == 0, result.stderr
+    assert f"{len(names)} ok, 0 warning, 0 failed" in result.stdout
+    assert "1 association(s)" in result.stdout  # every needed presentation context in one association
+    index = Index(tmp_path / "node" / "index.sqlite")
+    try:
+        for name in names:
+            original = pydicom.dcmread(TEST_FILES / name, stop_before_pixels=True)
+            record = index.instance(original.SOPInstanceUID)
+            assert record is not None and record.calling_ae == "CLI", name
+            assert record.transfer_syntax_uid == original.file_meta.TransferSyntaxUID, name  # stored as sent
+    finally:
+        index.close()
