@@ -3,7 +3,8 @@
 One GSPS per annotated image (an image with at least one finding): each box a closed POLYLINE in image
 pixels with its label as a text object anchored at the top-left corner, on one graphic layer. The image's
 own VOI window is kept; an image without one gets a window spanning its pixel values, so the viewer shows
-the same contrast as the overlay PNG. The label says "AI" and "preliminary" until a radiologist signs.
+the same contrast as the overlay PNG. The label says "AI" and "preliminary" until a radiologist signs; the
+signed states are new instances (own UIDs) in the same series.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from workers.manifest import StudyManifest
 logger = logging.getLogger(__name__)
 
 GSPS_SERIES_NUMBER = 9903
+SIGNED_FIRST_INSTANCE_NUMBER = 1001  # draft states are numbered from 1
 LAYER = hd.pr.GraphicLayer(
     layer_name="AI_FINDINGS",
     order=1,
@@ -40,9 +42,30 @@ LAYER = hd.pr.GraphicLayer(
 )
 
 
+def of_multiframe_iod(image: Dataset) -> bool:
+    """Whether *image* belongs to a multi-frame IOD: the Multi-frame Module makes Number of Frames Type 1 there,
+    and no single-frame IOD has it (the test highdicom's presentation-state code applies, without its private
+    helper)."""
+    return "NumberOfFrames" in image
+
+
 def window_of(image: Dataset) -> hd.pr.SoftcopyVOILUTTransformation | None:
-    """None when the image carries its own VOI (highdicom copies it); else a window over its pixel values."""
-    if ("WindowCenter" in image and "WindowWidth" in image) or "VOILUTSequence" in image:
+    """None when the image carries its own VOI (highdicom copies it); else a window over its pixel values.
+
+    A legacy multi-frame image's own window is passed explicitly (highdicom would look for it in functional
+    groups, see ``highdicom_view``); its VOI LUT data, if that is all it has, is replaced by the full range.
+    """
+    legacy_multiframe = of_multiframe_iod(image) and "SharedFunctionalGroupsSequence" not in image
+    if "WindowCenter" in image and "WindowWidth" in image:
+        if not legacy_multiframe:
+            return None
+        explanation = image.get("WindowCenterWidthExplanation")
+        return hd.pr.SoftcopyVOILUTTransformation(
+            window_center=[float(np.atleast_1d(image.WindowCenter)[0])],
+            window_width=[float(np.atleast_1d(image.WindowWidth)[0])],
+            window_explanation=[str(np.atleast_1d(explanation)[0])] if explanation else None,
+        )
+    if "VOILUTSequence" in image and not legacy_multiframe:
         return None
     frames = int(image.get("NumberOfFrames", 1) or 1)
     values = np.concatenate([frame_values(image, n).ravel() for n in range(1, frames + 1)])
@@ -51,6 +74,30 @@ def window_of(image: Dataset) -> hd.pr.SoftcopyVOILUTTransformation | None:
     return hd.pr.SoftcopyVOILUTTransformation(
         window_center=[center], window_width=[width], window_explanation=["AI: full pixel range"]
     )
+
+
+def highdicom_view(image: Dataset) -> Dataset:
+    """The image as highdicom's presentation-state code can read it.
+
+    highdicom takes every image of a multi-frame IOD (Multi-frame SC, US/XA/NM multi-frame, even with one frame)
+    for an enhanced one and reads its rescale and window from functional groups. A legacy multi-frame image has
+    them at the top level: a shallow copy gets them as shared functional groups (the source is not changed).
+    """
+    if not of_multiframe_iod(image) or "SharedFunctionalGroupsSequence" in image:
+        return image
+    shared = Dataset()
+    if "RescaleSlope" in image or "RescaleIntercept" in image:
+        transformation = Dataset()
+        transformation.RescaleSlope = image.get("RescaleSlope", 1)
+        transformation.RescaleIntercept = image.get("RescaleIntercept", 0)
+        transformation.RescaleType = image.get("RescaleType", "US")
+        shared.PixelValueTransformationSequence = [transformation]
+    view = Dataset()  # a new element dictionary over the same elements: adding to it leaves the source alone
+    for element in image:
+        view.add(element)
+    view.SharedFunctionalGroupsSequence = [shared]
+    view.PerFrameFunctionalGroupsSequence = [Dataset() for _ in range(int(image.get("NumberOfFrames", 1) or 1))]
+    return view
 
 
 def _annotation(image: Dataset, findings: Sequence[LocatedFinding], result: AnalysisResult,
@@ -103,6 +150,10 @@ def build_presentation_states(
     """
     inputs = ReportInputs.check(manifest, result, sources)
     uid_args = (result.study_instance_uid, result.episode_id, result.model.version)
+    # The signed states say "signed" and hold only the accepted findings: new instances in the same series
+    # (numbered from SIGNED_FIRST_INSTANCE_NUMBER), never the draft's UIDs: a PACS that already holds a UID
+    # keeps (or replaces) that instance, so reusing it would lose the signed labels or the draft.
+    kind, first_number = (OutputKind.GSPS_FINAL, SIGNED_FIRST_INSTANCE_NUMBER) if signed else (OutputKind.GSPS, 1)
     states = []
     for n, (image, findings) in enumerate(inputs.annotated_images()):
         if image.get("SamplesPerPixel", 1) != 1:
@@ -110,19 +161,20 @@ def build_presentation_states(
                              f"SamplesPerPixel 1, the image has {image.SamplesPerPixel}")
         window = window_of(image)
         inverse = image.get("PhotometricInterpretation") == "MONOCHROME1"
+        view = highdicom_view(image)
         state = hd.pr.GrayscaleSoftcopyPresentationState(
-            referenced_images=[image],
+            referenced_images=[view],
             series_instance_uid=output_uid(*uid_args, OutputKind.GSPS_SERIES),
             series_number=GSPS_SERIES_NUMBER,
-            sop_instance_uid=output_uid(*uid_args, OutputKind.GSPS, n),
-            instance_number=n + 1,
+            sop_instance_uid=output_uid(*uid_args, kind, n),
+            instance_number=first_number + n,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=result.model.name,
             software_versions=software_version(),
             device_serial_number=DEVICE_SERIAL_NUMBER,
             content_label="AI_FINDINGS",
             content_description=("AI findings, signed" if signed else "AI findings, preliminary: not verified"),
-            graphic_annotations=_annotation(image, findings, result, signed),
+            graphic_annotations=_annotation(view, findings, result, signed),
             graphic_layers=[LAYER],
             institution_name=manifest.study.institution_name or None,
             voi_lut_transformations=[window] if window is not None else None,

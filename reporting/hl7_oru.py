@@ -9,8 +9,9 @@ Layout of the message (segments separated by ``\\r``, UTF-8, MSH-18 ``UNICODE UT
     OBX  ST   110180^Study Instance UID^DCM
     OBX  TX   59776-5^Procedure findings^LN, sub-ID 1: one OBX per line of the findings text
     OBX  TX   19005-8^Radiology Imaging study [Impression] (narrative)^LN, sub-ID 2: one per impression line
-    OBX  CWE  121071^Finding^DCM, sub-ID 3, 4, ...: one per finding, the label coded, site and laterality in
-              CWE-9 (original text); NTE after it for each line of the finding's description
+    OBX  CWE  121071^Finding^DCM, sub-ID 3, 4, ...: one per finding, the label coded with the one table of
+              reporting/codes.py (SNOMED CT; generic "Finding" for an unknown label), the label with its site
+              and laterality in CWE-9 (original text); NTE after it for each line of the finding's description
 
 OBR-25 and every OBX-11 carry the same result status: P for the AI draft, F after a radiologist signed, C for a
 correction. Free text is escaped here (``\\E\\ \\F\\ \\S\\ \\T\\ \\R\\``) before hl7apy sees it; hl7apy only escapes
@@ -32,6 +33,7 @@ from hl7apy.core import Group, Message
 
 from model.result import AnalysisResult, Finding
 from raddraft.settings import Settings
+from reporting import codes as rcodes
 from workers.manifest import StudyManifest
 
 logger = logging.getLogger(__name__)
@@ -49,22 +51,6 @@ _SEX_TO_HL7 = {"M": "M", "F": "F", "O": "O", "": "U"}  # DICOM (0010,0040) -> HL
 _ORDER_STATUS = {"P": "A", "F": "CM", "C": "CM"}  # ORC-5, HL7 table 0038: A = some results available
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _DICOM_TIME = re.compile(r"(?P<hh>\d{2})(?:(?P<mm>\d{2})(?:(?P<ss>\d{2})(?:\.(?P<frac>\d{1,6}))?)?)?")
-
-# Finding labels the model emits -> SNOMED CT (the lead will point this at reporting/codes.py).
-_FINDING_CODES: dict[str, tuple[str, str]] = {
-    "atelectasis": ("46621007", "Atelectasis"),
-    "cardiomegaly": ("8186001", "Cardiomegaly"),
-    "consolidation": ("95436008", "Lung consolidation"),
-    "edema": ("19242006", "Pulmonary edema"),
-    "emphysema": ("87433001", "Pulmonary emphysema"),
-    "fracture": ("125605004", "Fracture of bone"),
-    "mass": ("4147007", "Mass"),
-    "nodule": ("27925004", "Nodule"),
-    "pleural effusion": ("60046008", "Pleural effusion"),
-    "pneumonia": ("233604007", "Pneumonia"),
-    "pneumothorax": ("36118008", "Pneumothorax"),
-}
-
 
 class ResultStatus(StrEnum):
     """OBR-25 / OBX-11 result status (HL7 table 0085)."""
@@ -101,17 +87,19 @@ class HL7Endpoints:
 class CodedConcept:
     code: str
     meaning: str
-    scheme: str  # HL7 table 0396: SCT, LN, DCM, L (local)
+    scheme: str  # HL7 table 0396: SCT, LN, DCM (the DICOM coding scheme designators are the same names)
+    is_fallback: bool = False  # the label is not in reporting/codes.py: generic SNOMED CT "Finding"
 
 
 def finding_code(label: str) -> CodedConcept:
-    """The code of a finding label: SNOMED CT where known, else a local code (scheme ``L``) named by the label."""
-    key = " ".join(label.lower().split())
-    known = _FINDING_CODES.get(key)
-    if known is not None:
-        return CodedConcept(code=known[0], meaning=known[1], scheme="SCT")
-    local_code = re.sub(r"[^A-Z0-9]+", "_", key.upper()).strip("_") or "FINDING"
-    return CodedConcept(code=local_code, meaning=label, scheme="L")
+    """The code of a finding label from the one table in reporting/codes.py (the SR uses the same).
+
+    An unknown label gets the generic SNOMED CT "Finding" (404684003); its words go to CWE-9 (original text).
+    """
+    coded = rcodes.lookup_finding(label)
+    code = coded.finding_type
+    return CodedConcept(code=code.value, meaning=code.meaning, scheme=code.scheme_designator,
+                        is_fallback=coded.is_fallback)
 
 
 def new_control_id() -> str:
@@ -236,7 +224,8 @@ def build_oru_r01(
     for line in text_lines(result.report.impression, "report impression line"):
         observations.add("TX", IMPRESSION_TEXT_OBSERVATION, "2", line)
     for number, finding in enumerate(result.findings, start=1):
-        group = observations.add("CWE", FINDING_OBSERVATION, str(2 + number), _finding_value(finding, number))
+        group = observations.add("CWE", FINDING_OBSERVATION, str(2 + number),
+                                 _finding_value(manifest, finding, number))
         for index, line in enumerate(text_lines(finding.description, f"description of finding {number}"), start=1):
             nte = group.add_segment("NTE")
             nte.nte_1 = str(index)
@@ -300,14 +289,27 @@ class _Observations:
         return group
 
 
-def _finding_value(finding: Finding, number: int) -> str:
-    """CWE: code^text^scheme, CWE-9 original text = label with its site and laterality."""
+def _finding_value(manifest: StudyManifest, finding: Finding, number: int) -> str:
+    """CWE: code^text^scheme of the finding type, CWE-9 (original text) the label with its location.
+
+    The location is the one the SR gives the finding (reporting/codes.py ``finding_site``): the model's own
+    site words when it gave some, else the anatomy its label implies or the body part examined, and laterality.
+    """
     what = f"finding {number}"
+    try:
+        series, _ = manifest.find_instance(finding.sop_instance_uid)
+    except KeyError:
+        raise HL7BuildError(f"{what} ({finding.label!r}) is on SOP Instance UID {finding.sop_instance_uid}, "
+                            f"which is not in the manifest of study {manifest.study_instance_uid}") from None
     concept = finding_code(finding.label)
-    location = [f"site: {finding.site}" if finding.site else "",
-                f"laterality: {finding.laterality}" if finding.laterality else ""]
+    site = (finding.site or "").strip()
+    if not site:
+        site_code = rcodes.finding_site(rcodes.lookup_finding(finding.label), None, series.body_part_examined)
+        site = site_code.meaning if site_code is not None else ""
+    location = [f"site: {site}" if site else "", f"laterality: {finding.laterality}" if finding.laterality else ""]
     location_text = "; ".join(part for part in location if part)
-    original = f"{finding.label} ({location_text})" if location_text else finding.label
+    label = finding.label.strip()
+    original = f"{label} ({location_text})" if location_text else label
     return "^".join((
         escape(concept.code, f"code of {what}"),
         escape(concept.meaning, f"label of {what}"),

@@ -27,6 +27,7 @@ class OutputKind(StrEnum):
     NARRATIVE_FINAL = "narrative-final"
     GSPS_SERIES = "gsps-series"
     GSPS = "gsps"  # index: position of the image among the annotated images
+    GSPS_FINAL = "gsps-final"  # the signed GSPS: other labels, so another instance (a UID names one content)
     FINDING = "finding"  # index: position of the finding in AnalysisResult.findings (tracking UID)
 
 

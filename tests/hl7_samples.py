@@ -13,7 +13,7 @@ ENDPOINTS = HL7Endpoints("RADDRAFT", "RAD^DEPT", "RIS", "HOSP&1")
 MESSAGE_TIME = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 
 
-def make_manifest(**study: str) -> StudyManifest:
+def make_manifest(body_part_examined: str = "", **study: str) -> StudyManifest:
     info = {
         "patient_name": "O'Brien^Mary^Ann^Dr.^Jr.",
         "patient_id": "PID-42",
@@ -27,7 +27,8 @@ def make_manifest(**study: str) -> StudyManifest:
     } | study
     instance = InstanceEntry(sop_instance_uid=f"{STUDY_UID}.1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                              path="a/b.dcm", transfer_syntax_uid="1.2.840.10008.1.2.1", rows=64, columns=64)
-    series = SeriesEntry(series_instance_uid=f"{STUDY_UID}.1", modality="CT", instances=[instance])
+    series = SeriesEntry(series_instance_uid=f"{STUDY_UID}.1", modality="CT", body_part_examined=body_part_examined,
+                         instances=[instance])
     return StudyManifest(study_instance_uid=STUDY_UID, episode_id=3, created_at=MESSAGE_TIME,
                          study=StudyInfo(**info), series=[series])
 

@@ -1,5 +1,6 @@
-"""Real source studies for the reporting tests: a generated chest CR (800 rows x 600 columns, two views) and
-pydicom's shipped CT_small/MR_small, copied into a temp spool dir, with a StudyManifest and AnalysisResult.
+"""Real source studies for the reporting tests: a generated chest CR (800 rows x 600 columns, two views), a
+generated legacy multi-frame SC image and pydicom's shipped CT_small/MR_small, copied into a temp spool dir, with
+a StudyManifest and AnalysisResult.
 
 Also the validators: dciodvfy (dicom3tools), dsrdump (dcmtk) and PixelMed's DicomSRValidator.
 """
@@ -23,6 +24,7 @@ from workers.manifest import InstanceEntry, SeriesEntry, StudyInfo, StudyManifes
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # shipped files only: no network
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+MULTIFRAME_SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture
 CREATED_AT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 MODEL = ModelIdentity(name="MiniGPT-Med", version="stage3-test",
                       parameters={"max_new_tokens": "300", "decoding": "greedy"})
@@ -94,6 +96,63 @@ def make_cr(study_uid: str, series_uid: str, number: int, view: str, rows: int =
     return ds
 
 
+def make_multiframe_sc(study_uid: str, series_uid: str, frames: int = 3, rows: int = 64,
+                       columns: int = 80) -> Dataset:
+    """A legacy (not enhanced) Multi-frame Grayscale Word SC image: frame n is uniformly 500 * n, plus a square."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MULTIFRAME_SC_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[study_uid, "multi-frame"])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = MULTIFRAME_SC_STORAGE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "Tester^Frames"
+    ds.PatientID = "RD-0002"
+    ds.PatientBirthDate = "19800101"
+    ds.PatientSex = "M"
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = "20240501"
+    ds.StudyTime = "101500"
+    ds.ReferringPhysicianName = "Referrer^Rita"
+    ds.StudyID = "S2"
+    ds.AccessionNumber = "ACC2002"
+    ds.StudyDescription = "Cine frames"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = 1
+    ds.Modality = "OT"
+    ds.Laterality = ""
+    ds.ConversionType = "WSD"
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ""
+    ds.ContentDate = "20240501"
+    ds.ContentTime = "101500"
+    ds.BurnedInAnnotation = "NO"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.NumberOfFrames = frames
+    ds.FrameIncrementPointer = 0x00181063  # Frame Time
+    ds.FrameTime = 100.0
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    pixels = np.zeros((frames, rows, columns), dtype=np.uint16)
+    for frame in range(frames):
+        pixels[frame] = 500 * (frame + 1)
+        pixels[frame, 10:30, 20:40] = 4000
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
 def write_source(spool: Path, relative: str, ds: Dataset) -> None:
     path = spool / relative
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +176,7 @@ def manifest_for(spool: Path, relatives: Sequence[str], episode_id: int = 7) -> 
             instances=[InstanceEntry(
                 sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, path=relative,
                 transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, rows=ds.get("Rows"), columns=ds.get("Columns"),
-                view_position=ds.get("ViewPosition") or None,
+                view_position=ds.get("ViewPosition") or None, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1),
             ) for relative, ds in members],
         ))
     return StudyManifest(
@@ -142,6 +201,15 @@ def cr_study(root: Path, episode_id: int = 7) -> Study:
     write_source(spool, "cr/pa.dcm", make_cr(study_uid, series_uid, 1, "PA"))
     write_source(spool, "cr/ll.dcm", make_cr(study_uid, series_uid, 2, "LL"))
     manifest = manifest_for(spool, ["cr/pa.dcm", "cr/ll.dcm"], episode_id)
+    return Study(spool, manifest, load(spool, manifest))
+
+
+def multiframe_study(root: Path, episode_id: int = 5) -> Study:
+    """One legacy Multi-frame Grayscale Word SC image (3 frames, no functional groups) in ``root/spool``."""
+    spool = root / "spool"
+    study_uid = "1.2.826.0.1.3680043.8.498.515151"
+    write_source(spool, "mf/cine.dcm", make_multiframe_sc(study_uid, f"{study_uid}.1"))
+    manifest = manifest_for(spool, ["mf/cine.dcm"], episode_id)
     return Study(spool, manifest, load(spool, manifest))
 
 

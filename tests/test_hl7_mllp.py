@@ -10,8 +10,8 @@ from hl7_samples import ENDPOINTS, make_manifest, make_result
 from mllp_listener import AckMode, MLLPListener
 from peers import free_port
 
-from raddraft.settings import HL7Destination, Settings
-from reporting.hl7_oru import ResultStatus, build_oru_r01, new_control_id
+from raddraft.settings import HL7Destination, Settings, load_settings
+from reporting.hl7_oru import ResultStatus, build_oru_r01, new_control_id, oru_r01_from_settings
 from reporting.mllp import (
     HL7NegativeAck,
     MLLPClient,
@@ -152,6 +152,34 @@ def test_deliver_uses_a_configured_destination(listener: MLLPListener) -> None:
     assert isinstance(destination, HL7Destination)
     control_id = new_control_id()
     assert deliver(oru(control_id), destination, settings).control_id == control_id
+
+
+def test_destinations_and_receiver_from_the_environment_get_aa_then_ae(
+    listener: MLLPListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RADDRAFT_HL7_DESTINATIONS + receiving application/facility as ``raddraft serve`` loads them; the listener
+    first accepts (AA), then rejects (AE) with a reason the sender reports."""
+    monkeypatch.setenv("RADDRAFT_HL7_DESTINATIONS", listener.address)
+    monkeypatch.setenv("RADDRAFT_HL7_SENDING_FACILITY", "RAD & CO")
+    monkeypatch.setenv("RADDRAFT_HL7_RECEIVING_APPLICATION", "EPIC^RIS")
+    monkeypatch.setenv("RADDRAFT_HL7_RECEIVING_FACILITY", "WARD 7")
+    monkeypatch.setenv("RADDRAFT_NETWORK_TIMEOUT_S", "5")
+    settings = load_settings()
+    (destination,) = settings.hl7_destinations
+    assert (destination.host, destination.port) == (listener.host, listener.port)
+
+    def message(control_id: str) -> bytes:
+        return oru_r01_from_settings(make_manifest(), make_result(), ResultStatus.PRELIMINARY, settings=settings,
+                                     control_id=control_id, message_time=datetime(2024, 1, 2, tzinfo=UTC))
+
+    assert deliver(message("FIRST"), destination, settings).code == "AA"
+    listener.mode, listener.reason = AckMode.AE, "Order ACC^001 unknown & closed"
+    with pytest.raises(HL7NegativeAck, match=r"answered AE to message SECOND: Order ACC\^001 unknown & closed"):
+        deliver(message("SECOND"), destination, settings)
+    first, second = listener.wait_for_messages(2)
+    assert [first["MSH.F10"], second["MSH.F10"]] == ["FIRST", "SECOND"]
+    assert (first["MSH.F4"], first["MSH.F5"], first["MSH.F6"]) == ("RAD & CO", "EPIC^RIS", "WARD 7")
+    assert first["OBR.F25"] == "P"
 
 
 def test_framing_and_control_id_extraction() -> None:

@@ -8,8 +8,10 @@ from hl7_samples import ENDPOINTS, MESSAGE_TIME, STUDY_UID, make_manifest, make_
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
-from model.result import AnalysisResult
+from model.examples import MODALITY_LABELS
+from model.result import AnalysisResult, Finding
 from raddraft.settings import Settings
+from reporting import codes as rcodes
 from reporting.hl7_oru import (
     MAX_TEXT_VALUE_LENGTH,
     HL7BuildError,
@@ -123,7 +125,9 @@ def test_missing_description_falls_back_to_modalities() -> None:
      ("final", ResultStatus.CORRECTED, "CM")],
 )
 def test_result_status_in_obr_25_and_every_obx_11(result_status: str, status: ResultStatus, order_status: str) -> None:
-    message = parsed(build(result=make_result(status=result_status), status=status))
+    data = build(result=make_result(status=result_status), status=status)
+    assert parse_message(data.decode("utf-8"), validation_level=VALIDATION_LEVEL.STRICT).validate() is True
+    message = parsed(data)
     assert message["OBR.F25"] == status.value
     assert message["ORC.F5"] == order_status
     observations = message.segments("OBX")
@@ -164,8 +168,9 @@ def test_one_coded_observation_per_finding_with_location() -> None:
     assert [first.extract_field(1, 5, 1, i) for i in (1, 2, 3)] == ["36118008", "Pneumothorax", "SCT"]
     assert first.extract_field(1, 5, 1, 9) == "Pneumothorax (site: apex; laterality: left)"
     assert first.extract_field(1, 4) == "3"
+    # not in reporting/codes.py: the generic SNOMED CT "Finding", the model's words kept as original text
     assert [second.extract_field(1, 5, 1, i) for i in (1, 2, 3, 9)] == [
-        "GROUND_GLASS_HAZE", "ground glass & haze", "L", "ground glass & haze"]
+        "404684003", "Finding", "SCT", "ground glass & haze"]
     assert second.extract_field(1, 4) == "4"
     # the first finding's description follows its OBX as NTE lines
     notes = [segment for segment in message.segments("NTE")]
@@ -175,7 +180,43 @@ def test_one_coded_observation_per_finding_with_location() -> None:
 
 def test_finding_code_lookup_is_case_and_space_insensitive() -> None:
     assert finding_code("  Pleural   EFFUSION ").code == "60046008"
-    assert finding_code("widget").scheme == "L"
+    widget = finding_code("widget")
+    assert (widget.code, widget.scheme, widget.is_fallback) == ("404684003", "SCT", True)
+
+
+@pytest.mark.parametrize("label", sorted({label for labels in MODALITY_LABELS.values() for label in labels}))
+def test_hl7_and_sr_code_every_model_label_from_the_one_table(label: str) -> None:
+    """The ORU and the SR code a label identically: both read reporting/codes.py, nothing else."""
+    coded = rcodes.lookup_finding(label)
+    assert not coded.is_fallback
+    hl7_code = finding_code(label)
+    assert (hl7_code.code, hl7_code.meaning, hl7_code.scheme) == (
+        coded.finding_type.value, coded.finding_type.meaning, coded.finding_type.scheme_designator)
+    pixel_box = (1.0, 2.0, 30.0, 40.0)
+    finding = Finding(label=label, sop_instance_uid=f"{STUDY_UID}.1.1", box=pixel_box)
+    message = parsed(build(result=make_result(findings=[finding])))
+    (obx,) = [obx for obx in message.segments("OBX") if obx.extract_field(1, 2) == "CWE"]
+    assert [obx.extract_field(1, 5, 1, i) for i in (1, 3)] == [coded.finding_type.value, "SCT"]
+
+
+def test_finding_location_is_the_srs_finding_site_when_the_model_gave_none() -> None:
+    uid = f"{STUDY_UID}.1.1"
+    findings = [
+        Finding(label="pleural effusion", sop_instance_uid=uid, box=(1, 2, 30, 40), laterality="right"),  # label
+        Finding(label="nodule", sop_instance_uid=uid, box=(1, 2, 30, 40)),  # body part examined
+        Finding(label="nodule", sop_instance_uid=uid, box=(1, 2, 30, 40), site="left upper lobe"),  # model words
+    ]
+    message = parsed(build(make_manifest(body_part_examined="CHEST"), make_result(findings=findings)))
+    texts = [obx.extract_field(1, 5, 1, 9) for obx in message.segments("OBX") if obx.extract_field(1, 2) == "CWE"]
+    assert texts == ["pleural effusion (site: Pleura; laterality: right)", "nodule (site: Thorax)",
+                     "nodule (site: left upper lobe)"]
+
+
+def test_finding_on_an_image_outside_the_manifest_is_an_error() -> None:
+    stray = Finding(label="mass", sop_instance_uid="1.2.3.4.5", box=(1, 2, 3, 4))
+    with pytest.raises(HL7BuildError, match=r"finding 1 \('mass'\) is on SOP Instance UID 1\.2\.3\.4\.5, which is "
+                                            r"not in the manifest"):
+        build(result=make_result(findings=[stray]))
 
 
 @pytest.mark.parametrize(

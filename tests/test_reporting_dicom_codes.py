@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.uid import UID
 
+from model.examples import MODALITY_LABELS
 from reporting import codes as rcodes
 from reporting.uids import OutputKind, device_uid, output_uid
 
@@ -28,6 +29,18 @@ def test_every_model_label_has_its_snomed_code(label: str, sctid: str) -> None:
     coded = rcodes.lookup_finding(label)
     assert (coded.finding_type.scheme_designator, coded.finding_type.value) == ("SCT", sctid)
     assert not coded.is_fallback
+
+
+MODEL_VOCABULARY = [(modality, label) for modality, labels in MODALITY_LABELS.items() for label in labels]
+
+
+@pytest.mark.parametrize(("modality", "label"), MODEL_VOCABULARY)
+def test_every_label_the_model_is_trained_on_is_in_the_table(modality: str, label: str) -> None:
+    """model/examples.py MODALITY_LABELS is the model's whole vocabulary: none may fall back to generic."""
+    coded = rcodes.lookup_finding(label)
+    assert not coded.is_fallback
+    assert coded.finding_type.scheme_designator == "SCT"
+    assert label in EXPECTED_SCTIDS
 
 
 def test_labels_are_normalized_before_lookup() -> None:
@@ -79,8 +92,10 @@ def test_output_uids_are_deterministic_valid_and_distinct() -> None:
         output_uid(*args, OutputKind.SR_FINAL),
         output_uid(*args, OutputKind.FINDING, 0),
         output_uid(*args, OutputKind.FINDING, 1),
+        output_uid(*args, OutputKind.GSPS, 0),
+        output_uid(*args, OutputKind.GSPS_FINAL, 0),
     }
-    assert first not in others and len(others) == 6
+    assert first not in others and len(others) == 8
     assert device_uid("m", "v1") == device_uid("m", "v1") != device_uid("m", "v2")
 
 

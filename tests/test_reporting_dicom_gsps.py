@@ -15,6 +15,7 @@ from reporting_dicom_helpers import (
     cr_findings,
     cr_study,
     dciodvfy,
+    multiframe_study,
     new_dciodvfy_warnings,
     result_for,
     shipped_study,
@@ -94,10 +95,52 @@ def test_voi_window_kept_or_computed(tmp_path: Path, name: str, window: tuple[fl
         assert (float(voi.WindowCenter), float(voi.WindowWidth)) == window
 
 
-def test_signed_gsps_labels_say_signed(cr: Study) -> None:
-    state = build_presentation_states(cr.manifest, result_for(cr, cr_findings(cr)), cr.sources, signed=True)[0]
+def test_legacy_multiframe_image_gets_a_valid_gsps_on_the_findings_frame(tmp_path: Path) -> None:
+    """highdicom reads a multi-frame IOD's rescale/window from functional groups, which a legacy multi-frame
+    image (here Multi-frame Grayscale Word SC) does not have: the GSPS must still build, valid, on frame 2."""
+    study = multiframe_study(tmp_path)
+    image = study.sources[0]
+    assert "SharedFunctionalGroupsSequence" not in image
+    finding = Finding(label="mass", sop_instance_uid=image.SOPInstanceUID, frame_number=2, box=(20, 10, 40, 30))
+    result = result_for(study, [finding])
+    (state,) = build_presentation_states(study.manifest, result, study.sources)
+    assert "SharedFunctionalGroupsSequence" not in image  # the source is left alone
+    path = _write(state, tmp_path / "gsps.dcm")
+    assert dciodvfy(path) == []
+    assert new_dciodvfy_warnings(path, study) == []
+    ds = pydicom.dcmread(path)
+    assert "SharedFunctionalGroupsSequence" not in ds and "PerFrameFunctionalGroupsSequence" not in ds
+    assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, 0.0)
+    annotation = ds.GraphicAnnotationSequence[0]
+    assert int(annotation.ReferencedImageSequence[0].ReferencedFrameNumber) == 2
+    np.testing.assert_allclose(np.array(annotation.GraphicObjectSequence[0].GraphicData, dtype=float).reshape(-1, 2),
+                               [[20, 10], [40, 10], [40, 30], [20, 30], [20, 10]])
+    voi = ds.SoftcopyVOILUTSequence[0]  # no window of its own: the full range over every frame (500 .. 4000)
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (2250.0, 3500.0)
+
+    inputs = ReportInputs.check(study.manifest, result, study.sources)
+    [(_, located)] = inputs.annotated_images()
+    pixels = np.asarray(Image.open(io.BytesIO(render_overlay(image, located))))
+    assert tuple(pixels[20, 20]) == BOX_COLOR  # left edge of the box
+    grey = pixels[50, 60]  # frame 2 (1000) through the full-range window of that frame alone (1000 .. 4000)
+    assert grey[0] == grey[1] == grey[2] == 0
+
+
+def test_signed_gsps_labels_say_signed_in_a_new_instance_of_the_same_series(cr: Study, tmp_path: Path) -> None:
+    result = result_for(cr, cr_findings(cr))
+    state = build_presentation_states(cr.manifest, result, cr.sources, signed=True)[0]
     texts = [t.UnformattedTextValue for t in state.GraphicAnnotationSequence[0].TextObjectSequence]
     assert all(text.endswith("(AI, signed)") for text in texts)
+    draft = build_presentation_states(cr.manifest, result, cr.sources)[0]
+    # other content, so another SOP Instance UID: a PACS holding the draft would otherwise keep the draft labels
+    assert state.SOPInstanceUID != draft.SOPInstanceUID
+    assert state.SOPInstanceUID == output_uid(result.study_instance_uid, result.episode_id, result.model.version,
+                                              OutputKind.GSPS_FINAL, 0)
+    assert state.SeriesInstanceUID == draft.SeriesInstanceUID
+    assert (draft.InstanceNumber, state.InstanceNumber) == (1, 1001)
+    path = _write(state, tmp_path / "gsps_final.dcm")
+    assert dciodvfy(path) == []
+    assert new_dciodvfy_warnings(path, cr) == []
 
 
 def test_no_findings_no_gsps(cr: Study) -> None:

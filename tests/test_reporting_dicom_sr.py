@@ -17,6 +17,7 @@ from reporting_dicom_helpers import (
     cr_study,
     dciodvfy,
     dsrdump,
+    multiframe_study,
     new_dciodvfy_warnings,
     pixelmed_sr_validate,
     result_for,
@@ -30,7 +31,10 @@ from reporting.sr import build_findings_sr
 from reporting.uids import OutputKind, device_uid, output_uid
 
 SIGNOFF = Signoff("Curie^Marie", "General Hospital Radiology", datetime(2024, 5, 6, 9, 30, tzinfo=UTC))
-SR_NAMES = ["sr_draft", "sr_final", "sr_no_findings", "narrative_draft", "narrative_final"]
+SR_NAMES = ["sr_draft", "sr_final", "sr_no_findings", "sr_ct", "sr_multiframe", "narrative_draft",
+            "narrative_final"]
+CT_BOX = (5.0, 6.0, 40.0, 50.0)
+FRAME_BOX = (20.0, 10.0, 40.0, 30.0)
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +48,33 @@ def ct(tmp_path_factory: pytest.TempPathFactory) -> Study:
 
 
 @pytest.fixture(scope="module")
-def written(cr: Study, ct: Study, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def multiframe(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    return multiframe_study(tmp_path_factory.mktemp("mf"))
+
+
+@pytest.fixture(scope="module")
+def studies(cr: Study, ct: Study, multiframe: Study) -> dict[str, Study]:
+    """The source study of each SR variant."""
+    return {name: ct if name in ("sr_no_findings", "sr_ct") else multiframe if name == "sr_multiframe" else cr
+            for name in SR_NAMES}
+
+
+@pytest.fixture(scope="module")
+def written(cr: Study, ct: Study, multiframe: Study, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every SR variant written to disk once for the (slow-ish) validators."""
     out = tmp_path_factory.mktemp("sr_out")
     result = result_for(cr, cr_findings(cr))
+    ct_image, frames_image = ct.sources[0], multiframe.sources[0]
+    ct_finding = Finding(label="nodule", sop_instance_uid=ct_image.SOPInstanceUID, box=CT_BOX, laterality="right")
+    frame_finding = Finding(label="mass", sop_instance_uid=frames_image.SOPInstanceUID, frame_number=2,
+                            box=FRAME_BOX)
     objects = {
         "sr_draft": build_findings_sr(cr.manifest, result, cr.sources),
         "sr_final": build_findings_sr(cr.manifest, result, cr.sources, SIGNOFF),
         "sr_no_findings": build_findings_sr(ct.manifest, result_for(ct, []), ct.sources),
+        "sr_ct": build_findings_sr(ct.manifest, result_for(ct, [ct_finding]), ct.sources),
+        "sr_multiframe": build_findings_sr(multiframe.manifest, result_for(multiframe, [frame_finding]),
+                                           multiframe.sources),
         "narrative_draft": build_narrative_sr(cr.manifest, result, cr.sources),
         "narrative_final": build_narrative_sr(cr.manifest, result, cr.sources, SIGNOFF),
     }
@@ -68,10 +91,10 @@ def pixelmed_reports(written: dict[str, Path]) -> dict[Path, str]:
 
 
 @pytest.mark.parametrize("name", SR_NAMES)
-def test_dciodvfy_finds_no_errors(written: dict[str, Path], cr: Study, ct: Study, name: str) -> None:
+def test_dciodvfy_finds_no_errors(written: dict[str, Path], studies: dict[str, Study], name: str) -> None:
     assert dciodvfy(written[name]) == []
     # Only warnings the source images have themselves (CT_small.dcm: Patient's Weight 0) are allowed.
-    assert new_dciodvfy_warnings(written[name], ct if name == "sr_no_findings" else cr) == []
+    assert new_dciodvfy_warnings(written[name], studies[name]) == []
 
 
 @pytest.mark.parametrize("name", SR_NAMES)
@@ -110,6 +133,20 @@ def test_boxes_read_back_as_closed_polylines_on_their_source_images(cr: Study, w
     # (column, row) order: every x is within the 600 columns, the y of the last box goes past 600 rows.
     assert max(group.roi.value[:, 0].max() for group in groups) <= 600
     assert max(group.roi.value[:, 1].max() for group in groups) > 600
+
+
+@pytest.mark.parametrize(("name", "box", "frames"), [("sr_ct", CT_BOX, None), ("sr_multiframe", FRAME_BOX, [2])])
+def test_boxes_on_ct_and_on_one_frame_of_a_multiframe_image_read_back(
+    written: dict[str, Path], studies: dict[str, Study], name: str, box: tuple[float, float, float, float],
+    frames: list[int] | None,
+) -> None:
+    (group,) = hd.sr.srread(written[name]).content.get_planar_roi_measurement_groups()
+    x1, y1, x2, y2 = box
+    np.testing.assert_allclose(group.roi.value, [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]])
+    source = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+    assert source.ReferencedSOPInstanceUID == studies[name].sources[0].SOPInstanceUID
+    assert ([int(f) for f in np.atleast_1d(source.ReferencedFrameNumber)] if "ReferencedFrameNumber" in source
+            else None) == frames
 
 
 def test_findings_are_coded_with_site_laterality_and_fallback(written: dict[str, Path]) -> None:
@@ -162,7 +199,8 @@ def test_flags_draft_versus_final(written: dict[str, Path], kind: str) -> None:
 
 
 @pytest.mark.parametrize("name", SR_NAMES)
-def test_same_study_new_series_and_every_source_is_evidence(cr: Study, written: dict[str, Path], name: str) -> None:
+def test_same_study_new_series_and_every_source_is_evidence(studies: dict[str, Study], written: dict[str, Path],
+                                                           name: str) -> None:
     ds = pydicom.dcmread(written[name])
     doc = hd.sr.Comprehensive3DSR.from_dataset(ds) if name.startswith("sr") else hd.sr.EnhancedSR.from_dataset(ds)
     evidence = doc.get_evidence()
@@ -170,10 +208,10 @@ def test_same_study_new_series_and_every_source_is_evidence(cr: Study, written: 
     assert ds.StudyInstanceUID == evidence[0][0]
     assert ds.SeriesInstanceUID not in source_series
     assert ds.Modality == "SR"
-    if name != "sr_no_findings":
-        assert ds.StudyInstanceUID == cr.manifest.study_instance_uid
-        assert {e[2] for e in evidence} == {str(s.SOPInstanceUID) for s in cr.sources}  # the lateral view too
-        assert ds.PatientID == cr.sources[0].PatientID
+    study = studies[name]
+    assert ds.StudyInstanceUID == study.manifest.study_instance_uid
+    assert {e[2] for e in evidence} == {str(s.SOPInstanceUID) for s in study.sources}  # the CR lateral view too
+    assert ds.PatientID == study.sources[0].PatientID
 
 
 def test_no_findings_gives_one_group_stating_no_abnormality(written: dict[str, Path]) -> None:
