@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_TOKENS = 200  # new tokens of the batched call (the report is the longest answer)
 TASK_TOKENS = 100  # new tokens of a single box/VQA task
+NO_REPORT_TEXT = "The AI model produced no report text for this study; it needs a report by a radiologist."
 _SECTION = re.compile(r"(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE)
 
 
@@ -60,15 +61,24 @@ class TaskAnswer:
 
 
 def split_report(text: str) -> DraftReport:
-    """``FINDINGS: … IMPRESSION: …`` → :class:`DraftReport`; text without headers is all findings."""
+    """``FINDINGS: … IMPRESSION: …`` → :class:`DraftReport`; text without headers is all findings.
+
+    Model text with nothing in either section (an empty answer, or headers alone) becomes :data:`NO_REPORT_TEXT`
+    as the impression, so the draft says plainly that the study still needs its report.
+    """
     parts: dict[str, str] = {}
     matches = list(_SECTION.finditer(text))
     for i, match in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         parts.setdefault(match.group(1).upper(), " ".join(text[match.end():end].split()))
-    if not matches:
-        return DraftReport(findings=" ".join(text.split()), impression="")
-    return DraftReport(findings=parts.get("FINDINGS", ""), impression=parts.get("IMPRESSION", ""))
+    if matches:
+        report = DraftReport(findings=parts.get("FINDINGS", ""), impression=parts.get("IMPRESSION", ""))
+    else:
+        report = DraftReport(findings=" ".join(text.split()), impression="")
+    if not (report.findings or report.impression):
+        logger.warning("the model produced no report text; the draft says so")
+        return DraftReport(findings="", impression=NO_REPORT_TEXT)
+    return report
 
 
 def findings_from_answer(text: str, transform: Letterbox, sop_instance_uid: str, default_label: str | None = None

@@ -84,8 +84,10 @@ def _radiograph_report(rng: np.random.Generator, findings: Sequence[DrawnFinding
     body, impression = [], []
     for finding in findings:
         body.append(_fill(_pick(rng, _RADIOGRAPH_SENTENCES[finding.label]), finding, ctr=f"{ctr or 0:.2f}"))
-        impression.append(_fill(_pick(rng, _IMPRESSIONS[finding.label]), finding,
-                                count_word=_COUNT_WORDS.get(labels[finding.label], "Multiple")))
+        options = _IMPRESSIONS[finding.label]
+        if labels[finding.label] > 1:  # one impression line per finding: a count would name the others' side too
+            options = [o for o in options if "{count_word}" not in o]
+        impression.append(_fill(_pick(rng, options), finding, count_word=_COUNT_WORDS[1]))
     if "cardiomegaly" not in labels:
         body.append(_pick(rng, _RADIOGRAPH_NORMALS["heart"]))
     if not labels.keys() & {"pleural effusion", "pneumothorax"}:

@@ -13,7 +13,8 @@ Output folder::
     OUT/checkpoint/model/       model folder (config.json, model.safetensors, tokenizer) at the last checkpoint
     OUT/checkpoint/trainer.pt   optimizer + scheduler state, step, torch RNG state
     OUT/final/                  the model folder after the last step
-    OUT/train_config.json       the TrainConfig of the run
+    OUT/train_config.json       the TrainConfig of the run (on resume only ``steps`` may differ: the
+                                cosine schedule then follows the new total)
     OUT/loss.jsonl              {"step", "loss", "lr", "elapsed_s"} every log_every steps
 """
 
@@ -187,10 +188,14 @@ def _check_resume_config(out: Path, config: TrainConfig) -> None:
     path = out / "train_config.json"
     if not path.is_file():
         return
-    stored = TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    if stored != config:
-        changed = sorted(k for k, v in config.to_dict().items() if stored.to_dict()[k] != v)
-        raise ValueError(f"cannot resume {out}: train settings {changed} differ from the stored train_config.json")
+    stored = TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))).to_dict()
+    changed = sorted(k for k, v in config.to_dict().items() if stored.get(k) != v and k != "steps")
+    if changed:
+        raise ValueError(f"cannot resume {out}: train settings {changed} differ from the stored train_config.json "
+                         "(only steps may change on resume)")
+    if stored["steps"] != config.steps:
+        logger.warning("resuming with %d total steps instead of %d: the learning-rate schedule follows the new total",
+                       config.steps, stored["steps"])
 
 
 def train(config: TrainConfig, out: Path, *, resume: bool = False, model_config: MiniGPTConfig | None = None,
