@@ -5,7 +5,13 @@ One connection shared under a lock (pynetdicom runs one thread per association);
 
 Episode life cycle: ``receiving`` (instances arriving) → ``ready`` (idle for ``study_idle_seconds``; waits in
 the outbox) → ``queued`` (handed off, or being handed off when ``published_at`` is NULL) → ``preparing`` (claimed
-by the prepare task) → ``prepared`` / ``failed``. Later stages may set ``analysing`` and ``analysed``.
+by the prepare task) → ``prepared`` (manifest written, inference requested) → ``reported`` (outputs in the
+outbox, one delivery row per destination) → ``delivered`` (every delivery done), or ``failed`` (a stage gave up:
+see the dead-letter table). ``analysing`` and ``analysed`` are kept for readers of older indexes.
+
+Deliveries: one row per (episode, kind, destination), ``pending`` → ``done`` or ``dead``. Dead letters: one row
+per task that failed for good (after its last retry, or at once for a permanent error), with the task name and
+its arguments so ``raddraft retry`` can publish it again.
 """
 
 from __future__ import annotations
@@ -30,7 +36,15 @@ class EpisodeState(StrEnum):
     PREPARED = "prepared"
     ANALYSING = "analysing"
     ANALYSED = "analysed"
+    REPORTED = "reported"
+    DELIVERED = "delivered"
     FAILED = "failed"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"
 
 
 # An episode in one of these states blocks the hand-off of the next episode of the same study.
@@ -80,6 +94,30 @@ CREATE TABLE IF NOT EXISTS task_runs (
     episode_id         INTEGER NOT NULL,
     outcome            TEXT NOT NULL,
     at                 REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    study_instance_uid TEXT NOT NULL,
+    episode_id         INTEGER NOT NULL,
+    kind               TEXT NOT NULL,
+    destination        TEXT NOT NULL,
+    state              TEXT NOT NULL,
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    created_at         REAL NOT NULL,
+    done_at            REAL,
+    last_error         TEXT,
+    PRIMARY KEY (study_instance_uid, episode_id, kind, destination)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    task               TEXT NOT NULL,
+    task_id            TEXT NOT NULL,
+    args               TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    episode_id         INTEGER NOT NULL,
+    error              TEXT NOT NULL,
+    retries            INTEGER NOT NULL,
+    at                 REAL NOT NULL,
+    replayed_at        REAL
 );
 """
 
@@ -133,6 +171,58 @@ class Episode:
     @property
     def task_id(self) -> str:
         return f"prepare-{self.study_instance_uid}-{self.episode_id}"
+
+
+@dataclass(frozen=True)
+class DeliveryKey:
+    """Which delivery: one output set of one episode to one destination (``kind`` ``dicom`` or ``hl7``)."""
+
+    study_instance_uid: str
+    episode_id: int
+    kind: str
+    destination: str
+
+    def sql(self) -> tuple[str, int, str, str]:
+        return (self.study_instance_uid, self.episode_id, self.kind, self.destination)
+
+    def __str__(self) -> str:
+        return (f"{self.kind} delivery to {self.destination} of study {self.study_instance_uid} "
+                f"episode {self.episode_id}")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The state of one delivery."""
+
+    study_instance_uid: str
+    episode_id: int
+    kind: str
+    destination: str
+    state: DeliveryState
+    attempts: int
+    created_at: float
+    done_at: float | None
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A task that failed for good; ``args`` is its JSON argument list, as published."""
+
+    id: int
+    task: str
+    task_id: str
+    args: str
+    study_instance_uid: str
+    episode_id: int
+    error: str
+    retries: int
+    at: float
+    replayed_at: float | None
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(**{**dict(row), "state": DeliveryState(row["state"])})
 
 
 _EPISODE_COLUMNS = (
@@ -385,6 +475,123 @@ class Index:
                     "VALUES (?, ?, ?, ?, ?)",
                     (task_run[0], study_uid, episode_id, task_run[1], now),
                 )
+
+    def advance(self, study_uid: str, episode_id: int, allowed: tuple[EpisodeState, ...], state: EpisodeState,
+                now: float, *, error: str | None = None, task_run: tuple[str, str] | None = None) -> bool:
+        """Compare-and-set: move the episode to *state* only if it is in one of *allowed*; False otherwise."""
+        marks = ", ".join("?" for _ in allowed)
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"UPDATE episodes SET state = ?, finished_at = ?, last_error = ? "
+                f"WHERE study_instance_uid = ? AND episode_id = ? AND state IN ({marks})",
+                (state, now, error, study_uid, episode_id, *allowed),
+            )
+            if cursor.rowcount == 1 and task_run is not None:
+                db.execute(
+                    "INSERT INTO task_runs (task, study_instance_uid, episode_id, outcome, at) VALUES (?, ?, ?, ?, ?)",
+                    (task_run[0], study_uid, episode_id, task_run[1], now),
+                )
+            return cursor.rowcount == 1
+
+    # --- deliveries -------------------------------------------------------------------------------------------
+    def add_deliveries(self, study_uid: str, episode_id: int, targets: list[tuple[str, str]], now: float
+                       ) -> list[Delivery]:
+        """Create the ``(kind, destination)`` delivery rows that do not exist yet; return every row of the episode."""
+        with self._transaction() as db:
+            for kind, destination in targets:
+                db.execute(
+                    "INSERT OR IGNORE INTO deliveries (study_instance_uid, episode_id, kind, destination, state, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (study_uid, episode_id, kind, destination, DeliveryState.PENDING, now),
+                )
+        return self.deliveries(study_uid, episode_id)
+
+    def deliveries(self, study_uid: str | None = None, episode_id: int | None = None) -> list[Delivery]:
+        """Delivery rows, of one episode when *study_uid* and *episode_id* are given."""
+        with self._lock:
+            if study_uid is None:
+                rows = self._db.execute("SELECT * FROM deliveries ORDER BY created_at, kind, destination").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM deliveries WHERE study_instance_uid = ? AND episode_id = ? "
+                    "ORDER BY kind, destination", (study_uid, episode_id)).fetchall()
+        return [_delivery(row) for row in rows]
+
+    def delivery(self, key: DeliveryKey) -> Delivery | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM deliveries WHERE study_instance_uid = ? AND episode_id = ? AND kind = ? "
+                "AND destination = ?", key.sql()).fetchone()
+        return None if row is None else _delivery(row)
+
+    def finish_delivery(self, key: DeliveryKey, state: DeliveryState, now: float, error: str | None = None, *,
+                        attempted: bool = True) -> bool:
+        """Record a delivery's end (*attempted*: it ends an attempt not counted yet; a dead letter of an attempt
+        already counted by :meth:`note_delivery_error` passes False); when every delivery of a ``reported``
+        episode is done, the episode becomes ``delivered`` in the same transaction (returned True)."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + ?, done_at = ?, last_error = ? "
+                "WHERE study_instance_uid = ? AND episode_id = ? AND kind = ? AND destination = ?",
+                (state, int(attempted), now if state is DeliveryState.DONE else None, error, *key.sql()),
+            )
+            if cursor.rowcount != 1:
+                raise KeyError(f"{key} is not in the index")
+            study_uid, episode_id = key.study_instance_uid, key.episode_id
+            open_rows = db.execute(
+                "SELECT COUNT(*) FROM deliveries WHERE study_instance_uid = ? AND episode_id = ? AND state <> ?",
+                (study_uid, episode_id, DeliveryState.DONE),
+            ).fetchone()[0]
+            if open_rows:
+                return False
+            moved = db.execute(
+                "UPDATE episodes SET state = ?, finished_at = ?, last_error = NULL "
+                "WHERE study_instance_uid = ? AND episode_id = ? AND state IN (?, ?)",
+                (EpisodeState.DELIVERED, now, study_uid, episode_id, EpisodeState.REPORTED, EpisodeState.FAILED),
+            )
+            return moved.rowcount == 1
+
+    def note_delivery_error(self, key: DeliveryKey, error: str) -> None:
+        """Count a failed attempt that will be retried (the row stays ``pending``)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ? "
+                "WHERE study_instance_uid = ? AND episode_id = ? AND kind = ? AND destination = ?",
+                (error, *key.sql()),
+            )
+
+    def reopen_delivery(self, key: DeliveryKey) -> None:
+        """A dead delivery being re-played goes back to ``pending``."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ? WHERE study_instance_uid = ? AND episode_id = ? AND kind = ? "
+                "AND destination = ? AND state = ?",
+                (DeliveryState.PENDING, *key.sql(), DeliveryState.DEAD),
+            )
+
+    # --- dead letters -----------------------------------------------------------------------------------------
+    def add_dead_letter(self, task: str, task_id: str, args: str, *, study_uid: str, episode_id: int, error: str,
+                        retries: int, now: float) -> int:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO dead_letters (task, task_id, args, study_instance_uid, episode_id, error, retries, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (task, task_id, args, study_uid, episode_id, error, retries, now),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def dead_letters(self, include_replayed: bool = False) -> list[DeadLetter]:
+        where = "" if include_replayed else "WHERE replayed_at IS NULL "
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM dead_letters {where}ORDER BY id").fetchall()
+        return [DeadLetter(**dict(row)) for row in rows]
+
+    def mark_replayed(self, dead_letter_id: int, now: float) -> bool:
+        """Mark a dead letter re-played; False if it does not exist or was re-played already."""
+        with self._transaction() as db:
+            cursor = db.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ? AND replayed_at IS NULL",
+                                (now, dead_letter_id))
+            return cursor.rowcount == 1
 
     # --- task runs (observability and tests) ------------------------------------------------------------------
     def record_task_run(self, task: str, study_uid: str, episode_id: int, outcome: str, now: float) -> None:

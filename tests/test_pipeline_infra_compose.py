@@ -26,8 +26,9 @@ def test_services_and_only_the_node_publishes_a_port(spec: dict[str, Any]) -> No
     assert set(services) == {"redis", "node", "io-worker", "gpu-worker", "orthanc"}
     published = {name for name, service in services.items() if service.get("ports")}
     assert published == {"node"}
-    [port] = services["node"]["ports"]
-    assert port.endswith(":11112")  # the DICOM port; 8080 (health, metrics) stays internal
+    dicom, worklist = services["node"]["ports"]
+    assert dicom.endswith(":11112")  # the DICOM port, for the PACS
+    assert worklist.startswith("127.0.0.1:") and worklist.endswith(":8080")  # worklist: host loopback only
     assert all("expose" not in s or name == "node" for name, s in services.items())
 
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pydicom
 import pytest
 import torch
-from worklist_helpers import settings_for, write_draft
+from worklist_helpers import Client, settings_for, write_draft
 
 from model.imaging import prepare_image
 from model.minigpt import MiniGPTMed
 from model.prompts import parse_grounded
 from worklist import auth
 from worklist.answerer import MiniGPTAnswerer
+from worklist.app import WorklistApp
 from worklist.bridge import Bridge, ModelUnavailableError
+from worklist.server import RunningServer
 from worklist.storage import Store
 
 
@@ -57,5 +60,46 @@ def test_ask_vqa_and_refer_through_the_bridge(tmp_path, small_model):
         with pytest.raises(ModelUnavailableError, match="no model is connected"):
             Bridge(settings, store).ask(entry, uid, frame_number=None, kind="vqa", text="?", user=user)
         assert [e.action for e in store.audit_entries(entry)][:2] == ["ask-vqa", "ask-refer"]
+    finally:
+        store.close()
+
+
+class CannedModel:
+    """A QuestionModel that answers every instruction with one grounded box on the 0-100 grid."""
+
+    image_size = 224
+
+    def __init__(self) -> None:
+        self.instructions: list[str] = []
+
+    def answer(self, pixels, instruction):
+        assert pixels.shape == (3, 224, 224)
+        self.instructions.append(instruction)
+        return "<p>left lung nodule</p> {<10><20><30><40>}"
+
+
+def test_ask_over_http_returns_the_answer_with_its_box_in_source_pixels(tmp_path):
+    settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'w.sqlite'}")
+    store = Store.from_settings(settings)
+    try:
+        store.add_user("curie", "radiologist", auth.hash_password("radium-226"), full_name="Curie^Marie",
+                       organization="IR", now=datetime.now(UTC))
+        draft = write_draft(settings)
+        model = CannedModel()
+        bridge = Bridge(settings, store, model=model)
+        entry = bridge.register_draft(draft.manifest_path, draft.result_path)
+        with RunningServer(WorklistApp(bridge)) as server:
+            client = Client(server)
+            client.login()
+            _, data, _ = client.request("GET", f"/api/studies/{entry}")
+            assert json.loads(data)["can_ask"]
+            status, body = client.post_json(f"/api/studies/{entry}/ask",
+                                            {"image": 0, "kind": "refer", "text": "left lung nodule"})
+        assert status == 200 and model.instructions == ["[refer] where is left lung nodule ?"]
+        assert body["text"] == "left lung nodule" and body["image"] == 0 and body["dropped"] == []
+        dataset = pydicom.dcmread(next(settings.spool_dir.rglob(f"{draft.result.analysed_instances[0]}.dcm")))
+        expected = prepare_image(dataset, 224).transform.grid_to_source((10, 20, 30, 40))
+        assert body["boxes"] == [pytest.approx(list(expected))]
+        assert "ask-refer" in [e.action for e in store.audit_entries(entry)]
     finally:
         store.close()

@@ -1,6 +1,8 @@
 """The worklist in a real headless Chromium (Playwright): log in, watch a new draft arrive, review, edit, sign.
 
-Then the final SR and ORU written through the bridge are checked, and screenshots of both pages are saved to
+The worklist runs as ``raddraft serve`` runs it (worklist/service.py) beside a real Celery io worker on the
+embedded broker; the signature's deliveries go through that queue to a real Orthanc (the final SR is read back
+from it) and a real MLLP listener (the ORU with OBR-25 = F). Screenshots of both pages are saved to
 docs/screenshots/ for the README.
 """
 
@@ -10,17 +12,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import hl7
-import pydicom
 import pytest
+from mllp_listener import MLLPListener
+from peers import wait_for
 from playwright.sync_api import expect, sync_playwright
-from worklist_helpers import ONE_FINDING_CR, settings_for, write_draft
+from worklist_helpers import ONE_FINDING_CR, orthanc_instance, settings_for, write_draft
 
+import worklist.tasks  # noqa: F401 - registers the signed-delivery tasks with the worker
+from workers.celery_app import IO_QUEUE, configure
+from workers.inprocess import InProcessWorker
 from worklist import auth
-from worklist.app import WorklistApp
-from worklist.bridge import Bridge
-from worklist.server import RunningServer
+from worklist.service import WorklistService
 from worklist.signing import SignedReport
-from worklist.storage import Store
+from worklist.storage import DeliveryState
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -38,19 +42,26 @@ def _texts(dataset):
 
 
 @pytest.fixture
-def served(tmp_path):
-    settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'worklist.sqlite'}")
-    store = Store.from_settings(settings)
-    store.add_user("curie", "radiologist", auth.hash_password("radium-226"), full_name="Curie^Marie",
-                   organization="Institut du Radium", now=datetime.now(UTC))
-    bridge = Bridge(settings, store)
-    with RunningServer(WorklistApp(bridge, refresh_ms=300)) as server:
-        yield settings, store, bridge, server
-    store.close()
+def served(tmp_path, orthanc):
+    with MLLPListener() as listener:
+        settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'worklist.sqlite'}", http_port=0,
+                                dicom_destinations=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+                                hl7_destinations=f"127.0.0.1:{listener.port}")
+        worker = InProcessWorker(configure(settings), [IO_QUEUE], concurrency=1)
+        worker.start()
+        try:
+            with WorklistService(settings, refresh_ms=300) as service:
+                service.store.add_user("curie", "radiologist", auth.hash_password("radium-226"),
+                                       full_name="Curie^Marie", organization="Institut du Radium",
+                                       now=datetime.now(UTC))
+                yield settings, service, listener
+        finally:
+            worker.stop()
 
 
-def test_review_edit_and_sign_in_chromium(served):
-    settings, store, bridge, server = served
+def test_review_edit_and_sign_in_chromium(served, orthanc):
+    settings, service, listener = served
+    store, bridge, server = service.store, service.bridge, service
     signed: list[SignedReport] = []
     bridge.on_sign(signed.append)
     draft = write_draft(settings, accession="ACC-1001")
@@ -120,6 +131,9 @@ def test_review_edit_and_sign_in_chromium(served):
             expect(page.locator("#sign-status")).to_have_text("Signed version 1 (F)")
             expect(page.locator("#state-badge")).to_have_text("signed")
             expect(page.locator("#versions li")).to_have_count(1)
+            expect(page.locator("#versions li .deliveries")).to_contain_text(
+                f"SR/GSPS to {orthanc.aet}@127.0.0.1:{orthanc.dicom_port}: ")
+            expect(page.locator("#versions li .deliveries")).to_contain_text(f"ORU to 127.0.0.1:{listener.port}: ")
             expect(page.locator("#report-findings")).to_be_disabled()
             expect(page.locator("#prelim-badge")).to_be_hidden()
         finally:
@@ -127,16 +141,27 @@ def test_review_edit_and_sign_in_chromium(served):
 
     assert len(signed) == 1
     report = signed[0]
-    sr = pydicom.dcmread(next(e.path for e in report.files if e.kind == "sr"))
+    # the io worker took both deliveries off the queue: the final SR as Orthanc stored it ...
+    sr_uid = next(e.sop_instance_uid for e in report.files if e.kind == "sr")
+    sr = wait_for(lambda: orthanc_instance(orthanc, sr_uid), timeout=60, interval=0.25, what="final SR in Orthanc")
     assert sr.VerificationFlag == "VERIFIED" and sr.PreliminaryFlag == "FINAL"
     assert str(sr.VerifyingObserverSequence[0].VerifyingObserverName) == "Curie^Marie"
+    assert sr.VerifyingObserverSequence[0].VerifyingOrganization == "Institut du Radium"
     assert "Lung consolidation" not in repr(sr)
-    narrative = pydicom.dcmread(next(e.path for e in report.files if e.kind == "narrative"))
+    narrative_uid = next(e.sop_instance_uid for e in report.files if e.kind == "narrative")
+    narrative = wait_for(lambda: orthanc_instance(orthanc, narrative_uid), timeout=30, what="narrative in Orthanc")
     assert any("Edited by the radiologist." in t for t in _texts(narrative))
-    message = hl7.parse(report.hl7_path.read_bytes().decode("utf-8"))
+    gsps = [e.sop_instance_uid for e in report.files if e.kind == "gsps"]
+    assert gsps and set(gsps) <= orthanc.sop_instance_uids()
+    # ... and the ORU as the MLLP listener received it
+    (message,) = listener.wait_for_messages(1, timeout=60)
     assert str(message.segment("OBR")[25]) == "F"
     assert all(str(s[11]) == "F" for s in message.segments("OBX"))
     assert not any("onsolidation" in str(s[5]) for s in message.segments("OBX"))
+    assert str(message) == str(hl7.parse(report.hl7_path.read_bytes().decode("utf-8")))  # the bytes signing wrote
+    wait_for(lambda: all(r.state is DeliveryState.DONE for r in store.deliveries(entry)), timeout=30,
+             what="both deliveries done")
     actions = [e.action for e in store.audit_entries(entry)]
-    for action in ("view", "finding-rejected", "finding-accepted", "correct", "edit-report", "sign"):
+    for action in ("view", "finding-rejected", "finding-accepted", "correct", "edit-report", "sign",
+                   "delivered-dicom", "delivered-hl7"):
         assert action in actions

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
-import re
 from datetime import UTC, datetime
 from urllib.parse import urlencode
 
 import pytest
 from PIL import Image
-from worklist_helpers import database_url_fixture, settings_for, write_draft  # noqa: F401 - fixture
+from worklist_helpers import Client, database_url_fixture, settings_for, write_draft  # noqa: F401 - fixture
 
 from raddraft.http import respond
 from worklist import auth
@@ -19,53 +17,6 @@ from worklist.app import WorklistApp
 from worklist.bridge import Bridge
 from worklist.server import RunningServer
 from worklist.storage import Store
-
-
-class Client:
-    """http.client with a cookie jar of one host; no redirects followed."""
-
-    def __init__(self, server: RunningServer) -> None:
-        self.server = server
-        self.cookies: dict[str, str] = {}
-        self.csrf = ""
-
-    def request(self, method, path, body=None, headers=None):
-        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=10)
-        try:
-            all_headers = dict(headers or {})
-            if self.cookies:
-                all_headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-            conn.request(method, path, body=body, headers=all_headers)
-            response = conn.getresponse()
-            data = response.read()
-            set_cookies = response.headers.get_all("Set-Cookie") or []
-            for cookie in set_cookies:
-                name, value = cookie.split(";", 1)[0].split("=", 1)
-                if value:
-                    self.cookies[name] = value
-                else:
-                    self.cookies.pop(name, None)
-            return response, data, set_cookies
-        finally:
-            conn.close()
-
-    def login(self, username="curie", password="radium-226"):
-        _, page, _ = self.request("GET", "/login")
-        token = re.search(rb'name="csrf_token" value="([^"]+)"', page)[1].decode()
-        form = urlencode({"csrf_token": token, "username": username, "password": password})
-        response, data, cookies = self.request("POST", "/login", form,
-                                               {"Content-Type": "application/x-www-form-urlencoded"})
-        if response.status == 303:
-            _, page, _ = self.request("GET", "/")
-            self.csrf = re.search(rb'name="csrf-token" content="([^"]+)"', page)[1].decode()
-        return response, data, cookies
-
-    def post_json(self, path, value, csrf=True, headers=None):
-        all_headers = {"Content-Type": "application/json", **(headers or {})}
-        if csrf:
-            all_headers["X-CSRF-Token"] = self.csrf
-        response, data, _ = self.request("POST", path, json.dumps(value), all_headers)
-        return response.status, json.loads(data)
 
 
 @pytest.fixture
@@ -223,5 +174,22 @@ def test_one_port_serves_the_operations_endpoints_when_wired(tmp_path):
             assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
             response, _, _ = client.request("GET", "/")
             assert response.status == 303  # everything else is the worklist, behind its login
+    finally:
+        store.close()
+
+
+def test_cookies_are_secure_when_served_behind_tls(tmp_path):
+    settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'w.sqlite'}")
+    store = Store.from_settings(settings)
+    try:
+        store.add_user("curie", "radiologist", auth.hash_password("radium-226"), full_name="Curie^Marie",
+                       organization="Institut du Radium", now=datetime.now(UTC))
+        with RunningServer(WorklistApp(Bridge(settings, store), secure_cookies=True)) as server:
+            client = Client(server)
+            _, _, login_cookies = client.request("GET", "/login")
+            response, _, cookies = client.login()
+            assert response.status == 303
+            for cookie in [*login_cookies, *cookies]:
+                assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie, cookie
     finally:
         store.close()

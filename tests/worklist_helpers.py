@@ -1,25 +1,35 @@
-"""Worklist test data and databases: a phantom study in a real spool with its manifest and draft result, and the
-two database backends (SQLite file, PostgreSQL database created for the test and dropped after).
+"""Worklist test data and databases: a phantom study in a real spool with its manifest and draft result, the
+two database backends (SQLite file, PostgreSQL database created for the test and dropped after), and reading
+back what a real Orthanc stored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import io
+import json
+import re
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlencode
 
 import psycopg
+import pydicom
 import pytest
+from peers import Orthanc
 
 from dicom_node.index import InstanceRecord
 from model.phantoms import PhantomStudy, generate_study, study_rng
 from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
 from raddraft.settings import Settings, load_settings
 from workers.prepare import build_manifest
+from worklist.server import RunningServer
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # (seed, index) of a CR phantom with three findings: left nodule, left consolidation, right nodule
@@ -35,8 +45,18 @@ class DraftOnDisk:
     result: AnalysisResult
 
 
-def settings_for(home: Path, database_url: str) -> Settings:
-    return load_settings(home=home, database_url=database_url, hl7_sending_facility="RADDRAFT HOSPITAL")
+def settings_for(home: Path, database_url: str, **overrides: object) -> Settings:
+    return load_settings(home=home, database_url=database_url, hl7_sending_facility="RADDRAFT HOSPITAL",
+                         **overrides)
+
+
+def orthanc_instance(orthanc: Orthanc, sop_instance_uid: str) -> pydicom.Dataset | None:
+    """The instance Orthanc stored under *sop_instance_uid*, read back from its REST API; None if it has none."""
+    found = [r for r in orthanc.request("POST", "/tools/lookup", sop_instance_uid) if r["Type"] == "Instance"]
+    if not found:
+        return None
+    with urllib.request.urlopen(f"{orthanc.url}/instances/{found[0]['ID']}/file", timeout=30) as response:
+        return pydicom.dcmread(io.BytesIO(response.read()))
 
 
 def write_draft(settings: Settings, which: tuple[int, int] = THREE_FINDINGS_CR, episode_id: int = 1,
@@ -103,3 +123,50 @@ def database_url_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iter
     else:
         with postgres_database() as url:
             yield url
+
+
+class Client:
+    """http.client with a cookie jar of one host; no redirects followed."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        self.cookies: dict[str, str] = {}
+        self.csrf = ""
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=10)
+        try:
+            all_headers = dict(headers or {})
+            if self.cookies:
+                all_headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+            conn.request(method, path, body=body, headers=all_headers)
+            response = conn.getresponse()
+            data = response.read()
+            set_cookies = response.headers.get_all("Set-Cookie") or []
+            for cookie in set_cookies:
+                name, value = cookie.split(";", 1)[0].split("=", 1)
+                if value:
+                    self.cookies[name] = value
+                else:
+                    self.cookies.pop(name, None)
+            return response, data, set_cookies
+        finally:
+            conn.close()
+
+    def login(self, username="curie", password="radium-226"):
+        _, page, _ = self.request("GET", "/login")
+        token = re.search(rb'name="csrf_token" value="([^"]+)"', page)[1].decode()
+        form = urlencode({"csrf_token": token, "username": username, "password": password})
+        response, data, cookies = self.request("POST", "/login", form,
+                                               {"Content-Type": "application/x-www-form-urlencoded"})
+        if response.status == 303:
+            _, page, _ = self.request("GET", "/")
+            self.csrf = re.search(rb'name="csrf-token" content="([^"]+)"', page)[1].decode()
+        return response, data, cookies
+
+    def post_json(self, path, value, csrf=True, headers=None):
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        if csrf:
+            all_headers["X-CSRF-Token"] = self.csrf
+        response, data, _ = self.request("POST", path, json.dumps(value), all_headers)
+        return response.status, json.loads(data)

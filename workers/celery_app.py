@@ -16,12 +16,16 @@ from kombu.exceptions import OperationalError
 
 from dicom_node.episodes import BrokerUnavailableError
 from raddraft.settings import Settings, load_settings
+from workers import redis_transport
 
 log = logging.getLogger(__name__)
 
 PREPARE_TASK = "raddraft.prepare"
 INFER_TASK = "raddraft.infer"
 REPORT_TASK = "raddraft.report"
+DELIVER_DICOM_TASK = "raddraft.deliver_dicom"
+DELIVER_HL7_TASK = "raddraft.deliver_hl7"
+DEAD_LETTER_TASK = "raddraft.dead_letter"
 
 IO_QUEUE = "io"
 GPU_QUEUE = "gpu"
@@ -29,7 +33,9 @@ GPU_QUEUE = "gpu"
 TASK_ROUTES: dict[str, dict[str, str]] = {
     PREPARE_TASK: {"queue": IO_QUEUE},
     REPORT_TASK: {"queue": IO_QUEUE},
-    "raddraft.deliver_*": {"queue": IO_QUEUE},
+    DELIVER_DICOM_TASK: {"queue": IO_QUEUE},
+    DELIVER_HL7_TASK: {"queue": IO_QUEUE},
+    DEAD_LETTER_TASK: {"queue": IO_QUEUE},
     INFER_TASK: {"queue": GPU_QUEUE},
 }
 
@@ -37,7 +43,7 @@ CONNECT_TIMEOUT_S = 2.0  # a dead broker must not block the hand-off dispatcher 
 SOCKET_TIMEOUT_S = 10.0
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
-app = Celery("raddraft", include=["workers.tasks"])
+app = Celery("raddraft", include=["workers.tasks", "worklist.tasks"])  # worklist: deliveries of signed reports
 
 _bound: dict[str, Settings] = {}
 
@@ -46,7 +52,18 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     if settings.uses_embedded_broker:
         # kombu's sqlalchemy transport passes these to sqlalchemy.create_engine
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    return {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": SOCKET_TIMEOUT_S}
+    # visibility_timeout: a task whose worker died unacknowledged is re-delivered after this long; the sweep
+    # that restores such tasks runs every quarter of it (at most every 10 s), on every call (throttle 1)
+    visibility = settings.broker_visibility_timeout_s
+    return {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": SOCKET_TIMEOUT_S,
+            "visibility_timeout": visibility, "unacked_restore_interval": max(1, min(10, int(visibility / 4))),
+            "unacked_restore_throttle": 1}
+
+
+def _transport(settings: Settings) -> str | None:
+    """kombu transport class: plain Redis gets the reconnect fix of workers/redis_transport.py; others (TLS Redis,
+    the embedded SQLite broker) follow their URL scheme."""
+    return redis_transport.TRANSPORT if settings.effective_broker_url.startswith("redis://") else None
 
 
 def configure(settings: Settings) -> Celery:
@@ -55,6 +72,7 @@ def configure(settings: Settings) -> Celery:
         settings.home.mkdir(parents=True, exist_ok=True)
     app.conf.update(
         broker_url=settings.effective_broker_url,
+        broker_transport=_transport(settings),
         broker_transport_options=_transport_options(settings),
         broker_connection_timeout=CONNECT_TIMEOUT_S,
         broker_connection_retry_on_startup=True,
@@ -85,11 +103,15 @@ def current_settings() -> Settings:
 
 def publish_prepare(study_uid: str, episode_id: int, task_id: str) -> None:
     """Send one ``prepare`` task carrying IDs only; raise :class:`BrokerUnavailableError` if the broker refuses."""
+    publish(PREPARE_TASK, [study_uid, episode_id], task_id)
+
+
+def publish(task_name: str, args: list[Any], task_id: str) -> None:
+    """Send one task (routed by :data:`TASK_ROUTES`); raise :class:`BrokerUnavailableError` if the broker refuses."""
     try:
-        # a fresh connection per hand-off: nothing stale survives a broker restart, and retry=False fails fast
+        # a fresh connection per message: nothing stale survives a broker restart, and retry=False fails fast
         with app.connection_for_write() as connection:
-            app.send_task(PREPARE_TASK, args=[study_uid, episode_id], task_id=task_id, retry=False,
-                          connection=connection)
+            app.send_task(task_name, args=args, task_id=task_id, retry=False, connection=connection)
     except (OperationalError, OSError) as exc:
         broker = _redacted(app.conf.broker_url)
         raise BrokerUnavailableError(f"broker {broker} did not accept {task_id}: {exc}") from exc

@@ -1,13 +1,202 @@
-"""Thin Celery tasks: arguments are IDs, the work is done by plain functions tested without a broker."""
+"""Thin Celery tasks: arguments are IDs (or the inference request/response messages), the work is done by plain
+functions tested without a broker (workers/prepare.py, workers/pipeline.py, workers/delivery.py).
+
+Every task is idempotent, acknowledged late and re-queued when its worker dies. Transient errors (a peer or the
+broker down, a timeout) are retried with exponential backoff (``task_retry_backoff_s`` doubling up to
+``task_retry_backoff_max_s``, at most ``task_max_retries`` times); the retry is explicit rather than
+``autoretry_for`` so that these limits come from the settings at run time. A task that fails for good lands in
+the dead-letter table (workers/deadletter.py); the gpu worker has no index, so it publishes the dead letter
+to the io queue.
+"""
 
 from __future__ import annotations
 
-from workers.celery_app import PREPARE_TASK, app, current_settings
+import logging
+import random
+import threading
+import time
+from typing import Any, NoReturn
+
+from billiard.einfo import ExceptionInfo
+from celery import Task
+
+from dicom_node.episodes import BrokerUnavailableError
+from dicom_node.index import DeliveryKey, DeliveryState, EpisodeState, Index
+from raddraft.settings import Destination, HL7Destination, Settings
+from workers import deadletter, delivery, pipeline
+from workers.celery_app import (
+    DEAD_LETTER_TASK,
+    DELIVER_DICOM_TASK,
+    DELIVER_HL7_TASK,
+    INFER_TASK,
+    PREPARE_TASK,
+    REPORT_TASK,
+    app,
+    current_settings,
+    publish,
+)
+from workers.inference import infer as run_inference
+from workers.payload import InferenceRequest, InferenceResponse
 from workers.prepare import prepare_episode
 
+log = logging.getLogger(__name__)
 
-@app.task(name=PREPARE_TASK, acks_late=True, reject_on_worker_lost=True)
-def prepare(study_uid: str, episode_id: int) -> str | None:
-    """Write the manifest of one study episode; a duplicate delivery finds the episode claimed and does nothing."""
-    path = prepare_episode(current_settings(), study_uid, episode_id)
+# One generate call at a time per process: `raddraft serve` runs infer in one of its shared worker threads.
+_MODEL_LOCK = threading.Lock()
+
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    delivery.TransientDeliveryError, BrokerUnavailableError, ConnectionError, TimeoutError,
+)
+
+
+def backoff_seconds(retries: int, settings: Settings) -> float:
+    """Delay before retry number ``retries + 1``: full jitter over an exponentially growing, capped window."""
+    window = min(settings.task_retry_backoff_max_s, settings.task_retry_backoff_s * 2 ** retries)
+    return window / 2 + random.uniform(0.0, window / 2)
+
+
+def task_id(stage: str, study_uid: str, episode_id: int, detail: str = "") -> str:
+    """Deterministic task ids: a re-published stage gets the id of the original."""
+    return f"{stage}-{study_uid}-{episode_id}" + (f"-{detail}" if detail else "")
+
+
+class PipelineTask(Task):
+    """Base of the pipeline tasks: late acknowledgement, retries of transient errors, dead letter at the end."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    uses_index = True  # False for the gpu task: its dead letter travels through the broker
+
+    def retry_transient(self, exc: Exception) -> NoReturn:
+        """Retry after a backoff; after ``task_max_retries`` the error propagates (and :meth:`on_failure` runs)."""
+        settings = current_settings()
+        countdown = backoff_seconds(self.request.retries, settings)
+        log.warning("task %s failed (attempt %d of %d), retrying in %.1f s: %s", self.request.id,
+                    self.request.retries + 1, settings.task_max_retries + 1, countdown, exc)
+        # an explicit fresh connection: the worker's default producer does not reach the embedded sqla broker
+        # from the in-process worker (the retry message was silently lost), and a fresh one survives broker restarts
+        with app.connection_for_write() as connection:
+            raise self.retry(exc=exc, countdown=countdown, max_retries=settings.task_max_retries,
+                             connection=connection)
+
+    def on_failure(self, exc: Exception, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   einfo: ExceptionInfo) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        retries = int(self.request.retries or 0)
+        if self.uses_index:
+            deadletter.record(current_settings(), self.name, task_id, list(args), error=error, retries=retries)
+        else:
+            publish(DEAD_LETTER_TASK, [self.name, task_id, list(args), error, retries], f"dead-letter-{task_id}")
+
+
+@app.task(name=PREPARE_TASK, base=PipelineTask, bind=True)
+def prepare(self: PipelineTask, study_uid: str, episode_id: int) -> str | None:
+    """Write the manifest of one study episode, then its inference request, and publish ``infer``.
+
+    A duplicate delivery finds the episode claimed; if it is already prepared, ``infer`` is published again
+    (it may be the first delivery's publish that was lost).
+    """
+    settings = current_settings()
+    path = prepare_episode(settings, study_uid, episode_id)
+    if path is None:
+        index = Index(settings.index_path)
+        try:
+            episode = index.episode(study_uid, episode_id)
+        finally:
+            index.close()
+        if episode is None or episode.state is not EpisodeState.PREPARED:
+            return None
+    request = pipeline.prepare_request(settings, study_uid, episode_id)
+    try:
+        publish(INFER_TASK, [request.to_message()], task_id("infer", study_uid, episode_id))
+    except BrokerUnavailableError as exc:
+        self.retry_transient(exc)
     return None if path is None else str(path)
+
+
+class InferTask(PipelineTask):
+    uses_index = False
+
+
+@app.task(name=INFER_TASK, base=InferTask, bind=True)
+def infer(self: InferTask, request_message: dict[str, Any]) -> None:
+    """Run the model on one request (no spool, no index) and publish ``report`` with the response."""
+    request = InferenceRequest.from_message(request_message)
+    with _MODEL_LOCK:
+        (response,) = run_inference(current_settings(), [request])
+    try:
+        publish(REPORT_TASK, [response.to_message()],
+                task_id("report", request.study_instance_uid, request.episode_id))
+    except BrokerUnavailableError as exc:
+        self.retry_transient(exc)
+
+
+@app.task(name=REPORT_TASK, base=PipelineTask, bind=True)
+def report(self: PipelineTask, response_message: dict[str, Any]) -> None:
+    """Write the outputs to the outbox and publish one delivery task per pending destination."""
+    response = InferenceResponse.from_message(response_message)
+    outcome = pipeline.report_episode(current_settings(), response)
+    if outcome is None:
+        return
+    try:
+        for key in outcome.deliveries:
+            name = DELIVER_DICOM_TASK if key.kind == delivery.DICOM else DELIVER_HL7_TASK
+            publish(name, [key.study_instance_uid, key.episode_id, key.destination],
+                    task_id(f"deliver-{key.kind}", key.study_instance_uid, key.episode_id, key.destination))
+    except BrokerUnavailableError as exc:
+        self.retry_transient(exc)
+
+
+def _deliver(task: PipelineTask, key: DeliveryKey, send: Any) -> bool:
+    settings = current_settings()
+    index = Index(settings.index_path)
+    try:
+        row = index.delivery(key)
+        if row is None:
+            raise pipeline.StageError(f"{key} is not in the index (the report stage did not create it)")
+        if row.state is DeliveryState.DONE:
+            log.info("%s is already done; duplicate ignored", key)
+            return False
+        try:
+            send(settings)
+        except Exception as exc:
+            index.note_delivery_error(key, str(exc))  # every attempt is counted; a permanent error is re-raised
+            if isinstance(exc, delivery.TransientDeliveryError):
+                task.retry_transient(exc)
+            raise
+        index.finish_delivery(key, DeliveryState.DONE, time.time())
+        return True
+    finally:
+        index.close()
+
+
+@app.task(name=DELIVER_DICOM_TASK, base=PipelineTask, bind=True)
+def deliver_dicom(self: PipelineTask, study_uid: str, episode_id: int, destination: str) -> bool:
+    """C-STORE the episode's SR, narrative and GSPS to one destination; done only on Success statuses."""
+    target = Destination.parse(destination)
+    key = DeliveryKey(study_uid, episode_id, delivery.DICOM, destination)
+    return _deliver(self, key, lambda settings: delivery.deliver_dicom(settings, study_uid, episode_id, target))
+
+
+@app.task(name=DELIVER_HL7_TASK, base=PipelineTask, bind=True)
+def deliver_hl7(self: PipelineTask, study_uid: str, episode_id: int, destination: str) -> bool:
+    """Send the episode's ORU^R01 to one MLLP destination; done only on an AA (or CA) acknowledgement."""
+    target = HL7Destination.parse(destination)
+    key = DeliveryKey(study_uid, episode_id, delivery.HL7, destination)
+    return _deliver(self, key, lambda settings: delivery.deliver_hl7(settings, study_uid, episode_id, target))
+
+
+@app.task(name=DEAD_LETTER_TASK, acks_late=True, reject_on_worker_lost=True)
+def dead_letter(task_name: str, failed_task_id: str, args: list[Any], error: str, retries: int) -> int:
+    """Record the dead letter of a task that ran where there is no index (the gpu worker)."""
+    return deadletter.record(current_settings(), task_name, failed_task_id, args, error=error, retries=retries)
+
+
+def republish(work: pipeline.StrandedWork) -> None:
+    """Publish a stage a previous run left stranded (see :func:`workers.pipeline.stranded_work`)."""
+    if work.stage == "prepare":
+        publish(PREPARE_TASK, [work.study_uid, work.episode_id], task_id("prepare", work.study_uid, work.episode_id))
+        return
+    name = DELIVER_DICOM_TASK if work.stage == f"deliver-{delivery.DICOM}" else DELIVER_HL7_TASK
+    publish(name, [work.study_uid, work.episode_id, work.destination],
+            task_id(work.stage, work.study_uid, work.episode_id, work.destination or ""))

@@ -1,18 +1,18 @@
-"""``python -m worklist [--config FILE]``: the worklist web app with /healthz and /metrics (no model: no questions)."""
+"""``python -m worklist [--config FILE]``: the worklist web app alone, with /healthz and /metrics (no model: no
+questions). Signed reports are published to the io queue of the configured broker, where the pipeline's io
+worker (``raddraft serve`` or ``raddraft worker --queues io``) delivers them."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from pathlib import Path
 
-from raddraft.http import respond
 from raddraft.logsetup import configure_logging
 from raddraft.settings import load_settings
-from worklist.app import WorklistApp
-from worklist.bridge import Bridge
-from worklist.server import serve_forever
-from worklist.storage import Store
+from workers.celery_app import configure
+from worklist.service import WorklistService
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,14 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings(args.config)
     configure_logging(settings.log_level)
-    store = Store.from_settings(settings)
+    configure(settings)
+    service = WorklistService(settings)
     try:
-        app = WorklistApp(Bridge(settings, store), ops=lambda method, path: respond(settings, method, path))
-        serve_forever(app, settings.http_bind, settings.http_port)
+        service.start()
+        threading.Event().wait()
     except KeyboardInterrupt:
         return 130
     finally:
-        store.close()
+        service.stop()
     return 0
 
 

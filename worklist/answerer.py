@@ -28,3 +28,27 @@ class MiniGPTAnswerer:
         images = torch.from_numpy(np.ascontiguousarray(pixels))[None].to(self._model.device)  # (1, 3, S, S)
         with self._lock, torch.inference_mode():
             return self._model.generate(images, [instruction], max_new_tokens=self._max_new_tokens)[0]
+
+
+class SharedModelAnswerer:
+    """``QuestionModel`` over the gpu worker's model of this process (``raddraft serve`` with in-process workers):
+    loaded on the first question, or already loaded by inference; the input size is known without loading."""
+
+    def __init__(self, spec: str, device: str, image_size: int) -> None:
+        self._spec = spec
+        self._device = device
+        self._image_size = image_size
+        self._answerer: MiniGPTAnswerer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    def answer(self, pixels: np.ndarray, instruction: str) -> str:
+        from workers.inference import get_model  # noqa: PLC0415 (workers.inference imports this package's users)
+
+        with self._lock:
+            if self._answerer is None:
+                self._answerer = MiniGPTAnswerer(get_model(self._spec, self._device).model)
+        return self._answerer.answer(pixels, instruction)

@@ -255,6 +255,10 @@ class WorklistApp:
             })
         info = manifest.study
         versions = self.store.versions(study.id)
+        deliveries: dict[int, list[dict[str, Any]]] = {}
+        for row in self.store.deliveries(study.id):
+            deliveries.setdefault(row.version, []).append({"kind": row.kind, "destination": row.destination,
+                                                           "state": row.state.value, "attempts": row.attempts})
         editable = study.state in EDITABLE
         return {
             **study.to_json(),
@@ -266,8 +270,8 @@ class WorklistApp:
             "images": [{"index": n, "rows": img.rows, "columns": img.columns, "frame_number": img.frame_number,
                         "url": f"/studies/{study.id}/images/{n}.png"} for n, img in enumerate(images)],
             "versions": [{"version": v.version, "status": v.result_status, "signed_by": v.signed_by,
-                          "signed_at": v.signed_at.isoformat(), "findings": v.findings, "impression": v.impression}
-                         for v in versions],
+                          "signed_at": v.signed_at.isoformat(), "findings": v.findings, "impression": v.impression,
+                          "deliveries": deliveries.get(v.version, [])} for v in versions],
             "model": {"name": result.model.name, "version": result.model.version} if result else None,
             "editable": editable,
             "can_sign": editable and session.user.role == "radiologist",

@@ -3,11 +3,13 @@
 The pipeline connects three things:
 
 * ``Bridge.register_draft(manifest_path, result_path)`` when a draft is ready (``register_failure`` when an
-  episode failed), or the module-level ``register_draft(settings, …)`` from a worker process;
+  episode failed), or the module-level ``register_draft(settings, …)`` / ``register_failure(settings, …)``
+  from a worker process;
 * a model for questions: any object with ``image_size`` and ``answer(pixels, instruction) -> str``
   (``worklist/answerer.py`` wraps a ``MiniGPTMed``); without one the Ask box says the model is off;
 * ``Bridge.on_sign(callback)``: the callback gets a ``SignedReport`` (every final file, the ORU path, F or C)
-  after the signature is stored, and enqueues delivery through the same queues as the drafts.
+  after the signature is stored; ``worklist.delivery.SignedDeliveryQueue`` is the callback that enqueues the
+  deliveries on the io queue, like the drafts' (``worklist/service.py`` wires it).
 """
 
 from __future__ import annotations
@@ -182,5 +184,15 @@ def register_draft(settings: Settings, manifest_path: Path, result_path: Path,
     store = Store.from_settings(settings)
     try:
         return Bridge(settings, store).register_draft(manifest_path, result_path, priority)
+    finally:
+        store.close()
+
+
+def register_failure(settings: Settings, manifest_path: Path, error: str,
+                     priority: Priority = Priority.ROUTINE) -> int:
+    """For a worker process: show an episode whose analysis failed for good (no patient data in *error*)."""
+    store = Store.from_settings(settings)
+    try:
+        return Bridge(settings, store).register_failure(manifest_path, error, priority)
     finally:
         store.close()

@@ -1,6 +1,7 @@
-"""Serving the worklist: a threaded ``wsgiref`` server, in the foreground or in a background thread (tests).
+"""Serving the worklist: a threaded ``wsgiref`` server in a background thread.
 
-``python -m worklist`` runs it standalone with the settings (``http_bind``, ``http_port``, ``database_url``).
+``worklist/service.py`` runs it on the settings' ``http_bind:http_port`` (``raddraft serve``, ``python -m
+worklist``); tests run it on a free port.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ class RunningServer:
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever: only when it runs
+            self.server.shutdown()
+            self._thread.join(timeout=5)
         self.server.server_close()
-        self._thread.join(timeout=5)
 
     def __enter__(self) -> RunningServer:
         return self.start()
@@ -57,9 +59,3 @@ class RunningServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def serve_forever(app: WorklistApp, host: str, port: int) -> None:
-    """Serve in the foreground until interrupted."""
-    with make_server(host, port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler) as server:
-        logger.info("worklist listening on http://%s:%d", host, server.server_address[1])
-        server.serve_forever()

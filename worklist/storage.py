@@ -1,4 +1,5 @@
-"""The worklist database: users, sessions, studies, finding decisions, signed report versions and the audit log.
+"""The worklist database: users, sessions, studies, finding decisions, signed report versions, their deliveries
+and the audit log.
 
 SQLAlchemy Core on SQLite (default: ``<home>/worklist.sqlite``, WAL) or PostgreSQL (``RADDRAFT_DATABASE_URL``
 ``postgresql://…``, driven by psycopg 3). A signed report version is insert-only: a database trigger refuses
@@ -59,6 +60,12 @@ class Priority(StrEnum):
 
 
 PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"  # failed for good: the dead letter in the index says how to re-play it
 
 
 class Decision(StrEnum):
@@ -136,6 +143,20 @@ report_versions = Table(
     Column("sr_uid", String(64), nullable=False),
     Column("narrative_uid", String(64), nullable=False),
     UniqueConstraint("study_id", "version", name="uq_worklist_report_version"),
+)
+
+# one row per (signed version, destination): the durable record of what the io queue still has to deliver
+signed_deliveries = Table(
+    "worklist_deliveries", metadata,
+    Column("study_id", Integer, ForeignKey("worklist_studies.id"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("kind", String(8), primary_key=True),  # "dicom" (C-STORE) or "hl7" (MLLP)
+    Column("destination", String(200), primary_key=True),
+    Column("state", String(8), nullable=False),  # pending, done, dead
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=False, default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("done_at", DateTime(timezone=True), nullable=True),
 )
 
 audit_log = Table(
@@ -237,6 +258,19 @@ class ReportVersion:
     output_dir: str
     sr_uid: str
     narrative_uid: str
+
+
+@dataclass(frozen=True)
+class SignedDelivery:
+    """One signed version to one destination (``kind`` ``dicom`` or ``hl7``)."""
+
+    study_id: int
+    version: int
+    kind: str
+    destination: str
+    state: DeliveryState
+    attempts: int
+    last_error: str
 
 
 @dataclass(frozen=True)
@@ -487,6 +521,54 @@ class Store:
                                   impression=row["impression"], signed_by=row["signed_by"],
                                   signed_at=_utc(row["signed_at"]), output_dir=row["output_dir"],
                                   sr_uid=row["sr_uid"], narrative_uid=row["narrative_uid"]) for row in rows]
+
+    # ------------------------------------------------------------------ deliveries of signed versions
+
+    def add_deliveries(self, study_id: int, version: int, targets: list[tuple[str, str]], now: datetime
+                       ) -> list[SignedDelivery]:
+        """Create the missing ``(kind, destination)`` rows of a signed version; return all its rows."""
+        with self._tx() as conn:
+            existing = {(row.kind, row.destination) for row in conn.execute(
+                select(signed_deliveries.c.kind, signed_deliveries.c.destination).where(
+                    signed_deliveries.c.study_id == study_id, signed_deliveries.c.version == version))}
+            for kind, destination in targets:
+                if (kind, destination) not in existing:
+                    conn.execute(insert(signed_deliveries).values(
+                        study_id=study_id, version=version, kind=kind, destination=destination,
+                        state=DeliveryState.PENDING.value, attempts=0, last_error="", created_at=now))
+                    existing.add((kind, destination))
+        return self.deliveries(study_id, version)
+
+    def deliveries(self, study_id: int | None = None, version: int | None = None,
+                   state: DeliveryState | None = None) -> list[SignedDelivery]:
+        query = select(signed_deliveries).order_by(signed_deliveries.c.study_id, signed_deliveries.c.version,
+                                                   signed_deliveries.c.kind, signed_deliveries.c.destination)
+        if study_id is not None:
+            query = query.where(signed_deliveries.c.study_id == study_id)
+        if version is not None:
+            query = query.where(signed_deliveries.c.version == version)
+        if state is not None:
+            query = query.where(signed_deliveries.c.state == state.value)
+        with self._tx() as conn:
+            return [SignedDelivery(row["study_id"], row["version"], row["kind"], row["destination"],
+                                   DeliveryState(row["state"]), row["attempts"], row["last_error"])
+                    for row in conn.execute(query).mappings()]
+
+    def finish_delivery(self, key: SignedDelivery, state: DeliveryState, now: datetime, error: str = "") -> None:
+        """Record the end of a delivery (done, or dead with its error); counts the attempt."""
+        self._update_delivery(key, state=state.value, done_at=now, last_error=error,
+                              attempts=signed_deliveries.c.attempts + 1)
+
+    def note_delivery_error(self, key: SignedDelivery, error: str) -> None:
+        """Count a failed attempt that will be retried (the row stays pending)."""
+        self._update_delivery(key, last_error=error, attempts=signed_deliveries.c.attempts + 1)
+
+    def _update_delivery(self, key: SignedDelivery, **values: Any) -> None:
+        with self._tx() as conn:
+            conn.execute(update(signed_deliveries).where(
+                signed_deliveries.c.study_id == key.study_id, signed_deliveries.c.version == key.version,
+                signed_deliveries.c.kind == key.kind, signed_deliveries.c.destination == key.destination,
+            ).values(**values))
 
     # ------------------------------------------------------------------ audit
 

@@ -1,4 +1,13 @@
-"""``raddraft serve``: the DICOM node, the hand-off dispatcher and (embedded broker) an in-process io worker."""
+"""``raddraft serve``: the DICOM node, the hand-off dispatcher, the radiologists' worklist (with ``/healthz`` and
+``/metrics``) on the HTTP port and (embedded broker) in-process io and gpu workers.
+
+With the embedded broker (no ``broker_url``) this one command is the whole gateway: io tasks run in a thread
+pool, the model runs in a single gpu thread, and work a previous run left between two stages is published
+again at start-up (the embedded broker does not re-deliver a message whose worker died). With Redis the
+workers are separate ``raddraft worker --queues io|gpu`` processes and Redis re-delivers. Questions asked on
+the worklist go to the in-process model; without in-process workers the worklist answers that no model is
+loaded here.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +23,18 @@ from dicom_node.receive import InstanceReceiver
 from dicom_node.scp import DicomNode
 from dicom_node.spool import Spool
 from raddraft.settings import Settings
-from workers.celery_app import IO_QUEUE, configure, publish_prepare
+from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure, publish_prepare
 from workers.inprocess import InProcessWorker
+from worklist.bridge import QuestionModel
+from worklist.service import WorklistService
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-worker", action="store_true",
-                        help="do not start the in-process io worker even with the embedded broker")
+                        help="do not start the in-process io and gpu workers even with the embedded broker")
+    parser.add_argument("--io-threads", type=int, default=2, help="threads of the in-process io worker (default 2)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -44,22 +56,70 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     node = DicomNode(settings, receiver)
     dispatcher = HandoffDispatcher(index, publish_prepare, settings.study_idle_seconds,
                                    settings.handoff_retry_seconds)
-    worker = InProcessWorker(app, [IO_QUEUE]) if settings.uses_embedded_broker and not args.no_worker else None
+    workers: list[InProcessWorker] = []
+    in_process = settings.uses_embedded_broker and not args.no_worker
+    worklist = WorklistService(settings, _question_model(settings) if in_process else None)
+    if in_process:
+        # one worker for both queues: two Celery WorkControllers in one process do not consume; infer tasks take
+        # a process-wide lock (workers/tasks.py), so the model runs one batch at a time in one of these threads
+        workers = [InProcessWorker(app, [IO_QUEUE, GPU_QUEUE], concurrency=args.io_threads + 1)]
 
     dispatcher.recover(reset_claimed=settings.uses_embedded_broker)
+    if workers:
+        _republish_stranded(index)
     node.start()
     try:
+        worklist.start()
         dispatcher.start()
-        if worker is not None:
+        for worker in workers:
             worker.start()
+        if workers:
+            threading.Thread(target=_warm_model, args=(settings,), name="raddraft-model-warmup", daemon=True).start()
         log.info("raddraft serving; home %s, broker %s", settings.home,
                  "embedded" if settings.uses_embedded_broker else "external")
         stop.wait()
     finally:
         node.stop()
         dispatcher.stop()
-        if worker is not None:
+        for worker in workers:
             worker.stop()
+        worklist.stop()
         index.close()
     log.info("raddraft stopped")
     return 0
+
+
+def _republish_stranded(index: Index) -> None:
+    # these import the model stack (torch): only when the workers run in this process
+    from workers.pipeline import stranded_work  # noqa: PLC0415
+    from workers.tasks import republish  # noqa: PLC0415
+
+    work = stranded_work(index)
+    for item in work:
+        republish(item)
+    if work:
+        log.info("published %d stage(s) a previous run left unfinished", len(work))
+
+
+def _question_model(settings: Settings) -> QuestionModel | None:
+    """The in-process model for worklist questions; None (questions answered 'no model') when it is not there."""
+    from workers.pipeline import model_input_size  # noqa: PLC0415 (torch: only when the workers run here)
+    from worklist.answerer import SharedModelAnswerer  # noqa: PLC0415
+
+    try:
+        size = model_input_size(settings.model)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        log.warning("worklist questions are off: %s", exc)
+        return None
+    return SharedModelAnswerer(settings.model, settings.inference_device, size)
+
+
+def _warm_model(settings: Settings) -> None:
+    """Load the model before the first study arrives (the in-process gpu worker would load it on first use)."""
+    from workers.inference import get_model  # noqa: PLC0415 (torch: only when the workers run here)
+
+    try:
+        get_model(settings.model, settings.inference_device)
+    except Exception:
+        log.exception("model %s could not be loaded ahead of time; the first infer task will report why",
+                      settings.model)

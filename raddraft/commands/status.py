@@ -1,4 +1,5 @@
-"""``raddraft status [--json]``: studies with the state of each episode and their counts."""
+"""``raddraft status [--json]``: studies with the state of each episode and their counts, the deliveries, and the
+dead-letter table (tasks that failed for good; re-play them with ``raddraft retry``)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def collect(settings: Settings) -> dict[str, Any]:
     """The status document: one entry per study episode, plus totals per state."""
     if not settings.index_path.exists():
-        return {"studies": [], "totals": {}, "instances": 0}
+        return {"studies": [], "totals": {}, "instances": 0, "deliveries": [], "dead_letters": []}
     index = Index(settings.index_path)
     try:
         counts = index.study_counts()
         episodes = index.episodes()
         total_instances = index.count_instances()
+        deliveries = index.deliveries()
+        dead_letters = index.dead_letters()
     finally:
         index.close()
     rows = []
@@ -38,13 +41,25 @@ def collect(settings: Settings) -> dict[str, Any]:
             "received_in_episode": episode.received,
             "study_instances": instances,
             "study_series": series,
-            "last_received": datetime.fromtimestamp(episode.last_received_at, UTC).isoformat(timespec="seconds"),
+            "last_received": _iso(episode.last_received_at),
             "handed_off": episode.published_at is not None,
             "handoff_attempts": episode.attempts,
             "error": episode.last_error,
         })
     totals = Counter(row["state"] for row in rows)
-    return {"studies": rows, "totals": dict(sorted(totals.items())), "instances": total_instances}
+    return {
+        "studies": rows, "totals": dict(sorted(totals.items())), "instances": total_instances,
+        "deliveries": [{"study_instance_uid": d.study_instance_uid, "episode": d.episode_id, "kind": d.kind,
+                        "destination": d.destination, "state": str(d.state), "attempts": d.attempts,
+                        "error": d.last_error} for d in deliveries],
+        "dead_letters": [{"id": d.id, "task": d.task, "task_id": d.task_id, "study_instance_uid": d.study_instance_uid,
+                          "episode": d.episode_id, "retries": d.retries, "error": d.error,
+                          "at": _iso(d.at)} for d in dead_letters],
+    }
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -66,4 +81,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         out.write(line + "\n")
     totals = ", ".join(f"{state} {count}" for state, count in document["totals"].items())
     out.write(f"{len(document['studies'])} episode(s): {totals}; {document['instances']} instance(s) stored\n")
+    unfinished = [d for d in document["deliveries"] if d["state"] != "done"]
+    for row in unfinished:
+        out.write(f"delivery {row['state']}: {row['kind']} to {row['destination']} of {row['study_instance_uid']} "
+                  f"episode {row['episode']} after {row['attempts']} attempt(s)"
+                  + (f" ({row['error']})" if row["error"] else "") + "\n")
+    if document["dead_letters"]:
+        out.write(f"{len(document['dead_letters'])} dead letter(s) (re-play with 'raddraft retry ID' or --all):\n")
+        for row in document["dead_letters"]:
+            out.write(f"  #{row['id']}  {row['task']}  {row['study_instance_uid']} episode {row['episode']}  "
+                      f"{row['at']}  after {row['retries']} retry(ies): {row['error']}\n")
     return 0

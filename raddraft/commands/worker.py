@@ -26,7 +26,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         pool, concurrency = "threads", args.concurrency or 4
     log.info("Celery worker for queue %s (pool %s, concurrency %d)", args.queues, pool, concurrency)
-    worker = app.Worker(queues=[args.queues], pool_cls=pool, concurrency=concurrency,
-                        loglevel=settings.log_level, hostname=f"raddraft-{args.queues}@%h")
+    # no gossip and no mingle: raddraft workers share nothing with each other (fewer channels to lose with Redis)
+    worker = app.Worker(queues=[args.queues], pool_cls=pool, concurrency=concurrency, without_gossip=True,
+                        without_mingle=True, loglevel=settings.log_level, hostname=f"raddraft-{args.queues}@%h")
     worker.start()
     return int(worker.exitcode or 0)

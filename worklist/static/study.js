@@ -180,7 +180,12 @@
         + v.signed_by + " at " + new Date(v.signed_at).toLocaleString();
       const text = document.createElement("pre");
       text.textContent = "FINDINGS:\n" + v.findings + "\n\nIMPRESSION:\n" + v.impression;
-      li.append(head, text);
+      const sent = document.createElement("div");
+      sent.className = "deliveries";
+      sent.textContent = v.deliveries.length === 0 ? "No destination configured."
+        : v.deliveries.map((d) => (d.kind === "hl7" ? "ORU to " : "SR/GSPS to ") + d.destination + ": " + d.state)
+          .join(" · ");
+      li.append(head, text, sent);
       list.appendChild(li);
     }
   }

@@ -1,0 +1,28 @@
+"""``raddraft demo --exit``: phantoms in, three preliminary drafts printed with the paths of every output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from e2e_helpers import MODEL, base_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_prints_three_drafts_and_their_outputs(tmp_path):
+    home = tmp_path / "demo"
+    env = base_env(tmp_path / "unused", RADDRAFT_MODEL=MODEL)
+    result = subprocess.run([sys.executable, "-m", "raddraft.cli", "demo", "--home", str(home), "--exit"], env=env,
+                            capture_output=True, text=True, timeout=280, check=False)
+    assert result.returncode == 0, result.stderr[-5000:]
+    out = result.stdout
+    assert out.count("DRAFT REPORT (preliminary") == 3
+    for modality in ("CR", "CT", "MR"):
+        assert f"=== {modality} study" in out
+    for line in (ln for ln in out.splitlines() if ln.strip().startswith(("SR:", "ORU:", "GSPS:", "overlay:"))):
+        assert (home / "outbox").as_posix() in line
+        assert Path(line.split(":", 1)[1].strip()).is_file(), line
+    assert "PHANTOM" not in result.stderr  # no patient names in the INFO log

@@ -1,0 +1,94 @@
+"""End to end against a real Orthanc: Orthanc C-STOREs a phantom study to ``raddraft serve``; raddraft analyses it
+and stores its SR and GSPS back into the same study; an MLLP listener gets the ORU.
+
+Runs once with the embedded broker (``raddraft serve`` alone) and once with a real redis-server and separate
+``raddraft worker`` processes. Box accuracy (IoU >= 0.5 against the phantom truth for every finding the model
+reports) is asserted only with the shipped trained checkpoint (``model.embedded.embedded_available()``); with
+the untrained small preset the boxes are meaningless and only their structure is checked.
+"""
+
+from __future__ import annotations
+
+import pytest
+from e2e_helpers import (
+    MODEL,
+    PR_MODALITY,
+    Phantoms,
+    base_env,
+    box_iou,
+    connect_orthanc,
+    gateway,
+    instances_of_modality,
+    push_study,
+    sr_boxes,
+    wait_for_outputs,
+    worker,
+)
+from mllp_listener import MLLPListener
+from peers import wait_for
+
+from dicom_node.index import DeliveryState, EpisodeState, Index
+
+pytestmark = pytest.mark.slow
+ANALYSIS_TIMEOUT_S = 150
+IOU_MIN = 0.5
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return Phantoms(tmp_path_factory.mktemp("phantoms"))
+
+
+def check_study(orthanc, study_id, truth, listener):
+    (sr,) = wait_for_outputs(orthanc, study_id, ANALYSIS_TIMEOUT_S)
+    assert sr.StudyInstanceUID == truth["study_uid"]
+    assert sr.PreliminaryFlag == "PRELIMINARY" and sr.VerificationFlag == "UNVERIFIED"
+    boxes = sr_boxes(sr)
+    if boxes:
+        assert instances_of_modality(orthanc, study_id, PR_MODALITY), "findings with boxes need a GSPS"
+    if MODEL == "embedded":
+        for sop_uid, box in boxes:
+            best = max((box_iou(box, tuple(f["box"])) for f in truth["findings"] if f["sop_instance_uid"] == sop_uid),
+                       default=0.0)
+            assert best >= IOU_MIN, f"box {box} on {sop_uid} matches no truth box (best IoU {best:.2f})"
+    messages = listener.wait_for_messages(1, timeout=90)
+    oru = next(m for m in messages if str(m.segment("OBX")[5]) == truth["study_uid"])
+    assert str(oru.segment("OBR")[25]) == "P"
+    return sr
+
+
+def deliveries_done(home, study_uid):
+    index = Index(home / "index.sqlite")
+    try:
+        episode = index.episode(study_uid, 1)
+        rows = index.deliveries(study_uid, 1)
+    finally:
+        index.close()
+    return (episode is not None and episode.state is EpisodeState.DELIVERED and len(rows) == 2
+            and all(r.state is DeliveryState.DONE for r in rows))
+
+
+def test_embedded_broker_cr_study_round_trip(tmp_path, orthanc, phantoms):
+    home = tmp_path / "home"
+    with MLLPListener() as listener:
+        env = base_env(home, RADDRAFT_HL7_DESTINATIONS=f"127.0.0.1:{listener.port}")
+        env["RADDRAFT_DICOM_DESTINATIONS"] = f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
+        with gateway(home, env) as serve:
+            connect_orthanc(orthanc, serve.port)
+            study_id = push_study(orthanc, phantoms.files("CR"))
+            check_study(orthanc, study_id, phantoms.truth("CR"), listener)
+            wait_for(lambda: deliveries_done(home, phantoms.truth("CR")["study_uid"]), timeout=90,
+                     what="both deliveries done")
+        assert "PHANTOM" not in serve.log  # no patient names at INFO
+
+
+def test_redis_broker_with_separate_workers_ct_study(tmp_path, orthanc, redis_server, phantoms):
+    home = tmp_path / "home"
+    with MLLPListener() as listener:
+        env = base_env(home, RADDRAFT_BROKER_URL=redis_server.url,
+                       RADDRAFT_HL7_DESTINATIONS=f"127.0.0.1:{listener.port}",
+                       RADDRAFT_DICOM_DESTINATIONS=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+        with gateway(home, env) as serve, worker("io", env), worker("gpu", env):
+            connect_orthanc(orthanc, serve.port)
+            study_id = push_study(orthanc, phantoms.files("CT"))
+            check_study(orthanc, study_id, phantoms.truth("CT"), listener)

@@ -1,0 +1,120 @@
+"""The dead-letter table: tasks that failed for good, shown by ``raddraft status`` and re-played by ``raddraft retry``.
+
+A task lands here after its last retry of a transient error, or at once for a permanent one. Recording also
+marks what the failure means for the episode: a failed ``infer`` or ``report`` makes the episode ``failed``; a
+failed delivery makes that delivery ``dead`` (the episode stays ``reported``); a failed ``prepare`` keeps the
+state workers/prepare.py gave it. Re-playing undoes that mark and publishes the same task with the same
+arguments under a new task id; every stage is idempotent, so a re-played task that finds its work done exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dicom_node.index import DeadLetter, DeliveryKey, DeliveryState, EpisodeState, Index
+from raddraft.settings import Settings
+from workers.celery_app import (
+    DELIVER_DICOM_TASK,
+    DELIVER_HL7_TASK,
+    INFER_TASK,
+    PREPARE_TASK,
+    REPORT_TASK,
+)
+from workers.delivery import DICOM, HL7
+from workers.prepare import manifest_path
+from worklist.bridge import register_failure
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 2000
+_DELIVERY_KIND = {DELIVER_DICOM_TASK: DICOM, DELIVER_HL7_TASK: HL7}
+# The state a re-played task needs to find its episode in (FAILED is undone to this).
+_REPLAY_STATE = {PREPARE_TASK: EpisodeState.QUEUED, INFER_TASK: EpisodeState.PREPARED,
+                 REPORT_TASK: EpisodeState.PREPARED}
+
+
+def episode_of(task_name: str, args: Sequence[Any]) -> tuple[str, int]:
+    """(study UID, episode id) of a task's arguments: IDs first, or a request/response message."""
+    if task_name in (INFER_TASK, REPORT_TASK):
+        message = args[0]
+        return str(message["study_instance_uid"]), int(message["episode_id"])
+    return str(args[0]), int(args[1])
+
+
+def record(settings: Settings, task_name: str, task_id: str, args: Sequence[Any], *, error: str, retries: int,
+           clock: Callable[[], float] = time.time) -> int:
+    """Add a dead letter and mark the episode or delivery it concerns; returns the dead letter's id."""
+    study_uid, episode_id = episode_of(task_name, args)
+    error = error[:MAX_ERROR_CHARS]
+    index = Index(settings.index_path)
+    try:
+        letter_id = index.add_dead_letter(task_name, task_id, json.dumps(list(args)), study_uid=study_uid,
+                                          episode_id=episode_id, error=error, retries=retries, now=clock())
+        kind = _DELIVERY_KIND.get(task_name)
+        if kind is not None:
+            key = DeliveryKey(study_uid, episode_id, kind, str(args[2]))
+            if index.delivery(key) is not None:
+                index.finish_delivery(key, DeliveryState.DEAD, clock(), error, attempted=False)
+        elif task_name in (INFER_TASK, REPORT_TASK) and index.episode(study_uid, episode_id) is not None:
+            stage = task_name.rsplit(".", 1)[-1]
+            index.set_state(study_uid, episode_id, EpisodeState.FAILED, clock(), error=f"{stage}: {error}",
+                            task_run=(stage, "dead-lettered"))
+            manifest = manifest_path(settings.home, study_uid, episode_id)
+            if manifest.is_file():  # the radiologists see the study as failed rather than waiting for a draft
+                register_failure(settings, manifest, f"{stage} failed (dead letter #{letter_id})")
+    finally:
+        index.close()
+    log.error("task %s of study %s episode %d dead-lettered as #%d after %d retry(ies): %s", task_id, study_uid,
+              episode_id, letter_id, retries, error)
+    return letter_id
+
+
+@dataclass(frozen=True)
+class Replayed:
+    dead_letter_id: int
+    task: str
+    task_id: str
+
+
+Publisher = Callable[[str, list[Any], str], None]
+
+
+def replay(settings: Settings, ids: Sequence[int] | None, publish: Publisher,
+           *, clock: Callable[[], float] = time.time) -> list[Replayed]:
+    """Re-publish the dead letters *ids* (None: every one not yet re-played). Unknown or already re-played ids
+    raise ``KeyError`` before anything is published."""
+    index = Index(settings.index_path)
+    try:
+        pending = {letter.id: letter for letter in index.dead_letters()}
+        chosen = sorted(pending) if ids is None else list(ids)
+        unknown = [i for i in chosen if i not in pending]
+        if unknown:
+            raise KeyError(f"dead letter(s) {', '.join(map(str, unknown))} do not exist or were re-played already")
+        done = []
+        for letter_id in chosen:
+            letter = pending[letter_id]
+            _undo_mark(index, letter, clock())
+            task_id = f"{letter.task_id.split('~replay', 1)[0]}~replay{letter.id}"
+            publish(letter.task, json.loads(letter.args), task_id)
+            index.mark_replayed(letter.id, clock())
+            log.info("dead letter #%d re-played as task %s", letter.id, task_id)
+            done.append(Replayed(letter.id, letter.task, task_id))
+        return done
+    finally:
+        index.close()
+
+
+def _undo_mark(index: Index, letter: DeadLetter, now: float) -> None:
+    kind = _DELIVERY_KIND.get(letter.task)
+    if kind is not None:
+        args = json.loads(letter.args)
+        index.reopen_delivery(DeliveryKey(letter.study_instance_uid, letter.episode_id, kind, str(args[2])))
+        return
+    target = _REPLAY_STATE.get(letter.task)
+    if target is not None:
+        index.advance(letter.study_instance_uid, letter.episode_id, (EpisodeState.FAILED,), target, now)

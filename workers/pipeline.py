@@ -1,0 +1,262 @@
+"""The stages of the pipeline as plain functions (the Celery tasks in workers/tasks.py are thin wrappers).
+
+    prepare (io)  manifest → images chosen by model/slices.py → model inputs (model/imaging.py) → InferenceRequest
+    infer (gpu)   InferenceRequest → InferenceResponse (workers/inference.py; no spool, no index)
+    report (io)   InferenceResponse → AnalysisResult → SR, narrative SR, GSPS, overlay, ORU in the outbox, and
+                  the draft on the radiologists' worklist (worklist/bridge.py)
+    deliver (io)  one task per configured destination (workers/delivery.py)
+
+Every stage is idempotent. The report stage keeps the first AnalysisResult it wrote for an episode
+(``<home>/work/<study>/<episode>/analysis.json``) and builds the ORU with a control id derived from the
+episode, so a re-run rewrites byte-identical outputs with the same UIDs. Requests carry only the first
+series' report task (the study's report, as in model/analyze.py) plus one grounding task per analysed image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydicom import dcmread
+
+from dicom_node.index import DeliveryKey, DeliveryState, EpisodeState, Index
+from model import prompts
+from model.analyze import REPORT_TOKENS, TASK_TOKENS, findings_from_answer, split_report
+from model.config import PRESETS
+from model.embedded import EMBEDDED_DIR, MINIGPT_MED_FILES
+from model.examples import overview
+from model.imaging import ImageDecodeError, NotAnImageError, PreparedImage, prepare_image
+from model.result import AnalysisResult, Finding
+from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study
+from model.weights import CONFIG_FILE
+from raddraft.jsonio import write_atomic
+from raddraft.settings import Settings
+from reporting.hl7_oru import MAX_CONTROL_ID_LENGTH, ResultStatus, oru_r01_from_settings
+from reporting.outbox import OutboxEntry, read_sources, write_outbox
+from workers.delivery import DICOM, HL7
+from workers.manifest import StudyManifest
+from workers.payload import InferenceRequest, InferenceResponse, ModelImage, ModelTask
+from workers.prepare import manifest_path
+from worklist.bridge import register_draft
+
+log = logging.getLogger(__name__)
+
+REPORT_TASK_ID = "report"
+MINIGPT_MED_IMAGE_SIZE = PRESETS["minigpt-med"].vision.image_size
+# Model text is free text: control characters (other than the whitespace split_report already folds) cannot go
+# into DICOM or HL7 text, so they are replaced by a space before the result is built.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class StageError(ValueError):
+    """A stage cannot run on this input (no readable image, mismatched response…); retrying cannot help."""
+
+
+def analysis_path(home: Path, study_uid: str, episode_id: int) -> Path:
+    return manifest_path(home, study_uid, episode_id).with_name("analysis.json")
+
+
+def request_path(home: Path, study_uid: str, episode_id: int) -> Path:
+    """Where the prepare stage keeps the request it sent (the report stage maps boxes back with it)."""
+    return manifest_path(home, study_uid, episode_id).with_name("request.json")
+
+
+def model_input_size(spec: str) -> int:
+    """The square input size of the model ``settings.model`` names, without loading its weights."""
+    if spec in PRESETS:
+        return PRESETS[spec].vision.image_size
+    folder = EMBEDDED_DIR if spec == "embedded" else Path(spec).expanduser()
+    config_path = folder / CONFIG_FILE
+    if config_path.is_file():
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+        return int(meta["config"]["vision"]["image_size"])
+    if all((folder / name).exists() for name in MINIGPT_MED_FILES):
+        return MINIGPT_MED_IMAGE_SIZE
+    raise FileNotFoundError(f"model {spec!r}: {config_path} does not exist and {folder} holds no MiniGPT-Med files")
+
+
+# --- prepare ------------------------------------------------------------------------------------------------
+def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int,
+                  policy: SlicePolicy | None = None) -> InferenceRequest:
+    """The model inputs of a prepared episode: the images the slice policy picks, each with a grounding task, and
+    the report task on the first series (its image, or a montage of its analysed images)."""
+    policy = policy or SlicePolicy()
+    chosen, _ = plan_study(manifest, policy)
+    by_series: dict[str, list[tuple[str, PreparedImage]]] = {}
+    for series, instance in chosen:
+        try:
+            prepared = prepare_image(dcmread(spool_dir / instance.path), model_size)
+        except (ImageDecodeError, NotAnImageError) as exc:
+            log.warning("instance %s is not analysed: %s", instance.sop_instance_uid, exc)
+            continue
+        by_series.setdefault(series.series_instance_uid, []).append((instance.sop_instance_uid, prepared))
+    if not by_series:
+        raise StageError(f"study {manifest.study_instance_uid} episode {manifest.episode_id} has no image the model "
+                         f"can read ({len(chosen)} chosen by the slice policy)")
+    images: list[ModelImage] = []
+    tasks: list[ModelTask] = []
+    for number, (series_uid, members) in enumerate(by_series.items()):
+        if number == 0:
+            if len(members) == 1:
+                report_image = f"{series_uid}/{members[0][0]}"
+            else:
+                report_image = f"overview/{series_uid}"
+                images.append(ModelImage.build(report_image, overview([p.display for _, p in members], model_size)))
+            tasks.append(ModelTask(task_id=REPORT_TASK_ID, image=report_image, task="report",
+                                   instruction=prompts.report_instruction(), max_new_tokens=REPORT_TOKENS))
+        for sop_uid, prepared in members:
+            key = f"{series_uid}/{sop_uid}"
+            images.append(ModelImage.build(key, prepared.pixels, sop_instance_uid=sop_uid,
+                                           transform=prepared.transform))
+            tasks.append(ModelTask(task_id=f"grounding:{sop_uid}", image=key, task="grounding",
+                                   instruction=prompts.grounding_instruction(), max_new_tokens=TASK_TOKENS))
+    return InferenceRequest(request_id=f"{manifest.study_instance_uid}-{manifest.episode_id}",
+                            study_instance_uid=manifest.study_instance_uid, episode_id=manifest.episode_id,
+                            model_size=model_size, images=images, tasks=tasks)
+
+
+def prepare_request(settings: Settings, study_uid: str, episode_id: int) -> InferenceRequest:
+    """Read the episode's manifest (written by workers/prepare.py), build its inference request and keep a copy
+    beside the manifest for the report stage."""
+    manifest = StudyManifest.read(manifest_path(settings.home, study_uid, episode_id))
+    request = build_request(settings.spool_dir, manifest, model_input_size(settings.model))
+    write_atomic(request_path(settings.home, study_uid, episode_id), request.to_json())
+    return request
+
+
+# --- report -------------------------------------------------------------------------------------------------
+def clean_text(text: str) -> str:
+    return _CONTROL.sub(" ", text)
+
+
+def analysis_from_response(request: InferenceRequest, response: InferenceResponse,
+                           policy: SlicePolicy | None = None) -> AnalysisResult:
+    """Boxes back in source pixels, neighbouring-slice findings merged, the report split into its sections."""
+    policy = policy or SlicePolicy()
+    if (response.request_id, response.study_instance_uid, response.episode_id) != (
+            request.request_id, request.study_instance_uid, request.episode_id):
+        raise StageError(f"response {response.request_id} (study {response.study_instance_uid} episode "
+                         f"{response.episode_id}) does not answer request {request.request_id}")
+    texts = {task_id: clean_text(text) for task_id, text in response.texts().items()}
+    missing = [task.task_id for task in request.tasks if task.task_id not in texts]
+    if missing:
+        raise StageError(f"response {response.request_id} has no output for task(s) {', '.join(missing)}")
+    report_text = texts.get(REPORT_TASK_ID, "")
+    findings: list[Finding] = []
+    positions: dict[str, SlicePosition] = {}
+    ranks: dict[str, int] = {}
+    analysed: list[str] = []
+    for task in request.tasks:
+        if task.task != "grounding":
+            continue
+        image = request.image(task.image)
+        if image.sop_instance_uid is None or image.transform is None:
+            raise StageError(f"grounding task {task.task_id} must refer to an instance image, not {image.key}")
+        analysed.append(image.sop_instance_uid)
+        series_key = image.key.split("/", 1)[0]  # instance images are keyed "<series UID>/<SOP Instance UID>"
+        findings.extend(findings_from_answer(texts[task.task_id], image.transform.to_letterbox(),
+                                             image.sop_instance_uid))
+        positions[image.sop_instance_uid] = SlicePosition(series_key, ranks.get(series_key, 0))
+        ranks[series_key] = ranks.get(series_key, 0) + 1
+    merged = [m.finding for m in merge_findings(findings, positions, policy)]
+    return AnalysisResult(
+        study_instance_uid=request.study_instance_uid, episode_id=request.episode_id, model=response.model,
+        report=split_report(report_text),
+        findings=merged, analysed_instances=analysed, raw_outputs=texts, status="preliminary",
+        created_at=datetime.now(UTC),
+    )
+
+
+def control_id(study_uid: str, episode_id: int, status: ResultStatus) -> str:
+    """MSH-10 of the episode's ORU: the same for every (re)build of the same message."""
+    digest = hashlib.sha256(f"{study_uid}\x1f{episode_id}\x1f{status.value}".encode()).hexdigest()
+    return digest[:MAX_CONTROL_ID_LENGTH]
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    result: AnalysisResult
+    entries: list[OutboxEntry]
+    deliveries: list[DeliveryKey]  # pending deliveries to publish
+    reused: bool  # the analysis of an earlier run of this stage was kept
+
+
+def report_episode(settings: Settings, response: InferenceResponse, *,
+                   clock: Callable[[], float] = time.time) -> ReportOutcome | None:
+    """Write the outbox of an analysed episode and its delivery rows; None when the episode is already past this
+    stage (a duplicate)."""
+    study_uid, episode_id = response.study_instance_uid, response.episode_id
+    index = Index(settings.index_path)
+    try:
+        episode = index.episode(study_uid, episode_id)
+        if episode is None:
+            raise StageError(f"episode {episode_id} of study {study_uid} is not in the index")
+        if episode.state in (EpisodeState.REPORTED, EpisodeState.DELIVERED):
+            index.record_task_run("report", study_uid, episode_id, "duplicate", clock())
+            log.info("study %s episode %d is already reported; duplicate ignored", study_uid, episode_id)
+            return None
+        manifest = StudyManifest.read(manifest_path(settings.home, study_uid, episode_id))
+        saved = analysis_path(settings.home, study_uid, episode_id)
+        reused = saved.is_file()
+        if reused:
+            result = AnalysisResult.read(saved)
+        else:
+            request = InferenceRequest.from_json(request_path(settings.home, study_uid, episode_id).read_bytes())
+            result = analysis_from_response(request, response)
+            result.write(saved)
+        message = oru_r01_from_settings(manifest, result, ResultStatus.PRELIMINARY, settings=settings,
+                                        control_id=control_id(study_uid, episode_id, ResultStatus.PRELIMINARY),
+                                        message_time=result.created_at)
+        entries = write_outbox(settings.outbox_dir, manifest, result, read_sources(settings.spool_dir, manifest),
+                               message)
+        # on the radiologists' worklist (a repeated registration finds the same entry)
+        register_draft(settings, manifest_path(settings.home, study_uid, episode_id), saved)
+        targets = [(DICOM, str(d)) for d in settings.dicom_destinations]
+        targets += [(HL7, str(d)) for d in settings.hl7_destinations]
+        rows = index.add_deliveries(study_uid, episode_id, targets, clock())
+        index.advance(study_uid, episode_id, tuple(s for s in EpisodeState if s not in (
+            EpisodeState.REPORTED, EpisodeState.DELIVERED)), EpisodeState.REPORTED, clock(),
+            task_run=("report", "reported"))
+        if not rows:
+            log.info("study %s episode %d reported: no destination configured; outputs stay in the outbox",
+                     study_uid, episode_id)
+        pending = [DeliveryKey(r.study_instance_uid, r.episode_id, r.kind, r.destination) for r in rows
+                   if r.state is DeliveryState.PENDING]
+    finally:
+        index.close()
+    log.info("study %s episode %d reported: %d finding(s), %d output file(s), %d delivery(ies) to run", study_uid,
+             episode_id, len(result.findings), len(entries), len(pending))
+    return ReportOutcome(result, entries, pending, reused)
+
+
+@dataclass(frozen=True)
+class StrandedWork:
+    """A stage to publish again after a restart: ``stage`` is ``prepare`` or ``deliver-<kind>``."""
+
+    stage: str
+    study_uid: str
+    episode_id: int
+    destination: str | None = None
+
+
+def stranded_work(index: Index) -> list[StrandedWork]:
+    """Work a previous run left between stages: prepared episodes (their infer or report message was lost; the
+    prepare stage re-publishes infer) and pending deliveries of reported episodes. Use it only where a lost
+    message is possible and no other worker still holds it (the embedded broker with in-process workers)."""
+    work: list[StrandedWork] = []
+    for episode in index.episodes():
+        if episode.state is EpisodeState.PREPARED:
+            work.append(StrandedWork("prepare", episode.study_instance_uid, episode.episode_id))
+        elif episode.state is EpisodeState.REPORTED:
+            for row in index.deliveries(episode.study_instance_uid, episode.episode_id):
+                if row.state is DeliveryState.PENDING:
+                    work.append(StrandedWork(f"deliver-{row.kind}", row.study_instance_uid, row.episode_id,
+                                             row.destination))
+    return work
