@@ -90,7 +90,18 @@ def hl7_output(folder: Path, output_set: OutputSet = OutputSet.DRAFT) -> bytes:
 def deliver_dicom(settings: Settings, study_uid: str, episode_id: int, destination: Destination,
                   output_set: OutputSet = OutputSet.DRAFT) -> SendSummary:
     """C-STORE the episode's DICOM outputs to *destination*; return the summary when every one succeeded."""
-    files = dicom_outputs(episode_dir(settings.outbox_dir, study_uid, episode_id), output_set)
+    summary = send_dicom_folder(settings, episode_dir(settings.outbox_dir, study_uid, episode_id), destination,
+                                output_set)
+    log.info("delivered %d DICOM object(s) of study %s episode %d to %s", len(summary.results), study_uid,
+             episode_id, destination)
+    return summary
+
+
+def send_dicom_folder(settings: Settings, folder: Path, destination: Destination,
+                      output_set: OutputSet = OutputSet.DRAFT) -> SendSummary:
+    """C-STORE the DICOM outputs of *output_set* in *folder* (an episode's, or an amendment's); the summary when
+    every one got a Success status, else a transient (no status, Out of Resources) or permanent error."""
+    files = dicom_outputs(folder, output_set)
     try:
         summary = send_instances(destination, files, calling_ae_title=settings.ae_title,
                                  connection_timeout_s=min(DICOM_CONNECT_TIMEOUT_S, settings.network_timeout_s),
@@ -112,15 +123,22 @@ def deliver_dicom(settings: Settings, study_uid: str, episode_id: int, destinati
         kind = TransientDeliveryError if transient else PermanentDeliveryError
         raise kind(f"DICOM destination {destination} did not store {len(not_stored) + len(summary.skipped)} of "
                    f"{len(files)} object(s) with a Success status: {reasons.lstrip('; ')}")
-    log.info("delivered %d DICOM object(s) of study %s episode %d to %s", len(files), study_uid, episode_id,
-             destination)
     return summary
 
 
 def deliver_hl7(settings: Settings, study_uid: str, episode_id: int, destination: HL7Destination,
                 output_set: OutputSet = OutputSet.DRAFT) -> Ack:
     """Send the episode's ORU^R01 to *destination*; return the ACK when it is AA (or CA)."""
-    message = hl7_output(episode_dir(settings.outbox_dir, study_uid, episode_id), output_set)
+    ack = send_hl7_folder(settings, episode_dir(settings.outbox_dir, study_uid, episode_id), destination, output_set)
+    log.info("delivered ORU %s of study %s episode %d to %s (%s)", ack.control_id, study_uid, episode_id,
+             destination, ack.code)
+    return ack
+
+
+def send_hl7_folder(settings: Settings, folder: Path, destination: HL7Destination,
+                    output_set: OutputSet = OutputSet.DRAFT) -> Ack:
+    """Send the ORU of *output_set* in *folder* to *destination*; the ACK when it is AA (or CA)."""
+    message = hl7_output(folder, output_set)
     try:
         ack = deliver(message, destination, settings)
     except MLLPError as exc:
@@ -128,6 +146,4 @@ def deliver_hl7(settings: Settings, study_uid: str, episode_id: int, destination
         raise kind(f"HL7 destination {destination}: {exc}") from exc
     except OSError as exc:
         raise TransientDeliveryError(f"HL7 destination {destination}: {exc}") from exc
-    log.info("delivered ORU %s of study %s episode %d to %s (%s)", ack.control_id, study_uid, episode_id,
-             destination, ack.code)
     return ack

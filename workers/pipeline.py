@@ -29,7 +29,7 @@ from pydicom import dcmread
 from dicom_node.index import DeliveryKey, DeliveryState, EpisodeState, Index
 from model import prompts
 from model.analyze import REPORT_TOKENS, TASK_TOKENS, findings_from_answer, split_report
-from model.config import PRESETS
+from model.config import PRESETS, MiniGPTConfig
 from model.embedded import EMBEDDED_DIR, MINIGPT_MED_FILES
 from model.examples import overview
 from model.imaging import ImageDecodeError, NotAnImageError, PreparedImage, prepare_image
@@ -42,7 +42,7 @@ from reporting.hl7_oru import MAX_CONTROL_ID_LENGTH, ResultStatus, oru_r01_from_
 from reporting.outbox import OutboxEntry, read_sources, write_outbox
 from workers.delivery import DICOM, HL7
 from workers.manifest import StudyManifest
-from workers.payload import InferenceRequest, InferenceResponse, ModelImage, ModelTask
+from workers.payload import ArrayDType, InferenceRequest, InferenceResponse, ModelImage, ModelTask
 from workers.prepare import manifest_path
 from worklist.bridge import register_draft
 
@@ -75,18 +75,23 @@ def model_input_size(spec: str) -> int:
     folder = EMBEDDED_DIR if spec == "embedded" else Path(spec).expanduser()
     config_path = folder / CONFIG_FILE
     if config_path.is_file():
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-        return int(meta["config"]["vision"]["image_size"])
-    if all((folder / name).exists() for name in MINIGPT_MED_FILES):
+        try:
+            meta = json.loads(config_path.read_text(encoding="utf-8"))
+            return MiniGPTConfig.from_dict(meta["config"]).vision.image_size
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{config_path}: cannot read the model's vision.image_size: {exc}") from exc
+    if folder.is_dir() and all((folder / name).exists() for name in MINIGPT_MED_FILES):
         return MINIGPT_MED_IMAGE_SIZE
-    raise FileNotFoundError(f"model {spec!r}: {config_path} does not exist and {folder} holds no MiniGPT-Med files")
+    raise ValueError(f"model {spec!r}: no preset of that name and no model folder at {folder} "
+                     "(io workers need the model's config.json, or the preset name 'minigpt-med')")
 
 
 # --- prepare ------------------------------------------------------------------------------------------------
-def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int,
-                  policy: SlicePolicy | None = None) -> InferenceRequest:
+def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, policy: SlicePolicy | None = None,
+                  *, dtype: ArrayDType = "float16", max_new_tokens: int | None = None) -> InferenceRequest:
     """The model inputs of a prepared episode: the images the slice policy picks, each with a grounding task, and
-    the report task on the first series (its image, or a montage of its analysed images)."""
+    the report task on the first series (its image, or a montage of its analysed images). Pixels travel as
+    *dtype*; *max_new_tokens* replaces the per-task budgets (REPORT_TOKENS, TASK_TOKENS) when given."""
     policy = policy or SlicePolicy()
     chosen, _ = plan_study(manifest, policy)
     by_series: dict[str, list[tuple[str, PreparedImage]]] = {}
@@ -108,15 +113,18 @@ def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int,
                 report_image = f"{series_uid}/{members[0][0]}"
             else:
                 report_image = f"overview/{series_uid}"
-                images.append(ModelImage.build(report_image, overview([p.display for _, p in members], model_size)))
+                images.append(ModelImage.build(report_image, overview([p.display for _, p in members], model_size),
+                                                dtype=dtype))
             tasks.append(ModelTask(task_id=REPORT_TASK_ID, image=report_image, task="report",
-                                   instruction=prompts.report_instruction(), max_new_tokens=REPORT_TOKENS))
+                                   instruction=prompts.report_instruction(),
+                                   max_new_tokens=max_new_tokens or REPORT_TOKENS))
         for sop_uid, prepared in members:
             key = f"{series_uid}/{sop_uid}"
             images.append(ModelImage.build(key, prepared.pixels, sop_instance_uid=sop_uid,
-                                           transform=prepared.transform))
+                                           transform=prepared.transform, dtype=dtype))
             tasks.append(ModelTask(task_id=f"grounding:{sop_uid}", image=key, task="grounding",
-                                   instruction=prompts.grounding_instruction(), max_new_tokens=TASK_TOKENS))
+                                   instruction=prompts.grounding_instruction(),
+                                   max_new_tokens=max_new_tokens or TASK_TOKENS))
     return InferenceRequest(request_id=f"{manifest.study_instance_uid}-{manifest.episode_id}",
                             study_instance_uid=manifest.study_instance_uid, episode_id=manifest.episode_id,
                             model_size=model_size, images=images, tasks=tasks)

@@ -24,24 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.episodes import BrokerUnavailableError
-from dicom_node.scu import (
-    AssociationFailedError,
-    AssociationRejectedError,
-    Outcome,
-    PeerUnreachableError,
-    send_instances,
-)
 from raddraft.settings import Destination, HL7Destination, Settings
-from reporting.mllp import MLLPError, deliver
 from workers.delivery import (
     DICOM,
-    DICOM_CONNECT_TIMEOUT_S,
     HL7,
     OutputSet,
     PermanentDeliveryError,
     TransientDeliveryError,
-    dicom_outputs,
-    hl7_output,
+    send_dicom_folder,
+    send_hl7_folder,
 )
 from worklist.signing import SignedReport
 from worklist.storage import DeliveryState, SignedDelivery, Store
@@ -194,41 +185,14 @@ def _row_and_folder(store: Store, target: SignedTarget) -> tuple[SignedDelivery,
     return row, Path(signed.output_dir)
 
 
-# The two senders mirror workers.delivery.deliver_dicom/deliver_hl7, which read the draft folder of an episode
-# only; an amendment's final set lives in <episode folder>/amendment_<n>/.
-
 def send_final_dicom(settings: Settings, folder: Path, destination: Destination) -> str:
-    """C-STORE the final SR, narrative and GSPS of *folder*; done only when every one got a Success status."""
-    files = dicom_outputs(folder, OutputSet.FINAL)
-    try:
-        summary = send_instances(destination, files, calling_ae_title=settings.ae_title,
-                                 connection_timeout_s=min(DICOM_CONNECT_TIMEOUT_S, settings.network_timeout_s),
-                                 timeout_s=settings.network_timeout_s)
-    except (PeerUnreachableError, AssociationFailedError, OSError) as exc:
-        raise TransientDeliveryError(f"DICOM destination {destination} is not reachable: {exc}") from exc
-    except AssociationRejectedError as exc:
-        kind = TransientDeliveryError if exc.transient else PermanentDeliveryError
-        raise kind(f"DICOM destination {destination} rejected the association: {exc}") from exc
-    failed = [r for r in summary.results if r.outcome is not Outcome.SUCCESS]
-    if failed or summary.skipped:
-        reasons = "; ".join(f"{r.sop_instance_uid}: {r.outcome.value} {r.reason}".rstrip() for r in failed)
-        reasons += "".join(f"; {s.path.name}: skipped, {s.reason}" for s in summary.skipped)
-        # no status at all (the association broke) or 0xA7xx Out of Resources: worth retrying
-        transient = not summary.skipped and all(r.status is None or 0xA700 <= r.status < 0xA800 for r in failed)
-        kind = TransientDeliveryError if transient else PermanentDeliveryError
-        raise kind(f"DICOM destination {destination} did not store {len(failed) + len(summary.skipped)} of "
-                   f"{len(files)} object(s): {reasons.lstrip('; ')}")
-    return f"{len(files)} object(s) stored"
+    """C-STORE the final SR, narrative and GSPS of *folder* (an episode's or an amendment's); done only when every
+    one got a Success status."""
+    summary = send_dicom_folder(settings, folder, destination, OutputSet.FINAL)
+    return f"{len(summary.results)} object(s) stored"
 
 
 def send_final_hl7(settings: Settings, folder: Path, destination: HL7Destination) -> str:
     """Send the final ORU (OBR-25 F, or C for an amendment) of *folder*; done only on AA (or CA)."""
-    message = hl7_output(folder, OutputSet.FINAL)
-    try:
-        ack = deliver(message, destination, settings)
-    except MLLPError as exc:
-        kind = TransientDeliveryError if exc.transient else PermanentDeliveryError
-        raise kind(f"HL7 destination {destination}: {exc}") from exc
-    except OSError as exc:
-        raise TransientDeliveryError(f"HL7 destination {destination}: {exc}") from exc
+    ack = send_hl7_folder(settings, folder, destination, OutputSet.FINAL)
     return f"ORU {ack.control_id} {ack.code}"

@@ -1,5 +1,5 @@
-"""io side of the gpu queue: a prepared phantom study → InferenceRequest (through JSON) → one batched generate
-→ InferenceResponse → AnalysisResult, the same as model.analyze.analyze_series in process."""
+"""io side of the gpu queue (workers/pipeline.py): a prepared phantom study → InferenceRequest (through JSON) → one
+batched generate → InferenceResponse → AnalysisResult, the same as model.analyze.analyze_series in process."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from model.analyze import analyze_series
 from model.embedded import LoadedModel
 from model.phantoms import PhantomStudy, generate_studies
 from model.result import ModelIdentity
-from workers import gpu_request, inference
+from workers import inference, pipeline
 from workers.manifest import StudyManifest
 from workers.payload import InferenceRequest, InferenceResponse, TaskOutput
 from workers.prepare import build_manifest
@@ -48,52 +48,53 @@ def loaded() -> LoadedModel:
 def test_queue_round_trip_equals_in_process_analysis(modality: str, loaded: LoadedModel, tmp_path: Path) -> None:
     study = next(generate_studies(7, 1, modality))
     manifest = spool_study(study, tmp_path)
-    request = gpu_request.build_request(manifest, tmp_path, TINY.vision.image_size, dtype="float32",
-                                        max_new_tokens=TOKENS)
+    request = pipeline.build_request(tmp_path, manifest, TINY.vision.image_size, dtype="float32",
+                                     max_new_tokens=TOKENS)
     request = InferenceRequest.from_message(request.to_message())  # what the broker carries
     assert {t.task for t in request.tasks} == {"report", "grounding"}
     assert len([t for t in request.tasks if t.task == "grounding"]) == len(study.datasets)
     if modality == "CT":
         assert any(image.sop_instance_uid is None for image in request.images)  # the series overview montage
     [response] = inference.run_batch(loaded, [request])
-    result = gpu_request.assemble_result(manifest, request, InferenceResponse.from_json(response.to_json()))
+    result = pipeline.analysis_from_response(request, InferenceResponse.from_json(response.to_json()))
     [series] = manifest.series
     datasets = [dcmread(tmp_path / instance.path) for instance in series.instances]  # all slices: 4 < 8 per series
     expected = analyze_series(loaded.model, datasets, max_new_tokens=TOKENS)
     assert result.report == expected.report
     assert result.findings == expected.findings
     assert result.analysed_instances == expected.analysed_instances
-    assert result.raw_outputs["report:" + series.series_instance_uid] == expected.raw_outputs["report"]
+    assert result.raw_outputs[pipeline.REPORT_TASK_ID] == expected.raw_outputs["report"]
     assert result.status == "preliminary" and result.model == IDENTITY
 
 
 def test_boxes_map_back_to_source_pixels(tmp_path: Path) -> None:
     study = next(generate_studies(7, 1, "CR"))
     manifest = spool_study(study, tmp_path)
-    request = gpu_request.build_request(manifest, tmp_path, 56)
+    request = pipeline.build_request(tmp_path, manifest, 56)
     uid = str(study.datasets[0].SOPInstanceUID)
-    texts = {"report:" + manifest.series[0].series_instance_uid: "FINDINGS: Nodule. IMPRESSION: Nodule.",
+    key = f"{manifest.series[0].series_instance_uid}/{uid}"
+    texts = {pipeline.REPORT_TASK_ID: "FINDINGS: Nodule. IMPRESSION: Nodule.",
              "grounding:" + uid: "<p>nodule</p> {<10><20><50><60>}"}
     response = InferenceResponse(request_id=request.request_id, study_instance_uid=request.study_instance_uid,
                                  episode_id=1, model=IDENTITY, batch_rows=2, seconds=0.1,
                                  outputs=[TaskOutput(task_id=k, text=v) for k, v in texts.items()])
-    result = gpu_request.assemble_result(manifest, request, response)
-    transform = request.image("grounding:" + uid).transform.to_letterbox()  # type: ignore[union-attr]
+    result = pipeline.analysis_from_response(request, response)
+    transform = request.image(key).transform.to_letterbox()  # type: ignore[union-attr]
     [finding] = result.findings
     assert finding.label == "nodule" and finding.sop_instance_uid == uid
     assert finding.box == pytest.approx(transform.grid_to_source((10, 20, 50, 60)))
     assert result.report.findings == "Nodule." and result.report.impression == "Nodule."
 
-    with pytest.raises(ValueError, match=r"has no answer for task\(s\) \['grounding:"):
-        gpu_request.assemble_result(manifest, request, response.model_copy(update={"outputs": response.outputs[:1]}))
-    with pytest.raises(ValueError, match="does not answer request"):
-        gpu_request.assemble_result(manifest, request, response.model_copy(update={"request_id": "other"}))
+    with pytest.raises(pipeline.StageError, match=r"has no output for task\(s\) grounding:"):
+        pipeline.analysis_from_response(request, response.model_copy(update={"outputs": response.outputs[:1]}))
+    with pytest.raises(pipeline.StageError, match="does not answer request"):
+        pipeline.analysis_from_response(request, response.model_copy(update={"request_id": "other"}))
 
 
 def test_model_input_size_without_loading(tmp_path: Path) -> None:
-    assert gpu_request.model_input_size("minigpt-med") == 448
-    assert gpu_request.model_input_size("raddraft-small") == 224
+    assert pipeline.model_input_size("minigpt-med") == 448
+    assert pipeline.model_input_size("raddraft-small") == 224
     tiny_model().save_pretrained(tmp_path / "tiny")
-    assert gpu_request.model_input_size(str(tmp_path / "tiny")) == 56
+    assert pipeline.model_input_size(str(tmp_path / "tiny")) == 56
     with pytest.raises(ValueError, match="no preset of that name and no model folder"):
-        gpu_request.model_input_size(str(tmp_path / "missing"))
+        pipeline.model_input_size(str(tmp_path / "missing"))
