@@ -15,6 +15,7 @@ from model.analyze import (
     task_instruction,
 )
 from model.embedded import EMBEDDED_DIR, embedded_available, export, load_model
+from model.evaluation import extract_labels, f1, iou, label_counts
 from model.imaging import Letterbox
 from model.phantoms import generate_study, study_rng, write_studies
 from model.result import DraftReport
@@ -132,18 +133,27 @@ def test_cli_analyze_json_with_a_model_folder(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not embedded_available(), reason=f"no shipped checkpoint in {EMBEDDED_DIR}")
-def test_shipped_checkpoint_finds_boxes_in_source_pixels(tmp_path):
+def test_shipped_checkpoint_reads_the_image_and_finds_true_boxes_in_source_pixels(tmp_path):
+    """The shipped model on held-out radiographs (a seed training never used): boxes inside the image on its
+    instance, some of them true findings (same label, IoU >= 0.5), and reports that follow the image: their
+    label F1 beats every one of them written for all the images. Its full metrics are in its MODEL_CARD.md."""
     loaded = load_model("embedded")
-    paths = write_studies(tmp_path, seed=777, count=12, modality="CR")
+    paths = write_studies(tmp_path, seed=900_777, count=16, modality="CR")
     truth = json.loads((tmp_path / "truth.json").read_text())["studies"]
-    boxes = 0
-    for path in paths:
+    true_boxes, said = 0, []
+    for path, study in zip(paths, truth, strict=True):
         ds = dcmread(path)
         analysis = analyze_series(loaded.model, [ds])
         assert analysis.report.findings and analysis.report.impression
+        said.append(extract_labels(analysis.report_text, "CR"))
         for finding in analysis.findings:
-            boxes += 1
             x1, y1, x2, y2 = finding.box
             assert 0 <= x1 < x2 <= ds.Columns and 0 <= y1 < y2 <= ds.Rows
             assert finding.sop_instance_uid == str(ds.SOPInstanceUID)
-    assert boxes >= sum(len(s["findings"]) for s in truth) // 2
+            true_boxes += any(f["label"] == finding.label and iou(finding.box, f["box"]) >= 0.5
+                              for f in study["findings"])
+    assert true_boxes >= 1
+    labels = [{f["label"] for f in study["findings"]} for study in truth]
+    score = f1(*label_counts(said, labels))["f1"]
+    constant = max(f1(*label_counts([one] * len(labels), labels))["f1"] for one in said)
+    assert score > constant, (score, constant)

@@ -28,12 +28,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from model.analyze import analyze_series, run_task  # noqa: PLC0415
     from model.embedded import load_model  # noqa: PLC0415
+    from workers.inference import set_threads  # noqa: PLC0415
 
     if not args.file.is_file():
         sys.stderr.write(f"raddraft analyze: {args.file} is not a file\n")
         return 2
     try:
         ds = dcmread(args.file)
+        set_threads(settings.inference_threads)  # RADDRAFT_INFERENCE_THREADS, as the gpu workers
         loaded = load_model(args.model or settings.model)
         if args.task is None:
             analysis = analyze_series(loaded.model, [ds])

@@ -21,11 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from model.embedded import load_model  # noqa: PLC0415 - torch only when the command runs
     from model.evaluation import evaluate_folder  # noqa: PLC0415
+    from workers.inference import set_threads  # noqa: PLC0415
 
     if args.limit is not None and args.limit < 1:
         sys.stderr.write(f"raddraft evaluate: --limit {args.limit} must be at least 1\n")
         return 2
     try:
+        set_threads(settings.inference_threads)  # RADDRAFT_INFERENCE_THREADS, as the gpu workers
         loaded = load_model(args.model or settings.model)
         metrics = evaluate_folder(loaded.model, args.folder, limit=args.limit)
     except (ValueError, FileNotFoundError) as exc:
