@@ -192,6 +192,8 @@ class Settings(BaseSettings):
     model: str = Field("embedded", description="preset name or path to a model folder")
     inference_device: str = Field("auto", description="torch device of gpu workers: auto, cpu, cuda, cuda:1 …")
     inference_threads: int | None = Field(None, ge=1, description="torch CPU threads; empty = torch default")
+    inference_batch_size: int = Field(4, ge=1, description="studies a gpu worker answers in one forward pass")
+    inference_batch_window_s: float = Field(0.05, ge=0, description="how long a batch waits for more studies")
 
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 

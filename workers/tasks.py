@@ -24,6 +24,7 @@ from dicom_node.episodes import BrokerUnavailableError
 from dicom_node.index import DeliveryKey, DeliveryState, EpisodeState, Index
 from raddraft.settings import Destination, HL7Destination, Settings
 from workers import deadletter, delivery, pipeline
+from workers.batching import MicroBatcher
 from workers.celery_app import (
     DEAD_LETTER_TASK,
     DELIVER_DICOM_TASK,
@@ -41,8 +42,18 @@ from workers.prepare import prepare_episode
 
 log = logging.getLogger(__name__)
 
-# One generate call at a time per process: `raddraft serve` runs infer in one of its shared worker threads.
-_MODEL_LOCK = threading.Lock()
+# One batcher per process: infer tasks in the worker's threads share the model, one batch at a time.
+_batchers: dict[str, MicroBatcher] = {}
+_batchers_lock = threading.Lock()
+
+
+def _batcher() -> MicroBatcher:
+    settings = current_settings()
+    with _batchers_lock:
+        if "infer" not in _batchers:
+            _batchers["infer"] = MicroBatcher(lambda requests: run_inference(settings, requests),
+                                              settings.inference_batch_size, settings.inference_batch_window_s)
+        return _batchers["infer"]
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     delivery.TransientDeliveryError, BrokerUnavailableError, ConnectionError, TimeoutError,
@@ -122,8 +133,7 @@ class InferTask(PipelineTask):
 def infer(self: InferTask, request_message: dict[str, Any]) -> None:
     """Run the model on one request (no spool, no index) and publish ``report`` with the response."""
     request = InferenceRequest.from_message(request_message)
-    with _MODEL_LOCK:
-        (response,) = run_inference(current_settings(), [request])
+    response = _batcher().submit(request)
     try:
         publish(REPORT_TASK, [response.to_message()],
                 task_id("report", request.study_instance_uid, request.episode_id))

@@ -1,4 +1,5 @@
-"""``raddraft worker --queues io|gpu``: a production Celery worker (gpu: one process, ``--pool solo``)."""
+"""``raddraft worker --queues io|gpu``: a production Celery worker (gpu: one process, one model, a thread per
+message up to ``inference_batch_size`` so that queued studies are answered in one forward pass; ``solo`` at 1)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     app = configure(settings)
     if args.queues == GPU_QUEUE:
-        if args.concurrency not in (None, 1):
-            raise SystemExit("raddraft worker: --concurrency must be 1 for the gpu queue (one model per process)")
-        pool, concurrency = "solo", 1
+        # one process, one model; a thread per message so that queued studies meet in one batch (workers/batching.py)
+        if args.concurrency is not None:
+            raise SystemExit("raddraft worker: the gpu queue takes RADDRAFT_INFERENCE_BATCH_SIZE, not --concurrency")
+        pool, concurrency = ("solo", 1) if settings.inference_batch_size == 1 else ("threads",
+                                                                                     settings.inference_batch_size)
     else:
         pool, concurrency = "threads", args.concurrency or 4
     log.info("Celery worker for queue %s (pool %s, concurrency %d)", args.queues, pool, concurrency)
