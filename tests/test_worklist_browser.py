@@ -152,7 +152,9 @@ def test_review_edit_and_sign_in_chromium(served, orthanc):
     narrative = wait_for(lambda: orthanc_instance(orthanc, narrative_uid), timeout=30, what="narrative in Orthanc")
     assert any("Edited by the radiologist." in t for t in _texts(narrative))
     gsps = [e.sop_instance_uid for e in report.files if e.kind == "gsps"]
-    assert gsps and set(gsps) <= orthanc.sop_instance_uids()
+    assert gsps
+    # sent after the SR and the narrative on the same association: Orthanc may index it a moment later
+    wait_for(lambda: set(gsps) <= orthanc.sop_instance_uids(), timeout=30, what="final GSPS in Orthanc")
     # ... and the ORU as the MLLP listener received it
     (message,) = listener.wait_for_messages(1, timeout=60)
     assert str(message.segment("OBR")[25]) == "F"
