@@ -84,10 +84,6 @@ def test_kill_9_of_the_gpu_worker_during_inference(tmp_path, orthanc, durable_re
     assert_one_sr_and_nothing_lost(orthanc, study_id, phantoms.files("CT"))
 
 
-@pytest.mark.xfail(strict=False, raises=TimeoutError, reason=(
-    "intermittent: the workers now survive the restart (workers/redis_transport.py) and this passes when run "
-    "alone, but in a loaded full run the consumers were once seen not to get the re-delivered message within "
-    "60 s after reconnecting; open in issue 5"))
 def test_redis_restarted_mid_flow(tmp_path, orthanc, durable_redis, phantoms):
     home = tmp_path / "home"
     env = orthanc_env(home, orthanc, RADDRAFT_BROKER_URL=durable_redis.url, RADDRAFT_BROKER_VISIBILITY_TIMEOUT_S="6")

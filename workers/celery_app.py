@@ -53,11 +53,20 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
         # kombu's sqlalchemy transport passes these to sqlalchemy.create_engine
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     # visibility_timeout: a task whose worker died unacknowledged is re-delivered after this long; the sweep
-    # that restores such tasks runs every quarter of it (at most every 10 s), on every call (throttle 1)
+    # that restores such tasks runs every quarter of it (at most every 10 s), on every call (throttle 1).
+    # unacked_mutex_expire: the sweep holds a Redis lock while it runs; a Redis restarted (or a worker killed)
+    # during a sweep leaves that lock in the append-only file, and no worker sweeps until it expires. kombu's
+    # 300 s would hold back re-delivery far beyond a short visibility timeout, so it is capped at the timeout.
     visibility = settings.broker_visibility_timeout_s
     return {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": SOCKET_TIMEOUT_S,
             "visibility_timeout": visibility, "unacked_restore_interval": max(1, min(10, int(visibility / 4))),
-            "unacked_restore_throttle": 1}
+            "unacked_restore_throttle": 1, "unacked_mutex_expire": unacked_mutex_expire(visibility)}
+
+
+def unacked_mutex_expire(visibility_timeout_s: float) -> int:
+    """Seconds the Redis sweep lock lives: the visibility timeout, within 5 s (a sweep's own time) and kombu's
+    300 s."""
+    return int(min(300, max(5, visibility_timeout_s)))
 
 
 def _transport(settings: Settings) -> str | None:
