@@ -45,7 +45,22 @@ def _available_commands() -> dict[str, str]:
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: list[str]) -> str | None:
+    """The sub-command named in *argv* (the first word that is not an option or an option's value)."""
+    takes_value = {"--config", "--log-level"}
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in takes_value:
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only *command*'s module is imported for its arguments (the others are listed)."""
     parser = argparse.ArgumentParser(prog="raddraft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"raddraft {__version__}")
     parser.add_argument("--config", type=Path, help="TOML settings file (environment RADDRAFT_* wins)")
@@ -53,12 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in _available_commands().items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(f"raddraft.commands.{name}").add_arguments(command_parser)
+        if name == command:
+            importlib.import_module(f"raddraft.commands.{name}").add_arguments(command_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     overrides = {"log_level": args.log_level} if args.log_level else {}
     try:

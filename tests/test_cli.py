@@ -39,3 +39,19 @@ def test_unknown_key_in_config_file_is_reported(tmp_path):
     result = run_cli("--config", str(config), "status", env={**os.environ, "RADDRAFT_HOME": str(tmp_path)})
     assert result.returncode == 2
     assert "ae_titel" in result.stderr
+
+
+def test_a_command_imports_only_its_own_module():
+    # `raddraft analyze` must not pay for the gateway's imports (celery, the worklist, pynetdicom)
+    probe = ("import sys; from raddraft.cli import build_parser; "
+             "args = build_parser('analyze').parse_args(['--log-level', 'INFO', 'analyze', 'x.dcm', '--json']); "
+             "print(args.command, args.json, sorted(m for m in ('celery', 'worklist.bridge', 'pynetdicom', "
+             "'raddraft.commands.serve') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == ["analyze", "True", "[]"]
+
+
+def test_command_options_after_global_options_are_parsed():
+    result = run_cli("--log-level", "WARNING", "analyze", "--help")
+    assert result.returncode == 0
+    assert "--prompt" in result.stdout
