@@ -24,6 +24,7 @@ vqa            ``[vqa] <question>``                             the short answer
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,8 +43,8 @@ NORMAL_GROUNDING = "no abnormality"  # [grounding] answer for an image without f
 MODALITY_LABELS: dict[str, tuple[str, ...]] = {"CR": RADIOGRAPH_LABELS, "DX": RADIOGRAPH_LABELS, "CT": CT_LABELS,
                                                "MR": MR_LABELS}
 # How often each task is drawn for a training example (box tasks are short answers, so they get more draws).
-TASK_WEIGHTS: dict[str, float] = {"report": 0.2, "detection": 0.15, "refer": 0.1, "identify": 0.1,
-                                  "grounding": 0.25, "vqa": 0.2}
+TASK_WEIGHTS: dict[str, float] = {"report": 0.2, "detection": 0.15, "refer": 0.05, "identify": 0.05,
+                                  "grounding": 0.35, "vqa": 0.2}
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Example:
     image: np.ndarray  # (3, S, S) float32
     instruction: str
     answer: str
+    # the truth boxes on this image (label, grid box), for the training-only patch probe; None for a montage
+    regions: tuple[tuple[str, GridBox], ...] | None = None
 
 
 def grid_box(transform: Letterbox, box: Sequence[float]) -> GridBox:
@@ -147,14 +150,23 @@ def _box_image(rng: np.random.Generator, study: PreparedStudy) -> int:
 def make_example(rng: np.random.Generator, study: PreparedStudy, task: str) -> Example:
     """One example of *task* from *study* (tasks that need a finding fall back to detection/grounding)."""
     labels = MODALITY_LABELS[study.modality]
-    if task == "report":
-        return Example(task, study.overview, prompts.report_instruction(), study.report)
-    if task == "vqa":
+    if task in ("report", "vqa"):
+        single = len(study.images) == 1  # the overview is the image itself, so its boxes apply
+        regions = tuple((f.label, f.box) for f in study.findings) if single else None
+        if task == "report":
+            return Example(task, study.overview, prompts.report_instruction(), study.report, regions)
         pair = _choice(rng, study.qa)
-        return Example(task, study.overview, prompts.vqa_instruction(pair["question"]), pair["answer"].lower())
+        return Example(task, study.overview, prompts.vqa_instruction(pair["question"]), pair["answer"].lower(),
+                       regions)
     index = _box_image(rng, study)
     here = [f for f in study.findings if f.image_index == index]
     image = study.images[index]
+    example = _box_example(rng, task, image, here, labels)
+    return dataclasses.replace(example, regions=tuple((f.label, f.box) for f in here))
+
+
+def _box_example(rng: np.random.Generator, task: str, image: np.ndarray, here: list[GridFinding],
+                 labels: Sequence[str]) -> Example:
     if task in ("refer", "identify") and not here:
         task = "detection"
     if task == "grounding":

@@ -5,8 +5,10 @@ Data: step *s* draws ``studies_per_step`` fresh phantom studies (seeded by ``(se
 seed and the step: a resumed run sees exactly the batches an uninterrupted run would.
 
 The loss is the per-example mean of the answer tokens' cross-entropy, averaged over the batch, so a long
-report does not outweigh a short box answer. Every weight is trained (the vision encoder too: no pretrained
-EVA exists here).
+report does not outweigh a short box answer, plus ``probe_weight`` times the training-only patch supervision of
+the vision encoder (:mod:`model.patch_probe`; its head is saved in ``trainer.pt``, never in the model folder).
+Every weight is trained (the vision encoder too: no pretrained EVA exists here). ``init_from`` starts from the
+weights of a model folder (e.g. the shipped checkpoint) instead of a fresh initialisation.
 
 Output folder::
 
@@ -15,7 +17,7 @@ Output folder::
     OUT/final/                  the model folder after the last step
     OUT/train_config.json       the TrainConfig of the run (on resume only ``steps`` may differ: the
                                 cosine schedule then follows the new total)
-    OUT/loss.jsonl              {"step", "loss", "lr", "elapsed_s"} every log_every steps
+    OUT/loss.jsonl              {"step", "loss", "probe_loss", "lr", "elapsed_s"} every log_every steps
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from model.config import MiniGPTConfig, get_preset
 from model.examples import Example, corpus_texts, prepare_phantom, sample_examples
 from model.minigpt import IGNORE_INDEX, MiniGPTMed
+from model.patch_probe import PatchProbe
 from model.phantoms import MODALITIES, MODALITY_WEIGHTS, generate_study, study_rng
 from model.tokenizer import build_tokenizer
 from raddraft.jsonio import write_atomic
@@ -65,6 +68,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     tokenizer_studies: int = 400  # phantom studies whose texts train the tokenizer
+    probe_weight: float = 0.5  # weight of the patch supervision (model.patch_probe); 0 turns it off
+    init_from: str | None = None  # a model folder whose weights (and tokenizer) the run starts from
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "studies_per_step", "checkpoint_every", "log_every"):
@@ -74,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"train lr {self.lr} must be > 0 and min_lr_ratio {self.min_lr_ratio} in [0, 1]")
         if self.warmup_steps < 0:
             raise ValueError(f"train warmup_steps {self.warmup_steps} must not be negative")
+        if self.probe_weight < 0:
+            raise ValueError(f"train probe_weight {self.probe_weight} must not be negative")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -134,7 +141,14 @@ def balanced_loss(model: MiniGPTMed, images: Tensor, instructions: list[str], an
 
 
 def new_model(config: TrainConfig, model_config: MiniGPTConfig | None = None) -> MiniGPTMed:
-    """A freshly initialised model with a tokenizer trained on phantom texts (seeded)."""
+    """A freshly initialised model with a tokenizer trained on phantom texts (seeded), or the model of
+    ``config.init_from``."""
+    if config.init_from is not None:
+        model = MiniGPTMed.load(Path(config.init_from))
+        expected = model_config.name if model_config is not None else config.preset
+        if model.config.name != expected:
+            raise ValueError(f"init_from {config.init_from} holds model {model.config.name!r}, not {expected!r}")
+        return model
     model_config = model_config or get_preset(config.preset)
     torch.manual_seed(config.seed)
     studies = []
@@ -145,10 +159,12 @@ def new_model(config: TrainConfig, model_config: MiniGPTConfig | None = None) ->
     return MiniGPTMed(model_config, tokenizer)
 
 
-def make_optimizer(model: MiniGPTMed, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms, embeddings of position/class (1-D or token tables)."""
+def make_optimizer(model: MiniGPTMed, config: TrainConfig, probe: nn.Module | None = None) -> torch.optim.AdamW:
+    """AdamW over the model (and the probe head); no weight decay on biases, norms, embeddings of
+    position/class (1-D or token tables)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    named = list(model.named_parameters()) + (list(probe.named_parameters("probe")) if probe is not None else [])
+    for name, param in named:
         if not param.requires_grad:
             continue
         (no_decay if param.dim() < 2 or "embed" in name or "cls_token" in name else decay).append(param)
@@ -156,13 +172,25 @@ def make_optimizer(model: MiniGPTMed, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
-def save_checkpoint(out: Path, model: MiniGPTMed, optimizer: torch.optim.Optimizer, step: int) -> None:
+def new_probe(model: MiniGPTMed, config: TrainConfig) -> PatchProbe | None:
+    return PatchProbe(model.config.vision.width) if config.probe_weight > 0 else None
+
+
+def probe_loss(probe: PatchProbe, vision_out: Tensor, examples: list[Example], grid: int) -> Tensor:
+    """The probe's loss on the ``ln_vision`` output (B, 1+N, C) of *examples* (CLS dropped)."""
+    return probe.loss(vision_out[:, 1:, :], [e.regions for e in examples], grid)
+
+
+def save_checkpoint(out: Path, model: MiniGPTMed, optimizer: torch.optim.Optimizer, step: int,
+                    probe: nn.Module | None = None) -> None:
     """Write the checkpoint to a temporary folder, then swap it in (a crash leaves the old one whole)."""
     tmp = out / f".{CHECKPOINT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "model")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-               tmp / TRAINER_FILE)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+    if probe is not None:
+        state["probe"] = probe.state_dict()
+    torch.save(state, tmp / TRAINER_FILE)
     old = out / f".{CHECKPOINT_DIR}.old"
     shutil.rmtree(old, ignore_errors=True)
     if (out / CHECKPOINT_DIR).exists():
@@ -172,16 +200,22 @@ def save_checkpoint(out: Path, model: MiniGPTMed, optimizer: torch.optim.Optimiz
     logger.info("checkpoint at step %d in %s", step, out / CHECKPOINT_DIR)
 
 
-def load_checkpoint(out: Path, config: TrainConfig) -> tuple[MiniGPTMed, torch.optim.AdamW, int]:
+def load_checkpoint(out: Path, config: TrainConfig
+                    ) -> tuple[MiniGPTMed, PatchProbe | None, torch.optim.AdamW, int]:
     folder = out / CHECKPOINT_DIR
     if not (folder / TRAINER_FILE).is_file():
         raise FileNotFoundError(f"cannot resume: {folder / TRAINER_FILE} does not exist")
     model = MiniGPTMed.load(folder / "model")
     state = torch.load(folder / TRAINER_FILE, map_location="cpu", weights_only=True)
-    optimizer = make_optimizer(model, config)
+    probe = new_probe(model, config)
+    if probe is not None:
+        if "probe" not in state:
+            raise ValueError(f"cannot resume: {folder / TRAINER_FILE} has no patch probe state")
+        probe.load_state_dict(state["probe"])
+    optimizer = make_optimizer(model, config, probe)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
-    return model, optimizer, int(state["step"])
+    return model, probe, optimizer, int(state["step"])
 
 
 def _check_resume_config(out: Path, config: TrainConfig) -> None:
@@ -207,13 +241,14 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, model_config:
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         _check_resume_config(out, config)
-        model, optimizer, step = load_checkpoint(out, config)
+        model, probe, optimizer, step = load_checkpoint(out, config)
         logger.info("resuming from step %d of %d", step, config.steps)
     else:
         if (out / CHECKPOINT_DIR).exists():
             raise FileExistsError(f"{out / CHECKPOINT_DIR} exists: pass resume=True (--resume) or choose a new --out")
         model = new_model(config, model_config)
-        optimizer = make_optimizer(model, config)
+        probe = new_probe(model, config)
+        optimizer = make_optimizer(model, config, probe)
         step = 0
     write_atomic(out / "train_config.json", json.dumps(config.to_dict(), indent=2).encode())
     size = model.config.vision.image_size
@@ -221,6 +256,8 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, model_config:
     logger.info("training %s (%.1f M trainable parameters) for %d steps, batch %d", model.config.name,
                 trainable / 1e6, config.steps, config.batch_size)
     model.train()
+    vision_out: list[Tensor] = []  # the ln_vision output of the current step, for the probe
+    hook = model.ln_vision.register_forward_hook(lambda _m, _i, output: vision_out.append(output))
     stop_at = config.steps if stop_after is None else min(config.steps, step + stop_after)
     first: float | None = None
     last: float | None = None
@@ -232,11 +269,18 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, model_config:
             examples = batch_for_step(config, step, size)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(step, config)
+            vision_out.clear()
             loss = balanced_loss(model, stack_images(examples), [e.instruction for e in examples],
                                  [e.answer for e in examples])
+            probe_value = 0.0
+            if probe is not None:
+                patch_loss = probe_loss(probe, vision_out[-1], examples, model.config.vision.grid)
+                probe_value = float(patch_loss.detach())
+                loss = loss + config.probe_weight * patch_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+            params = [*model.parameters(), *(probe.parameters() if probe is not None else ())]
+            torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
             optimizer.step()
             step += 1
             last = float(loss.detach())
@@ -246,12 +290,14 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, model_config:
             if step % config.log_every == 0 or step == config.steps:
                 elapsed = time.monotonic() - started
                 logger.info("step %d loss %.4f lr %.2e (%.1f s)", step, last, optimizer.param_groups[0]["lr"], elapsed)
-                log_file.write(json.dumps({"step": step, "loss": round(last, 5), "lr": optimizer.param_groups[0]["lr"],
-                                           "elapsed_s": round(elapsed, 1)}) + "\n")
+                log_file.write(json.dumps({"step": step, "loss": round(last, 5), "probe_loss": round(probe_value, 5),
+                                           "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 1)})
+                               + "\n")
                 log_file.flush()
             if step % config.checkpoint_every == 0 or step == stop_at:
-                save_checkpoint(out, model, optimizer, step)
+                save_checkpoint(out, model, optimizer, step, probe)
     finally:
+        hook.remove()
         bar.close()
         log_file.close()
     final = out / FINAL_DIR

@@ -1,4 +1,5 @@
-"""``raddraft train [--out DIR] [--steps N] [--batch-size B] [--seed S] [--resume]``: train the embedded model."""
+"""``raddraft train [--out DIR] [--steps N] [--batch-size B] [--seed S] [--init-from MODEL] [--resume]``: train the
+embedded model."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=150, help="linear warm-up steps (default 150)")
     parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
     parser.add_argument("--preset", default="raddraft-small", help="model preset to train (default raddraft-small)")
+    parser.add_argument("--init-from", type=Path,
+                        help="start from the weights of this model folder (e.g. model/weights/raddraft-small)")
+    parser.add_argument("--probe-weight", type=float, default=0.5,
+                        help="weight of the training-only patch supervision of the vision encoder (0: off)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
@@ -29,7 +34,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                              studies_per_step=max(1, args.batch_size // 4), seed=args.seed, lr=args.lr,
-                             warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every)
+                             warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every,
+                             probe_weight=args.probe_weight,
+                             init_from=str(args.init_from) if args.init_from else None)
         summary = train(config, out, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         sys.stderr.write(f"raddraft train: {exc}\n")
