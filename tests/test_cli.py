@@ -55,3 +55,13 @@ def test_command_options_after_global_options_are_parsed():
     result = run_cli("--log-level", "WARNING", "analyze", "--help")
     assert result.returncode == 0
     assert "--prompt" in result.stdout
+
+
+def test_retry_wants_exactly_one_kind_of_work(tmp_path):
+    env = {**os.environ, "RADDRAFT_HOME": str(tmp_path)}
+    for argv in ([], ["--all", "--stranded"], ["3", "--all"]):
+        result = run_cli("retry", *argv, env=env)
+        assert result.returncode == 2
+        assert "give dead letter ids, --all or --stranded (one of them)" in result.stderr
+    result = run_cli("retry", "--stranded", env=env)
+    assert result.returncode == 2 and f"no index at {tmp_path}" in result.stderr

@@ -12,6 +12,7 @@ from contextlib import ExitStack
 
 import pydicom
 import pytest
+import redis
 from e2e_helpers import (
     DurableRedis,
     Phantoms,
@@ -29,6 +30,7 @@ from peers import wait_for
 from pydicom.uid import generate_uid
 
 from dicom_node.index import DeliveryState
+from workers.celery_app import GPU_QUEUE
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 150
@@ -192,4 +194,30 @@ def test_delivery_dead_lettered_then_replayed_with_raddraft_retry(tmp_path, orth
         again = raddraft(env, "retry", str(letter["id"]))
         assert again.returncode == 2 and "re-played already" in again.stderr
         assert json.loads(raddraft(env, "status", "--json").stdout)["dead_letters"] == []
+    assert_one_sr_and_nothing_lost(orthanc, study_id, phantoms.files("CR"))
+
+
+def test_a_message_the_broker_lost_is_published_again_by_raddraft_retry_stranded(tmp_path, orthanc, durable_redis,
+                                                                                phantoms):
+    home = tmp_path / "home"
+    env = orthanc_env(home, orthanc, RADDRAFT_BROKER_URL=durable_redis.url)
+    truth = phantoms.truth("CR")
+    client = redis.Redis.from_url(durable_redis.url)
+    with gateway(home, env) as serve:
+        connect_orthanc(orthanc, serve.port)
+        with worker("io", env):  # no gpu worker yet: the infer message waits in Redis
+            study_id = push_study(orthanc, phantoms.files("CR"))
+            wait_for(lambda: episode_state(home, truth["study_uid"]) == "prepared"
+                     and sum(client.llen(k) for k in client.keys(f"{GPU_QUEUE}*")) == 1,
+                     timeout=TIMEOUT_S, what="infer message queued")
+        lost = client.delete(*client.keys(f"{GPU_QUEUE}*"))  # the broker loses it
+        assert lost >= 1
+        with worker("io", env), worker("gpu", env):
+            result = raddraft(env, "retry", "--stranded")
+            assert result.returncode == 0, result.stderr
+            assert f"published prepare of study {truth['study_uid']} episode 1" in result.stdout
+            wait_for_outputs(orthanc, study_id, TIMEOUT_S)
+            wait_for(lambda: delivered(home, truth["study_uid"]), timeout=60, what="delivery done")
+            again = raddraft(env, "retry", "--stranded")
+            assert again.returncode == 0 and again.stdout.strip() == "no stranded work", again.stdout
     assert_one_sr_and_nothing_lost(orthanc, study_id, phantoms.files("CR"))

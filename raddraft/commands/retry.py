@@ -1,4 +1,7 @@
-"""``raddraft retry ID… | --all``: publish dead-lettered tasks again (their ids are in ``raddraft status``)."""
+"""``raddraft retry ID… | --all | --stranded``: publish dead-lettered tasks again (their ids are in ``raddraft
+status``), or with ``--stranded`` every stage left between two tasks: episodes still ``prepared`` (their infer or
+report message was lost, e.g. by a broker stopped the instant it handed the message over) and pending deliveries
+of reported episodes. Every task is idempotent, so a stage that was in fact still running only runs twice."""
 
 from __future__ import annotations
 
@@ -13,16 +16,20 @@ from workers.deadletter import replay
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead letter ids to re-play")
     parser.add_argument("--all", action="store_true", help="re-play every dead letter not re-played yet")
+    parser.add_argument("--stranded", action="store_true",
+                        help="publish again every prepared episode and pending delivery (after a broker incident)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    if bool(args.ids) == bool(args.all):
-        sys.stderr.write("raddraft retry: give dead letter ids or --all (not both)\n")
+    if sum((bool(args.ids), args.all, args.stranded)) != 1:
+        sys.stderr.write("raddraft retry: give dead letter ids, --all or --stranded (one of them)\n")
         return 2
     if not settings.index_path.exists():
         sys.stderr.write(f"raddraft retry: no index at {settings.index_path}\n")
         return 2
     configure(settings)
+    if args.stranded:
+        return _stranded(settings)
     try:
         replayed = replay(settings, None if args.all else args.ids, publish)
     except KeyError as exc:
@@ -32,4 +39,23 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.write(f"re-played dead letter #{item.dead_letter_id} ({item.task}) as task {item.task_id}\n")
     if not replayed:
         sys.stdout.write("no dead letters to re-play\n")
+    return 0
+
+
+def _stranded(settings: Settings) -> int:
+    from dicom_node.index import Index  # noqa: PLC0415 - the pipeline imports the model stack
+    from workers.pipeline import stranded_work  # noqa: PLC0415
+    from workers.tasks import republish  # noqa: PLC0415
+
+    index = Index(settings.index_path)
+    try:
+        work = stranded_work(index)
+    finally:
+        index.close()
+    for item in work:
+        republish(item)
+        target = f" to {item.destination}" if item.destination else ""
+        sys.stdout.write(f"published {item.stage} of study {item.study_uid} episode {item.episode_id}{target}\n")
+    if not work:
+        sys.stdout.write("no stranded work\n")
     return 0
