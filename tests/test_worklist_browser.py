@@ -2,12 +2,13 @@
 
 The worklist runs as ``raddraft serve`` runs it (worklist/service.py) beside a real Celery io worker on the
 embedded broker; the signature's deliveries go through that queue to a real Orthanc (the final SR is read back
-from it) and a real MLLP listener (the ORU with OBR-25 = F). Screenshots of both pages are saved to
-docs/screenshots/ for the README.
+from it) and a real MLLP listener (the ORU with OBR-25 = F). Screenshots of both pages are taken on every run
+(into the test's folder); with RADDRAFT_UPDATE_SCREENSHOTS=1 they replace docs/screenshots/ of the README.
 """
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from playwright.sync_api import expect, sync_playwright
 from worklist_helpers import ONE_FINDING_CR, orthanc_instance, settings_for, write_draft
 
 import worklist.tasks  # noqa: F401 - registers the signed-delivery tasks with the worker
+from model.embedded import load_model
 from workers.celery_app import IO_QUEUE, configure
 from workers.inprocess import InProcessWorker
 from worklist import auth
+from worklist.answerer import MiniGPTAnswerer
 from worklist.service import WorklistService
 from worklist.signing import SignedReport
 from worklist.storage import DeliveryState
@@ -29,7 +32,15 @@ from worklist.storage import DeliveryState
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+README_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+@pytest.fixture
+def screenshots(tmp_path):
+    """Where the page screenshots go: docs/screenshots/ only when asked (a test run leaves the tree clean)."""
+    folder = README_SCREENSHOTS if os.environ.get("RADDRAFT_UPDATE_SCREENSHOTS") == "1" else tmp_path / "shots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _texts(dataset):
@@ -50,7 +61,8 @@ def served(tmp_path, orthanc):
         worker = InProcessWorker(configure(settings), [IO_QUEUE], concurrency=1)
         worker.start()
         try:
-            with WorklistService(settings, refresh_ms=300) as service:
+            answerer = MiniGPTAnswerer(load_model("embedded").model)  # the shipped model answers the Ask box
+            with WorklistService(settings, answerer, refresh_ms=300) as service:
                 service.store.add_user("curie", "radiologist", auth.hash_password("radium-226"),
                                        full_name="Curie^Marie", organization="Institut du Radium",
                                        now=datetime.now(UTC))
@@ -59,7 +71,7 @@ def served(tmp_path, orthanc):
             worker.stop()
 
 
-def test_review_edit_and_sign_in_chromium(served, orthanc):
+def test_review_edit_and_sign_in_chromium(served, orthanc, screenshots):
     settings, service, listener = served
     store, bridge, server = service.store, service.bridge, service
     signed: list[SignedReport] = []
@@ -90,8 +102,19 @@ def test_review_edit_and_sign_in_chromium(served, orthanc):
             expect(rows.first).to_contain_text("ACC-1002")  # stat sorts first
             page.click("th[data-sort=accession]")
             expect(rows.first).to_contain_text("ACC-1001")
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOTS / "worklist.png"))
+            page.fill("#f-accession", "1002")  # the filter controls narrow the list ...
+            expect(rows).to_have_count(1)
+            expect(rows.first).to_contain_text("ACC-1002")
+            page.fill("#f-accession", "")
+            page.select_option("#f-priority", "stat")
+            expect(rows).to_have_count(1)
+            expect(rows.first).to_contain_text("ACC-1002")
+            page.select_option("#f-priority", "")
+            page.fill("#f-modality", "MR")
+            expect(rows).to_have_count(0)
+            page.fill("#f-modality", "")
+            expect(rows).to_have_count(2)  # ... and clearing them brings every draft back
+            page.screenshot(path=str(screenshots / "worklist.png"))
 
             rows.filter(has_text="ACC-1001").click()
             expect(page).to_have_url(f"{server.url}/studies/{entry}")
@@ -106,6 +129,13 @@ def test_review_edit_and_sign_in_chromium(served, orthanc):
             page.click("#zoom-in")
             expect(page.locator("#zoom-level")).not_to_have_text(before)
             page.click("#zoom-fit")
+
+            page.select_option("#ask-kind", "vqa")  # a question to the model about the image on screen
+            page.fill("#ask-text", "is there a pleural effusion?")
+            page.click("#ask-form button")
+            expect(page.locator("#ask-answer")).to_contain_text("Model ([vqa] is there a pleural effusion?): ",
+                                                                 timeout=60_000)
+            assert page.locator("#ask-answer").inner_text().split("): ", 1)[1].strip()
 
             findings.nth(1).get_by_role("button", name="Reject").click()
             expect(findings.nth(1)).to_have_class("rejected")
@@ -125,7 +155,7 @@ def test_review_edit_and_sign_in_chromium(served, orthanc):
             page.fill("#report-findings", edited)
             page.click("#save-report")
             expect(page.locator("#report-status")).to_contain_text("Draft saved")
-            page.screenshot(path=str(SCREENSHOTS / "study.png"))
+            page.screenshot(path=str(screenshots / "study.png"))
 
             page.click("#sign")
             expect(page.locator("#sign-status")).to_have_text("Signed version 1 (F)")
