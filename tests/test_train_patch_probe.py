@@ -1,6 +1,7 @@
 """The training-only patch supervision and warm starts: targets from truth boxes, masked loss, never saved."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from train_helpers import TINY
 
 from model.examples import make_example, prepare_phantom
 from model.minigpt import MiniGPTMed
-from model.patch_probe import PROBE_LABELS, PatchProbe, patch_targets
+from model.patch_probe import PROBE_LABELS, PatchProbe, patch_boxes, patch_targets
 from model.phantoms import generate_study, study_rng
 from model.prompts import GridBox
 from model.training import TrainConfig, new_model, train
@@ -83,4 +84,26 @@ def test_a_run_starts_from_the_weights_of_init_from_and_never_saves_the_probe(tm
     assert trained.keys() == start.state_dict().keys()
     assert any(not torch.equal(trained[n], start.state_dict()[n]) for n in trained)
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)
-    assert set(state["probe"]) == {"head.weight", "head.bias"}
+    assert set(state["probe"]) == {"head.weight", "head.bias", "box.weight", "box.bias"}
+
+
+def test_each_patch_a_box_covers_gets_the_smallest_box_covering_it():
+    big, small = GridBox(0, 0, 50, 50), GridBox(10, 10, 13, 13)
+    boxes, marked = patch_boxes([("consolidation", big), ("nodule", small)], 16)
+    boxes, marked = boxes.reshape(16, 16, 4), marked.reshape(16, 16)
+    assert marked[:8, :8].all() and marked.sum() == 64
+    assert boxes[1, 1].tolist() == pytest.approx([0.10, 0.10, 0.13, 0.13])
+    assert boxes[5, 5].tolist() == pytest.approx([0.0, 0.0, 0.5, 0.5])
+
+
+def test_positive_patches_weigh_as_much_as_all_negative_ones():
+    torch.manual_seed(0)
+    probe = PatchProbe(8)
+    torch.nn.init.zeros_(probe.head.weight)
+    torch.nn.init.zeros_(probe.box.weight)
+    torch.nn.init.zeros_(probe.head.bias)
+    torch.nn.init.zeros_(probe.box.bias)
+    regions = [[("nodule", GridBox(0, 0, 20, 20))]]  # one patch of 16
+    loss = probe.loss(torch.randn(1, 16, 8), regions, 4)
+    # every logit 0: BCE log 2 on positives and negatives alike; box 0.5 everywhere vs (0, 0, 0.2, 0.2): L1 0.4
+    assert float(loss) == pytest.approx(math.log(2) + 0.4, rel=1e-5)
