@@ -257,7 +257,8 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, model_config:
                 trainable / 1e6, config.steps, config.batch_size)
     model.train()
     vision_out: list[Tensor] = []  # the ln_vision output of the current step, for the probe
-    hook = model.ln_vision.register_forward_hook(lambda _m, _i, output: vision_out.append(output))
+    hook = (model.ln_vision.register_forward_hook(lambda _m, _i, output: vision_out.append(output))
+            if probe is not None else None)
     stop_at = config.steps if stop_after is None else min(config.steps, step + stop_after)
     first: float | None = None
     last: float | None = None
@@ -297,7 +298,8 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, model_config:
             if step % config.checkpoint_every == 0 or step == stop_at:
                 save_checkpoint(out, model, optimizer, step, probe)
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
         bar.close()
         log_file.close()
     final = out / FINAL_DIR

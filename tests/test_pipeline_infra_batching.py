@@ -48,15 +48,20 @@ def submit_all(batcher: MicroBatcher, requests):
     return [answers[i] for i in range(len(requests))]
 
 
+def recording(loaded: LoadedModel, sizes: list[int]):
+    """The real batch runner, noting each batch's size in *sizes*."""
+
+    def run(batch):
+        sizes.append(len(batch))
+        return inference.run_batch(loaded, batch)
+
+    return run
+
+
 def test_queued_requests_share_one_forward_pass_and_get_their_own_answers(loaded, tmp_path):
     requests = requests_of(tmp_path, 3)
     calls: list[int] = []
-
-    def run(batch):
-        calls.append(len(batch))
-        return inference.run_batch(loaded, batch)
-
-    answers = submit_all(MicroBatcher(run, max_batch=4, window_s=0.5), requests)
+    answers = submit_all(MicroBatcher(recording(loaded, calls), max_batch=4, window_s=0.5), requests)
     assert calls == [3]
     for request, answer in zip(requests, answers, strict=True):
         [alone] = inference.run_batch(loaded, [request])
@@ -68,12 +73,7 @@ def test_queued_requests_share_one_forward_pass_and_get_their_own_answers(loaded
 def test_batches_are_capped_duplicates_run_once_and_errors_reach_every_task(loaded, tmp_path):
     requests = requests_of(tmp_path, 3)
     sizes: list[int] = []
-
-    def run(batch):
-        sizes.append(len(batch))
-        return inference.run_batch(loaded, batch)
-
-    answers = submit_all(MicroBatcher(run, max_batch=2, window_s=0.3), [*requests, requests[0]])
+    answers = submit_all(MicroBatcher(recording(loaded, sizes), max_batch=2, window_s=0.3), [*requests, requests[0]])
     assert sorted(sizes) in ([1, 2], [2, 2], [1, 1, 2]) and max(sizes) <= 2
     assert answers[3].texts() == answers[0].texts()
 

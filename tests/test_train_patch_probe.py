@@ -109,3 +109,10 @@ def test_positive_patches_weigh_as_much_as_all_negative_ones():
         loss = probe.loss(torch.randn(1, 16, 8), regions, 4)
     # every logit 0: BCE log 2 on positives and negatives alike; box 0.5 everywhere vs (0, 0, 0.2, 0.2): L1 0.4
     assert float(loss) == pytest.approx(math.log(2) + 0.4, rel=1e-5)
+
+
+def test_probe_weight_zero_trains_without_the_probe(tmp_path):
+    summary = train(dataclasses.replace(CONFIG, probe_weight=0.0), tmp_path / "run", model_config=TINY,
+                    progress=False)
+    assert summary.steps_done == CONFIG.steps
+    assert "probe" not in torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)

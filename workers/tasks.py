@@ -210,3 +210,11 @@ def republish(work: pipeline.StrandedWork) -> None:
     name = DELIVER_DICOM_TASK if work.stage == f"deliver-{delivery.DICOM}" else DELIVER_HL7_TASK
     publish(name, [work.study_uid, work.episode_id, work.destination],
             task_id(work.stage, work.study_uid, work.episode_id, work.destination or ""))
+
+
+def republish_stranded(index: Index) -> list[pipeline.StrandedWork]:
+    """Publish every stage of *index* a previous run or a broker incident left stranded; returns them."""
+    work = pipeline.stranded_work(index)
+    for item in work:
+        republish(item)
+    return work

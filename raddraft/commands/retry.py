@@ -44,16 +44,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _stranded(settings: Settings) -> int:
     from dicom_node.index import Index  # noqa: PLC0415 - the pipeline imports the model stack
-    from workers.pipeline import stranded_work  # noqa: PLC0415
-    from workers.tasks import republish  # noqa: PLC0415
+    from workers.tasks import republish_stranded  # noqa: PLC0415
 
     index = Index(settings.index_path)
     try:
-        work = stranded_work(index)
+        work = republish_stranded(index)
     finally:
         index.close()
     for item in work:
-        republish(item)
         target = f" to {item.destination}" if item.destination else ""
         sys.stdout.write(f"published {item.stage} of study {item.study_uid} episode {item.episode_id}{target}\n")
     if not work:

@@ -90,13 +90,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _republish_stranded(index: Index) -> None:
-    # these import the model stack (torch): only when the workers run in this process
-    from workers.pipeline import stranded_work  # noqa: PLC0415
-    from workers.tasks import republish  # noqa: PLC0415
+    from workers.tasks import republish_stranded  # noqa: PLC0415 - the model stack (torch): only with in-process workers
 
-    work = stranded_work(index)
-    for item in work:
-        republish(item)
+    work = republish_stranded(index)
     if work:
         log.info("published %d stage(s) a previous run left unfinished", len(work))
 
