@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         tls_context = _tls_context(args.tls_ca) if args.tls_ca else None
     except (FileNotFoundError, ssl.SSLError) as exc:
-        print(f"raddraft send: {exc}", file=sys.stderr)
+        sys.stderr.write(f"raddraft send: {exc}\n")
         return 2
 
     plan = prepare(args.paths)
@@ -87,17 +87,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             )
         except SendError as exc:
             bar.close()
-            print(f"raddraft send: {exc}", file=sys.stderr)
+            sys.stderr.write(f"raddraft send: {exc}\n")
             return EXIT_PEER_UNAVAILABLE
 
     for skipped in summary.skipped:
-        print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
+        sys.stderr.write(f"skipped {skipped.path}: {skipped.reason}\n")
     for failed in summary.failed[:_MAX_LISTED_FAILURES]:
-        print(f"FAILED {failed.source}: {failed.reason}", file=sys.stderr)
+        sys.stderr.write(f"FAILED {failed.source}: {failed.reason}\n")
     if len(summary.failed) > _MAX_LISTED_FAILURES:
-        print(f"… and {len(summary.failed) - _MAX_LISTED_FAILURES} more failures", file=sys.stderr)
+        sys.stderr.write(f"… and {len(summary.failed) - _MAX_LISTED_FAILURES} more failures\n")
     for warned in summary.warnings[:_MAX_LISTED_FAILURES]:
-        print(f"warning {warned.source}: {warned.reason}", file=sys.stderr)
-    print(f"sent {summary.describe()}")
+        sys.stderr.write(f"warning {warned.source}: {warned.reason}\n")
+    sys.stdout.write(f"sent {summary.describe()}\n")
     return 0 if summary.ok else EXIT_FAILED_INSTANCES
 
