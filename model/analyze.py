@@ -1,12 +1,13 @@
 """Analysis of one image, one series or a prepared study: a draft report and localized findings.
 
 One :func:`analyze_series` call makes ONE batched ``generate`` call: row 0 is the report request on the study
-overview (:func:`model.examples.overview`), rows 1… are the ``[grounding]`` request on each analysed image. The
-grounded answers are parsed with the never-raising parser, each ``<p>label</p> {box}`` becomes a
-:class:`~model.result.Finding` with its box mapped from the 0–100 grid back to source pixels through the
-image's letterbox transform; boxes that fall wholly in the letterbox padding are dropped. Findings of
-neighbouring slices of a CT/MR series are merged by :func:`model.slices.merge_findings`. The report text is
-split at ``FINDINGS:`` / ``IMPRESSION:``. Everything returned is preliminary until a radiologist signs it.
+view (:func:`model.examples.study_view`: the image, a CT projection or a montage), rows 1… are the
+``[grounding]`` request on each analysed image. The grounded answers are parsed with the never-raising parser,
+each ``<p>label</p> {box}`` becomes a :class:`~model.result.Finding` with its box mapped from the 0–100 grid
+back to source pixels through the image's letterbox transform; boxes that fall wholly in the letterbox padding
+are dropped. Findings of neighbouring slices of a CT/MR series are merged by :func:`model.slices.merge_findings`.
+The report text is split at ``FINDINGS:`` / ``IMPRESSION:``. Everything returned is preliminary until a
+radiologist signs it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from model import prompts
-from model.examples import TASKS, laterality_of, overview
+from model.examples import TASKS, laterality_of, study_view
 from model.imaging import Letterbox, PreparedImage, prepare_image
 from model.minigpt import MiniGPTMed
 from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
@@ -119,7 +120,7 @@ def analyze_series(model: MiniGPTMed, datasets: Sequence[Dataset], policy: Slice
     size = model.config.vision.image_size
     prepared = [prepare_image(ds, size) for ds in datasets]
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    view = prepared[0].pixels if len(prepared) == 1 else overview([p.display for p in prepared], size)
+    view = study_view(prepared, str(datasets[0].get("Modality", "")), size)
     images = torch.cat([torch.from_numpy(view)[None], _images(prepared)])  # (1 + N, 3, S, S)
     instructions = [prompts.report_instruction()] + [prompts.grounding_instruction()] * len(prepared)
     texts = model.generate(images, instructions, max_new_tokens=max_new_tokens)

@@ -1,7 +1,7 @@
 """Metrics of a model on a phantom folder written by ``raddraft phantoms`` (DICOM files + truth.json).
 
 Per study the model runs :func:`model.analyze.analyze_series` on the analysed slices (the slice policy), then
-answers every VQA question of the truth in one batched call on the study overview.
+answers every VQA question of the truth in one batched call on the study view.
 
 * **finding F1** — a predicted finding matches a truth finding when the label is the same, it is on the same
   SOP instance and the boxes' IoU ≥ 0.5; matching is one-to-one, greedy by IoU, per study; precision, recall
@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset
 
 from model import prompts
 from model.analyze import analyze_series
-from model.examples import overview
+from model.examples import study_view
 from model.imaging import prepare_image
 from model.minigpt import MiniGPTMed
 from model.result import Finding
@@ -170,12 +170,12 @@ def load_phantom_folder(folder: Path) -> list[tuple[dict[str, Any], list[Path]]]
 
 
 def answer_questions(model: MiniGPTMed, datasets: Sequence[Dataset], questions: Sequence[str]) -> list[str]:
-    """All *questions* about one study in one batched call on the study overview."""
+    """All *questions* about one study in one batched call on the study view."""
     if not questions:
         return []
     size = model.config.vision.image_size
     prepared = [prepare_image(ds, size) for ds in datasets]
-    view = prepared[0].pixels if len(prepared) == 1 else overview([p.display for p in prepared], size)
+    view = study_view(prepared, str(datasets[0].get("Modality", "")), size)
     images = torch.from_numpy(np.stack([view] * len(questions)))  # (Q, 3, S, S)
     return model.generate(images, [prompts.vqa_instruction(q) for q in questions], max_new_tokens=VQA_TOKENS)
 

@@ -4,8 +4,11 @@ What the model reads (the same in training, analysis and evaluation):
 
 * each image of a study, prepared by :func:`model.imaging.prepare_image` (window, letterbox, CLIP normalisation);
   box tasks run per image, boxes are on the 0–100 grid of that image's letterboxed square;
-* a study-level *overview* for the report and VQA: the single image of a radiograph, or for a CT/MR series a
-  montage of the analysed slices (``ceil(sqrt(n))`` columns, each slice letterboxed into its tile, head first).
+* a study-level *view* for the report and VQA (:func:`study_view`): the single image of a radiograph; for a chest
+  CT series the maximum-intensity projection of the analysed slices (as a radiologist slabs a chest CT to find
+  nodules: a nodule of any slice stays a bright spot at full resolution, so it can be seen, counted and sided);
+  for an MR series (or slices of different sizes) a montage of the analysed slices (``ceil(sqrt(n))`` columns,
+  each slice letterboxed into its tile, head first).
 
 Tasks and answers (box text as in :mod:`model.prompts`):
 
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model import prompts
-from model.imaging import Letterbox, letterbox, normalise, prepare_image
+from model.imaging import Letterbox, PreparedImage, letterbox, normalise, prepare_image
 from model.phantom_anatomy import CT_LABELS, LATERAL_LABELS, MR_LABELS, RADIOGRAPH_LABELS
 from model.phantoms import PhantomStudy
 from model.prompts import GridBox
@@ -65,10 +68,11 @@ class PreparedStudy:
 
     modality: str
     images: list[np.ndarray]  # (3, S, S) float32 per image, CLIP-normalised
-    overview: np.ndarray  # (3, S, S) float32: the report/VQA input
-    findings: list[GridFinding]
+    overview: np.ndarray  # (3, S, S) float32: the report/VQA input (study_view)
+    findings: list[GridFinding]  # what the box tasks teach: truth findings, or every CT/MR lesion section
     report: str
     qa: list[dict[str, str]]
+    view_shows_boxes: bool = False  # the grid boxes of the findings apply to the view (one image, or a CT MIP)
 
 
 @dataclass(frozen=True)
@@ -105,17 +109,34 @@ def overview(displays: Sequence[np.ndarray], model_size: int) -> np.ndarray:
     return normalise(square)
 
 
+def projects(modality: str | None, prepared: Sequence[PreparedImage]) -> bool:
+    """Whether the study view of these slices is their maximum-intensity projection (CT slices of one size)."""
+    return modality == "CT" and len(prepared) > 1 and len({p.display.shape for p in prepared}) == 1
+
+
+def study_view(prepared: Sequence[PreparedImage], modality: str | None, model_size: int) -> np.ndarray:
+    """(3, S, S) report/VQA input of one series (see the module docstring): the image itself, the CT
+    maximum-intensity projection, or a montage."""
+    if not prepared:
+        raise ValueError("study_view needs at least one image")
+    if len(prepared) == 1:
+        return prepared[0].pixels
+    if projects(modality, prepared):
+        square, _ = letterbox(np.max(np.stack([p.display for p in prepared]), axis=0), model_size)
+        return normalise(square)
+    return overview([p.display for p in prepared], model_size)
+
+
 def prepare_phantom(study: PhantomStudy, model_size: int) -> PreparedStudy:
-    """Prepare every image of *study* as analysis would, and map its truth boxes onto the model grid."""
+    """Prepare every image of *study* as analysis would, and map its boxes onto the model grid: a radiograph's
+    truth findings, or every visible lesion section of a CT/MR series (``Rendering.sections``), slice by slice."""
     prepared = [prepare_image(ds, model_size) for ds in study.datasets]
-    index_of = {str(ds.SOPInstanceUID): i for i, ds in enumerate(study.datasets)}
-    findings = []
-    for finding in study.findings:
-        i = index_of[finding.sop_instance_uid]
-        findings.append(GridFinding(finding.label, i, grid_box(prepared[i].transform, finding.box),
-                                    finding.laterality))
-    view = prepared[0].pixels if len(prepared) == 1 else overview([p.display for p in prepared], model_size)
-    return PreparedStudy(study.modality, [p.pixels for p in prepared], view, findings, study.report, study.qa)
+    drawn = study.rendering.sections or study.rendering.findings
+    findings = [GridFinding(f.label, f.image_index, grid_box(prepared[f.image_index].transform, f.box), f.laterality)
+                for f in drawn]
+    view = study_view(prepared, study.modality, model_size)
+    return PreparedStudy(study.modality, [p.pixels for p in prepared], view, findings, study.report, study.qa,
+                         view_shows_boxes=len(prepared) == 1 or projects(study.modality, prepared))
 
 
 def laterality_of(label: str, box: GridBox) -> str | None:
@@ -151,8 +172,7 @@ def make_example(rng: np.random.Generator, study: PreparedStudy, task: str) -> E
     """One example of *task* from *study* (tasks that need a finding fall back to detection/grounding)."""
     labels = MODALITY_LABELS[study.modality]
     if task in ("report", "vqa"):
-        single = len(study.images) == 1  # the overview is the image itself, so its boxes apply
-        regions = tuple((f.label, f.box) for f in study.findings) if single else None
+        regions = tuple((f.label, f.box) for f in study.findings) if study.view_shows_boxes else None
         if task == "report":
             return Example(task, study.overview, prompts.report_instruction(), study.report, regions)
         pair = _choice(rng, study.qa)

@@ -44,6 +44,9 @@ class Rendering:
     pixel_spacing_mm: float
     slice_positions_mm: list[float] = field(default_factory=lambda: [0.0])
     ctr: float | None = None  # cardiothoracic ratio of a radiograph
+    # CT/MR: every visible section of every lesion, one per slice it crosses (the truth findings are the
+    # largest ones); what box training tasks read on each slice. Empty for a radiograph (its findings).
+    sections: list[DrawnFinding] = field(default_factory=list)
 
 
 def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: int) -> np.ndarray:

@@ -1,7 +1,10 @@
 """Procedural cross-sectional phantoms: chest CT slices with lung nodules, brain MR slices with a tumour.
 
 A lesion is a sphere: every slice it crosses shows its section, and its truth finding is on the slice with
-the largest section (the same rule :mod:`model.slices` uses to merge per-slice findings). Slices are
+the largest section (the same rule :mod:`model.slices` uses to merge per-slice findings). Every section of at
+least :data:`SECTION_MIN_RADIUS_PX` (and always the largest) is also kept in ``Rendering.sections``: training
+teaches the box tasks on each slice what that slice shows, so a lesion seen on a neighbour of its truth slice is
+never taught as "no abnormality". Slices are
 ordered head to feet; columns run to the patient's left and rows to the posterior (axial, seen from the feet).
 CT images are in Hounsfield units, MR images in FLAIR-like signal units (oedema bright, CSF dark).
 """
@@ -16,6 +19,7 @@ from model.phantom_anatomy import DrawnFinding, Rendering, bbox, ellipse_value, 
 
 CT_SIZE = 256
 MR_SIZE = 256
+SECTION_MIN_RADIUS_PX = 2.0  # a smaller cap of a sphere is a sliver of a few pixels: not taught as a finding
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ def render_chest_ct(rng: np.random.Generator, nodules: int, *, paint_findings: b
 
     images: list[np.ndarray] = []
     best: dict[int, tuple[float, int, tuple[int, int, int, int]]] = {}
+    seen: list[tuple[int, float, int, tuple[int, int, int, int]]] = []  # (nodule, radius, slice, box)
     for k in range(n):
         dx, dy, ax, ay, heart = _ct_lungs(k, n)
         image = np.full((size, size), -1000.0, dtype=np.float32)
@@ -105,15 +110,22 @@ def render_chest_ct(rng: np.random.Generator, nodules: int, *, paint_findings: b
             if paint_findings:
                 np.copyto(image, image * (1 - alpha) + 35.0 * alpha, where=alpha > 0)
             box = bbox(alpha > 0)
-            if box is not None and r > best.get(index, (0.0, 0, box))[0]:
-                best[index] = (r, k, box)
+            if box is not None:
+                seen.append((index, r, k, box))
+                if r > best.get(index, (0.0, 0, box))[0]:
+                    best[index] = (r, k, box)
         images.append(image + 12.0 * grains[k])
     findings = [
         DrawnFinding("nodule", box, spheres[i].side, _lobe(spheres[i].side, k, n), image_index=k,
                      size_mm=2 * spheres[i].radius_mm)
         for i, (_, k, box) in sorted(best.items())
     ]
-    return Rendering(images, findings, spacing, [k * slice_mm for k in range(n)])
+    sections = [
+        DrawnFinding("nodule", box, spheres[i].side, _lobe(spheres[i].side, k, n), image_index=k,
+                     size_mm=2 * spheres[i].radius_mm)
+        for i, r, k, box in seen if r >= SECTION_MIN_RADIUS_PX or k == best[i][1]
+    ]
+    return Rendering(images, findings, spacing, [k * slice_mm for k in range(n)], sections=sections)
 
 
 def _place_nodule(rng: np.random.Generator, others: list[_Sphere], *, n: int, slice_mm: float, spacing: float,
@@ -183,6 +195,7 @@ def render_brain_mr(rng: np.random.Generator, tumour: bool, *, paint_findings: b
 
     images: list[np.ndarray] = []
     found: tuple[float, int, tuple[int, int, int, int], tuple[int, int, int, int]] | None = None
+    seen: list[tuple[float, int, tuple[int, int, int, int], tuple[int, int, int, int]]] = []
     for k in range(n):
         f = (k + 0.5) / n
         s = 0.92 + 0.08 * np.sin(np.pi * (0.25 + 0.5 * f))
@@ -212,16 +225,23 @@ def render_brain_mr(rng: np.random.Generator, tumour: bool, *, paint_findings: b
                 image[tumour_mask] = 620.0
                 image[tumour_mask & (rho < 0.55 * r)] = 260.0  # necrotic core
             tumour_box, oedema_box = bbox(tumour_mask), bbox(oedema_mask)
-            if tumour_box and oedema_box and (found is None or r > found[0]):
-                found = (r, k, tumour_box, oedema_box)
+            if tumour_box and oedema_box:
+                seen.append((r, k, tumour_box, oedema_box))
+                if found is None or r > found[0]:
+                    found = (r, k, tumour_box, oedema_box)
         images.append(np.clip(image + 8.0 * grains[k], 0.0, None))
     findings: list[DrawnFinding] = []
+    sections: list[DrawnFinding] = []
     if sphere is not None and found is not None:
-        _, k, tumour_box, oedema_box = found
         lobe = _brain_lobe(sphere, cx, cy, head_ax, head_ay)
-        findings = [DrawnFinding("tumor", tumour_box, sphere.side, lobe, image_index=k, size_mm=2 * sphere.radius_mm),
+        for r, k, tumour_box, oedema_box in seen:
+            pair = [DrawnFinding("tumor", tumour_box, sphere.side, lobe, image_index=k, size_mm=2 * sphere.radius_mm),
                     DrawnFinding("edema", oedema_box, sphere.side, lobe, image_index=k)]
-    return Rendering(images, findings, spacing, [k * slice_mm for k in range(n)])
+            if k == found[1]:
+                findings = pair
+            if r >= SECTION_MIN_RADIUS_PX or k == found[1]:
+                sections.extend(pair)
+    return Rendering(images, findings, spacing, [k * slice_mm for k in range(n)], sections=sections)
 
 
 def _brain_lobe(sphere: _Sphere, cx: float, cy: float, ax: float, ay: float) -> str:

@@ -15,14 +15,14 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pydicom
 from peers import LOOPBACK, Orthanc, RedisServer, port_is_open, wait_for
 
 from dicom_node.index import Index
 from model.embedded import embedded_available
-from model.phantoms import write_studies
+from model.phantoms import generate_studies, write_studies
 
 REPO = Path(__file__).resolve().parent.parent
 SR_MODALITY = "SR"
@@ -128,10 +128,12 @@ def worker(queue: str, env: dict[str, str]) -> Iterator[Process]:
 class Phantoms:
     """Phantom studies written once per test session (CR, CT, MR) with their truth."""
 
+    SEEDS: ClassVar[dict[str, int]] = {"CR": 5, "CT": 6, "MR": 7}  # a seed each: distinct study UIDs
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.by_modality: dict[str, tuple[Path, dict[str, Any]]] = {}
-        for seed, modality in enumerate(("CR", "CT", "MR"), start=5):  # a seed each: distinct study UIDs
+        for modality, seed in self.SEEDS.items():
             out = root / modality
             write_studies(out, seed=seed, count=1, modality=modality)
             truth = json.loads((out / "truth.json").read_text())["studies"][0]
@@ -142,6 +144,17 @@ class Phantoms:
 
     def truth(self, modality: str) -> dict[str, Any]:
         return self.by_modality[modality][1]
+
+    def lesions(self, modality: str) -> dict[str, list[tuple[float, float, float, float]]]:
+        """SOP Instance UID → the box of every lesion section drawn on that image (a CT/MR lesion crosses
+        several slices; truth.json names only its largest section)."""
+        study = next(generate_studies(self.SEEDS[modality], 1, modality))  # the same study write_studies wrote
+        drawn = study.rendering.sections or study.rendering.findings
+        uids = [str(ds.SOPInstanceUID) for ds in study.datasets]
+        found: dict[str, list[tuple[float, float, float, float]]] = {}
+        for section in drawn:
+            found.setdefault(uids[section.image_index], []).append(tuple(float(v) for v in section.box))
+        return found
 
 
 def connect_orthanc(orthanc: Orthanc, gateway_port: int) -> str:
@@ -183,15 +196,19 @@ def findings_srs(orthanc: Orthanc, study_id: str) -> list[pydicom.Dataset]:
 
 
 def wait_for_outputs(orthanc: Orthanc, study_id: str, timeout: float) -> list[pydicom.Dataset]:
-    """Wait until raddraft's findings SR and at least one GSPS... or the narrative SR are in the study."""
+    """Wait until raddraft's findings SR is in the study, and the GSPS too when the SR has boxes (the SR and the
+    GSPS are stored one after the other, so the SR alone may be there first)."""
     def done() -> list[pydicom.Dataset] | None:
         modalities = series_by_modality(orthanc, study_id)
         if SR_MODALITY not in modalities:
             return None
         srs = findings_srs(orthanc, study_id)
+        if any(sr_boxes(sr) for sr in srs) and PR_MODALITY not in modalities:
+            return None
         return srs or None
 
-    return wait_for(done, timeout=timeout, interval=0.5, what=f"SR in Orthanc study {study_id}")
+    return wait_for(done, timeout=timeout, interval=0.5,
+                    what=f"SR (and GSPS when it has boxes) in Orthanc study {study_id}")
 
 
 def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -15,8 +15,10 @@ from model.examples import (
     overview,
     prepare_phantom,
     sample_examples,
+    study_view,
 )
-from model.imaging import Letterbox
+from model.imaging import Letterbox, prepare_display
+from model.phantom_sections import SECTION_MIN_RADIUS_PX
 from model.phantoms import generate_studies, generate_study, study_rng
 
 SIZE = 224
@@ -115,3 +117,58 @@ def test_overview_tiles_every_slice():
         assert centre == pytest.approx(v, abs=1e-5)
     with pytest.raises(ValueError, match="at least one image"):
         overview([], 90)
+
+
+def test_every_visible_section_of_a_lesion_is_taught_on_its_own_slice():
+    """A CT nodule or MR tumour crosses several slices; each slice's box tasks name what that slice shows, so
+    a lesion seen on a neighbour of its truth slice is never taught as "no abnormality"."""
+    rng = np.random.default_rng(5)
+    checked = 0
+    for modality in ("CT", "MR"):
+        for study in generate_studies(21, 8, modality):
+            sections = study.rendering.sections
+            assert set(study.rendering.findings) <= set(sections)  # the truth is the largest section
+            for truth in study.rendering.findings:
+                slices = sorted(f.image_index for f in sections if f.label == truth.label and f.site == truth.site
+                                and f.laterality == truth.laterality)
+                assert truth.image_index in slices
+            prepared = prepare_phantom(study, SIZE)
+            for index in {f.image_index for f in sections} - {f.image_index for f in study.rendering.findings}:
+                answer = make_example(rng, _only(prepared, index), "grounding").answer
+                assert answer != NORMAL_GROUNDING  # the neighbour slice shows the lesion
+                checked += 1
+    assert checked >= 5
+
+
+def test_sections_keep_only_visible_slices():
+    for modality, label in (("CT", "nodule"), ("MR", "tumor")):
+        for study in generate_studies(22, 6, modality):
+            for section in study.rendering.sections:
+                if section.label == label and section not in study.rendering.findings:
+                    x1, _, x2, _ = section.box
+                    assert x2 - x1 + 1 >= 2 * SECTION_MIN_RADIUS_PX - 1  # a sliver of a sphere is never taught
+
+
+def test_study_view_projects_ct_slices_and_tiles_mr_slices():
+    def slices(spots):
+        images = []
+        for row, col in spots:
+            display = np.zeros((64, 64), dtype=np.float32)
+            if row is not None:
+                display[row - 2:row + 2, col - 2:col + 2] = 1.0
+            images.append(prepare_display(display, 64))
+        return images
+
+    ct = study_view(slices([(10, 10), (None, None), (40, 50)]), "CT", 64)
+    gray = ct[0] * 0.26862954 + 0.48145466  # undo CLIP normalisation of channel 0
+    assert gray[10, 10] == pytest.approx(1.0, abs=1e-4) and gray[40, 50] == pytest.approx(1.0, abs=1e-4)
+    assert gray[30, 30] == pytest.approx(0.0, abs=1e-4)  # the projection of three slices, full size
+    mr = study_view(slices([(10, 10), (None, None), (40, 50)]), "MR", 64)
+    assert not np.array_equal(mr, ct)  # a montage of tiles
+    np.testing.assert_array_equal(mr, overview([p.display for p in slices([(10, 10), (None, None), (40, 50)])], 64))
+    one = slices([(10, 10)])
+    np.testing.assert_array_equal(study_view(one, "CT", 64), one[0].pixels)
+    mixed = [prepare_display(np.zeros((64, 64), np.float32), 64), prepare_display(np.zeros((32, 64), np.float32), 64)]
+    np.testing.assert_array_equal(study_view(mixed, "CT", 64), overview([p.display for p in mixed], 64))
+    with pytest.raises(ValueError, match="at least one image"):
+        study_view([], "CT", 64)

@@ -57,12 +57,13 @@ def test_the_loss_reads_only_images_with_known_regions():
 
 def test_examples_carry_the_boxes_of_their_image_and_none_for_a_montage():
     rng = np.random.default_rng(3)
-    for modality in ("CR", "CT"):
+    for modality in ("CR", "CT", "MR"):
         study = prepare_phantom(generate_study(study_rng(11, 0), modality), 56)
+        assert study.view_shows_boxes == (modality != "MR")  # a radiograph, a CT projection; an MR montage
         for task in ("report", "vqa", "grounding", "detection"):
             example = make_example(rng, study, task)
-            if task in ("report", "vqa") and len(study.images) > 1:
-                assert example.regions is None  # a CT montage: tiles, no per-patch truth
+            if task in ("report", "vqa") and not study.view_shows_boxes:
+                assert example.regions is None  # tiles: no per-patch truth
                 continue
             assert example.regions is not None
             assert {r[0] for r in example.regions} <= {f.label for f in study.findings}

@@ -3,7 +3,7 @@
 :func:`get_model` loads ``settings.model`` lazily on first use and caches it for the life of the process (a
 lock makes concurrent first calls load it once). :func:`run_batch` answers several queued
 :class:`~workers.payload.InferenceRequest` s with ONE greedy ``generate`` call over every task row of every
-request (typically the report instruction on the overview plus a ``[grounding]`` instruction per image).
+request (typically the report instruction on the study view plus a ``[grounding]`` instruction per image).
 Greedy decoding of a row does not depend on the other rows (left padding + attention mask), so each row is
 cut to its own ``max_new_tokens`` and a batch gives the texts each request would get alone.
 """

@@ -97,7 +97,8 @@ class TransformSpec(_Strict):
 
 
 class ModelImage(_Strict):
-    """One model input. The study overview montage (report input of a series) has no instance and no transform."""
+    """One model input. The study view (report input of a series: a CT projection or a montage) has no instance
+    and no transform."""
 
     key: str = Field(min_length=1, description="unique in the request; tasks refer to it")
     sop_instance_uid: str | None = None

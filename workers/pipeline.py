@@ -31,7 +31,7 @@ from model import prompts
 from model.analyze import REPORT_TOKENS, TASK_TOKENS, findings_from_answer, split_report
 from model.config import PRESETS, MiniGPTConfig
 from model.embedded import EMBEDDED_DIR, MINIGPT_MED_FILES
-from model.examples import overview
+from model.examples import study_view
 from model.imaging import ImageDecodeError, NotAnImageError, PreparedImage, prepare_image
 from model.result import AnalysisResult, Finding
 from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study
@@ -90,11 +90,13 @@ def model_input_size(spec: str) -> int:
 def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, policy: SlicePolicy | None = None,
                   *, dtype: ArrayDType = "float16", max_new_tokens: int | None = None) -> InferenceRequest:
     """The model inputs of a prepared episode: the images the slice policy picks, each with a grounding task, and
-    the report task on the first series (its image, or a montage of its analysed images). Pixels travel as
+    the report task on the first series (its image, or the study view of its analysed images: a CT projection or
+    a montage). Pixels travel as
     *dtype*; *max_new_tokens* replaces the per-task budgets (REPORT_TOKENS, TASK_TOKENS) when given."""
     policy = policy or SlicePolicy()
     chosen, _ = plan_study(manifest, policy)
     by_series: dict[str, list[tuple[str, PreparedImage]]] = {}
+    modality = {series.series_instance_uid: series.modality for series, _ in chosen}
     for series, instance in chosen:
         try:
             prepared = prepare_image(dcmread(spool_dir / instance.path), model_size)
@@ -113,8 +115,8 @@ def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, pol
                 report_image = f"{series_uid}/{members[0][0]}"
             else:
                 report_image = f"overview/{series_uid}"
-                images.append(ModelImage.build(report_image, overview([p.display for _, p in members], model_size),
-                                                dtype=dtype))
+                view = study_view([p for _, p in members], modality[series_uid], model_size)
+                images.append(ModelImage.build(report_image, view, dtype=dtype))
             tasks.append(ModelTask(task_id=REPORT_TASK_ID, image=report_image, task="report",
                                    instruction=prompts.report_instruction(),
                                    max_new_tokens=max_new_tokens or REPORT_TOKENS))
