@@ -4,8 +4,8 @@ A lesion is a sphere: every slice it crosses shows its section, and its truth fi
 the largest section (the same rule :mod:`model.slices` uses to merge per-slice findings). Every section of at
 least :data:`SECTION_MIN_RADIUS_PX` (and always the largest) is also kept in ``Rendering.sections``: training
 teaches the box tasks on each slice what that slice shows, so a lesion seen on a neighbour of its truth slice is
-never taught as "no abnormality". Slices are
-ordered head to feet; columns run to the patient's left and rows to the posterior (axial, seen from the feet).
+never taught as "no abnormality". Slices are ordered head to feet; columns run to the patient's left and rows
+to the posterior (axial, seen from the feet).
 CT images are in Hounsfield units, MR images in FLAIR-like signal units (oedema bright, CSF dark).
 """
 
