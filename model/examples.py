@@ -129,11 +129,10 @@ def study_view(prepared: Sequence[PreparedImage], modality: str | None, model_si
 
 def prepare_phantom(study: PhantomStudy, model_size: int) -> PreparedStudy:
     """Prepare every image of *study* as analysis would, and map its boxes onto the model grid: a radiograph's
-    truth findings, or every visible lesion section of a CT/MR series (``Rendering.sections``), slice by slice."""
+    truth findings, or every visible lesion section of a CT/MR series (``Rendering.drawn``), slice by slice."""
     prepared = [prepare_image(ds, model_size) for ds in study.datasets]
-    drawn = study.rendering.sections or study.rendering.findings
     findings = [GridFinding(f.label, f.image_index, grid_box(prepared[f.image_index].transform, f.box), f.laterality)
-                for f in drawn]
+                for f in study.rendering.drawn]
     view = study_view(prepared, study.modality, model_size)
     return PreparedStudy(study.modality, [p.pixels for p in prepared], view, findings, study.report, study.qa,
                          view_shows_boxes=len(prepared) == 1 or projects(study.modality, prepared))

@@ -48,6 +48,11 @@ class Rendering:
     # largest ones); what box training tasks read on each slice. Empty for a radiograph (its findings).
     sections: list[DrawnFinding] = field(default_factory=list)
 
+    @property
+    def drawn(self) -> list[DrawnFinding]:
+        """Every lesion as drawn, image by image: the CT/MR sections, or a radiograph's findings."""
+        return self.sections or self.findings
+
 
 def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: int) -> np.ndarray:
     """Zero-mean, unit-ish smooth noise: a coarse normal grid bicubically upsampled to *shape*."""

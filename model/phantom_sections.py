@@ -69,7 +69,6 @@ def render_chest_ct(rng: np.random.Generator, nodules: int, *, paint_findings: b
     vessels = [rng.uniform(0, 1, size=(30, 3)) for _ in range(n)]
 
     images: list[np.ndarray] = []
-    best: dict[int, tuple[float, int, tuple[int, int, int, int]]] = {}
     seen: list[tuple[int, float, int, tuple[int, int, int, int]]] = []  # (nodule, radius, slice, box)
     for k in range(n):
         dx, dy, ax, ay, heart = _ct_lungs(k, n)
@@ -112,19 +111,15 @@ def render_chest_ct(rng: np.random.Generator, nodules: int, *, paint_findings: b
             box = bbox(alpha > 0)
             if box is not None:
                 seen.append((index, r, k, box))
-                if r > best.get(index, (0.0, 0, box))[0]:
-                    best[index] = (r, k, box)
         images.append(image + 12.0 * grains[k])
-    findings = [
-        DrawnFinding("nodule", box, spheres[i].side, _lobe(spheres[i].side, k, n), image_index=k,
-                     size_mm=2 * spheres[i].radius_mm)
-        for i, (_, k, box) in sorted(best.items())
-    ]
-    sections = [
-        DrawnFinding("nodule", box, spheres[i].side, _lobe(spheres[i].side, k, n), image_index=k,
-                     size_mm=2 * spheres[i].radius_mm)
-        for i, r, k, box in seen if r >= SECTION_MIN_RADIUS_PX or k == best[i][1]
-    ]
+
+    def drawn(i: int, k: int, box: tuple[int, int, int, int]) -> DrawnFinding:
+        return DrawnFinding("nodule", box, spheres[i].side, _lobe(spheres[i].side, k, n), image_index=k,
+                            size_mm=2 * spheres[i].radius_mm)
+
+    largest = {i: max((s for s in seen if s[0] == i), key=lambda s: s[1]) for i in sorted({s[0] for s in seen})}
+    findings = [drawn(i, k, box) for i, _, k, box in largest.values()]
+    sections = [drawn(i, k, box) for i, r, k, box in seen if r >= SECTION_MIN_RADIUS_PX or k == largest[i][2]]
     return Rendering(images, findings, spacing, [k * slice_mm for k in range(n)], sections=sections)
 
 
@@ -194,7 +189,6 @@ def render_brain_mr(rng: np.random.Generator, tumour: bool, *, paint_findings: b
     grains = [rng.standard_normal((size, size)).astype(np.float32) for _ in range(n)]
 
     images: list[np.ndarray] = []
-    found: tuple[float, int, tuple[int, int, int, int], tuple[int, int, int, int]] | None = None
     seen: list[tuple[float, int, tuple[int, int, int, int], tuple[int, int, int, int]]] = []
     for k in range(n):
         f = (k + 0.5) / n
@@ -227,19 +221,18 @@ def render_brain_mr(rng: np.random.Generator, tumour: bool, *, paint_findings: b
             tumour_box, oedema_box = bbox(tumour_mask), bbox(oedema_mask)
             if tumour_box and oedema_box:
                 seen.append((r, k, tumour_box, oedema_box))
-                if found is None or r > found[0]:
-                    found = (r, k, tumour_box, oedema_box)
         images.append(np.clip(image + 8.0 * grains[k], 0.0, None))
     findings: list[DrawnFinding] = []
     sections: list[DrawnFinding] = []
-    if sphere is not None and found is not None:
+    if sphere is not None and seen:
+        largest = max(seen, key=lambda s: s[0])[1]  # the slice of the largest section
         lobe = _brain_lobe(sphere, cx, cy, head_ax, head_ay)
         for r, k, tumour_box, oedema_box in seen:
             pair = [DrawnFinding("tumor", tumour_box, sphere.side, lobe, image_index=k, size_mm=2 * sphere.radius_mm),
                     DrawnFinding("edema", oedema_box, sphere.side, lobe, image_index=k)]
-            if k == found[1]:
+            if k == largest:
                 findings = pair
-            if r >= SECTION_MIN_RADIUS_PX or k == found[1]:
+            if r >= SECTION_MIN_RADIUS_PX or k == largest:
                 sections.extend(pair)
     return Rendering(images, findings, spacing, [k * slice_mm for k in range(n)], sections=sections)
 

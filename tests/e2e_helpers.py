@@ -149,10 +149,9 @@ class Phantoms:
         """SOP Instance UID → the box of every lesion section drawn on that image (a CT/MR lesion crosses
         several slices; truth.json names only its largest section)."""
         study = next(generate_studies(self.SEEDS[modality], 1, modality))  # the same study write_studies wrote
-        drawn = study.rendering.sections or study.rendering.findings
         uids = [str(ds.SOPInstanceUID) for ds in study.datasets]
         found: dict[str, list[tuple[float, float, float, float]]] = {}
-        for section in drawn:
+        for section in study.rendering.drawn:
             found.setdefault(uids[section.image_index], []).append(tuple(float(v) for v in section.box))
         return found
 

@@ -91,8 +91,8 @@ def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, pol
                   *, dtype: ArrayDType = "float16", max_new_tokens: int | None = None) -> InferenceRequest:
     """The model inputs of a prepared episode: the images the slice policy picks, each with a grounding task, and
     the report task on the first series (its image, or the study view of its analysed images: a CT projection or
-    a montage). Pixels travel as
-    *dtype*; *max_new_tokens* replaces the per-task budgets (REPORT_TOKENS, TASK_TOKENS) when given."""
+    a montage). Pixels travel as *dtype*; *max_new_tokens* replaces the per-task budgets (REPORT_TOKENS,
+    TASK_TOKENS) when given."""
     policy = policy or SlicePolicy()
     chosen, _ = plan_study(manifest, policy)
     by_series: dict[str, list[tuple[str, PreparedImage]]] = {}
