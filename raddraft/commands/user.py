@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             password_hash = hash_password(_read_password(args.password_stdin))
             if args.user_command == "passwd":
                 store.set_password(name, password_hash)
-                print(f"password of {name} changed")
+                sys.stdout.write(f"password of {name} changed\n")
                 return 0
             full_name = args.full_name or name
             if "\n" in full_name or len(full_name) > 320:
@@ -64,9 +64,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                                   organization=args.organization or settings.hl7_sending_facility,
                                   now=datetime.now(UTC))
         except (ValueError, KeyError) as exc:  # UserExistsError is a ValueError
-            print(f"raddraft user: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+            sys.stderr.write(f"raddraft user: {exc.args[0] if isinstance(exc, KeyError) else exc}\n")
             return 1 if isinstance(exc, UserExistsError) else 2
-        print(f"added {user.username} ({user.role})")
+        sys.stdout.write(f"added {user.username} ({user.role})\n")
         log.info("worklist user %s added with role %s", user.username, user.role)
         return 0
     finally:
@@ -76,10 +76,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _list(store: Store, as_json: bool) -> int:
     users = store.list_users()
     if as_json:
-        print(json.dumps([{"name": u.username, "role": u.role, "full_name": u.full_name,
-                           "organization": u.organization, "disabled": u.disabled} for u in users], indent=2))
+        sys.stdout.write(json.dumps([{"name": u.username, "role": u.role, "full_name": u.full_name,
+                                      "organization": u.organization, "disabled": u.disabled} for u in users],
+                                    indent=2) + "\n")
         return 0
     for user in users:
-        print(f"{user.username:24} {user.role:12} {user.full_name} / {user.organization}"
-              f"{' (disabled)' if user.disabled else ''}")
+        sys.stdout.write(f"{user.username:24} {user.role:12} {user.full_name} / {user.organization}"
+                         f"{' (disabled)' if user.disabled else ''}\n")
     return 0
