@@ -5,7 +5,8 @@ answers every VQA question of the truth in one batched call on the study view.
 
 * **finding F1** — a predicted finding matches a truth finding when the label is the same, it is on the same
   SOP instance and the boxes' IoU ≥ 0.5; matching is one-to-one, greedy by IoU, per study; precision, recall
-  and F1 are computed over all studies' true positives, false positives and false negatives.
+  and F1 are computed over all studies' true positives, false positives and false negatives; ``by_label`` has
+  the same counts per modality and label (``"CT nodule"``), which add up to the totals.
 * **mean IoU** — the mean IoU of the matched pairs.
 * **VQA accuracy** — exact match after normalisation (lower case, punctuation and articles removed, number
   words as digits).
@@ -191,6 +192,7 @@ def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None
     predicted_labels: list[set[str]] = []
     truth_labels: list[set[str]] = []
     latency: dict[str, list[float]] = {}
+    by_label: dict[str, list[int]] = {}  # "modality label" -> [tp, fp, fn]
     for number, (study, paths) in enumerate(studies, start=1):
         all_datasets = [dcmread(p) for p in paths]
         datasets = [all_datasets[i] for i in select_indices(len(all_datasets), policy.max_per_series)]
@@ -199,6 +201,11 @@ def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None
                  for f in study["findings"]]
         counts = match_findings(analysis.findings, truth)
         tp, fp, fn = tp + counts.tp, fp + counts.fp, fn + counts.fn
+        for label in {f.label for f in analysis.findings} | {f.label for f in truth}:
+            one = match_findings([f for f in analysis.findings if f.label == label],
+                                 [f for f in truth if f.label == label])
+            totals = by_label.setdefault(f"{study['modality']} {label}", [0, 0, 0])
+            totals[0], totals[1], totals[2] = totals[0] + one.tp, totals[1] + one.fp, totals[2] + one.fn
         ious.extend(counts.ious)
         predicted_labels.append(extract_labels(analysis.report_text, study["modality"]))
         truth_labels.append({f["label"] for f in study["findings"]})
@@ -213,7 +220,9 @@ def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None
     label_tp, label_fp, label_fn = label_counts(predicted_labels, truth_labels)
     return {
         "studies": len(studies),
-        "finding": {**f1(tp, fp, fn), "tp": tp, "fp": fp, "fn": fn, "iou_threshold": IOU_THRESHOLD},
+        "finding": {**f1(tp, fp, fn), "tp": tp, "fp": fp, "fn": fn, "iou_threshold": IOU_THRESHOLD,
+                    "by_label": {name: {**f1(*counts), "tp": counts[0], "fp": counts[1], "fn": counts[2]}
+                                 for name, counts in sorted(by_label.items())}},
         "mean_iou": statistics.fmean(ious) if ious else 0.0,
         "vqa_accuracy": vqa_right / vqa_total if vqa_total else 0.0,
         "vqa_questions": vqa_total,

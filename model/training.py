@@ -70,6 +70,7 @@ class TrainConfig:
     tokenizer_studies: int = 400  # phantom studies whose texts train the tokenizer
     probe_weight: float = 0.5  # weight of the patch supervision (model.patch_probe); 0 turns it off
     init_from: str | None = None  # a model folder whose weights (and tokenizer) the run starts from
+    modality_weights: tuple[float, ...] = MODALITY_WEIGHTS  # how often each of MODALITIES is drawn per study
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "studies_per_step", "checkpoint_every", "log_every"):
@@ -81,16 +82,23 @@ class TrainConfig:
             raise ValueError(f"train warmup_steps {self.warmup_steps} must not be negative")
         if self.probe_weight < 0:
             raise ValueError(f"train probe_weight {self.probe_weight} must not be negative")
+        if (len(self.modality_weights) != len(MODALITIES) or min(self.modality_weights) < 0
+                or sum(self.modality_weights) <= 0):
+            raise ValueError(f"train modality_weights {list(self.modality_weights)} must be {len(MODALITIES)} "
+                             f"non-negative weights of {', '.join(MODALITIES)}, not all zero")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["betas"] = list(self.betas)
+        data["modality_weights"] = list(self.modality_weights)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         data = dict(data)
         data["betas"] = tuple(data["betas"])
+        if "modality_weights" in data:  # absent in runs made before the mix could be set: the default mix
+            data["modality_weights"] = tuple(data["modality_weights"])
         return cls(**data)
 
 
@@ -116,9 +124,11 @@ def batch_for_step(config: TrainConfig, step: int, model_size: int) -> list[Exam
     """The examples of *step*: a pure function of (seed, step)."""
     examples: list[Example] = []
     per_study = math.ceil(config.batch_size / config.studies_per_step)
+    mix = np.asarray(config.modality_weights, dtype=np.float64)
+    mix = mix / mix.sum()
     for j in range(config.studies_per_step):
         rng = np.random.default_rng([config.seed, step, j])
-        modality = str(rng.choice(MODALITIES, p=MODALITY_WEIGHTS))
+        modality = str(rng.choice(MODALITIES, p=mix))
         study = generate_study(study_rng(config.seed * 1_000_003 + step, j), modality)
         examples.extend(sample_examples(rng, prepare_phantom(study, model_size), per_study))
     return examples[: config.batch_size]

@@ -1,12 +1,15 @@
 """The training loop on a tiny config: the loss falls on a fixed batch; resume continues with identical state."""
 
+import argparse
 import json
 
 import pytest
 import torch
 from train_helpers import TINY
 
+from model import training
 from model.minigpt import MiniGPTMed
+from model.phantoms import generate_study
 from model.training import (
     CHECKPOINT_DIR,
     TrainConfig,
@@ -18,6 +21,7 @@ from model.training import (
     stack_images,
     train,
 )
+from raddraft.commands.train import modality_mix
 
 CONFIG = TrainConfig(steps=4, batch_size=4, studies_per_step=2, lr=2e-3, warmup_steps=1, checkpoint_every=2,
                      log_every=1, tokenizer_studies=8, seed=5)
@@ -112,3 +116,41 @@ def test_resume_may_change_the_total_steps(tmp_path):
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="batch_size 0 must be at least 1"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"modality_weights \[1.0, 1.0\] must be 4 non-negative weights"):
+        TrainConfig(modality_weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match="not all zero"):
+        TrainConfig(modality_weights=(0.0, 0.0, 0.0, 0.0))
+
+
+def test_the_modality_mix_decides_which_studies_a_step_draws(monkeypatch):
+    drawn: list[str] = []
+
+    def recording(rng, modality):
+        drawn.append(modality)
+        return generate_study(rng, modality)
+
+    monkeypatch.setattr(training, "generate_study", recording)
+    only_ct = TrainConfig(**{**CONFIG.__dict__, "modality_weights": (0.0, 0.0, 1.0, 0.0)})
+    for step in range(4):
+        batch_for_step(only_ct, step, 56)
+    assert drawn == ["CT"] * 8
+    drawn.clear()
+    for step in range(6):
+        batch_for_step(CONFIG, step, 56)
+    assert len(set(drawn)) > 1
+
+
+def test_a_stored_config_without_a_mix_reads_as_the_default_mix():
+    stored = CONFIG.to_dict()
+    assert stored["modality_weights"] == [0.3, 0.3, 0.2, 0.2]
+    del stored["modality_weights"]
+    assert TrainConfig.from_dict(stored) == CONFIG
+    assert TrainConfig.from_dict(TrainConfig(modality_weights=(1, 0, 0, 1)).to_dict()).modality_weights == (1, 0, 0, 1)
+
+
+def test_cli_modality_mix_parses_names_and_rejects_bad_ones():
+    assert modality_mix("ct=0.3, CR=0.3,DX=0.3,MR=0.1") == (0.3, 0.3, 0.3, 0.1)
+    for text, message in (("CR=1,DX=1,CT=1", "lacks MR"), ("CR=1,CR=1,DX=1,CT=1,MR=1", "once each"),
+                          ("US=1", "must be MODALITY=WEIGHT"), ("CR=x,DX=1,CT=1,MR=1", "'x' of CR is not a number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            modality_mix(text)

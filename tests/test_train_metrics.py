@@ -97,6 +97,15 @@ def test_evaluate_folder_and_command_with_a_random_model(tmp_path, capsys):
     assert metrics["studies"] == 2
     assert 0.0 <= metrics["finding"]["f1"] <= 1.0 and 0.0 <= metrics["vqa_accuracy"] <= 1.0
     assert metrics["vqa_questions"] > 0 and metrics["latency_s"]["mean"] > 0
+    by_label = metrics["finding"]["by_label"]
+    for key in ("tp", "fp", "fn"):
+        assert sum(counts[key] for counts in by_label.values()) == metrics["finding"][key]
+    truth = json.loads((tmp_path / "set" / "truth.json").read_text())["studies"]
+    expected = {f"{s['modality']} {f['label']}" for s in truth for f in s["findings"]}
+    assert expected <= set(by_label)
+    for name in expected:
+        assert by_label[name]["tp"] + by_label[name]["fn"] == sum(
+            f"{s['modality']} {f['label']}" == name for s in truth for f in s["findings"])
     model.save_pretrained(tmp_path / "model")
     assert main(["evaluate", str(tmp_path / "set"), "--model", str(tmp_path / "model"), "--limit", "1",
                  "--out", str(tmp_path / "m.json")]) == 0

@@ -1,5 +1,5 @@
-"""``raddraft train [--out DIR] [--steps N] [--batch-size B] [--seed S] [--init-from MODEL] [--resume]``: train the
-embedded model."""
+"""``raddraft train [--out DIR] [--steps N] [--batch-size B] [--seed S] [--init-from MODEL] [--modality-mix MIX]
+[--resume]``: train the embedded model."""
 
 from __future__ import annotations
 
@@ -23,8 +23,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from the weights of this model folder (e.g. model/weights/raddraft-small)")
     parser.add_argument("--probe-weight", type=float, default=0.5,
                         help="weight of the training-only patch supervision of the vision encoder (0: off)")
+    parser.add_argument("--modality-mix", type=modality_mix, metavar="CR=W,DX=W,CT=W,MR=W",
+                        help="relative weights of the modalities drawn for training studies "
+                             "(default CR=0.3,DX=0.3,CT=0.2,MR=0.2)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def modality_mix(text: str) -> tuple[float, ...]:
+    """``CR=0.3,DX=0.3,CT=0.3,MR=0.1`` → the weights in the order of ``model.phantoms.MODALITIES``."""
+    from model.phantoms import MODALITIES  # noqa: PLC0415 - the phantom module only when the command runs
+
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip().upper()
+        if not sep or name not in MODALITIES or name in weights:
+            raise argparse.ArgumentTypeError(f"{part!r} must be MODALITY=WEIGHT, once each of {', '.join(MODALITIES)}")
+        try:
+            weights[name] = float(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"weight {value!r} of {name} is not a number") from exc
+    missing = [m for m in MODALITIES if m not in weights]
+    if missing:
+        raise argparse.ArgumentTypeError(f"--modality-mix lacks {', '.join(missing)}")
+    return tuple(weights[m] for m in MODALITIES)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -36,7 +59,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                              studies_per_step=max(1, args.batch_size // 4), seed=args.seed, lr=args.lr,
                              warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every,
                              probe_weight=args.probe_weight,
-                             init_from=str(args.init_from) if args.init_from else None)
+                             init_from=str(args.init_from) if args.init_from else None,
+                             **({"modality_weights": args.modality_mix} if args.modality_mix else {}))
         summary = train(config, out, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         sys.stderr.write(f"raddraft train: {exc}\n")
