@@ -12,6 +12,7 @@ Attribute names follow MiniGPT-v2/MiniGPT-Med (``visual_encoder``, ``ln_vision``
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import peft
@@ -64,7 +65,12 @@ class MiniGPTMed(nn.Module):
             bias="none",
             task_type="CAUSAL_LM",
         )
-        self.llama_model = peft.get_peft_model(llm, lora)  # freezes every non-LoRA LLM weight
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing``: an upstream FutureWarning that
+            # would otherwise print on every command that loads a model
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            self.llama_model = peft.get_peft_model(llm, lora)  # freezes every non-LoRA LLM weight
         self._set_trainable()
 
     def _set_trainable(self) -> None:
@@ -242,7 +248,7 @@ class MiniGPTMed(nn.Module):
         eos = self.tokenizer.eos_token_id
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = out.cache
         finished = torch.zeros(embeds.shape[0], dtype=torch.bool, device=self.device)  # (B,)
         steps: list[Tensor] = []
         for _ in range(max_new_tokens):
@@ -258,10 +264,10 @@ class MiniGPTMed(nn.Module):
                 inputs_embeds=table(token[:, None]),  # (B, 1, D)
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
-            cache = out.past_key_values
+            cache = out.cache
         generated = torch.stack(steps, dim=1).tolist()  # (B, steps)
         return [row[: row.index(eos)] if eos in row else row for row in generated]
 
