@@ -222,21 +222,26 @@ class MiniGPTMed(nn.Module):
     # ------------------------------------------------------------------ generation
 
     @torch.inference_mode()
-    def generate_ids(self, images: Tensor, instructions: list[str], max_new_tokens: int = 300) -> list[list[int]]:
+    def generate_ids(self, images: Tensor, instructions: list[str], max_new_tokens: int = 300, *,
+                     min_new_tokens: int = 0) -> list[list[int]]:
         """Greedy decoding with a KV cache; per sample the new ids up to (not including) EOS.
 
-        Runs in eval mode (no LoRA dropout) and restores the previous mode afterwards.
+        EOS cannot be chosen before *min_new_tokens* new tokens (as transformers' ``min_new_tokens``; benchmarks
+        use it to decode a fixed length). Runs in eval mode (no LoRA dropout) and restores the previous mode.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"min_new_tokens {min_new_tokens} must be in [0, max_new_tokens {max_new_tokens}]")
         was_training = self.training
         self.eval()
         try:
-            return self._greedy(images, instructions, max_new_tokens)
+            return self._greedy(images, instructions, max_new_tokens, min_new_tokens)
         finally:
             self.train(was_training)
 
-    def _greedy(self, images: Tensor, instructions: list[str], max_new_tokens: int) -> list[list[int]]:
+    def _greedy(self, images: Tensor, instructions: list[str], max_new_tokens: int, min_new_tokens: int
+                ) -> list[list[int]]:
         embeds, mask, _ = self.embed_prompts(images, instructions)  # (B, T, D), (B, T)
         limit = self.config.llm.max_position_embeddings
         if embeds.shape[1] + max_new_tokens > limit:
@@ -251,13 +256,17 @@ class MiniGPTMed(nn.Module):
         cache = out.cache
         finished = torch.zeros(embeds.shape[0], dtype=torch.bool, device=self.device)  # (B,)
         steps: list[Tensor] = []
-        for _ in range(max_new_tokens):
-            token = out.logits[:, -1, :].argmax(dim=-1)  # (B,)
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1, :]  # (B, V)
+            if step < min_new_tokens:
+                logits = logits.clone()
+                logits[:, eos] = float("-inf")
+            token = logits.argmax(dim=-1)  # (B,)
             token = torch.where(finished, torch.full_like(token, eos), token)
             steps.append(token)
             finished |= token == eos
-            if bool(finished.all()):
-                break
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break  # (no forward pass for logits that would never be read)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, T+1)
             positions = positions[:, -1:] + 1  # (B, 1)
             out = llm(

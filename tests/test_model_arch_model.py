@@ -93,6 +93,22 @@ def test_generate_is_greedy_argmax_step_by_step(model: MiniGPTMed, images: torch
     assert len(set(got)) > 1  # not a degenerate comparison of one repeated token
 
 
+def test_min_new_tokens_holds_back_eos(model: MiniGPTMed, images: torch.Tensor) -> None:
+    eos = model.tokenizer.eos_token_id
+    model.llm.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.llm.vocab_size))
+    try:
+        with torch.no_grad():
+            model.llm.lm_head.bias[eos] = 1e4  # EOS is every step's argmax
+        assert model.generate_ids(images[:1], INSTRUCTIONS[:1], max_new_tokens=6) == [[]]
+        held = model.generate_ids(images, INSTRUCTIONS, max_new_tokens=6, min_new_tokens=4)
+        assert [len(row) for row in held] == [4, 4] and all(eos not in row for row in held)
+        assert [len(r) for r in model.generate_ids(images, INSTRUCTIONS, max_new_tokens=5, min_new_tokens=5)] == [5, 5]
+    finally:
+        model.llm.lm_head.bias = None
+    with pytest.raises(ValueError, match=r"min_new_tokens 7 must be in \[0, max_new_tokens 6\]"):
+        model.generate_ids(images[:1], INSTRUCTIONS[:1], max_new_tokens=6, min_new_tokens=7)
+
+
 def test_batch_with_different_prompt_lengths_equals_one_by_one(model: MiniGPTMed, images: torch.Tensor) -> None:
     model.train()
     batch = model.generate_ids(images, INSTRUCTIONS, max_new_tokens=20)  # decodes in eval mode (no dropout)
