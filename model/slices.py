@@ -9,15 +9,18 @@ the same in production and in evaluation. A series of ``k`` images or fewer is r
 Merging. The model reads each selected slice on its own, so one lesion crossing several slices comes back
 as several findings. Two findings are the same lesion when they have the same label, lie in the same series,
 on slices that are neighbours among the *analysed* slices (their selection ranks differ by at most
-``max_gap``), and their boxes overlap (intersection over the smaller box ≥ ``min_overlap``). Chains of such
-pairs form one group. Each group becomes one finding: the member with the largest box (ties: the member on
-the middle slice of the group, then the first in slice order), which is also the slice the phantom truth
-names. The merged finding keeps that member's slice, box, laterality and site; ``support`` counts the
+``max_gap``), and their boxes overlap (intersection over the smaller box ≥ ``min_overlap``) or their centres are
+close: no further apart than ``centre_reach`` times the longer side of the larger box (a small nodule boxed a
+few pixels apart on two neighbouring slices is one nodule, although its two small boxes may not overlap).
+Chains of such pairs form one group. Each group becomes one finding: the member with the largest box (ties:
+the member on the middle slice of the group, then the first in slice order), which is also the slice the
+phantom truth names. The merged finding keeps that member's slice, box, laterality and site; ``support`` counts the
 slices it was seen on. Findings on instances outside the selection are kept unmerged.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +33,7 @@ class SlicePolicy:
     max_per_series: int = 8
     max_gap: int = 1  # analysed-slice ranks apart that still count as adjacent
     min_overlap: float = 0.3  # intersection / smaller box area
+    centre_reach: float = 1.0  # centre distance / the larger box's longer side that still counts as one lesion
 
     def __post_init__(self) -> None:
         if self.max_per_series < 1:
@@ -38,6 +42,8 @@ class SlicePolicy:
             raise ValueError(f"max_gap {self.max_gap} must be at least 1")
         if not 0.0 < self.min_overlap <= 1.0:
             raise ValueError(f"min_overlap {self.min_overlap} must be in (0, 1]")
+        if self.centre_reach < 0:
+            raise ValueError(f"centre_reach {self.centre_reach} must not be negative (0: overlap only)")
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,16 @@ def overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, 
     return width * height / smaller
 
 
+def same_lesion(a: tuple[float, float, float, float], b: tuple[float, float, float, float],
+                policy: SlicePolicy) -> bool:
+    """Whether two boxes on neighbouring slices show one lesion: they overlap, or their centres are close."""
+    if overlap(a, b) >= policy.min_overlap:
+        return True
+    side = max(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1])
+    distance = math.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2)
+    return side > 0 and distance <= policy.centre_reach * side
+
+
 def merge_findings(findings: Sequence[Finding], positions: Mapping[str, SlicePosition], policy: SlicePolicy
                    ) -> list[MergedFinding]:
     """One finding per lesion, following the rule in the module docstring; output in input order of leaders."""
@@ -115,7 +131,7 @@ def merge_findings(findings: Sequence[Finding], positions: Mapping[str, SlicePos
             pb = positions.get(b.sop_instance_uid)
             if (pb is None or a.label != b.label or pa.series_instance_uid != pb.series_instance_uid
                     or abs(pa.rank - pb.rank) > policy.max_gap or pa.rank == pb.rank
-                    or overlap(a.box, b.box) < policy.min_overlap):
+                    or not same_lesion(a.box, b.box, policy)):
                 continue
             parent[root(j)] = root(i)
 

@@ -70,9 +70,24 @@ def test_slices_further_apart_than_max_gap_do_not_merge():
     assert len(merge_findings(findings, positions, SlicePolicy(max_gap=2))) == 1
 
 
+def test_small_boxes_a_few_pixels_apart_on_neighbour_slices_are_one_lesion():
+    positions = {f"s{k}": SlicePosition("ser", k) for k in range(3)}
+    apart = [_finding("s0", (10, 10, 18, 18)), _finding("s1", (18.5, 10, 28.5, 20))]  # no overlap, centres 9.6 apart
+    merged = merge_findings(apart, positions, SlicePolicy())
+    assert len(merged) == 1 and merged[0].finding.sop_instance_uid == "s1" and merged[0].support == 2
+    assert len(merge_findings(apart, positions, SlicePolicy(centre_reach=0))) == 2  # overlap only
+    assert len(merge_findings(apart, positions, SlicePolicy(centre_reach=0.9))) == 2  # reach 9 px < 9.6
+    far = [_finding("s0", (10, 10, 18, 18)), _finding("s1", (30, 10, 40, 20))]  # centres 21 apart, side 10
+    assert len(merge_findings(far, positions, SlicePolicy())) == 2
+    same_slice = [_finding("s1", (10, 10, 18, 18)), _finding("s1", (19, 12, 29, 22))]
+    assert len(merge_findings(same_slice, positions, SlicePolicy())) == 2  # two nodules of one slice stay two
+
+
 def test_policy_rejects_bad_values():
     with pytest.raises(ValueError, match=r"min_overlap 0\.0 must be in"):
         SlicePolicy(min_overlap=0.0)
+    with pytest.raises(ValueError, match=r"centre_reach -1\.0 must not be negative"):
+        SlicePolicy(centre_reach=-1.0)
 
 
 def test_phantom_ct_truth_is_on_the_slice_with_the_largest_section():
