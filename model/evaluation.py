@@ -4,7 +4,7 @@ Per study the model runs :func:`model.analyze.analyze_series` on the analysed sl
 answers every VQA question of the truth in one batched call on the study view.
 
 * **finding F1** — a predicted finding matches a truth finding when the label is the same, it is on the same
-  SOP instance and the boxes' IoU ≥ 0.5; matching is one-to-one, greedy by IoU, per study; precision, recall
+  SOP instance and the boxes' IoU ≥ 0.5; matching is one-to-one, greedy by IoU, per study and label; precision, recall
   and F1 are computed over all studies' true positives, false positives and false negatives; ``by_label`` has
   the same counts per modality and label (``"CT nodule"``), which add up to the totals.
 * **mean IoU** — the mean IoU of the matched pairs.
@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import statistics
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,12 @@ def extract_labels(text: str, modality: str) -> set[str]:
     return found
 
 
+def _counts(counts: Counter[str]) -> dict[str, float | int]:
+    """precision/recall/F1 and the tp/fp/fn they come from."""
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
+    return {**f1(tp, fp, fn), "tp": tp, "fp": fp, "fn": fn}
+
+
 def normalise_answer(text: str) -> str:
     words = re.sub(r"[^\w\s]", " ", text.lower()).split()
     return " ".join(_NUMBERS.get(w, w) for w in words if w not in ("a", "an", "the"))
@@ -186,27 +193,28 @@ def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None
     """Every metric of the module docstring on the phantom *folder* (the first *limit* studies)."""
     policy = policy or SlicePolicy()
     studies = load_phantom_folder(folder)[:limit]
-    tp = fp = fn = 0
     ious: list[float] = []
     vqa_right = vqa_total = 0
     predicted_labels: list[set[str]] = []
     truth_labels: list[set[str]] = []
     latency: dict[str, list[float]] = {}
-    by_label: dict[str, list[int]] = {}  # "modality label" -> [tp, fp, fn]
+    totals: Counter[str] = Counter()  # tp/fp/fn over all studies
+    by_label: defaultdict[str, Counter[str]] = defaultdict(Counter)  # "modality label" -> tp/fp/fn
     for number, (study, paths) in enumerate(studies, start=1):
         all_datasets = [dcmread(p) for p in paths]
         datasets = [all_datasets[i] for i in select_indices(len(all_datasets), policy.max_per_series)]
         analysis = analyze_series(model, datasets, policy)
         truth = [TruthFinding(f["label"], f["sop_instance_uid"], tuple(float(v) for v in f["box"]))
                  for f in study["findings"]]
-        counts = match_findings(analysis.findings, truth)
-        tp, fp, fn = tp + counts.tp, fp + counts.fp, fn + counts.fn
-        for label in {f.label for f in analysis.findings} | {f.label for f in truth}:
+        counts: Counter[str] = Counter()  # this study's tp/fp/fn: the sum over its labels (matching is per label)
+        for label in sorted({f.label for f in analysis.findings} | {f.label for f in truth}):
             one = match_findings([f for f in analysis.findings if f.label == label],
                                  [f for f in truth if f.label == label])
-            totals = by_label.setdefault(f"{study['modality']} {label}", [0, 0, 0])
-            totals[0], totals[1], totals[2] = totals[0] + one.tp, totals[1] + one.fp, totals[2] + one.fn
-        ious.extend(counts.ious)
+            row = {"tp": one.tp, "fp": one.fp, "fn": one.fn}
+            by_label[f"{study['modality']} {label}"].update(row)
+            counts.update(row)
+            ious.extend(one.ious)
+        totals.update(counts)
         predicted_labels.append(extract_labels(analysis.report_text, study["modality"]))
         truth_labels.append({f["label"] for f in study["findings"]})
         answers = answer_questions(model, datasets, [q["question"] for q in study["qa"]])
@@ -215,14 +223,13 @@ def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None
             vqa_right += normalise_answer(answer) == normalise_answer(qa["answer"])
         latency.setdefault(study["modality"], []).append(analysis.seconds)
         logger.info("evaluated study %d/%d (%s): %d tp, %d fp, %d fn, %.2f s", number, len(studies),
-                    study["modality"], counts.tp, counts.fp, counts.fn, analysis.seconds)
+                    study["modality"], counts["tp"], counts["fp"], counts["fn"], analysis.seconds)
     every = [s for values in latency.values() for s in values]
     label_tp, label_fp, label_fn = label_counts(predicted_labels, truth_labels)
     return {
         "studies": len(studies),
-        "finding": {**f1(tp, fp, fn), "tp": tp, "fp": fp, "fn": fn, "iou_threshold": IOU_THRESHOLD,
-                    "by_label": {name: {**f1(*counts), "tp": counts[0], "fp": counts[1], "fn": counts[2]}
-                                 for name, counts in sorted(by_label.items())}},
+        "finding": {**_counts(totals), "iou_threshold": IOU_THRESHOLD,
+                    "by_label": {name: _counts(counts) for name, counts in sorted(by_label.items())}},
         "mean_iou": statistics.fmean(ious) if ious else 0.0,
         "vqa_accuracy": vqa_right / vqa_total if vqa_total else 0.0,
         "vqa_questions": vqa_total,
