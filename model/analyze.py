@@ -5,7 +5,9 @@ view (:func:`model.examples.study_view`: the image, a CT projection or a montage
 ``[grounding]`` request on each analysed image. The grounded answers are parsed with the never-raising parser,
 each ``<p>label</p> {box}`` becomes a :class:`~model.result.Finding` with its box mapped from the 0–100 grid
 back to source pixels through the image's letterbox transform; boxes that fall wholly in the letterbox padding
-are dropped. Findings of neighbouring slices of a CT/MR series are merged by :func:`model.slices.merge_findings`.
+are dropped. The boxes of focal lesions (CT and radiograph nodules and masses) are then snapped to the lesion in
+the source pixels by :func:`model.refine.refine_findings` (a grid unit is 2.6–8 px, too coarse for a small
+nodule). Findings of neighbouring slices of a CT/MR series are merged by :func:`model.slices.merge_findings`.
 The report text is split at ``FINDINGS:`` / ``IMPRESSION:``. Everything returned is preliminary until a
 radiologist signs it.
 """
@@ -29,6 +31,7 @@ from model import prompts
 from model.examples import TASKS, laterality_of, study_view
 from model.imaging import Letterbox, PreparedImage, prepare_image
 from model.minigpt import MiniGPTMed
+from model.refine import RefinePolicy, refine_findings
 from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
 from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study
 from workers.manifest import StudyManifest
@@ -51,6 +54,7 @@ class SeriesAnalysis:
     analysed_instances: list[str]
     raw_outputs: dict[str, str] = field(default_factory=dict)  # "report", "grounding:<SOP Instance UID>"
     seconds: float = 0.0
+    model_findings: list[Finding] = field(default_factory=list)  # the model's own boxes (merged, not refined)
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ def _images(prepared: Sequence[PreparedImage]) -> torch.Tensor:
 
 
 def analyze_series(model: MiniGPTMed, datasets: Sequence[Dataset], policy: SlicePolicy | None = None,
-                   *, max_new_tokens: int = REPORT_TOKENS) -> SeriesAnalysis:
+                   *, max_new_tokens: int = REPORT_TOKENS, refine: RefinePolicy | None = None) -> SeriesAnalysis:
     """Report + findings of one series given in spatial order (a radiograph: one dataset)."""
     if not datasets:
         raise ValueError("analyze_series needs at least one image")
@@ -129,13 +133,16 @@ def analyze_series(model: MiniGPTMed, datasets: Sequence[Dataset], policy: Slice
     for uid, image, text in zip(uids, prepared, texts[1:], strict=True):
         raw[f"grounding:{uid}"] = text
         findings.extend(findings_from_answer(text, image.transform, uid))
+    unrefined = findings
+    findings = refine_findings(findings, datasets, [p.display for p in prepared], refine)
     if len(datasets) > 1:
         series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
         positions = {uid: SlicePosition(series_uid, rank) for rank, uid in enumerate(uids)}
         findings = [m.finding for m in merge_findings(findings, positions, policy)]
+        unrefined = [m.finding for m in merge_findings(unrefined, positions, policy)]
     seconds = time.perf_counter() - started
     logger.debug("analysed %d image(s) in %.2f s: %d finding(s)", len(datasets), seconds, len(findings))
-    return SeriesAnalysis(split_report(texts[0]), texts[0], findings, uids, raw, seconds)
+    return SeriesAnalysis(split_report(texts[0]), texts[0], findings, uids, raw, seconds, unrefined)
 
 
 def analyze_file(model: MiniGPTMed, path: Path) -> SeriesAnalysis:
@@ -177,8 +184,8 @@ def run_task(model: MiniGPTMed, ds: Dataset, task: str, prompt: str | None = Non
     tokens = REPORT_TOKENS if task == "report" else TASK_TOKENS
     text = model.generate(_images([image]), [instruction], max_new_tokens=tokens)[0]
     default = prompt if task == "detection" else None
-    found = [] if task in ("report", "vqa", "identify") else findings_from_answer(
-        text, image.transform, str(ds.SOPInstanceUID), default)
+    found = [] if task in ("report", "vqa", "identify") else refine_findings(
+        findings_from_answer(text, image.transform, str(ds.SOPInstanceUID), default), [ds], [image.display])
     return TaskAnswer(task, instruction, text, found)
 
 

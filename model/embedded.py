@@ -22,12 +22,15 @@ from pathlib import Path
 from model import weights
 from model.config import PRESETS
 from model.minigpt import MiniGPTMed
+from model.refine import REFINEMENT
 from model.result import ModelIdentity
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "weights" / "raddraft-small"
 MINIGPT_MED_FILES = ("llama", "eva_vit_g.pth", "checkpoint_stage3.pth")
+# what shaped the output besides the weights (DICOM TID 4019 algorithm parameters in the SR)
+PARAMETERS = {"decoding": "greedy", "box_refinement": REFINEMENT}
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def load_model(spec: str) -> LoadedModel:
                              f"{', '.join(MINIGPT_MED_FILES)}")
         logger.warning("model %s is freshly initialised: its output is meaningless", spec)
         model = MiniGPTMed.from_preset(spec).eval()
-        return LoadedModel(model, ModelIdentity(name=spec, version="untrained", parameters={"decoding": "greedy"}),
+        return LoadedModel(model, ModelIdentity(name=spec, version="untrained", parameters=dict(PARAMETERS)),
                            trained=False)
     folder = Path(spec).expanduser()
     if not folder.is_dir():
@@ -75,7 +78,7 @@ def load_model(spec: str) -> LoadedModel:
                                             folder / "checkpoint_stage3.pth").eval()
         version = _fingerprint(folder / "checkpoint_stage3.pth")
         return LoadedModel(model, ModelIdentity(name="minigpt-med", version=version,
-                                                parameters={"decoding": "greedy"}), trained=True)
+                                                parameters=dict(PARAMETERS)), trained=True)
     raise FileNotFoundError(f"{folder} holds neither a raddraft model ({weights.CONFIG_FILE}) nor the MiniGPT-Med "
                             f"files {', '.join(MINIGPT_MED_FILES)}")
 
@@ -85,7 +88,7 @@ def _load_folder(folder: Path) -> LoadedModel:
     version = _fingerprint(folder / weights.WEIGHTS_FILE)
     logger.info("loaded model %s (weights %s) from %s", model.config.name, version, folder)
     return LoadedModel(model, ModelIdentity(name=model.config.name, version=version,
-                                            parameters={"decoding": "greedy"}), trained=True)
+                                            parameters=dict(PARAMETERS)), trained=True)
 
 
 def export(source: Path, destination: Path = EMBEDDED_DIR) -> Path:

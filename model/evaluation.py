@@ -6,7 +6,9 @@ answers every VQA question of the truth in one batched call on the study view.
 * **finding F1** — a predicted finding matches a truth finding when the label is the same, it is on the same
   SOP instance and the boxes' IoU ≥ 0.5; matching is one-to-one, greedy by IoU, per study and label; precision, recall
   and F1 are computed over all studies' true positives, false positives and false negatives; ``by_label`` has
-  the same counts per modality and label (``"CT nodule"``), which add up to the totals.
+  the same counts per modality and label (``"CT nodule"``), which add up to the totals. The findings are the
+  pipeline's (boxes of focal lesions refined by :mod:`model.refine`); ``finding_model_boxes`` has the same
+  counts for the model's own grid boxes, to show what the refinement adds.
 * **mean IoU** — the mean IoU of the matched pairs.
 * **VQA accuracy** — exact match after normalisation (lower case, punctuation and articles removed, number
   words as digits).
@@ -188,6 +190,21 @@ def answer_questions(model: MiniGPTMed, datasets: Sequence[Dataset], questions: 
     return model.generate(images, [prompts.vqa_instruction(q) for q in questions], max_new_tokens=VQA_TOKENS)
 
 
+def _study_counts(findings: Sequence[Finding], truth: Sequence[TruthFinding], modality: str,
+                  by_label: defaultdict[str, Counter[str]]) -> tuple[Counter[str], list[float]]:
+    """One study's tp/fp/fn (the sum over its labels: matching is per label) and matched IoUs; *by_label* is
+    updated with the per-label counts."""
+    counts: Counter[str] = Counter()
+    ious: list[float] = []
+    for label in sorted({f.label for f in findings} | {f.label for f in truth}):
+        one = match_findings([f for f in findings if f.label == label], [f for f in truth if f.label == label])
+        row = {"tp": one.tp, "fp": one.fp, "fn": one.fn}
+        by_label[f"{modality} {label}"].update(row)
+        counts.update(row)
+        ious.extend(one.ious)
+    return counts, ious
+
+
 def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None,
                     policy: SlicePolicy | None = None) -> dict[str, Any]:
     """Every metric of the module docstring on the phantom *folder* (the first *limit* studies)."""
@@ -200,21 +217,18 @@ def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None
     latency: dict[str, list[float]] = {}
     totals: Counter[str] = Counter()  # tp/fp/fn over all studies
     by_label: defaultdict[str, Counter[str]] = defaultdict(Counter)  # "modality label" -> tp/fp/fn
+    model_totals: Counter[str] = Counter()  # the same for the unrefined model boxes
+    model_by_label: defaultdict[str, Counter[str]] = defaultdict(Counter)
     for number, (study, paths) in enumerate(studies, start=1):
         all_datasets = [dcmread(p) for p in paths]
         datasets = [all_datasets[i] for i in select_indices(len(all_datasets), policy.max_per_series)]
         analysis = analyze_series(model, datasets, policy)
         truth = [TruthFinding(f["label"], f["sop_instance_uid"], tuple(float(v) for v in f["box"]))
                  for f in study["findings"]]
-        counts: Counter[str] = Counter()  # this study's tp/fp/fn: the sum over its labels (matching is per label)
-        for label in sorted({f.label for f in analysis.findings} | {f.label for f in truth}):
-            one = match_findings([f for f in analysis.findings if f.label == label],
-                                 [f for f in truth if f.label == label])
-            row = {"tp": one.tp, "fp": one.fp, "fn": one.fn}
-            by_label[f"{study['modality']} {label}"].update(row)
-            counts.update(row)
-            ious.extend(one.ious)
+        counts, study_ious = _study_counts(analysis.findings, truth, study["modality"], by_label)
         totals.update(counts)
+        ious.extend(study_ious)
+        model_totals.update(_study_counts(analysis.model_findings, truth, study["modality"], model_by_label)[0])
         predicted_labels.append(extract_labels(analysis.report_text, study["modality"]))
         truth_labels.append({f["label"] for f in study["findings"]})
         answers = answer_questions(model, datasets, [q["question"] for q in study["qa"]])
@@ -230,6 +244,8 @@ def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None
         "studies": len(studies),
         "finding": {**_counts(totals), "iou_threshold": IOU_THRESHOLD,
                     "by_label": {name: _counts(counts) for name, counts in sorted(by_label.items())}},
+        "finding_model_boxes": {**_counts(model_totals),
+                                "by_label": {name: _counts(c) for name, c in sorted(model_by_label.items())}},
         "mean_iou": statistics.fmean(ious) if ious else 0.0,
         "vqa_accuracy": vqa_right / vqa_total if vqa_total else 0.0,
         "vqa_questions": vqa_total,

@@ -13,7 +13,8 @@ from pydicom import dcmread
 from dicom_node.index import InstanceRecord
 from model.analyze import analyze_series
 from model.embedded import LoadedModel
-from model.phantoms import PhantomStudy, generate_studies
+from model.evaluation import iou
+from model.phantoms import PhantomStudy, generate_studies, generate_study, study_rng
 from model.result import ModelIdentity
 from workers import inference, pipeline
 from workers.manifest import StudyManifest
@@ -89,6 +90,33 @@ def test_boxes_map_back_to_source_pixels(tmp_path: Path) -> None:
         pipeline.analysis_from_response(request, response.model_copy(update={"outputs": response.outputs[:1]}))
     with pytest.raises(pipeline.StageError, match="does not answer request"):
         pipeline.analysis_from_response(request, response.model_copy(update={"request_id": "other"}))
+
+
+def test_nodule_boxes_are_refined_on_the_source_pixels(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    study = next(s for s in (generate_study(study_rng(31, i), "DX") for i in range(100))
+                 if any(f.label == "nodule" for f in s.findings))
+    truth = next(f for f in study.findings if f.label == "nodule")
+    manifest = spool_study(study, tmp_path)
+    request = pipeline.build_request(tmp_path, manifest, 224)
+    uid = str(study.datasets[0].SOPInstanceUID)
+    key = f"{manifest.series[0].series_instance_uid}/{uid}"
+    transform = request.image(key).transform.to_letterbox()  # type: ignore[union-attr]
+    side = truth.box[2] - truth.box[0]
+    off = (truth.box[0] + 0.3 * side, truth.box[1] - 0.2 * side, truth.box[2] + 0.3 * side, truth.box[3])
+    grid = transform.source_to_grid(off)
+    texts = {pipeline.REPORT_TASK_ID: "FINDINGS: Nodule. IMPRESSION: Nodule.",
+             "grounding:" + uid: "<p>nodule</p> {" + "".join(f"<{v}>" for v in grid) + "}"}
+    response = InferenceResponse(request_id=request.request_id, study_instance_uid=request.study_instance_uid,
+                                 episode_id=1, model=IDENTITY, batch_rows=2, seconds=0.1,
+                                 outputs=[TaskOutput(task_id=k, text=v) for k, v in texts.items()])
+    [model_box] = pipeline.analysis_from_response(request, response).findings  # no sources: the grid box
+    assert model_box.box == pytest.approx(transform.grid_to_source(grid))
+    [refined] = pipeline.analysis_from_response(request, response, sources=study.datasets).findings
+    assert iou(refined.box, truth.box) > max(0.6, iou(model_box.box, truth.box))
+    other = next(generate_studies(8, 1, "CR")).datasets
+    with caplog.at_level("WARNING"):
+        [kept] = pipeline.analysis_from_response(request, response, sources=other).findings
+    assert kept == model_box and "its boxes stay unrefined" in caplog.text
 
 
 def test_model_input_size_without_loading(tmp_path: Path) -> None:

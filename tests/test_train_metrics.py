@@ -106,6 +106,11 @@ def test_evaluate_folder_and_command_with_a_random_model(tmp_path, capsys):
     for name in expected:
         assert by_label[name]["tp"] + by_label[name]["fn"] == sum(
             f"{s['modality']} {f['label']}" == name for s in truth for f in s["findings"])
+    raw = metrics["finding_model_boxes"]  # the model's own boxes: the same truth, counted the same way
+    assert raw["tp"] + raw["fn"] == metrics["finding"]["tp"] + metrics["finding"]["fn"] == sum(
+        len(s["findings"]) for s in truth)
+    for key in ("tp", "fp", "fn"):
+        assert sum(counts[key] for counts in raw["by_label"].values()) == raw[key]
     model.save_pretrained(tmp_path / "model")
     assert main(["evaluate", str(tmp_path / "set"), "--model", str(tmp_path / "model"), "--limit", "1",
                  "--out", str(tmp_path / "m.json")]) == 0

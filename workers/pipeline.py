@@ -19,12 +19,13 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from dicom_node.index import DeliveryKey, DeliveryState, EpisodeState, Index
 from model import prompts
@@ -33,6 +34,7 @@ from model.config import PRESETS, MiniGPTConfig
 from model.embedded import EMBEDDED_DIR, MINIGPT_MED_FILES
 from model.examples import study_view
 from model.imaging import ImageDecodeError, NotAnImageError, PreparedImage, prepare_image
+from model.refine import RefinePolicy, refine_findings
 from model.result import AnalysisResult, Finding
 from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study
 from model.weights import CONFIG_FILE
@@ -147,9 +149,13 @@ def clean_text(text: str) -> str:
 
 
 def analysis_from_response(request: InferenceRequest, response: InferenceResponse,
-                           policy: SlicePolicy | None = None) -> AnalysisResult:
-    """Boxes back in source pixels, neighbouring-slice findings merged, the report split into its sections."""
+                           policy: SlicePolicy | None = None, *, sources: Sequence[Dataset] = (),
+                           refine: RefinePolicy | None = None) -> AnalysisResult:
+    """Boxes back in source pixels, focal-lesion boxes refined on the *sources* (the study's instances, as
+    :func:`model.analyze.analyze_series` does; a series whose instances are not among them keeps the model's
+    boxes), neighbouring-slice findings merged, the report split into its sections."""
     policy = policy or SlicePolicy()
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if (response.request_id, response.study_instance_uid, response.episode_id) != (
             request.request_id, request.study_instance_uid, request.episode_id):
         raise StageError(f"response {response.request_id} (study {response.study_instance_uid} episode "
@@ -159,7 +165,7 @@ def analysis_from_response(request: InferenceRequest, response: InferenceRespons
     if missing:
         raise StageError(f"response {response.request_id} has no output for task(s) {', '.join(missing)}")
     report_text = texts.get(REPORT_TASK_ID, "")
-    findings: list[Finding] = []
+    per_series: dict[str, list[Finding]] = {}
     positions: dict[str, SlicePosition] = {}
     ranks: dict[str, int] = {}
     analysed: list[str] = []
@@ -171,10 +177,21 @@ def analysis_from_response(request: InferenceRequest, response: InferenceRespons
             raise StageError(f"grounding task {task.task_id} must refer to an instance image, not {image.key}")
         analysed.append(image.sop_instance_uid)
         series_key = image.key.split("/", 1)[0]  # instance images are keyed "<series UID>/<SOP Instance UID>"
-        findings.extend(findings_from_answer(texts[task.task_id], image.transform.to_letterbox(),
-                                             image.sop_instance_uid))
+        per_series.setdefault(series_key, []).extend(findings_from_answer(
+            texts[task.task_id], image.transform.to_letterbox(), image.sop_instance_uid))
         positions[image.sop_instance_uid] = SlicePosition(series_key, ranks.get(series_key, 0))
         ranks[series_key] = ranks.get(series_key, 0) + 1
+    findings: list[Finding] = []
+    for series_key, found in per_series.items():
+        uids = sorted((uid for uid, p in positions.items() if p.series_instance_uid == series_key),
+                      key=lambda uid: positions[uid].rank)
+        if all(uid in by_uid for uid in uids):
+            findings.extend(refine_findings(found, [by_uid[uid] for uid in uids], policy=refine))
+            continue
+        if sources:
+            log.warning("series %s: not every analysed instance is among the sources; its boxes stay unrefined",
+                        series_key)
+        findings.extend(found)
     merged = [m.finding for m in merge_findings(findings, positions, policy)]
     return AnalysisResult(
         study_instance_uid=request.study_instance_uid, episode_id=request.episode_id, model=response.model,
@@ -215,17 +232,17 @@ def report_episode(settings: Settings, response: InferenceResponse, *,
         manifest = StudyManifest.read(manifest_path(settings.home, study_uid, episode_id))
         saved = analysis_path(settings.home, study_uid, episode_id)
         reused = saved.is_file()
+        sources = read_sources(settings.spool_dir, manifest)
         if reused:
             result = AnalysisResult.read(saved)
         else:
             request = InferenceRequest.from_json(request_path(settings.home, study_uid, episode_id).read_bytes())
-            result = analysis_from_response(request, response)
+            result = analysis_from_response(request, response, sources=sources)
             result.write(saved)
         message = oru_r01_from_settings(manifest, result, ResultStatus.PRELIMINARY, settings=settings,
                                         control_id=control_id(study_uid, episode_id, ResultStatus.PRELIMINARY),
                                         message_time=result.created_at)
-        entries = write_outbox(settings.outbox_dir, manifest, result, read_sources(settings.spool_dir, manifest),
-                               message)
+        entries = write_outbox(settings.outbox_dir, manifest, result, sources, message)
         # on the radiologists' worklist (a repeated registration finds the same entry)
         register_draft(settings, manifest_path(settings.home, study_uid, episode_id), saved)
         targets = [(DICOM, str(d)) for d in settings.dicom_destinations]
