@@ -45,7 +45,7 @@ from model.examples import study_view
 from model.imaging import prepare_image
 from model.minigpt import MiniGPTMed
 from model.result import Finding
-from model.slices import SlicePolicy, select_indices
+from model.slices import SlicePolicy, iou, select_indices
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +70,6 @@ KEYWORDS: dict[str, dict[str, tuple[str, ...]]] = {
 _NEGATION = re.compile(r"\b(no|not|without|negative for|free of|absence of)\b")
 _CLAUSE = re.compile(r"[.;:\n]+")
 _NUMBERS = {"zero": "0", "none": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5"}
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ module measures it in the source pixels, the way a reader's "click to measure" t
 Which findings. Only focal lesions (:data:`FOCAL_LABELS`: nodule, mass) on CT and on projection radiographs
 (CR, DX). Other labels (effusion, pneumothorax, consolidation, cardiomegaly, MR tumour and oedema) and other
 modalities keep the model's box. A finding the image does not support in the way described below also keeps
-the model's box: refinement never adds, removes or relabels a finding, it only moves its box (and, on CT, its
-slice).
+the model's box: refinement never adds or relabels a finding, it only moves its box (and, on CT, its slice; two
+findings of one nodule that end up on the same slice are kept once).
 
 CT (in Hounsfield units, whatever window the image stores). A solid nodule is soft tissue in aerated lung. The
 pixels above :attr:`RefinePolicy.ct_threshold_hu` (−600 HU: aerated lung is about −850, a solid nodule is soft
@@ -49,6 +49,7 @@ from pydicom.pixels import apply_modality_lut
 
 from model.imaging import decode_frame, display_values
 from model.result import Finding
+from model.slices import iou
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Component:
 
     @property
     def centre(self) -> tuple[float, float]:
-        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+        return _centre(self.box)
 
 
 def hounsfield(ds: Dataset) -> np.ndarray:
@@ -220,18 +221,11 @@ def radiograph_box(display: np.ndarray, box: Box, policy: RefinePolicy) -> Box |
     return None
 
 
-def _iou(a: Box, b: Box) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
-
-
 def _dedupe(findings: list[Finding]) -> list[Finding]:
     kept: list[Finding] = []
     for finding in findings:
         if any(k.label == finding.label and k.sop_instance_uid == finding.sop_instance_uid
-               and _iou(k.box, finding.box) >= 0.5 for k in kept):
+               and iou(k.box, finding.box) >= 0.5 for k in kept):
             continue
         kept.append(finding)
     return kept
