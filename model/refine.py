@@ -171,13 +171,21 @@ def follow_slices(hus: Sequence[np.ndarray], index: int, start: Component, polic
 
 
 def _gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur with reflected borders."""
+    """Separable Gaussian blur with reflected borders; each axis is convolved through the FFT (a mass's kernel
+    is hundreds of pixels wide)."""
     radius = max(1, int(3 * sigma + 1))
     kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     kernel /= kernel.sum()
-    padded = np.pad(image, radius, mode="reflect")
-    rows = np.stack([np.convolve(line, kernel, mode="valid") for line in padded])
-    return np.stack([np.convolve(line, kernel, mode="valid") for line in rows.T]).T
+    blurred = np.pad(image, radius, mode="reflect")
+    for axis in (0, 1):
+        length = blurred.shape[axis] + kernel.size - 1
+        shape = [1, 1]
+        shape[axis] = -1
+        spectrum = np.fft.rfft(blurred, n=length, axis=axis) * np.fft.rfft(kernel, n=length).reshape(shape)
+        keep = [slice(None), slice(None)]
+        keep[axis] = slice(2 * radius, blurred.shape[axis])  # the fully overlapped part: the image's own pixels
+        blurred = np.fft.irfft(spectrum, n=length, axis=axis)[tuple(keep)]
+    return blurred
 
 
 def radiograph_box(display: np.ndarray, box: Box, policy: RefinePolicy) -> Box | None:
@@ -211,10 +219,14 @@ def radiograph_box(display: np.ndarray, box: Box, policy: RefinePolicy) -> Box |
     if peak <= background:
         return None
     edge = background + policy.radiograph_edge * (peak - background)
-    for r in np.arange(1.0, 2.4 * radius0, 0.5):
-        band = smooth[(rho >= r - 0.5) & (rho < r + 0.5)]
-        if band.size and band.mean() < edge:
-            radius = r / math.cos(math.pi / 6)
+    half_bins = np.floor(2 * rho).astype(np.int64).ravel()  # bin i: i/2 <= rho < (i + 1)/2
+    sums = np.bincount(half_bins, weights=smooth.ravel())
+    counts = np.bincount(half_bins)
+    for twice_r in range(2, math.ceil(4.8 * radius0)):  # r = 1, 1.5, … below 2.4 R
+        i = twice_r - 1  # the band r - 0.5 <= rho < r + 0.5 is bins i and i + 1
+        count = counts[i:i + 2].sum()
+        if count and sums[i:i + 2].sum() / count < edge:
+            radius = twice_r / 2 / math.cos(math.pi / 6)
             x, y = left + pc + 0.5, top + pr + 0.5
             return (max(0.0, x - radius), max(0.0, y - radius), min(float(display.shape[1]), x + radius),
                     min(float(display.shape[0]), y + radius))
