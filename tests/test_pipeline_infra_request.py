@@ -57,9 +57,10 @@ def test_queue_round_trip_equals_in_process_analysis(modality: str, loaded: Load
     if modality != "CR":
         assert any(image.sop_instance_uid is None for image in request.images)  # the study view: CT MIP, MR montage
     [response] = inference.run_batch(loaded, [request])
-    result = pipeline.analysis_from_response(request, InferenceResponse.from_json(response.to_json()))
     [series] = manifest.series
     datasets = [dcmread(tmp_path / instance.path) for instance in series.instances]  # all slices: 4 < 8 per series
+    result = pipeline.analysis_from_response(request, InferenceResponse.from_json(response.to_json()),
+                                             sources=datasets)
     expected = analyze_series(loaded.model, datasets, max_new_tokens=TOKENS)
     assert result.report == expected.report
     assert result.findings == expected.findings
