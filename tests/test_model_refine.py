@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from model.evaluation import iou
 from model.imaging import display_values
 from model.phantoms import generate_study, study_rng
 from model.refine import RefinePolicy, components, ct_component, follow_slices, hounsfield, refine_findings
 from model.result import Finding
+from model.slices import iou
 
 
 def _study_with(modality, label, *, first_seed=0, min_side=0):
@@ -94,7 +94,7 @@ def test_components_are_four_connected_with_tight_bounds():
 def test_ct_component_rules():
     policy = RefinePolicy()
     hu = _lung()
-    assert ct_component(hu, (20, 20, 28, 28), policy) is None  # nothing above -400 HU: no support
+    assert ct_component(hu, (20, 20, 28, 28), policy) is None  # nothing above -600 HU: no support
     hu[22:30, 23:31] = 40.0  # an 8 × 8 nodule, 3 px off the model box
     hu[40:42, 40:42] = 40.0  # a 4-pixel vessel dot: below min_pixels
     found = ct_component(hu, (20, 20, 28, 28), policy)

@@ -13,9 +13,9 @@ from pydicom import dcmread
 from dicom_node.index import InstanceRecord
 from model.analyze import analyze_series
 from model.embedded import LoadedModel
-from model.evaluation import iou
 from model.phantoms import PhantomStudy, generate_studies, generate_study, study_rng
 from model.result import ModelIdentity
+from model.slices import iou
 from workers import inference, pipeline
 from workers.manifest import StudyManifest
 from workers.payload import InferenceRequest, InferenceResponse, TaskOutput

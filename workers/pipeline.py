@@ -166,8 +166,8 @@ def analysis_from_response(request: InferenceRequest, response: InferenceRespons
         raise StageError(f"response {response.request_id} has no output for task(s) {', '.join(missing)}")
     report_text = texts.get(REPORT_TASK_ID, "")
     per_series: dict[str, list[Finding]] = {}
+    members: dict[str, list[str]] = {}  # series -> its analysed instances in slice order (rank = index)
     positions: dict[str, SlicePosition] = {}
-    ranks: dict[str, int] = {}
     analysed: list[str] = []
     for task in request.tasks:
         if task.task != "grounding":
@@ -179,12 +179,12 @@ def analysis_from_response(request: InferenceRequest, response: InferenceRespons
         series_key = image.key.split("/", 1)[0]  # instance images are keyed "<series UID>/<SOP Instance UID>"
         per_series.setdefault(series_key, []).extend(findings_from_answer(
             texts[task.task_id], image.transform.to_letterbox(), image.sop_instance_uid))
-        positions[image.sop_instance_uid] = SlicePosition(series_key, ranks.get(series_key, 0))
-        ranks[series_key] = ranks.get(series_key, 0) + 1
+        uids = members.setdefault(series_key, [])
+        positions[image.sop_instance_uid] = SlicePosition(series_key, len(uids))
+        uids.append(image.sop_instance_uid)
     findings: list[Finding] = []
     for series_key, found in per_series.items():
-        uids = sorted((uid for uid, p in positions.items() if p.series_instance_uid == series_key),
-                      key=lambda uid: positions[uid].rank)
+        uids = members[series_key]
         if all(uid in by_uid for uid in uids):
             findings.extend(refine_findings(found, [by_uid[uid] for uid in uids], policy=refine))
             continue
