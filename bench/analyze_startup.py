@@ -1,0 +1,142 @@
+"""Where the seconds of ``raddraft analyze`` on one radiograph go: the whole command beside the bare imports of the
+libraries the issue prescribes, each a fresh process, interleaved, in one run.
+
+    .venv/bin/python -m bench.analyze_startup                     # a phantom CR, 3 rounds, table
+    .venv/bin/python -m bench.analyze_startup --file IM.dcm --rounds 5 --json
+
+Rows (every process started the same way, with this virtual environment's Python):
+
+- ``python -c 'import torch'`` — the floor of any process that runs a torch model;
+- ``import torch, transformers' Llama, peft`` — the floor of any process that runs MiniGPT-Med as prescribed
+  (``LlamaForCausalLM`` + peft LoRA);
+- ``raddraft analyze FILE --json`` — the whole command (report + boxes, box refinement included); its JSON's
+  ``seconds`` is the analysis itself (image preparation, one batched generate call, parsing, refinement).
+
+``raddraft's share`` is the command's median minus the libraries' floor: the project's own imports, reading the
+file, loading the checkpoint and the analysis. Peak RSS is each process's own (``wait4``). Target of issue 3:
+one radiograph ≤ 3 s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger("bench.analyze_startup")
+
+TARGET_S = 3.0
+PYTHON = sys.executable
+RADDRAFT = str(Path(PYTHON).with_name("raddraft"))
+ROWS: dict[str, list[str]] = {
+    "import torch": [PYTHON, "-c", "import torch"],
+    "import torch + transformers Llama + peft": [
+        PYTHON, "-c", "import torch, peft; from transformers import LlamaForCausalLM; LlamaForCausalLM.forward"],
+}
+
+
+def run_once(command: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in MiB, stdout) of one fresh process; a failing process is an error."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)  # reaps the child itself: its own rusage, not all children's
+        wall = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}: {stderr.strip()[-2000:]}")
+    return wall, usage.ru_maxrss // 1024, stdout
+
+
+def phantom_radiograph(folder: Path, seed: int) -> Path:
+    """One phantom CR written by ``raddraft phantoms``."""
+    subprocess.run([RADDRAFT, "--log-level", "WARNING", "phantoms", str(folder), "--count", "1", "--modality", "CR",
+                    "--seed", str(seed)], check=True, capture_output=True, text=True)
+    files = sorted(folder.rglob("*.dcm"))
+    if len(files) != 1:
+        raise RuntimeError(f"raddraft phantoms wrote {len(files)} files in {folder}, expected one radiograph")
+    return files[0]
+
+
+def measure(file: Path, rounds: int) -> dict[str, object]:
+    rows = {**ROWS, "raddraft analyze (whole command)": [RADDRAFT, "--log-level", "WARNING", "analyze", str(file),
+                                                         "--json"]}
+    walls: dict[str, list[float]] = {name: [] for name in rows}
+    rss: dict[str, int] = dict.fromkeys(rows, 0)
+    analysis: list[float] = []
+    for number in range(1, rounds + 1):
+        for name, command in rows.items():  # interleaved: a slow moment of the machine hits every row alike
+            wall, peak, stdout = run_once(command)
+            walls[name].append(wall)
+            rss[name] = max(rss[name], peak)
+            if name.startswith("raddraft"):
+                analysis.append(float(json.loads(stdout)["seconds"]))
+        logger.info("round %d/%d done", number, rounds)
+    medians = {name: statistics.median(values) for name, values in walls.items()}
+    floor = medians["import torch + transformers Llama + peft"]
+    whole = medians["raddraft analyze (whole command)"]
+    return {
+        "file": str(file),
+        "rounds": rounds,
+        "cpus": os.cpu_count(),
+        "rows": {name: {"median_s": round(medians[name], 3), "min_s": round(min(walls[name]), 3),
+                        "max_s": round(max(walls[name]), 3), "peak_rss_mib": rss[name]} for name in rows},
+        "analysis_s": {"median": round(statistics.median(analysis), 3), "max": round(max(analysis), 3)},
+        "raddraft_share_s": round(whole - floor, 3),
+        "target_s": TARGET_S,
+        "whole_command_met": whole <= TARGET_S,
+        "analysis_met": max(analysis) <= TARGET_S,
+        "libraries_floor_over_target": floor > TARGET_S,
+    }
+
+
+def table(result: dict[str, object]) -> str:
+    rows = result["rows"]
+    assert isinstance(rows, dict)
+    lines = [f"{'process':44} {'median s':>9} {'min s':>7} {'max s':>7} {'peak RSS MiB':>13}"]
+    for name, row in rows.items():
+        lines.append(f"{name:44} {row['median_s']:9.2f} {row['min_s']:7.2f} {row['max_s']:7.2f} "
+                     f"{row['peak_rss_mib']:13d}")
+    analysis = result["analysis_s"]
+    assert isinstance(analysis, dict)
+    lines.append(f"analysis inside the command (JSON 'seconds'): median {analysis['median']:.2f} s, "
+                 f"max {analysis['max']:.2f} s")
+    lines.append(f"raddraft's share (command - libraries' floor): {result['raddraft_share_s']:.2f} s")
+    lines.append(f"target {TARGET_S:.0f} s: analysis {'met' if result['analysis_met'] else 'MISSED'}, whole command "
+                 f"{'met' if result['whole_command_met'] else 'MISSED'}"
+                 + (" (the prescribed libraries alone take longer to import)"
+                    if result["libraries_floor_over_target"] else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--file", type=Path, help="a radiograph (default: a phantom CR made for the run)")
+    parser.add_argument("--seed", type=int, default=4242, help="seed of the phantom radiograph")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each row once per round)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds} must be at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="bench-analyze-") as tmp:
+        if args.file is not None and not args.file.is_file():
+            parser.error(f"--file {args.file} is not a file")
+        file = args.file or phantom_radiograph(Path(tmp) / "phantom", args.seed)
+        result = measure(file, args.rounds)
+    sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else table(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

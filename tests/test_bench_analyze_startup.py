@@ -1,0 +1,51 @@
+"""The startup benchmark (bench/analyze_startup.py) runs end to end: a phantom radiograph, the library floors and the
+whole ``raddraft analyze`` command, each a fresh process, with figures that add up."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.analyze_startup import run_once
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_startup_bench_times_the_command_beside_the_library_floors():
+    done = subprocess.run([sys.executable, "-m", "bench.analyze_startup", "--rounds", "1", "--json"], cwd=REPO,
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    rows = report["rows"]
+    assert list(rows) == ["import torch", "import torch + transformers Llama + peft",
+                          "raddraft analyze (whole command)"]
+    torch_only, floor, whole = (rows[name] for name in rows)
+    # the command imports everything the floors import, and more: slower than torch alone, and bigger
+    assert whole["median_s"] > torch_only["median_s"] > 0
+    assert whole["peak_rss_mib"] > floor["peak_rss_mib"] > torch_only["peak_rss_mib"] > 50
+    assert 0 < report["analysis_s"]["median"] <= report["analysis_s"]["max"] < whole["median_s"]
+    assert report["raddraft_share_s"] == round(whole["median_s"] - floor["median_s"], 3)
+    assert report["whole_command_met"] == (whole["median_s"] <= report["target_s"] == 3.0)
+    assert report["file"].endswith(".dcm")
+
+
+def test_run_once_reports_a_failing_process_with_its_error():
+    try:
+        run_once([sys.executable, "-c", "import sys; sys.exit('no such model here')"])
+    except RuntimeError as exc:
+        assert "exited with 1" in str(exc) and "no such model here" in str(exc)
+    else:
+        raise AssertionError("a failing process must be an error")
+
+
+def test_run_once_measures_each_process_on_its_own():
+    wall, big, stdout = run_once([sys.executable, "-c", "x = b'1' * (200 * 2**20); print(len(x) // 2**20)"])
+    assert stdout == "200\n" and wall > 0 and big >= 200
+    _, small, _ = run_once([sys.executable, "-c", "pass"])
+    assert small < 100  # its own peak, not the largest of all children so far
+
+
+def test_startup_bench_rejects_a_missing_file(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.analyze_startup", "--file", str(tmp_path / "none.dcm")],
+                          cwd=REPO, check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is not a file" in done.stderr
