@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -27,3 +28,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     """A running redis-server on a free loopback port; ``.url`` is ``redis://127.0.0.1:<port>/0``."""
     with RedisServer(tmp_path_factory.mktemp("redis")) as peer:
         yield peer
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_as_before() -> Iterator[None]:
+    """A command run in-process (``raddraft.cli.main``) points the root logger at the stream pytest captures for
+    that test; afterwards that stream is closed, and a record from a thread still running (a server's) would end
+    in "--- Logging error ---". Handlers a test added are removed again and the root level restored."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and type(handler) is logging.StreamHandler:  # basicConfig's, not pytest's
+            root.removeHandler(handler)
+    root.setLevel(level)
