@@ -24,13 +24,14 @@ from model.config import PRESETS
 from model.minigpt import MiniGPTMed
 from model.refine import REFINEMENT
 from model.result import ModelIdentity
+from model.slices import SLICE_MERGE
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "weights" / "raddraft-small"
 MINIGPT_MED_FILES = ("llama", "eva_vit_g.pth", "checkpoint_stage3.pth")
 # what shaped the output besides the weights (DICOM TID 4019 algorithm parameters in the SR)
-PARAMETERS = {"decoding": "greedy", "box_refinement": REFINEMENT}
+PARAMETERS = {"decoding": "greedy", "box_refinement": REFINEMENT, "slice_merge": SLICE_MERGE}
 
 
 @dataclass(frozen=True)

@@ -83,11 +83,46 @@ def test_small_boxes_a_few_pixels_apart_on_neighbour_slices_are_one_lesion():
     assert len(merge_findings(same_slice, positions, SlicePolicy())) == 2  # two nodules of one slice stay two
 
 
+def test_a_tumour_is_kept_on_the_slice_of_its_oedema():
+    """The tumour's boxes are the same size on s1 and s2 (the largest-box rule keeps the middle-first s1); the oedema
+    around it is largest on s2, so the tumour's finding becomes its member on s2."""
+    positions = {f"s{k}": SlicePosition("ser", k) for k in range(4)}
+    tumour = [_finding("s0", (44, 44, 56, 56), "tumor"), _finding("s1", (40, 40, 60, 60), "tumor"),
+              _finding("s2", (41, 40, 61, 60), "tumor"), _finding("s3", (43, 43, 57, 57), "tumor")]
+    oedema = [_finding("s1", (25, 25, 75, 75), "edema"), _finding("s2", (20, 20, 80, 80), "edema"),
+              _finding("s3", (28, 28, 72, 72), "edema")]
+    plain = {m.finding.label: m for m in merge_findings(tumour + oedema, positions, SlicePolicy(surroundings=()))}
+    assert plain["tumor"].finding.sop_instance_uid == "s1" and plain["edema"].finding.sop_instance_uid == "s2"
+    merged = {m.finding.label: m for m in merge_findings(tumour + oedema, positions, SlicePolicy())}
+    assert merged["tumor"].finding == tumour[2]  # its own box on s2
+    assert merged["tumor"].support == 4 and merged["tumor"].sop_instance_uids == ("s0", "s1", "s2", "s3")
+    assert merged["edema"] == plain["edema"]
+    # only a slice the tumour was seen on: oedema largest on s3 where no tumour box lies -> the largest-box rule
+    oedema_s3 = [_finding("s2", (25, 25, 75, 75), "edema"), _finding("s3", (20, 20, 80, 80), "edema")]
+    alone = {m.finding.label: m for m in merge_findings(tumour[:2] + oedema_s3, positions, SlicePolicy())}
+    assert alone["edema"].finding.sop_instance_uid == "s3" and alone["tumor"].finding == tumour[1]
+
+
+def test_an_oedema_elsewhere_or_in_another_series_does_not_move_a_tumour():
+    positions = {"a1": SlicePosition("A", 0), "a2": SlicePosition("A", 1), "b2": SlicePosition("B", 1)}
+    tumour = [_finding("a1", (40, 40, 60, 60), "tumor"), _finding("a2", (40, 40, 60, 60), "tumor")]
+    beside = [_finding("a2", (70, 70, 120, 120), "edema")]  # does not contain the tumour's centre
+    other_series = [_finding("b2", (20, 20, 80, 80), "edema")]
+    for others in (beside, other_series):
+        merged = merge_findings(tumour + others, positions, SlicePolicy())
+        assert next(m for m in merged if m.finding.label == "tumor").finding == tumour[0]
+    nodules = [_finding("a1", (40, 40, 60, 60)), _finding("a2", (40, 40, 60, 60))]  # not a surrounded label
+    merged = merge_findings([*nodules, _finding("a2", (20, 20, 80, 80), "edema")], positions, SlicePolicy())
+    assert next(m for m in merged if m.finding.label == "nodule").finding == nodules[0]
+
+
 def test_policy_rejects_bad_values():
     with pytest.raises(ValueError, match=r"min_overlap 0\.0 must be in"):
         SlicePolicy(min_overlap=0.0)
     with pytest.raises(ValueError, match=r"centre_reach -1\.0 must not be negative"):
         SlicePolicy(centre_reach=-1.0)
+    with pytest.raises(ValueError, match=r"surroundings entry \('tumor', 'tumor'\) must be two different labels"):
+        SlicePolicy(surroundings=(("tumor", "tumor"),))
 
 
 def test_phantom_ct_truth_is_on_the_slice_with_the_largest_section():
@@ -110,3 +145,23 @@ def test_phantom_ct_truth_is_on_the_slice_with_the_largest_section():
         got = sorted((m.finding.sop_instance_uid, m.finding.box) for m in merged)
         want = sorted((f.sop_instance_uid, tuple(float(v) for v in f.box)) for f in study.findings)
         assert got == want
+
+
+def test_phantom_mr_truth_is_kept_with_the_oedema_rule():
+    """Every drawn tumour and oedema section of phantom brain MRs, merged by the policy, gives the truth's slices and
+    boxes: on exact sections the oedema's largest slice is the tumour's."""
+    checked = 0
+    for index in range(12):
+        study = generate_study(study_rng(17, index), "MR")
+        if not study.findings:
+            continue
+        uids = [str(ds.SOPInstanceUID) for ds in study.datasets]
+        positions = {uid: SlicePosition("ser", k) for k, uid in enumerate(uids)}
+        per_slice = [_finding(uids[s.image_index], tuple(float(v) for v in s.box), s.label)
+                     for s in study.rendering.sections]
+        merged = merge_findings(per_slice, positions, SlicePolicy())
+        got = sorted((m.finding.label, m.finding.sop_instance_uid, m.finding.box) for m in merged)
+        want = sorted((f.label, f.sop_instance_uid, tuple(float(v) for v in f.box)) for f in study.findings)
+        assert got == want
+        checked += 1
+    assert checked >= 4

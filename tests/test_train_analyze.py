@@ -138,6 +138,9 @@ def test_shipped_checkpoint_reads_the_image_and_finds_true_boxes_in_source_pixel
     instance, some of them true findings (same label, IoU >= 0.5), and reports that follow the image: their
     label F1 beats every one of them written for all the images. Its full metrics are in its MODEL_CARD.md."""
     loaded = load_model("embedded")
+    # what shapes the output besides the weights is named (the SR's algorithm parameters)
+    assert loaded.identity.parameters == {"decoding": "greedy", "box_refinement": "focal-lesion-v1",
+                                          "slice_merge": "key-slice-v2"}
     paths = write_studies(tmp_path, seed=900_777, count=16, modality="CR")
     truth = json.loads((tmp_path / "truth.json").read_text())["studies"]
     true_boxes, said = 0, []
