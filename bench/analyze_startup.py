@@ -13,8 +13,8 @@ Rows (every process started the same way, with this virtual environment's Python
   ``seconds`` is the analysis itself (image preparation, one batched generate call, parsing, refinement).
 
 ``raddraft's share`` is the command's median minus the libraries' floor: the project's own imports, reading the
-file, loading the checkpoint and the analysis. Peak RSS is each process's own (``wait4``). Target of issue 3:
-one radiograph ≤ 3 s on 2 CPU cores.
+file, loading the checkpoint and the analysis. Peak RSS is each process's own (``wait4`` in a small launcher).
+Target of issue 3: one radiograph ≤ 3 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 logger = logging.getLogger("bench.analyze_startup")
@@ -42,20 +41,36 @@ ROWS: dict[str, list[str]] = {
 }
 
 
+# Started between the bench and each measured process. Linux's ru_maxrss of a child that was forked (or vforked)
+# and then exec'd includes the high-water mark of the memory it had before exec, the parent's: measured straight
+# from a big parent (a test run that loaded torch), every child would show that parent's peak. This launcher is
+# a few MiB of plain Python (-S: no site), so the peak it reports is the measured process's own.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+process = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(process.pid, 0)
+wall = time.perf_counter() - started
+process.returncode = os.waitstatus_to_exitcode(status)
+with open(sys.argv[1], "w", encoding="utf-8") as out:
+    json.dump({"wall_s": wall, "peak_rss_kib": usage.ru_maxrss, "returncode": process.returncode}, out)
+"""
+
+
 def run_once(command: list[str]) -> tuple[float, int, str]:
     """(wall seconds, peak RSS in MiB, stdout) of one fresh process; a failing process is an error."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(process.pid, 0)  # reaps the child itself: its own rusage, not all children's
-        wall = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}: {stderr.strip()[-2000:]}")
-    return wall, usage.ru_maxrss // 1024, stdout
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        result, out, err = Path(tmp) / "result.json", Path(tmp) / "stdout", Path(tmp) / "stderr"
+        with out.open("w") as stdout_file, err.open("w") as stderr_file:
+            subprocess.run([PYTHON, "-S", "-c", LAUNCHER, str(result), *command], stdout=stdout_file,
+                           stderr=stderr_file, check=False)
+        stdout, stderr = out.read_text(), err.read_text()
+        if not result.is_file():
+            raise RuntimeError(f"the launcher of {' '.join(command)} failed: {stderr.strip()[-2000:]}")
+        measured = json.loads(result.read_text(encoding="utf-8"))
+    if measured["returncode"] != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {measured['returncode']}: {stderr.strip()[-2000:]}")
+    return float(measured["wall_s"]), int(measured["peak_rss_kib"]) // 1024, stdout
 
 
 def phantom_radiograph(folder: Path, seed: int) -> Path:
