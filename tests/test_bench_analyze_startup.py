@@ -24,7 +24,7 @@ def test_startup_bench_times_the_command_beside_the_library_floors():
     assert whole["median_s"] > torch_only["median_s"] > 0
     assert whole["peak_rss_mib"] > floor["peak_rss_mib"] > torch_only["peak_rss_mib"] > 50
     assert 0 < report["analysis_s"]["median"] <= report["analysis_s"]["max"] < whole["median_s"]
-    assert report["raddraft_share_s"] == round(whole["median_s"] - floor["median_s"], 3)
+    assert abs(report["raddraft_share_s"] - (whole["median_s"] - floor["median_s"])) <= 0.0015  # of rounded figures
     assert report["whole_command_met"] == (whole["median_s"] <= report["target_s"] == 3.0)
     assert report["file"].endswith(".dcm")
 
