@@ -34,10 +34,12 @@ logger = logging.getLogger("bench.analyze_startup")
 TARGET_S = 3.0
 PYTHON = sys.executable
 RADDRAFT = str(Path(PYTHON).with_name("raddraft"))
+FLOOR_ROW = "import torch + transformers Llama + peft"
+COMMAND_ROW = "raddraft analyze (whole command)"
 ROWS: dict[str, list[str]] = {
     "import torch": [PYTHON, "-c", "import torch"],
-    "import torch + transformers Llama + peft": [
-        PYTHON, "-c", "import torch, peft; from transformers import LlamaForCausalLM; LlamaForCausalLM.forward"],
+    FLOOR_ROW: [PYTHON, "-c",
+                "import torch, peft; from transformers import LlamaForCausalLM; LlamaForCausalLM.forward"],
 }
 
 
@@ -84,8 +86,7 @@ def phantom_radiograph(folder: Path, seed: int) -> Path:
 
 
 def measure(file: Path, rounds: int) -> dict[str, object]:
-    rows = {**ROWS, "raddraft analyze (whole command)": [RADDRAFT, "--log-level", "WARNING", "analyze", str(file),
-                                                         "--json"]}
+    rows = {**ROWS, COMMAND_ROW: [RADDRAFT, "--log-level", "WARNING", "analyze", str(file), "--json"]}
     walls: dict[str, list[float]] = {name: [] for name in rows}
     rss: dict[str, int] = dict.fromkeys(rows, 0)
     analysis: list[float] = []
@@ -94,12 +95,11 @@ def measure(file: Path, rounds: int) -> dict[str, object]:
             wall, peak, stdout = run_once(command)
             walls[name].append(wall)
             rss[name] = max(rss[name], peak)
-            if name.startswith("raddraft"):
+            if name == COMMAND_ROW:
                 analysis.append(float(json.loads(stdout)["seconds"]))
         logger.info("round %d/%d done", number, rounds)
     medians = {name: statistics.median(values) for name, values in walls.items()}
-    floor = medians["import torch + transformers Llama + peft"]
-    whole = medians["raddraft analyze (whole command)"]
+    floor, whole = medians[FLOOR_ROW], medians[COMMAND_ROW]
     return {
         "file": str(file),
         "rounds": rounds,
@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds} must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.file is not None and not args.file.is_file():
+        parser.error(f"--file {args.file} is not a file")
     with tempfile.TemporaryDirectory(prefix="bench-analyze-") as tmp:
-        if args.file is not None and not args.file.is_file():
-            parser.error(f"--file {args.file} is not a file")
         file = args.file or phantom_radiograph(Path(tmp) / "phantom", args.seed)
         result = measure(file, args.rounds)
     sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else table(result) + "\n")
