@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from mllp_listener import MLLPListener
 from peers import free_port
+from sqlalchemy.exc import IntegrityError
 from worklist_helpers import (  # noqa: F401 - fixture
     Client,
     database_url_fixture,
@@ -159,6 +160,29 @@ def test_an_unreachable_destination_stays_pending_then_dies_with_its_error(tmp_p
         assert row.state is DeliveryState.DEAD and row.last_error.endswith("gave up after 5 retries")
         assert "delivery-failed-hl7" in [e.action for e in store.audit_entries(entry)]
         assert str(draft.phantom.datasets[0].PatientName) not in row.last_error
+    finally:
+        store.close()
+
+
+def test_a_finished_delivery_and_its_audit_entry_are_one_transaction(tmp_path, database_url):
+    """A reader that sees the row done sees the entry (the browser test once saw DONE before 'delivered-hl7'); an
+    audit entry the database refuses (NOT NULL username) leaves the row pending."""
+    settings, store, bridge, radiologist, _, entry = _signed_entry(
+        tmp_path, database_url, hl7_destinations="127.0.0.1:2575")
+    bridge.on_sign(SignedDeliveryQueue(settings, store, Broker()))
+    try:
+        bridge.sign(entry, radiologist)
+        (row,) = store.deliveries(entry)
+        before = len(store.audit_entries(entry))
+        with pytest.raises(IntegrityError):
+            store.finish_delivery(row, DeliveryState.DONE, NOW, audit=(None, "delivered-hl7", "refused"))
+        (row,) = store.deliveries(entry)
+        assert row.state is DeliveryState.PENDING and row.attempts == 0 and len(store.audit_entries(entry)) == before
+        store.finish_delivery(row, DeliveryState.DONE, NOW, audit=("raddraft", "delivered-hl7", "version 1 to x"))
+        (row,) = store.deliveries(entry)
+        latest = store.audit_entries(entry)[0]
+        assert row.state is DeliveryState.DONE and row.attempts == 1
+        assert (latest.action, latest.study_id, latest.detail) == ("delivered-hl7", entry, "version 1 to x")
     finally:
         store.close()
 

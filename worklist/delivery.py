@@ -148,9 +148,8 @@ def deliver_signed(settings: Settings, store: Store, target: SignedTarget, *,
         store.note_delivery_error(row, str(exc)[:MAX_ERROR_CHARS])
         raise
     now = clock()
-    store.finish_delivery(row, DeliveryState.DONE, now)
-    store.audit(AUDIT_USER, f"delivered-{target.kind}", row.study_id, f"version {version} to {destination}: {detail}",
-                now)
+    store.finish_delivery(row, DeliveryState.DONE, now, audit=(
+        AUDIT_USER, f"delivered-{target.kind}", f"version {version} to {destination}: {detail}"))
     logger.info("worklist entry %d version %d delivered to %s (%s)", row.study_id, version, destination, detail)
     return True
 
@@ -165,9 +164,9 @@ def mark_dead(store: Store, target: SignedTarget, error: str, *,
     for row in store.deliveries(study.id, target.version):
         if (row.kind, row.destination) == (target.kind, target.destination):
             now = clock()
-            store.finish_delivery(row, DeliveryState.DEAD, now, error)
-            store.audit(AUDIT_USER, f"delivery-failed-{target.kind}", study.id,
-                        f"version {target.version} to {target.destination}: {error}", now)
+            detail = f"version {target.version} to {target.destination}: {error}"
+            store.finish_delivery(row, DeliveryState.DEAD, now, error,
+                                  audit=(AUDIT_USER, f"delivery-failed-{target.kind}", detail))
 
 
 def _row_and_folder(store: Store, target: SignedTarget) -> tuple[SignedDelivery, Path]:

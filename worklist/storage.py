@@ -554,28 +554,40 @@ class Store:
                                    DeliveryState(row["state"]), row["attempts"], row["last_error"])
                     for row in conn.execute(query).mappings()]
 
-    def finish_delivery(self, key: SignedDelivery, state: DeliveryState, now: datetime, error: str = "") -> None:
-        """Record the end of a delivery (done, or dead with its error); counts the attempt."""
-        self._update_delivery(key, state=state.value, done_at=now, last_error=error,
-                              attempts=signed_deliveries.c.attempts + 1)
+    def finish_delivery(self, key: SignedDelivery, state: DeliveryState, now: datetime, error: str = "", *,
+                        audit: tuple[str, str, str]) -> None:
+        """Record the end of a delivery (done, or dead with its error), counting the attempt, and its audit entry
+        *audit* (username, action, detail) in the same transaction: a reader that sees the row finished sees the
+        entry too, and a crash leaves neither."""
+        username, action, detail = audit
+        with self._tx() as conn:
+            self._update_delivery(conn, key, state=state.value, done_at=now, last_error=error,
+                                  attempts=signed_deliveries.c.attempts + 1)
+            self._insert_audit(conn, username, action, key.study_id, detail, now=now)
 
     def note_delivery_error(self, key: SignedDelivery, error: str) -> None:
         """Count a failed attempt that will be retried (the row stays pending)."""
-        self._update_delivery(key, last_error=error, attempts=signed_deliveries.c.attempts + 1)
-
-    def _update_delivery(self, key: SignedDelivery, **values: Any) -> None:
         with self._tx() as conn:
-            conn.execute(update(signed_deliveries).where(
-                signed_deliveries.c.study_id == key.study_id, signed_deliveries.c.version == key.version,
-                signed_deliveries.c.kind == key.kind, signed_deliveries.c.destination == key.destination,
-            ).values(**values))
+            self._update_delivery(conn, key, last_error=error, attempts=signed_deliveries.c.attempts + 1)
+
+    @staticmethod
+    def _update_delivery(conn: Connection, key: SignedDelivery, **values: Any) -> None:
+        conn.execute(update(signed_deliveries).where(
+            signed_deliveries.c.study_id == key.study_id, signed_deliveries.c.version == key.version,
+            signed_deliveries.c.kind == key.kind, signed_deliveries.c.destination == key.destination,
+        ).values(**values))
 
     # ------------------------------------------------------------------ audit
 
     def audit(self, username: str, action: str, study_id: int | None, detail: str, now: datetime) -> None:
         with self._tx() as conn:
-            conn.execute(insert(audit_log).values(at=now, username=username, action=action, study_id=study_id,
-                                                  detail=detail))
+            self._insert_audit(conn, username, action, study_id, detail, now=now)
+
+    @staticmethod
+    def _insert_audit(conn: Connection, username: str, action: str, study_id: int | None, detail: str, *,
+                      now: datetime) -> None:
+        conn.execute(insert(audit_log).values(at=now, username=username, action=action, study_id=study_id,
+                                              detail=detail))
 
     def audit_entries(self, study_id: int | None = None, limit: int = 1000) -> list[AuditEntry]:
         query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
