@@ -194,6 +194,9 @@ class Settings(BaseSettings):
     inference_threads: int | None = Field(None, ge=1, description="torch CPU threads; empty = torch default")
     inference_batch_size: int = Field(4, ge=1, description="studies a gpu worker answers in one forward pass")
     inference_batch_window_s: float = Field(0.05, ge=0, description="how long a batch waits for more studies")
+    model_socket: bool = Field(
+        True, description="a gateway holding the model answers `raddraft analyze` on <home>/run/model.sock"
+    )
 
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 

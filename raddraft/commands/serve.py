@@ -6,7 +6,8 @@ pool, the model runs in a single gpu thread, and work a previous run left betwee
 again at start-up (the embedded broker does not re-deliver a message whose worker died). With Redis the
 workers are separate ``raddraft worker --queues io|gpu`` processes and Redis re-delivers. Questions asked on
 the worklist go to the in-process model; without in-process workers the worklist answers that no model is
-loaded here.
+loaded here. With in-process workers ``raddraft analyze`` is answered by the same model on
+``<home>/run/model.sock`` (raddraft/model_socket.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dicom_node.index import Index
 from dicom_node.receive import InstanceReceiver
 from dicom_node.scp import DicomNode
 from dicom_node.spool import Spool
+from raddraft.model_socket import ModelSocketServer
 from raddraft.settings import Settings
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure, publish_prepare
 from workers.inprocess import InProcessWorker
@@ -67,6 +69,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     dispatcher.recover(reset_claimed=settings.uses_embedded_broker)
     if workers:
         _republish_stranded(index)
+    model_socket: ModelSocketServer | None = None
     node.start()
     try:
         worklist.start()
@@ -75,10 +78,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             worker.start()
         if workers:
             threading.Thread(target=_warm_model, args=(settings,), name="raddraft-model-warmup", daemon=True).start()
+            model_socket = _model_socket(settings)
         log.info("raddraft serving; home %s, broker %s", settings.home,
                  "embedded" if settings.uses_embedded_broker else "external")
         stop.wait()
     finally:
+        if model_socket is not None:
+            model_socket.stop()
         node.stop()
         dispatcher.stop()
         for worker in workers:
@@ -108,6 +114,13 @@ def _question_model(settings: Settings) -> QuestionModel | None:
         log.warning("worklist questions are off: %s", exc)
         return None
     return SharedModelAnswerer(settings.model, settings.inference_device, size)
+
+
+def _model_socket(settings: Settings) -> ModelSocketServer | None:
+    """``raddraft analyze`` answered by this process's model (raddraft/model_socket.py)."""
+    from raddraft.analyze_output import start_model_socket  # noqa: PLC0415 (torch: only with in-process workers)
+
+    return start_model_socket(settings)
 
 
 def _warm_model(settings: Settings) -> None:

@@ -1,5 +1,6 @@
 """``raddraft worker --queues io|gpu``: a production Celery worker (gpu: one process, one model, a thread per
-message up to ``inference_batch_size`` so that queued studies are answered in one forward pass; ``solo`` at 1)."""
+message up to ``inference_batch_size`` so that queued studies are answered in one forward pass; ``solo`` at 1).
+A gpu worker also answers ``raddraft analyze`` of the same home with its model (raddraft/model_socket.py)."""
 
 from __future__ import annotations
 
@@ -32,5 +33,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # no gossip and no mingle: raddraft workers share nothing with each other (fewer channels to lose with Redis)
     worker = app.Worker(queues=[args.queues], pool_cls=pool, concurrency=concurrency, without_gossip=True,
                         without_mingle=True, loglevel=settings.log_level, hostname=f"raddraft-{args.queues}@%h")
-    worker.start()
+    model_socket = None
+    if args.queues == GPU_QUEUE:
+        from raddraft.analyze_output import start_model_socket  # noqa: PLC0415 - the model stack: gpu workers only
+
+        model_socket = start_model_socket(settings)  # raddraft analyze on this machine uses this worker's model
+    try:
+        worker.start()
+    finally:
+        if model_socket is not None:
+            model_socket.stop()
     return int(worker.exitcode or 0)

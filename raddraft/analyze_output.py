@@ -1,0 +1,88 @@
+"""What ``raddraft analyze`` prints for one dataset, the same whether the command loaded the model itself or a
+gateway answered on its model socket (:mod:`raddraft.model_socket`); and the gateway's side of that socket.
+
+Imports the model stack (torch): only the process that runs the model imports this module.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from model.analyze import analyze_series, run_task
+from model.embedded import LoadedModel
+from raddraft.model_socket import (
+    AnalyzeError,
+    AnalyzeReply,
+    AnalyzeRequest,
+    Handler,
+    ModelSocketServer,
+    normalize_model_spec,
+    socket_path,
+)
+from raddraft.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def describe(loaded: LoadedModel, ds: Dataset, task: str | None, prompt: str | None) -> AnalyzeReply:
+    """The analysis of *ds* (report + boxes without *task*) as the JSON payload and the text of the command.
+
+    Raises ``ValueError`` for an image or prompt the model cannot take (the command's exit status 2).
+    """
+    identity = loaded.identity.model_dump()
+    if task is None:
+        analysis = analyze_series(loaded.model, [ds])
+        payload: dict[str, object] = {
+            "model": identity, "status": "preliminary", "report": analysis.report.model_dump(),
+            "findings": [f.model_dump() for f in analysis.findings], "raw_outputs": analysis.raw_outputs,
+            "seconds": round(analysis.seconds, 3)}
+        text = (f"PRELIMINARY (AI draft, not signed) — {loaded.identity.name} {loaded.identity.version}\n"
+                f"{analysis.report.text}\n\nFINDINGS WITH BOXES (source pixels x1, y1, x2, y2):\n"
+                + ("".join(f"  {f.laterality or '':5} {f.label:18} {tuple(round(v, 1) for v in f.box)}\n"
+                           for f in analysis.findings) or "  none\n")
+                + f"({analysis.seconds:.2f} s)\n")
+        return AnalyzeReply(ok=True, payload=payload, text=text)
+    answer = run_task(loaded.model, ds, task, prompt)
+    payload = {"model": identity, "status": "preliminary", "task": answer.task, "instruction": answer.instruction,
+               "answer": answer.text, "findings": [f.model_dump() for f in answer.findings]}
+    text = f"{answer.instruction}\n{answer.text}\n" + "".join(
+        f"  {f.label}: {tuple(round(v, 1) for v in f.box)}\n" for f in answer.findings)
+    return AnalyzeReply(ok=True, payload=payload, text=text)
+
+
+def socket_handler(settings: Settings) -> Handler:
+    """Answers with the model this process's gpu work uses (``settings.model`` on ``settings.inference_device``),
+    loaded once for both; a request for another model is refused with kind ``model``."""
+    served = normalize_model_spec(settings.model)
+
+    def handle(request: AnalyzeRequest, data: bytes) -> AnalyzeReply:
+        from workers.inference import get_model  # noqa: PLC0415 - workers.inference imports this module's users
+
+        if request.model != served:
+            raise AnalyzeError("model", f"this gateway serves model {served!r}, not {request.model!r}")
+        try:
+            ds = dcmread(io.BytesIO(data))
+            return describe(get_model(settings.model, settings.inference_device), ds, request.task, request.prompt)
+        except (InvalidDicomError, ValueError) as exc:
+            raise AnalyzeError("input", str(exc)) from exc
+
+    return handle
+
+
+def start_model_socket(settings: Settings) -> ModelSocketServer | None:
+    """Answer ``raddraft analyze`` on ``<home>/run/model.sock``; None (logged) when it cannot be served here."""
+    if not settings.model_socket:
+        return None
+    server = ModelSocketServer(socket_path(settings.home), socket_handler(settings),
+                               max_bytes=int(settings.max_instance_mb * 1024 * 1024))
+    try:
+        server.start()
+    except (ValueError, FileExistsError, OSError) as exc:
+        log.warning("raddraft analyze will load its own model: the model socket is off: %s", exc)
+        return None
+    return server
