@@ -24,6 +24,7 @@ from pathlib import Path
 from dicom_node.index import EpisodeState, Index
 from dicom_node.scu import send_instances
 from model.phantoms import write_studies
+from raddraft.model_socket import socket_path
 from raddraft.settings import Destination, Settings
 from reporting.outbox import episode_dir
 
@@ -147,6 +148,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if serve.worklist_url:
             out.write(f"worklist: {serve.worklist_url}/ (add a user first: raddraft user add NAME --role radiologist "
                       f"--password-stdin, with RADDRAFT_HOME={home})\n")
+        if socket_path(home).is_socket():  # raddraft/model_socket.py: answered by this gateway's loaded model
+            out.write(f"analyse an image with the gateway's model: RADDRAFT_HOME={home} raddraft analyze "
+                      f"{studies[0][2][0]}\n")
         if not args.exit:
             out.write("serving; press Ctrl-C to stop\n")
             out.flush()
