@@ -26,10 +26,13 @@ from pydicom.valuerep import AMBIGUOUS_VR, VR
 from dicom_node.index import Arrival, Index, InstanceRecord
 from dicom_node.spool import InvalidUIDError, Placement, Spool, validate_uid
 from dicom_node.statuses import StoreStatus
+from raddraft import metrics
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+# the outcome label of raddraft_instances_received (raddraft/metrics.py); refusals are "rejected"
+ARRIVAL_OUTCOMES = {Arrival.NEW: "stored", Arrival.DUPLICATE: "duplicate", Arrival.REPLACED: "replaced"}
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,17 @@ class InstanceReceiver:
     def receive(self, incoming: IncomingInstance) -> StoreStatus:
         """Return the C-STORE status for *incoming*; every refusal is logged with its reason."""
         try:
-            return self._receive(incoming)
+            outcome = self._receive(incoming)
         except RefusedError as exc:
             log.warning("refused instance %s from %s (%s): 0x%04X %s", incoming.affected_sop_instance_uid,
                         incoming.calling_ae, incoming.peer_address, exc.status, exc)
+            metrics.record_instance("rejected")
             return exc.status
+        metrics.record_instance(outcome)
+        return StoreStatus.SUCCESS
 
-    def _receive(self, incoming: IncomingInstance) -> StoreStatus:
+    def _receive(self, incoming: IncomingInstance) -> str:
+        """Persist *incoming*; its outcome (``stored``, ``duplicate``, ``replaced``) or :class:`RefusedError`."""
         size = len(incoming.data)
         if size > self.max_instance_bytes:
             raise RefusedError(StoreStatus.OUT_OF_RESOURCES,
@@ -98,10 +105,9 @@ class InstanceReceiver:
                                f"free disk space {free / MIB:.0f} MiB minus the instance is below min_free_disk_mb "
                                f"{self.min_free_bytes / MIB:.0f}")
         try:
-            self._persist(incoming, identity)
+            return self._persist(incoming, identity)
         except (OSError, sqlite3.Error) as exc:
             raise RefusedError(StoreStatus.OUT_OF_RESOURCES, f"cannot persist the instance: {exc}") from exc
-        return StoreStatus.SUCCESS
 
     @staticmethod
     def _identify(incoming: IncomingInstance) -> _Identity:
@@ -136,13 +142,13 @@ class InstanceReceiver:
                                          f"request's Affected SOP Instance UID {incoming.affected_sop_instance_uid}")
         return _Identity(str(study_uid), str(series_uid), str(sop_instance_uid), str(sop_class_uid), patient_id)
 
-    def _persist(self, incoming: IncomingInstance, identity: _Identity) -> None:
+    def _persist(self, incoming: IncomingInstance, identity: _Identity) -> str:
         digest = hashlib.sha256(incoming.data).hexdigest()
         final = self.spool.instance_path(identity.study_uid, identity.series_uid, identity.sop_instance_uid)
         stored = self.index.instance(identity.sop_instance_uid)
         if stored is not None and stored.sha256 == digest and final.is_file():
             log.debug("identical instance %s received again; stored once", identity.sop_instance_uid)
-            return
+            return "duplicate"
         staged = self.spool.stage(incoming.data, digest)
         placed: list[Placement] = []
 
@@ -180,6 +186,7 @@ class InstanceReceiver:
                      " (new)" if outcome.new_episode else "")
         if outcome.new_episode:
             log.info("study %s: episode %d opened", identity.study_uid, outcome.episode_id)
+        return ARRIVAL_OUTCOMES[outcome.kind]
 
 
 UNDEFINED_LENGTH = 0xFFFFFFFF

@@ -6,8 +6,12 @@ delivery succeeded or failed). Two gauges are read at scrape time through hooks:
 the broker's queue depths. :func:`configure` installs default hooks built from the settings (the node's index
 and the broker); :func:`set_study_state_source` / :func:`set_queue_depth_source` replace them.
 
-Counters live in the process that records them: each raddraft process that records metrics serves its own
-``/metrics`` (``raddraft.http``), and Prometheus scrapes every one.
+Who records: the DICOM receiver (every arrival: ``stored``, ``duplicate``, ``replaced``, ``rejected``), the
+Celery task signals of workers/tasks.py (every task's wall time, by the name after ``raddraft.``), the pipeline's
+and the worklist's deliveries (every attempt, ``ok`` or ``failed``). Counters live in the process that records
+them: ``raddraft serve`` serves its ``/metrics`` on the worklist port (``raddraft.http``), with the embedded
+broker its in-process workers' counts included. A separate ``raddraft worker`` process (Redis) records into its
+own registry, which no port serves yet.
 """
 
 from __future__ import annotations

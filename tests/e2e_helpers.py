@@ -269,3 +269,11 @@ def deliveries(home: Path, study_uid: str, episode_id: int = 1) -> list[Any]:
         return index.deliveries(study_uid, episode_id)
     finally:
         index.close()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text output."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if labels else "") + r" (\S+)"
+    match = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
+    return None if match is None else float(match.group(1))

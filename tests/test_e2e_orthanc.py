@@ -11,6 +11,9 @@ only their structure is checked.
 
 from __future__ import annotations
 
+import re
+import urllib.request
+
 import pytest
 from e2e_helpers import (
     MODEL,
@@ -21,6 +24,7 @@ from e2e_helpers import (
     gateway,
     instances_of_modality,
     push_study,
+    sample,
     sr_boxes,
     wait_for_outputs,
     worker,
@@ -81,6 +85,16 @@ def test_embedded_broker_cr_study_round_trip(tmp_path, orthanc, phantoms):
             check_study(orthanc, study_id, phantoms.truth("CR"), phantoms.lesions("CR"), listener)
             wait_for(lambda: deliveries_done(home, phantoms.truth("CR")["study_uid"]), timeout=90,
                      what="both deliveries done")
+            # the gateway's /metrics counted what it did (the worklist port serves it)
+            worklist = re.search(r"worklist listening on (http://\S+)", serve.log)
+            assert worklist is not None, serve.log
+            with urllib.request.urlopen(f"{worklist.group(1)}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            assert sample(text, "raddraft_instances_received_total", outcome="stored") == len(phantoms.files("CR"))
+            for task in ("prepare", "infer", "report", "deliver_dicom", "deliver_hl7"):
+                assert (sample(text, "raddraft_task_seconds_count", task=task) or 0) >= 1, task
+            for kind in ("dicom", "hl7"):
+                assert (sample(text, "raddraft_deliveries_total", kind=kind, outcome="ok") or 0) >= 1, kind
         assert "PHANTOM" not in serve.log  # no patient names at INFO
 
 

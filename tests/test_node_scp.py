@@ -25,6 +25,7 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStor
 from pynetdicom.dsutils import encode
 
 from dicom_node.statuses import StoreStatus
+from raddraft import metrics
 
 
 @pytest.fixture
@@ -226,6 +227,25 @@ def test_dataset_that_cannot_be_decoded_is_refused(node, send_raw, tmp_path, cap
     assert any("cannot be decoded" in r.getMessage() for r in caplog.records)
     # the association and the server survive: a good instance still goes through
     assert store(node, make_ct()) == StoreStatus.SUCCESS
+
+
+def test_every_arrival_is_counted_by_outcome_for_metrics(node, send_raw, tmp_path):
+    def counts():
+        return {outcome: metrics.REGISTRY.get_sample_value("raddraft_instances_received_total",
+                                                           {"outcome": outcome}) or 0.0
+                for outcome in ("stored", "duplicate", "replaced", "rejected")}
+
+    before = counts()
+    ds = make_ct(description="first version")
+    assert store(node, ds) == StoreStatus.SUCCESS
+    assert store(node, ds) == StoreStatus.SUCCESS  # identical: stored once
+    ds.SeriesDescription = "corrected version"
+    assert store(node, ds) == StoreStatus.SUCCESS
+    broken = make_ct()
+    assert send_raw(raw_file(tmp_path, broken, bytes(range(256)) * 4), [CTImageStorage]) == \
+        StoreStatus.CANNOT_UNDERSTAND
+    after = counts()
+    assert {k: after[k] - before[k] for k in after} == {"stored": 1, "duplicate": 1, "replaced": 1, "rejected": 1}
 
 
 # --- robustness --------------------------------------------------------------------------------------------------

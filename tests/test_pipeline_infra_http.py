@@ -4,7 +4,6 @@ broker, redis-server) and kombu publishing real messages."""
 from __future__ import annotations
 
 import json
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_helpers import sample
 from kombu import Connection
 from peers import RedisServer
 
@@ -34,14 +34,6 @@ def health(server: OpsServer) -> tuple[int, dict[str, Any]]:
     status, content_type, body = get(server, "/healthz")
     assert content_type == "application/json"
     return status, json.loads(body)
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample in Prometheus text output."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if labels else "") + r" (\S+)"
-    match = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
-    return None if match is None else float(match.group(1))
 
 
 def make_settings(home: Path, **overrides: Any) -> Settings:

@@ -19,6 +19,7 @@ from worklist_helpers import (  # noqa: F401 - fixture
 )
 
 from dicom_node.episodes import BrokerUnavailableError
+from raddraft import metrics
 from workers.delivery import PermanentDeliveryError, TransientDeliveryError
 from worklist import auth
 from worklist.bridge import Bridge
@@ -96,6 +97,10 @@ def test_signing_records_pending_rows_and_publishes_io_tasks_with_ids_only(tmp_p
         store.close()
 
 
+def _deliveries(kind: str, outcome: str) -> float:
+    return metrics.REGISTRY.get_sample_value("raddraft_deliveries_total", {"kind": kind, "outcome": outcome}) or 0.0
+
+
 def test_final_set_reaches_orthanc_and_the_oru_the_listener_f_then_c(tmp_path, database_url, orthanc):
     with MLLPListener() as listener:
         settings, store, bridge, radiologist, _, entry = _signed_entry(
@@ -106,9 +111,11 @@ def test_final_set_reaches_orthanc_and_the_oru_the_listener_f_then_c(tmp_path, d
         try:
             first, errors = bridge.sign(entry, radiologist)
             assert errors == [] and len(broker.published) == 2
+            delivered = {kind: _deliveries(kind, "ok") for kind in ("dicom", "hl7")}
             for task_name, args, _ in broker.published:  # what the io worker runs for each task
                 kind = "dicom" if task_name == DELIVER_SIGNED_DICOM_TASK else "hl7"
                 assert deliver_signed(settings, store, SignedTarget.from_task_args(kind, args))
+            assert {kind: _deliveries(kind, "ok") - delivered[kind] for kind in delivered} == {"dicom": 1, "hl7": 1}
             final_uids = {e.sop_instance_uid for e in first.files if e.kind in ("sr", "narrative", "gsps")}
             sr_uid = next(e.sop_instance_uid for e in first.files if e.kind == "sr")
             assert final_uids <= orthanc.sop_instance_uids()
@@ -151,8 +158,10 @@ def test_an_unreachable_destination_stays_pending_then_dies_with_its_error(tmp_p
         bridge.sign(entry, radiologist)
         ((_, args, _),) = broker.published
         target = SignedTarget.from_task_args("hl7", args)
+        failed = _deliveries("hl7", "failed")
         with pytest.raises(TransientDeliveryError, match=f"HL7 destination 127.0.0.1:{port}"):
             deliver_signed(settings, store, target)
+        assert _deliveries("hl7", "failed") == failed + 1  # raddraft_deliveries_total on /metrics
         (row,) = store.deliveries(entry)
         assert row.state is DeliveryState.PENDING and row.attempts == 1 and str(port) in row.last_error
         mark_dead(store, target, "TransientDeliveryError: gave up after 5 retries")  # the task's on_failure

@@ -20,12 +20,13 @@ from workers import redis_transport
 
 log = logging.getLogger(__name__)
 
-PREPARE_TASK = "raddraft.prepare"
-INFER_TASK = "raddraft.infer"
-REPORT_TASK = "raddraft.report"
-DELIVER_DICOM_TASK = "raddraft.deliver_dicom"
-DELIVER_HL7_TASK = "raddraft.deliver_hl7"
-DEAD_LETTER_TASK = "raddraft.dead_letter"
+TASK_PREFIX = "raddraft."
+PREPARE_TASK = f"{TASK_PREFIX}prepare"
+INFER_TASK = f"{TASK_PREFIX}infer"
+REPORT_TASK = f"{TASK_PREFIX}report"
+DELIVER_DICOM_TASK = f"{TASK_PREFIX}deliver_dicom"
+DELIVER_HL7_TASK = f"{TASK_PREFIX}deliver_hl7"
+DEAD_LETTER_TASK = f"{TASK_PREFIX}dead_letter"
 
 IO_QUEUE = "io"
 GPU_QUEUE = "gpu"

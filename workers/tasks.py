@@ -19,9 +19,11 @@ from typing import Any, NoReturn
 
 from billiard.einfo import ExceptionInfo
 from celery import Task
+from celery.signals import task_postrun, task_prerun
 
 from dicom_node.episodes import BrokerUnavailableError
 from dicom_node.index import DeliveryKey, DeliveryState, EpisodeState, Index
+from raddraft import metrics
 from raddraft.settings import Destination, HL7Destination, Settings
 from workers import deadletter, delivery, pipeline
 from workers.batching import MicroBatcher
@@ -32,6 +34,7 @@ from workers.celery_app import (
     INFER_TASK,
     PREPARE_TASK,
     REPORT_TASK,
+    TASK_PREFIX,
     app,
     current_settings,
     publish,
@@ -54,6 +57,26 @@ def _batcher() -> MicroBatcher:
             _batchers["infer"] = MicroBatcher(lambda requests: run_inference(settings, requests),
                                               settings.inference_batch_size, settings.inference_batch_window_s)
         return _batchers["infer"]
+
+# Wall time of every task this process runs (raddraft_task_seconds, by the name after "raddraft."), from the
+# worker's own signals: they fire around the task body in whichever thread runs it.
+_task_started: dict[str, float] = {}
+_task_started_lock = threading.Lock()
+
+
+@task_prerun.connect
+def _time_task(task_id: str, **_: Any) -> None:
+    with _task_started_lock:
+        _task_started[task_id] = time.perf_counter()
+
+
+@task_postrun.connect
+def _observe_task(task_id: str, task: Task, **_: Any) -> None:
+    with _task_started_lock:
+        started = _task_started.pop(task_id, None)
+    if started is not None and task.name.startswith(TASK_PREFIX):
+        metrics.observe_task(task.name.removeprefix(TASK_PREFIX), time.perf_counter() - started)
+
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     delivery.TransientDeliveryError, BrokerUnavailableError, ConnectionError, TimeoutError,
@@ -170,11 +193,13 @@ def _deliver(task: PipelineTask, key: DeliveryKey, send: Any) -> bool:
         try:
             send(settings)
         except Exception as exc:
+            metrics.record_delivery(key.kind, ok=False)
             index.note_delivery_error(key, str(exc))  # every attempt is counted; a permanent error is re-raised
             if isinstance(exc, delivery.TransientDeliveryError):
                 task.retry_transient(exc)
             raise
         index.finish_delivery(key, DeliveryState.DONE, time.time())
+        metrics.record_delivery(key.kind, ok=True)
         return True
     finally:
         index.close()

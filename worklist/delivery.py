@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.episodes import BrokerUnavailableError
+from raddraft import metrics
 from raddraft.settings import Destination, HL7Destination, Settings
 from workers.delivery import (
     DICOM,
@@ -144,9 +145,12 @@ def deliver_signed(settings: Settings, store: Store, target: SignedTarget, *,
             detail = send_final_dicom(settings, folder, Destination.parse(destination))
         else:
             detail = send_final_hl7(settings, folder, HL7Destination.parse(destination))
-    except TransientDeliveryError as exc:
-        store.note_delivery_error(row, str(exc)[:MAX_ERROR_CHARS])
+    except Exception as exc:
+        metrics.record_delivery(target.kind, ok=False)
+        if isinstance(exc, TransientDeliveryError):
+            store.note_delivery_error(row, str(exc)[:MAX_ERROR_CHARS])
         raise
+    metrics.record_delivery(target.kind, ok=True)
     now = clock()
     store.finish_delivery(row, DeliveryState.DONE, now, audit=(
         AUDIT_USER, f"delivered-{target.kind}", f"version {version} to {destination}: {detail}"))
