@@ -1,4 +1,5 @@
-"""Analysis of one image, one series or a prepared study: a draft report and localized findings.
+"""Analysis of one image or one series in this process: a draft report and localized findings (the gateway's
+queued path, workers/pipeline.py, assembles the same result from a batched response).
 
 One :func:`analyze_series` call makes ONE batched ``generate`` call: row 0 is the report request on the study
 view (:func:`model.examples.study_view`: the image, a CT projection or a montage), rows 1… are the
@@ -19,12 +20,9 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import torch
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from model import prompts
@@ -32,9 +30,8 @@ from model.examples import TASKS, laterality_of, study_view
 from model.imaging import Letterbox, PreparedImage, prepare_image
 from model.minigpt import MiniGPTMed
 from model.refine import RefinePolicy, refine_findings
-from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
-from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study
-from workers.manifest import StudyManifest
+from model.result import DraftReport, Finding
+from model.slices import SlicePolicy, SlicePosition, merge_findings
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +142,6 @@ def analyze_series(model: MiniGPTMed, datasets: Sequence[Dataset], policy: Slice
     return SeriesAnalysis(split_report(texts[0]), texts[0], findings, uids, raw, seconds, unrefined)
 
 
-def analyze_file(model: MiniGPTMed, path: Path) -> SeriesAnalysis:
-    """One DICOM image file: report + findings."""
-    return analyze_series(model, [dcmread(path)])
-
-
 def task_instruction(task: str, prompt: str | None, transform: Letterbox) -> str:
     """The instruction of a single task; *prompt* is the label/phrase, the question, or for ``identify`` a
     source-pixel box ``x1,y1,x2,y2``."""
@@ -187,30 +179,3 @@ def run_task(model: MiniGPTMed, ds: Dataset, task: str, prompt: str | None = Non
     found = [] if task in ("report", "vqa", "identify") else refine_findings(
         findings_from_answer(text, image.transform, str(ds.SOPInstanceUID), default), [ds], [image.display])
     return TaskAnswer(task, instruction, text, found)
-
-
-def analyze_manifest(model: MiniGPTMed, identity: ModelIdentity, manifest: StudyManifest, spool_dir: Path,
-                     policy: SlicePolicy | None = None) -> AnalysisResult:
-    """A prepared study: every series with images is analysed; the report is the first such series' report."""
-    policy = policy or SlicePolicy()
-    chosen, _ = plan_study(manifest, policy)
-    by_series: dict[str, list[Dataset]] = {}
-    for series, instance in chosen:
-        by_series.setdefault(series.series_instance_uid, []).append(dcmread(spool_dir / instance.path))
-    if not by_series:
-        raise ValueError(f"study {manifest.study_instance_uid} has no image the model can read")
-    analyses = [analyze_series(model, datasets, policy) for datasets in by_series.values()]
-    raw: dict[str, str] = {}
-    for analysis in analyses:
-        raw.update(analysis.raw_outputs)
-    return AnalysisResult(
-        study_instance_uid=manifest.study_instance_uid,
-        episode_id=manifest.episode_id,
-        model=identity,
-        report=analyses[0].report,
-        findings=[f for a in analyses for f in a.findings],
-        analysed_instances=[uid for a in analyses for uid in a.analysed_instances],
-        raw_outputs=raw,
-        status="preliminary",
-        created_at=datetime.now(UTC),
-    )
