@@ -39,14 +39,15 @@ class Reply:
     body: bytes
 
 
-def health(settings: Settings, timeout: float = CHECK_TIMEOUT_S) -> dict[str, Any]:
-    """The health document: every check with its outcome."""
+def health(settings: Settings, timeout: float = CHECK_TIMEOUT_S, *, index: bool = True) -> dict[str, Any]:
+    """The health document: every check with its outcome (*index* False: a gpu worker, which has no index)."""
     checks: dict[str, dict[str, Any]] = {}
-    try:
-        probes.index_readable(settings.index_path, timeout)
-        checks["index"] = {"ok": True, "detail": f"{settings.index_path} is readable"}
-    except probes.ProbeError as exc:
-        checks["index"] = {"ok": False, "detail": str(exc)}
+    if index:
+        try:
+            probes.index_readable(settings.index_path, timeout)
+            checks["index"] = {"ok": True, "detail": f"{settings.index_path} is readable"}
+        except probes.ProbeError as exc:
+            checks["index"] = {"ok": False, "detail": str(exc)}
     try:
         depths = probes.queue_depths(settings.effective_broker_url, metrics.QUEUES, timeout)
         checks["broker"] = {"ok": True, "detail": f"{probes.redact_url(settings.effective_broker_url)} answered",
@@ -64,8 +65,8 @@ def health(settings: Settings, timeout: float = CHECK_TIMEOUT_S) -> dict[str, An
     return {"ok": all(check["ok"] for check in checks.values()), "checks": checks}
 
 
-def respond(settings: Settings, method: str, path: str) -> Reply:
-    """The reply to one request."""
+def respond(settings: Settings, method: str, path: str, *, index: bool = True) -> Reply:
+    """The reply to one request (*index*: whether ``/healthz`` checks the index)."""
     route = path.split("?", 1)[0]
     if route not in ("/healthz", "/metrics"):
         return Reply(HTTPStatus.NOT_FOUND, JSON_TYPE, b'{"error": "not found: use /healthz or /metrics"}')
@@ -73,7 +74,7 @@ def respond(settings: Settings, method: str, path: str) -> Reply:
         return Reply(HTTPStatus.METHOD_NOT_ALLOWED, JSON_TYPE, b'{"error": "only GET and HEAD are allowed"}')
     if route == "/metrics":
         return Reply(HTTPStatus.OK, CONTENT_TYPE_LATEST, metrics.exposition())
-    document = health(settings)
+    document = health(settings, index=index)
     if not document["ok"]:
         failed = ", ".join(name for name, check in document["checks"].items() if not check["ok"])
         log.warning("health check failed: %s", failed)
@@ -88,7 +89,7 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def _answer(self, method: str) -> None:
-        reply = respond(self.server.settings, method, self.path)
+        reply = respond(self.server.settings, method, self.path, index=self.server.check_index)
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
@@ -121,16 +122,21 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, check_index: bool) -> None:
         self.settings = settings
+        self.check_index = check_index
         super().__init__((settings.http_bind, settings.http_port), _Handler)
 
 
 class OpsServer:
-    """``/healthz`` and ``/metrics`` on ``settings.http_bind:http_port`` (port 0: a free port), in a thread."""
+    """``/healthz`` and ``/metrics`` on ``settings.http_bind:http_port`` (port 0: a free port), in a thread.
 
-    def __init__(self, settings: Settings) -> None:
+    A process without the index (a gpu worker) passes ``check_index=False``: its health is the broker and disk.
+    """
+
+    def __init__(self, settings: Settings, *, check_index: bool = True) -> None:
         self.settings = settings
+        self.check_index = check_index
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -144,7 +150,7 @@ class OpsServer:
         if self._server is not None:
             raise RuntimeError("the ops HTTP server is already running")
         try:
-            self._server = _Server(self.settings)
+            self._server = _Server(self.settings, self.check_index)
         except OSError as exc:
             raise OSError(f"cannot listen on http_bind {self.settings.http_bind} http_port "
                           f"{self.settings.http_port}: {exc}") from exc

@@ -11,7 +11,7 @@ Celery task signals of workers/tasks.py (every task's wall time, by the name aft
 and the worklist's deliveries (every attempt, ``ok`` or ``failed``). Counters live in the process that records
 them: ``raddraft serve`` serves its ``/metrics`` on the worklist port (``raddraft.http``), with the embedded
 broker its in-process workers' counts included. A separate ``raddraft worker`` process (Redis) records into its
-own registry, which no port serves yet.
+own registry and serves it with ``--http-port``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,8 +112,8 @@ def gateway(home: Path, env: dict[str, str]) -> Iterator[Gateway]:
 
 
 @contextmanager
-def worker(queue: str, env: dict[str, str]) -> Iterator[Process]:
-    running = Process(["worker", "--queues", queue], env, f"worker-{queue}")
+def worker(queue: str, env: dict[str, str], *options: str) -> Iterator[Process]:
+    running = Process(["worker", "--queues", queue, *options], env, f"worker-{queue}")
     try:
         # the Celery banner lists the tasks just before the worker starts consuming
         wait_for(lambda: "[tasks]" in running.log or not running.alive(), timeout=60, what=f"{queue} worker up")
@@ -277,3 +278,14 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if labels else "") + r" (\S+)"
     match = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
     return None if match is None else float(match.group(1))
+
+
+def scrape(log: str, path: str) -> tuple[int, str]:
+    """(status, body) of GET *path* on the ops HTTP server a raddraft process announced in its *log*."""
+    found = re.search(r"health and metrics on (http://[\d.]+:\d+)/healthz", log)
+    assert found is not None, log[-5000:]
+    try:
+        with urllib.request.urlopen(found.group(1) + path, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()

@@ -1,6 +1,7 @@
 """The console script: help, version, and settings errors reported without a traceback."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -65,3 +66,15 @@ def test_retry_wants_exactly_one_kind_of_work(tmp_path):
         assert "give dead letter ids, --all or --stranded (one of them)" in result.stderr
     result = run_cli("retry", "--stranded", env=env)
     assert result.returncode == 2 and f"no index at {tmp_path}" in result.stderr
+
+
+def test_worker_http_port_must_be_a_free_tcp_port(tmp_path):
+    env = {**os.environ, "RADDRAFT_HOME": str(tmp_path)}
+    result = run_cli("worker", "--queues", "io", "--http-port", "70000", env=env)
+    assert result.returncode == 1 and "--http-port 70000 is not a TCP port" in result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("worker", "--queues", "io", "--http-port", str(port), env=env)
+    assert result.returncode == 1 and f"cannot listen on http_bind 127.0.0.1 http_port {port}" in result.stderr

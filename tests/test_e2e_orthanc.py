@@ -11,6 +11,7 @@ only their structure is checked.
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 
@@ -25,6 +26,7 @@ from e2e_helpers import (
     instances_of_modality,
     push_study,
     sample,
+    scrape,
     sr_boxes,
     wait_for_outputs,
     worker,
@@ -104,7 +106,23 @@ def test_redis_broker_with_separate_workers_ct_study(tmp_path, orthanc, redis_se
         env = base_env(home, RADDRAFT_BROKER_URL=redis_server.url,
                        RADDRAFT_HL7_DESTINATIONS=f"127.0.0.1:{listener.port}",
                        RADDRAFT_DICOM_DESTINATIONS=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
-        with gateway(home, env) as serve, worker("io", env), worker("gpu", env):
+        with (gateway(home, env) as serve, worker("io", env, "--http-port", "0") as io,
+              worker("gpu", env, "--http-port", "0") as gpu):
             connect_orthanc(orthanc, serve.port)
             study_id = push_study(orthanc, phantoms.files("CT"))
             check_study(orthanc, study_id, phantoms.truth("CT"), phantoms.lesions("CT"), listener)
+            wait_for(lambda: deliveries_done(home, phantoms.truth("CT")["study_uid"]), timeout=90,
+                     what="both deliveries done")
+            # each worker serves the counters of what it ran; a gpu worker's health has no index check
+            status, text = scrape(io.log, "/metrics")
+            assert status == 200
+            for task in ("prepare", "report", "deliver_dicom", "deliver_hl7"):
+                assert (sample(text, "raddraft_task_seconds_count", task=task) or 0) >= 1, task
+            for kind in ("dicom", "hl7"):
+                assert (sample(text, "raddraft_deliveries_total", kind=kind, outcome="ok") or 0) >= 1, kind
+            status, text = scrape(gpu.log, "/metrics")
+            assert status == 200 and (sample(text, "raddraft_task_seconds_count", task="infer") or 0) >= 1
+            status, document = scrape(gpu.log, "/healthz")
+            assert status == 200 and set(json.loads(document)["checks"]) == {"broker", "disk"}, document
+            status, document = scrape(io.log, "/healthz")
+            assert status == 200 and set(json.loads(document)["checks"]) == {"index", "broker", "disk"}, document

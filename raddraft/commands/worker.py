@@ -1,12 +1,14 @@
 """``raddraft worker --queues io|gpu``: a production Celery worker (gpu: one process, one model, a thread per
 message up to ``inference_batch_size`` so that queued studies are answered in one forward pass; ``solo`` at 1).
-A gpu worker also answers ``raddraft analyze`` of the same home with its model (raddraft/model_socket.py)."""
+A gpu worker also answers ``raddraft analyze`` of the same home with its model (raddraft/model_socket.py).
+``--http-port`` serves the worker's own ``/healthz`` and ``/metrics`` (raddraft/http.py)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
+from raddraft.http import OpsServer
 from raddraft.settings import Settings
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure
 
@@ -17,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queues", choices=[IO_QUEUE, GPU_QUEUE], required=True, help="queue to consume")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="io worker threads (default 4); the gpu worker always runs one task at a time")
+    parser.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                        help="serve this worker's /healthz and /metrics on http_bind:PORT (0: a free port)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -33,6 +37,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # no gossip and no mingle: raddraft workers share nothing with each other (fewer channels to lose with Redis)
     worker = app.Worker(queues=[args.queues], pool_cls=pool, concurrency=concurrency, without_gossip=True,
                         without_mingle=True, loglevel=settings.log_level, hostname=f"raddraft-{args.queues}@%h")
+    ops = None
+    if args.http_port is not None:  # the counters this worker records (raddraft/metrics.py) live in this process
+        if not 0 <= args.http_port <= 65535:
+            raise SystemExit(f"raddraft worker: --http-port {args.http_port} is not a TCP port (0-65535)")
+        ops = OpsServer(settings.model_copy(update={"http_port": args.http_port}),
+                        check_index=args.queues != GPU_QUEUE)  # a gpu worker has no index
+        try:
+            ops.start()
+        except OSError as exc:
+            raise SystemExit(f"raddraft worker: {exc}") from exc
     model_socket = None
     if args.queues == GPU_QUEUE:
         from raddraft.analyze_output import start_model_socket  # noqa: PLC0415 - the model stack: gpu workers only
@@ -43,4 +57,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if model_socket is not None:
             model_socket.stop()
+        if ops is not None:
+            ops.stop()
     return int(worker.exitcode or 0)
