@@ -39,6 +39,11 @@ def test_health_checks(spec: dict[str, Any]) -> None:
     assert any("/system" in part for part in services["orthanc"]["healthcheck"]["test"])
     for name in ("node", "io-worker", "gpu-worker"):
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+    for name in ("io-worker", "gpu-worker"):  # each worker serves its own /healthz and /metrics
+        command = services[name]["command"]
+        port = command[command.index("--http-port") + 1]
+        assert any(f"127.0.0.1:{port}/healthz" in part for part in services[name]["healthcheck"]["test"]), name
+        assert services[name]["environment"]["RADDRAFT_HTTP_BIND"] == "0.0.0.0" and not services[name].get("ports")
 
 
 def test_networks_are_internal_except_the_dicom_one(spec: dict[str, Any]) -> None:
@@ -69,7 +74,7 @@ def test_gpu_worker_reserves_an_nvidia_gpu_and_runs_the_gpu_queue(spec: dict[str
     gpu = spec["services"]["gpu-worker"]
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert gpu["command"][-3:] == ["worker", "--queues", "gpu"]
+    assert gpu["command"][2:5] == ["worker", "--queues", "gpu"]
     assert gpu["build"]["target"] == "gpu" and spec["services"]["node"]["build"]["target"] == "cpu"
     assert spec["services"]["io-worker"]["command"][2:5] == ["worker", "--queues", "io"]
 
