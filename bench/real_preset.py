@@ -78,7 +78,7 @@ def measure(model: MiniGPTMed, batch: int, new_tokens: int) -> dict[str, float |
         "new_tokens": new_tokens,
         "prefill_s": round(first, 4),
         "decode_s_per_token": round(decode, 5),
-        "total_s": round(total, 3),
+        "total_s": round(total, 4),
         "tokens_per_s": round(batch * new_tokens / total, 1),
     }
     if model.device.type == "cuda":
