@@ -173,10 +173,11 @@ class ModelSocketServer:
             self.path.unlink(missing_ok=True)
 
     def _serve(self) -> None:
-        assert self._listener is not None
+        listener = self._listener  # stop() drops the attribute; this thread keeps its own reference
+        assert listener is not None
         while not self._stop.is_set():
             try:
-                connection, _ = self._listener.accept()
+                connection, _ = listener.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -192,7 +193,7 @@ class ModelSocketServer:
         connection.settimeout(self._read_timeout_s)
         try:
             reply = self._exchange(connection)
-        except (OSError, ConnectionError) as exc:  # the client went away or stopped sending: nothing to answer
+        except OSError as exc:  # the client went away or stopped sending (timeout, reset): nothing to answer
             log.warning("model socket: a client's request was not read whole: %s", exc)
             return
         try:
@@ -201,7 +202,10 @@ class ModelSocketServer:
             log.warning("model socket: the answer could not be sent back: %s", exc)
 
     def _exchange(self, connection: socket.socket) -> AnalyzeReply:
-        stream = connection.makefile("rb")
+        with connection.makefile("rb") as stream:
+            return self._read_and_handle(stream)
+
+    def _read_and_handle(self, stream: io.BufferedReader) -> AnalyzeReply:
         line = stream.readline(HEADER_LIMIT + 1)
         if not line.endswith(b"\n"):
             what = "is longer than 64 KiB" if len(line) > HEADER_LIMIT else "ended before its newline"
@@ -256,7 +260,8 @@ def request_analysis(path: Path, request: AnalyzeRequest, data: bytes,
             client.sendall(request.model_dump_json().encode() + b"\n")
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 client.sendall(data)  # a server that refused the header has closed: its reply says why
-            line = client.makefile("rb").readline()
+            with client.makefile("rb") as answer:
+                line = answer.readline()
         except TimeoutError as exc:
             raise ModelSocketError(f"the gateway at {path} did not answer within {timeout_s:.0f} s") from exc
         except OSError as exc:
