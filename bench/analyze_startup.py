@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from raddraft.model_socket import socket_path
+from tests.peers import stop_process
 
 logger = logging.getLogger("bench.analyze_startup")
 
@@ -115,12 +115,7 @@ def running_gateway(home: Path, timeout_s: float = 120.0) -> Iterator[dict[str, 
             time.sleep(0.2)
         yield env
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait()
+        stop_process(serve, timeout=60)
 
 
 def measure(file: Path, rounds: int, gateway_env: dict[str, str]) -> dict[str, object]:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from tests.peers import Orthanc, StoreSCP, free_port, wait_for
+from tests.peers import Orthanc, StoreSCP, free_port, stop_process, wait_for
 
 log = logging.getLogger("bench.ingest")
 
@@ -130,12 +129,7 @@ def bench_raddraft(workdir: Path, folder: Path, count: int) -> Measurement:
         return measure("raddraft", folder, count, "RADDRAFT", port,
                        lambda: sum(1 for p in spool.glob("*/*/*.dcm") if p.parent.parent.name != "tmp"))
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, timeout=30)
 
 
 RUNNERS: dict[str, Callable[[Path, Path, int], Measurement]] = {

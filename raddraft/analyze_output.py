@@ -79,7 +79,7 @@ def start_model_socket(settings: Settings) -> ModelSocketServer | None:
     if not settings.model_socket:
         return None
     server = ModelSocketServer(socket_path(settings.home), socket_handler(settings),
-                               max_bytes=int(settings.max_instance_mb * 1024 * 1024))
+                               max_bytes=settings.max_instance_bytes)
     try:
         server.start()
     except (ValueError, FileExistsError, OSError) as exc:

@@ -246,6 +246,11 @@ class Settings(BaseSettings):
         return self.home / "outbox"
 
     @property
+    def max_instance_bytes(self) -> int:
+        """``max_instance_mb`` in bytes: the largest instance the node and the model socket take."""
+        return int(self.max_instance_mb * 1024 * 1024)
+
+    @property
     def effective_broker_url(self) -> str:
         """The configured broker, or the embedded durable broker (SQLite file in ``home``)."""
         if self.broker_url:

@@ -54,6 +54,18 @@ def wait_for(
         time.sleep(interval)
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM *process* and wait up to *timeout* seconds for it; SIGKILL it if it is still running then."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def port_is_open(port: int, host: str = LOOPBACK) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -100,12 +112,7 @@ class _Process:
             self.process.kill()
             self.process.wait(timeout=10)
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
 
     def __enter__(self) -> Self:
         try:

@@ -66,6 +66,13 @@ def _exchange(path: Path, data: bytes, timeout: float = 10.0) -> AnalyzeReply:
         return AnalyzeReply.model_validate_json(client.makefile("rb").readline())
 
 
+def _stale_socket(path: Path) -> None:
+    """A socket file nobody listens on, as a killed gateway leaves it."""
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(os.fspath(path))
+    stale.close()
+
+
 def _client(home: Path, out: Path, *argv: str) -> tuple[dict[str, object], subprocess.CompletedProcess[str]]:
     done = subprocess.run([sys.executable, "-c", CLIENT, str(out), *argv], env=base_env(home), cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
@@ -161,9 +168,7 @@ def test_analyze_loads_its_own_model_for_another_model_a_stale_socket_or_local(h
         assert "bad.dcm" in capsys.readouterr().err
     finally:
         server.stop()
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a socket file nobody listens on (a killed gateway)
-    stale.bind(os.fspath(socket_path(home)))
-    stale.close()
+    _stale_socket(socket_path(home))
     with pytest.raises(ModelSocketUnavailable, match="no model server"):
         request_analysis(socket_path(home), AnalyzeRequest(model="embedded", size=0), b"")
     assert main(["analyze", str(radiograph), "--json", "--model", str(tmp_path / "tiny")]) == 0
@@ -185,9 +190,7 @@ def test_one_server_per_path_a_stale_file_is_replaced_and_a_long_path_is_refused
     finally:
         first.stop()
     assert not socket_path(home).exists()
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(os.fspath(socket_path(home)))
-    stale.close()
+    _stale_socket(socket_path(home))
     second.start()  # the stale file of a dead server is replaced
     try:
         assert request_analysis(socket_path(home), AnalyzeRequest(model="m", size=0), b"").ok

@@ -198,8 +198,8 @@ def _deliver(task: PipelineTask, key: DeliveryKey, send: Any) -> bool:
             if isinstance(exc, delivery.TransientDeliveryError):
                 task.retry_transient(exc)
             raise
+        metrics.record_delivery(key.kind, ok=True)  # the attempt succeeded, as the worklist's deliveries count
         index.finish_delivery(key, DeliveryState.DONE, time.time())
-        metrics.record_delivery(key.kind, ok=True)
         return True
     finally:
         index.close()

@@ -30,8 +30,6 @@ from raddraft.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="a DICOM image file")
@@ -75,7 +73,7 @@ def _ask_gateway(args: argparse.Namespace, settings: Settings, spec: str) -> Ana
     """The running gateway's answer, or None when no gateway here serves *spec* (the caller loads it itself)."""
     path = socket_path(settings.home)
     size = args.file.stat().st_size
-    if size > settings.max_instance_mb * MIB:
+    if size > settings.max_instance_bytes:
         return None  # the gateway would refuse it; this process takes any size
     request = AnalyzeRequest(model=normalize_model_spec(spec), task=args.task, prompt=args.prompt, size=size)
     try:
