@@ -38,6 +38,7 @@ class EpisodeState(StrEnum):
     ANALYSED = "analysed"
     REPORTED = "reported"
     DELIVERED = "delivered"
+    NOT_ANALYSED = "not-analysed"  # an end state: the analysis gate (workers/gate.py) let nothing through
     FAILED = "failed"
 
 
@@ -45,6 +46,7 @@ class DeliveryState(StrEnum):
     PENDING = "pending"
     DONE = "done"
     DEAD = "dead"
+    SKIPPED = "skipped"  # nothing of this kind was built for the episode (the reason is in last_error)
 
 
 # An episode in one of these states blocks the hand-off of the next episode of the same study.
@@ -539,8 +541,9 @@ class Index:
                 raise KeyError(f"{key} is not in the index")
             study_uid, episode_id = key.study_instance_uid, key.episode_id
             open_rows = db.execute(
-                "SELECT COUNT(*) FROM deliveries WHERE study_instance_uid = ? AND episode_id = ? AND state <> ?",
-                (study_uid, episode_id, DeliveryState.DONE),
+                "SELECT COUNT(*) FROM deliveries WHERE study_instance_uid = ? AND episode_id = ? "
+                "AND state NOT IN (?, ?)",
+                (study_uid, episode_id, DeliveryState.DONE, DeliveryState.SKIPPED),
             ).fetchone()[0]
             if open_rows:
                 return False

@@ -12,7 +12,7 @@ import re
 import socket
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
@@ -180,6 +180,9 @@ class Settings(BaseSettings):
     hl7_sending_facility: str = "RADDRAFT"
     hl7_receiving_application: str = "RIS"
     hl7_receiving_facility: str = "HOSPITAL"
+    hl7_without_accession: Literal["unsolicited", "skip"] = Field(
+        "unsolicited", description="a study with no AccessionNumber: send an unsolicited ORU with a filler order "
+        "number raddraft assigns (unsolicited), or send no ORU (skip); either way the DICOM outputs go")
 
     # --- HTTP (metrics, health, worklist) -------------------------------------------------------------------
     http_bind: str = "127.0.0.1"
@@ -197,6 +200,15 @@ class Settings(BaseSettings):
     model_socket: bool = Field(
         True, description="a gateway holding the model answers `raddraft analyze` on <home>/run/model.sock"
     )
+
+    # --- the analysis gate (workers/gate.py): what the model reads; the rest ends "not-analysed" -------------
+    analysis_modalities: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CR", "DX", "CT", "MR"], description="modalities the model reads")
+    analysis_excluded_image_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["LOCALIZER", "SECONDARY"],
+        description="an instance with one of these ImageType values is not read (topograms, screen captures)")
+    analysis_body_parts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="BodyPartExamined values the model reads; empty = any")
 
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
@@ -219,6 +231,11 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_hl7_destinations(cls, value: Any) -> Any:
         return [HL7Destination.parse(v) if isinstance(v, str) else v for v in _split_list(value)]
+
+    @field_validator("analysis_modalities", "analysis_excluded_image_types", "analysis_body_parts", mode="before")
+    @classmethod
+    def _parse_words(cls, value: Any) -> Any:
+        return [str(v).strip().upper() for v in _split_list(value) if str(v).strip()]
 
     @field_validator("tls_certificate", "tls_private_key", "tls_client_ca", mode="after")
     @classmethod

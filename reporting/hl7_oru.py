@@ -4,7 +4,7 @@ Layout of the message (segments separated by ``\\r``, UTF-8, MSH-18 ``UNICODE UT
 
     MSH  sending/receiving application and facility, MSH-9 ORU^R01^ORU_R01, MSH-10 control id, MSH-12 2.5.1
     PID  PID-3 patient ID (CX, issuer in CX-4), PID-5 name (XPN from DICOM PN), PID-7 birth date, PID-8 sex
-    ORC  RE, placer/filler order number = accession number
+    ORC  RE, placer/filler order number = accession number (see "Studies without an order" below)
     OBR  OBR-2/3 accession, OBR-4 study description, OBR-7 study date/time, OBR-25 result status
     OBX  ST   110180^Study Instance UID^DCM
     OBX  TX   59776-5^Procedure findings^LN, sub-ID 1: one OBX per line of the findings text
@@ -17,10 +17,21 @@ OBR-25 and every OBX-11 carry the same result status: P for the AI draft, F afte
 correction. Free text is escaped here (``\\E\\ \\F\\ \\S\\ \\T\\ \\R\\``) before hl7apy sees it; hl7apy only escapes
 some of the delimiters and leaves complete escape sequences alone. Line breaks become separate OBX/NTE segments,
 and a line break in a single-line attribute (name, ID, description) is an error, as it is in DICOM.
+
+Studies without an order: unscheduled and imported studies have an empty AccessionNumber (DICOM Type 2). With
+``unsolicited=True`` (setting ``hl7_without_accession = unsolicited``, the default) the ORU is an unsolicited
+result: no placer order number, and a filler order number raddraft assigns from the Study Instance UID
+(:func:`assigned_filler_order_number`, the same for every message of the study) in ORC-3 / OBR-3. With
+``unsolicited=False`` (``skip``) no ORU is built: :class:`HL7NotApplicable` says why, and the pipeline records
+the HL7 output as skipped. A study without a Patient ID is always skipped (PID-3 is required).
+
+Error texts never carry a patient value: they name the attribute and the rule only. A date that is not a DICOM
+date (the ACR-NEMA ``YYYY.MM.DD`` of old files is converted) is left out of the message, not fatal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import uuid
@@ -61,7 +72,21 @@ class ResultStatus(StrEnum):
 
 
 class HL7BuildError(ValueError):
-    """The manifest or result cannot be expressed as a valid ORU^R01; the message names the attribute."""
+    """The manifest or result cannot be expressed as a valid ORU^R01; the message names the attribute (never its
+    value: it may be patient data)."""
+
+
+class HL7NotApplicable(HL7BuildError):
+    """No ORU is sent for this study by design (no order number under the ``skip`` policy, no Patient ID)."""
+
+
+FILLER_NAMESPACE = "RADDRAFT"  # EI-2 of the filler order numbers raddraft assigns
+
+
+def assigned_filler_order_number(study_uid: str) -> str:
+    """The filler order number raddraft assigns to a study that has no accession number: ``RD`` + 14 hex digits
+    of the SHA-256 of the Study Instance UID (stable across episodes and re-sends of the same study)."""
+    return "RD" + hashlib.sha256(study_uid.encode()).hexdigest()[:14].upper()
 
 
 @dataclass(frozen=True)
@@ -113,8 +138,7 @@ def escape(text: str, what: str) -> str:
     ``what`` names the attribute for the error raised on a line break or other control character.
     """
     if _CONTROL_CHARS.search(text):
-        raise HL7BuildError(f"{what} {text!r} contains a line break or control character; "
-                            "it must be a single line of text")
+        raise HL7BuildError(f"{what} contains a line break or control character; it must be a single line of text")
     return (
         text.replace("\\", "\\E\\")
         .replace("|", "\\F\\")
@@ -157,11 +181,13 @@ def build_oru_r01(
     endpoints: HL7Endpoints,
     control_id: str,
     message_time: datetime,
+    unsolicited: bool = True,
 ) -> bytes:
     """ORU^R01 v2.5.1 for one study's report; ``\\r``-separated segments, UTF-8 encoded.
 
     Raises ``HL7BuildError`` when the status contradicts the result (an unsigned draft is only ever P), when
-    the result belongs to another study, or when an attribute cannot be sent (named in the message).
+    the result belongs to another study, or when an attribute cannot be sent (named in the message), and
+    ``HL7NotApplicable`` when the study has no Patient ID, or no accession number and *unsolicited* is False.
     """
     status = ResultStatus(status)
     _check_status(result, status)
@@ -170,12 +196,14 @@ def build_oru_r01(
                             f"study {manifest.study_instance_uid}")
     _check_control_id(control_id)
     study = manifest.study
-    if not study.accession_number.strip():
-        raise HL7BuildError(f"StudyInfo.accession_number of study {manifest.study_instance_uid} is empty; "
-                            "ORU^R01 needs it as placer/filler order number (ORC-2/3, OBR-2/3)")
     if not study.patient_id.strip():
-        raise HL7BuildError(f"StudyInfo.patient_id of study {manifest.study_instance_uid} is empty; "
-                            "ORU^R01 needs it in PID-3")
+        raise HL7NotApplicable("the study has no Patient ID; an ORU^R01 needs one in PID-3")
+    if study.accession_number.strip():
+        placer = filler = escape(study.accession_number.strip(), "StudyInfo.accession_number")
+    elif unsolicited:
+        placer, filler = "", f"{assigned_filler_order_number(manifest.study_instance_uid)}^{FILLER_NAMESPACE}"
+    else:
+        raise HL7NotApplicable("the study has no accession number (no order) and hl7_without_accession is 'skip'")
 
     message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
     msh = message.msh
@@ -195,24 +223,27 @@ def build_oru_r01(
     pid.pid_1 = "1"
     pid.pid_3 = _patient_identifier(study.patient_id, study.issuer_of_patient_id)
     pid.pid_5 = person_name_to_xpn(study.patient_name)
-    if study.patient_birth_date:
-        pid.pid_7 = _dicom_date(study.patient_birth_date, "StudyInfo.patient_birth_date")
+    birth_date = dicom_date(study.patient_birth_date)
+    if birth_date:
+        pid.pid_7 = birth_date
     pid.pid_8 = _sex(study.patient_sex)
 
     order = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
-    accession = escape(study.accession_number.strip(), "StudyInfo.accession_number")
     orc = order.add_segment("ORC")
     orc.orc_1 = "RE"
-    orc.orc_2 = accession
-    orc.orc_3 = accession
+    if placer:
+        orc.orc_2 = placer
+    orc.orc_3 = filler
     orc.orc_5 = _ORDER_STATUS[status]
     obr = order.add_segment("OBR")
     obr.obr_1 = "1"
-    obr.obr_2 = accession
-    obr.obr_3 = accession
+    if placer:
+        obr.obr_2 = placer
+    obr.obr_3 = filler
     obr.obr_4 = "^" + escape(_procedure_text(manifest), "StudyInfo.study_description")
-    if study.study_date:
-        obr.obr_7 = _dicom_datetime(study.study_date, study.study_time)
+    observed = _dicom_datetime(study.study_date, study.study_time)
+    if observed:
+        obr.obr_7 = observed
     obr.obr_22 = _hl7_datetime(message_time)
     obr.obr_24 = "RAD"
     obr.obr_25 = status.value
@@ -246,9 +277,11 @@ def oru_r01_from_settings(
     control_id: str,
     message_time: datetime,
 ) -> bytes:
-    """``build_oru_r01`` with MSH-3..6 taken from ``settings.hl7_sending_*`` / ``hl7_receiving_*``."""
+    """``build_oru_r01`` with MSH-3..6 taken from ``settings.hl7_sending_*`` / ``hl7_receiving_*`` and the
+    policy for studies without an accession number from ``settings.hl7_without_accession``."""
     return build_oru_r01(manifest, result, status, endpoints=HL7Endpoints.from_settings(settings),
-                         control_id=control_id, message_time=message_time)
+                         control_id=control_id, message_time=message_time,
+                         unsolicited=settings.hl7_without_accession == "unsolicited")
 
 
 def person_name_to_xpn(person_name: str) -> str:
@@ -257,9 +290,10 @@ def person_name_to_xpn(person_name: str) -> str:
     XPN order is family, given, middle, suffix, prefix, degree, name type (L = legal; U when the name is empty).
     """
     alphabetic = person_name.split("=", 1)[0]
-    parts = [*alphabetic.split("^"), "", "", "", "", ""][:5]
-    if alphabetic.count("^") > 4:
-        raise HL7BuildError(f"StudyInfo.patient_name {person_name!r} has more than 5 DICOM PN components")
+    components = alphabetic.split("^")
+    if len(components) > 5:  # not a valid PN: the components past the fifth are kept in the suffix
+        components = [*components[:4], " ".join(c for c in components[4:] if c)]
+    parts = [*components, "", "", "", "", ""][:5]
     family, given, middle, prefix, suffix = (escape(p.strip(), "StudyInfo.patient_name") for p in parts)
     if not any((family, given, middle, prefix, suffix)):
         return "^^^^^^U"
@@ -345,10 +379,8 @@ def _patient_identifier(patient_id: str, issuer: str) -> str:
 
 
 def _sex(dicom_sex: str) -> str:
-    value = dicom_sex.strip()
-    if value not in _SEX_TO_HL7:
-        raise HL7BuildError(f"StudyInfo.patient_sex {dicom_sex!r} must be M, F, O or empty (DICOM PatientSex)")
-    return _SEX_TO_HL7[value]
+    """HL7 administrative sex; a value that is not a DICOM PatientSex (M, F, O) is sent as U (unknown)."""
+    return _SEX_TO_HL7.get(dicom_sex.strip().upper(), "U")
 
 
 def _procedure_text(manifest: StudyManifest) -> str:
@@ -361,23 +393,32 @@ def _procedure_text(manifest: StudyManifest) -> str:
     return f"{modalities} study"
 
 
-def _dicom_date(value: str, what: str) -> str:
+def dicom_date(value: str) -> str:
+    """A DICOM DA as ``YYYYMMDD``; the ACR-NEMA form ``YYYY.MM.DD`` is converted; anything else (empty, not a
+    calendar date) is ``""``: the date is left out rather than sent wrong."""
+    text = value.strip()
+    if re.fullmatch(r"\d{4}\.\d{2}\.\d{2}", text):
+        text = text.replace(".", "")
     try:
-        datetime.strptime(value.strip(), "%Y%m%d")
+        datetime.strptime(text, "%Y%m%d")
     except ValueError:
-        raise HL7BuildError(f"{what} {value!r} must be a DICOM date YYYYMMDD") from None
-    return value.strip()
+        if text:
+            logger.info("a date that is not a DICOM date (YYYYMMDD) is left out of the ORU")
+        return ""
+    return text
 
 
 def _dicom_datetime(date: str, time: str) -> str:
-    """DICOM DA + TM -> HL7 DTM ``YYYYMMDD[HH[MM[SS[.SSSS]]]]`` (HL7 allows 4 fraction digits)."""
-    result = _dicom_date(date, "StudyInfo.study_date")
+    """DICOM DA + TM -> HL7 DTM ``YYYYMMDD[HH[MM[SS[.SSSS]]]]`` (HL7 allows 4 fraction digits); ``""`` without a
+    valid date, the date alone when the time is not a DICOM time."""
+    result = dicom_date(date)
     time = time.strip().replace(":", "")
-    if not time:
+    if not result or not time:
         return result
     match = _DICOM_TIME.fullmatch(time)
     if match is None or int(match["hh"]) > 23 or int(match["mm"] or 0) > 59 or int(match["ss"] or 0) > 60:
-        raise HL7BuildError(f"StudyInfo.study_time {time!r} must be a DICOM time HH[MM[SS[.FFFFFF]]]")
+        logger.info("a time that is not a DICOM time (HHMMSS) is left out of the ORU")
+        return result
     result += match["hh"] + (match["mm"] or "") + (match["ss"] or "")
     if match["frac"]:
         result += "." + match["frac"][:4]

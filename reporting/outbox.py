@@ -3,16 +3,19 @@
 Draft set: ``sr.dcm``, ``narrative.dcm``, ``gsps_<n>.dcm``, ``overlay_<n>.png``, ``findings.json`` and
 ``oru.hl7`` (bytes made by reporting/hl7_oru.py). After a radiologist signs, the final set sits beside it:
 ``sr_final.dcm``, ``narrative_final.dcm``, ``gsps_final_<n>.dcm``, ``overlay_final_<n>.png``,
-``findings_final.json`` and ``oru_final.hl7``. Everything is built in memory first, so invalid input
-writes nothing; a retry rewrites identical UIDs.
+``findings_final.json`` and ``oru_final.hl7``. Each output is built on its own, in memory: one that cannot be
+built (an image no presentation state fits, a study without an order number under the skip policy) is recorded
+with its reason in ``outputs.json`` (``outputs_final.json``) and never stops the others. A retry rewrites
+identical UIDs.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pydicom
@@ -23,7 +26,9 @@ from raddraft.jsonio import write_atomic
 from reporting.context import ReportInputs, Signoff
 from reporting.gsps import build_presentation_states
 from reporting.narrative import build_narrative_sr
+from reporting.outputs import OutputProblem, outputs_name, read_problems
 from reporting.overlay import findings_json, render_overlay
+from reporting.sources import conform
 from reporting.sr import build_findings_sr
 from workers.manifest import StudyManifest
 
@@ -37,6 +42,15 @@ class OutboxEntry:
     sop_instance_uid: str | None = None  # for DICOM files
 
 
+OUTPUT_KINDS = ("sr", "narrative", "gsps", "overlay", "findings", "hl7")
+__all__ = ["OUTPUT_KINDS", "OutboxEntry", "OutboxError", "OutputProblem", "dicom_bytes", "episode_dir",
+           "read_problems", "read_sources", "write_outbox", "write_outputs"]
+
+
+class OutboxError(ValueError):
+    """An output required by the caller (a signed report needs its SR and narrative) could not be built."""
+
+
 def episode_dir(outbox_dir: Path, study_uid: str, episode_id: int) -> Path:
     if not study_uid or "/" in study_uid or study_uid.startswith("."):
         raise ValueError(f"study UID {study_uid!r} cannot name an outbox folder")
@@ -44,14 +58,15 @@ def episode_dir(outbox_dir: Path, study_uid: str, episode_id: int) -> Path:
 
 
 def read_sources(spool_dir: Path, manifest: StudyManifest) -> list[Dataset]:
-    """Every instance of the manifest, read from the spool (the evidence and pixels the outputs need)."""
+    """Every instance of the manifest, read from the spool (the evidence and pixels the outputs need), each made to
+    fit the modules the outputs copy (reporting/sources.py)."""
     sources = []
     for _, instance in manifest.instances():
         path = spool_dir / instance.path
         if not path.is_file():
             raise FileNotFoundError(f"instance {instance.sop_instance_uid} of the manifest is missing from the "
                                     f"spool: {path}")
-        sources.append(pydicom.dcmread(path))
+        sources.append(conform(pydicom.dcmread(path)))
     return sources
 
 
@@ -62,43 +77,107 @@ def dicom_bytes(dataset: Dataset) -> bytes:
     return out.getvalue()
 
 
+def write_outputs(
+    outbox_dir: Path,
+    manifest: StudyManifest,
+    result: AnalysisResult,
+    sources: Sequence[Dataset],
+    hl7_message: bytes | OutputProblem,
+    *,
+    signoff: Signoff | None = None,
+) -> tuple[list[OutboxEntry], list[OutputProblem]]:
+    """Build every output of the draft set (or, with ``signoff``, the final set) on its own and write those
+    that could be built: one that cannot (its builder raised) is an :class:`OutputProblem` and the others still
+    go. *hl7_message* is the ORU's bytes, or the problem that kept it from being built. The outcome of each
+    output is written to ``outputs.json`` (``outputs_final.json``) beside the files."""
+    signed = signoff is not None
+    suffix = "_final" if signed else ""
+    folder = episode_dir(outbox_dir, manifest.study_instance_uid, manifest.episode_id)
+    files: list[tuple[OutboxEntry, bytes]] = []
+    problems: list[OutputProblem] = []
+
+    def attempt(kind: str, build: Callable[[], list[tuple[OutboxEntry, bytes]]]) -> None:
+        try:
+            files.extend(build())
+        except Exception as exc:
+            reason = manifest.study.redact(f"{type(exc).__name__}: {exc}")
+            problems.append(OutputProblem(kind, "failed", reason))
+            logger.warning("episode %d: the %s output could not be built: %s", manifest.episode_id, kind, reason)
+
+    inputs: ReportInputs | None = None
+    try:
+        inputs = ReportInputs.check(manifest, result, sources)
+    except ValueError as exc:
+        reason = manifest.study.redact(f"{type(exc).__name__}: {exc}")
+        logger.warning("episode %d: no DICOM output can be built: %s", manifest.episode_id, reason)
+        problems.extend(OutputProblem(kind, "failed", reason) for kind in OUTPUT_KINDS if kind != "hl7")
+
+    if inputs is not None:
+        def sr() -> list[tuple[OutboxEntry, bytes]]:
+            dataset = build_findings_sr(manifest, result, sources, signoff)
+            return [(OutboxEntry(folder / f"sr{suffix}.dcm", "sr", str(dataset.SOPInstanceUID)),
+                     dicom_bytes(dataset))]
+
+        def narrative() -> list[tuple[OutboxEntry, bytes]]:
+            dataset = build_narrative_sr(manifest, result, sources, signoff)
+            return [(OutboxEntry(folder / f"narrative{suffix}.dcm", "narrative", str(dataset.SOPInstanceUID)),
+                     dicom_bytes(dataset))]
+
+        def gsps() -> list[tuple[OutboxEntry, bytes]]:
+            return [(OutboxEntry(folder / f"gsps{suffix}_{n}.dcm", "gsps", str(state.SOPInstanceUID)),
+                     dicom_bytes(state))
+                    for n, state in enumerate(build_presentation_states(manifest, result, sources, signed), start=1)]
+
+        overlays: dict[str, str] = {}
+
+        def overlay() -> list[tuple[OutboxEntry, bytes]]:
+            built = []
+            for n, (image, findings) in enumerate(inputs.annotated_images(), start=1):
+                name = f"overlay{suffix}_{n}.png"
+                built.append((OutboxEntry(folder / name, "overlay"), render_overlay(image, findings, signed)))
+                overlays[str(image.SOPInstanceUID)] = name
+            return built
+
+        def findings() -> list[tuple[OutboxEntry, bytes]]:
+            return [(OutboxEntry(folder / f"findings{suffix}.json", "findings"),
+                     findings_json(inputs, overlays, signed))]
+
+        for kind, build in (("sr", sr), ("narrative", narrative), ("gsps", gsps), ("overlay", overlay),
+                            ("findings", findings)):
+            attempt(kind, build)
+
+    if isinstance(hl7_message, OutputProblem):
+        problems.append(hl7_message)
+    elif not hl7_message:
+        raise ValueError("hl7_message must not be empty: pass the ORU^R01 bytes from reporting.hl7_oru, or the "
+                         "OutputProblem that kept it from being built")
+    else:
+        files.append((OutboxEntry(folder / f"oru{suffix}.hl7", "hl7"), hl7_message))
+
+    for entry, data in files:
+        write_atomic(entry.path, data)
+    document = {"built": sorted({entry.kind for entry, _ in files}),
+                "problems": [asdict(problem) for problem in problems]}
+    write_atomic(folder / outputs_name(signed), json.dumps(document, indent=2).encode())
+    logger.info("wrote %d %s output file(s) for episode %d to the outbox%s", len(files),
+                "final" if signed else "draft", manifest.episode_id,
+                "".join(f"; {p.kind} {p.state}" for p in problems))
+    return [entry for entry, _ in files], problems
+
+
 def write_outbox(
     outbox_dir: Path,
     manifest: StudyManifest,
     result: AnalysisResult,
     sources: Sequence[Dataset],
-    hl7_message: bytes,
+    hl7_message: bytes | OutputProblem,
     *,
     signoff: Signoff | None = None,
 ) -> list[OutboxEntry]:
-    """Build the draft set (or, with ``signoff``, the final set) and write it; returns what was written."""
-    if not hl7_message:
-        raise ValueError("hl7_message must not be empty: pass the ORU^R01 bytes from reporting.hl7_oru")
-    signed = signoff is not None
-    suffix = "_final" if signed else ""
-    inputs = ReportInputs.check(manifest, result, sources)
-    folder = episode_dir(outbox_dir, manifest.study_instance_uid, manifest.episode_id)
-
-    files: list[tuple[OutboxEntry, bytes]] = []
-    sr = build_findings_sr(manifest, result, sources, signoff)
-    files.append((OutboxEntry(folder / f"sr{suffix}.dcm", "sr", str(sr.SOPInstanceUID)), dicom_bytes(sr)))
-    narrative = build_narrative_sr(manifest, result, sources, signoff)
-    files.append((OutboxEntry(folder / f"narrative{suffix}.dcm", "narrative", str(narrative.SOPInstanceUID)),
-                  dicom_bytes(narrative)))
-    for n, state in enumerate(build_presentation_states(manifest, result, sources, signed), start=1):
-        files.append((OutboxEntry(folder / f"gsps{suffix}_{n}.dcm", "gsps", str(state.SOPInstanceUID)),
-                      dicom_bytes(state)))
-    overlays: dict[str, str] = {}
-    for n, (image, findings) in enumerate(inputs.annotated_images(), start=1):
-        name = f"overlay{suffix}_{n}.png"
-        overlays[str(image.SOPInstanceUID)] = name
-        files.append((OutboxEntry(folder / name, "overlay"), render_overlay(image, findings, signed)))
-    files.append((OutboxEntry(folder / f"findings{suffix}.json", "findings"), findings_json(inputs, overlays,
-                                                                                            signed)))
-    files.append((OutboxEntry(folder / f"oru{suffix}.hl7", "hl7"), hl7_message))
-
-    for entry, data in files:
-        write_atomic(entry.path, data)
-    logger.info("wrote %d %s output file(s) for episode %d to the outbox", len(files),
-                "final" if signed else "draft", manifest.episode_id)
-    return [entry for entry, _ in files]
+    """:func:`write_outputs`, for a caller that needs the report documents: raises :class:`OutboxError` when
+    the SR or the narrative could not be built (what could be built is written all the same)."""
+    entries, problems = write_outputs(outbox_dir, manifest, result, sources, hl7_message, signoff=signoff)
+    essential = [p for p in problems if p.kind in ("sr", "narrative") and p.state == "failed"]
+    if essential:
+        raise OutboxError("; ".join(f"{p.kind}: {p.reason}" for p in essential))
+    return entries

@@ -13,9 +13,12 @@ from model.result import AnalysisResult, Finding
 from raddraft.settings import Settings
 from reporting import codes as rcodes
 from reporting.hl7_oru import (
+    FILLER_NAMESPACE,
     MAX_TEXT_VALUE_LENGTH,
     HL7BuildError,
+    HL7NotApplicable,
     ResultStatus,
+    assigned_filler_order_number,
     build_oru_r01,
     escape,
     finding_code,
@@ -220,20 +223,59 @@ def test_finding_on_an_image_outside_the_manifest_is_an_error() -> None:
 
 
 @pytest.mark.parametrize(
-    ("study", "match"),
+    ("study", "field", "expected"),
     [
-        ({"accession_number": ""}, "accession_number .* is empty"),
-        ({"patient_id": " "}, "patient_id .* is empty"),
-        ({"patient_birth_date": "1961-02-03"}, "patient_birth_date '1961-02-03' must be a DICOM date"),
-        ({"patient_sex": "X"}, "patient_sex 'X' must be M, F, O or empty"),
-        ({"study_time": "25"}, "study_time '25' must be a DICOM time"),
-        ({"study_description": "two\nlines"}, "study_description 'two\\\\nlines' contains a line break"),
-        ({"patient_name": "a^b^c^d^e^f"}, "more than 5 DICOM PN components"),
+        ({"patient_birth_date": "1961.02.03"}, "PID.F7", "19610203"),  # ACR-NEMA date of an old real file
+        ({"patient_birth_date": "1961-02-03"}, "PID.F7", ""),  # not a DICOM date: left out
+        ({"patient_birth_date": ""}, "PID.F7", ""),
+        ({"patient_sex": "X"}, "PID.F8", "U"),
+        ({"study_time": "25"}, "OBR.F7", "20240501"),  # the date alone
+        ({"study_date": "", "study_time": "101500"}, "OBR.F7", ""),
+        ({"patient_name": "a^b^c^d^e^f"}, "PID.F5", "a^b^c^e f^d^^L"),
+        ({"patient_name": ""}, "PID.F5", "^^^^^^U"),
     ],
 )
-def test_bad_input_is_a_clear_error(study: dict[str, str], match: str) -> None:
-    with pytest.raises(HL7BuildError, match=match):
-        build(make_manifest(**study))
+def test_real_world_values_are_converted_or_left_out(study: dict[str, str], field: str, expected: str) -> None:
+    message = parsed(build(make_manifest(**study)))
+    segment, number = field.split(".F")
+    assert str(message.segment(segment)[int(number)]) == expected
+    assert parse_message(build(make_manifest(**study)).decode(), validation_level=VALIDATION_LEVEL.STRICT).validate()
+
+
+def test_study_without_accession_is_an_unsolicited_result_with_an_assigned_filler_number() -> None:
+    data = build_oru_r01(make_manifest(accession_number=""), make_result(), ResultStatus.PRELIMINARY,
+                         endpoints=ENDPOINTS, control_id="C1", message_time=MESSAGE_TIME)
+    message = parsed(data)
+    filler = assigned_filler_order_number(STUDY_UID)
+    assert filler.startswith("RD") and len(filler) == 16
+    orc, obr = message.segment("ORC"), message.segment("OBR")
+    assert str(orc[2]) == "" and str(obr[2]) == ""
+    assert str(orc[3]) == f"{filler}^{FILLER_NAMESPACE}" == str(obr[3])
+    assert parse_message(data.decode(), validation_level=VALIDATION_LEVEL.STRICT).validate()
+    again = parsed(build_oru_r01(make_manifest(accession_number=""), make_result(), ResultStatus.PRELIMINARY,
+                                 endpoints=ENDPOINTS, control_id="C2", message_time=MESSAGE_TIME))
+    assert str(again.segment("OBR")[3]) == str(obr[3])  # the same number for every message of the study
+
+
+def test_skip_policy_and_missing_patient_id_are_not_applicable_without_patient_values() -> None:
+    with pytest.raises(HL7NotApplicable, match="no accession number") as skipped:
+        build_oru_r01(make_manifest(accession_number=""), make_result(), ResultStatus.PRELIMINARY,
+                      endpoints=ENDPOINTS, control_id="C1", message_time=MESSAGE_TIME, unsolicited=False)
+    with pytest.raises(HL7NotApplicable, match="no Patient ID") as no_id:
+        build(make_manifest(patient_id=" "))
+    settings = Settings(hl7_without_accession="skip")
+    with pytest.raises(HL7NotApplicable):
+        oru_r01_from_settings(make_manifest(accession_number=""), make_result(), ResultStatus.PRELIMINARY,
+                              settings=settings, control_id="C1", message_time=MESSAGE_TIME)
+    manifest = make_manifest()
+    for error in (skipped.value, no_id.value):
+        assert manifest.study.redact(str(error)) == str(error)
+
+
+def test_an_error_text_never_carries_the_value() -> None:
+    with pytest.raises(HL7BuildError, match="study_description contains a line break") as caught:
+        build(make_manifest(study_description="Secret^Name\nlines"))
+    assert "Secret" not in str(caught.value)
 
 
 def test_control_id_and_study_mismatch_are_errors() -> None:

@@ -60,23 +60,24 @@ class PermanentDeliveryError(DeliveryError):
 
 
 def dicom_outputs(folder: Path, output_set: OutputSet = OutputSet.DRAFT) -> list[Path]:
-    """The DICOM files of one output set in *folder*: SR, narrative SR, then the GSPS in order.
+    """The DICOM files of one output set in *folder*: SR, narrative SR, then the GSPS in order, those the report
+    stage could build (reporting/outbox.py records the others).
 
-    Raises :class:`PermanentDeliveryError` when the SR or narrative is missing (the report stage has not run).
+    Raises :class:`PermanentDeliveryError` when there is none (the report stage has not run, or built none).
     """
     suffix = "_final" if output_set is OutputSet.FINAL else ""
-    required = [folder / f"sr{suffix}.dcm", folder / f"narrative{suffix}.dcm"]
-    missing = [path.name for path in required if not path.is_file()]
-    if missing:
-        raise PermanentDeliveryError(f"outbox folder {folder} has no {', '.join(missing)}: the report stage "
-                                     f"has not written the {output_set.value} set")
+    documents = [path for path in (folder / f"sr{suffix}.dcm", folder / f"narrative{suffix}.dcm") if path.is_file()]
     states = []
     if folder.is_dir():
         for path in folder.iterdir():
             match = _GSPS.match(path.name)
             if match and bool(match.group(1)) == (output_set is OutputSet.FINAL):
                 states.append((int(match.group(2)), path))
-    return required + [path for _, path in sorted(states)]
+    files = documents + [path for _, path in sorted(states)]
+    if not files:
+        raise PermanentDeliveryError(f"outbox folder {folder} has no DICOM output of the {output_set.value} set: "
+                                     "the report stage has not written it, or could build none")
+    return files
 
 
 def hl7_output(folder: Path, output_set: OutputSet = OutputSet.DRAFT) -> bytes:

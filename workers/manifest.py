@@ -5,6 +5,7 @@ Paths are relative to the spool directory so a manifest stays valid when the dat
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -38,6 +39,8 @@ class InstanceEntry(_Strict):
     slice_location: float | None = None
     view_position: str | None = Field(None, description="e.g. PA, AP, LL for radiographs")
     image_laterality: str | None = None
+    image_type: tuple[str, ...] = Field((), description="ImageType values, e.g. ORIGINAL, PRIMARY, LOCALIZER")
+    manufacturer: str = ""
     size_bytes: int = 0
 
     @property
@@ -70,6 +73,18 @@ class StudyInfo(_Strict):
     study_description: str = ""
     referring_physician_name: str = ""
     institution_name: str = ""
+
+    def redact(self, text: str) -> str:
+        """*text* with every patient value of this study replaced by ``<redacted>``: for error texts that quote
+        what a library said (highdicom, hl7apy may quote the value they refused) before they reach a log, the
+        index or a dead letter."""
+        values = {self.patient_id, self.patient_birth_date, self.accession_number, self.patient_name,
+                  self.referring_physician_name}
+        for name in (self.patient_name, self.referring_physician_name):
+            values.update(part for part in re.split(r"[\^=]", name) if len(part.strip()) >= 3)
+        for value in sorted((v.strip() for v in values if v and v.strip()), key=len, reverse=True):
+            text = text.replace(value, "<redacted>")
+        return text
 
 
 class StudyManifest(_Strict):

@@ -27,7 +27,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.index import DeliveryKey, DeliveryState, EpisodeState, Index
+from dicom_node.index import Delivery, DeliveryKey, DeliveryState, EpisodeState, Index
 from model import prompts
 from model.analyze import REPORT_TOKENS, TASK_TOKENS, findings_from_answer, split_report
 from model.config import PRESETS, MiniGPTConfig
@@ -40,9 +40,16 @@ from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study
 from model.weights import CONFIG_FILE
 from raddraft.jsonio import write_atomic
 from raddraft.settings import Settings
-from reporting.hl7_oru import MAX_CONTROL_ID_LENGTH, ResultStatus, oru_r01_from_settings
-from reporting.outbox import OutboxEntry, read_sources, write_outbox
+from reporting.hl7_oru import (
+    MAX_CONTROL_ID_LENGTH,
+    HL7BuildError,
+    HL7NotApplicable,
+    ResultStatus,
+    oru_r01_from_settings,
+)
+from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_outputs
 from workers.delivery import DICOM, HL7
+from workers.gate import GateRules, gate
 from workers.manifest import StudyManifest
 from workers.payload import ArrayDType, InferenceRequest, InferenceResponse, ModelImage, ModelTask
 from workers.prepare import manifest_path
@@ -51,6 +58,7 @@ from worklist.bridge import register_draft
 log = logging.getLogger(__name__)
 
 REPORT_TASK_ID = "report"
+DICOM_KINDS = ("sr", "narrative", "gsps")  # the outbox outputs a DICOM delivery sends
 MINIGPT_MED_IMAGE_SIZE = PRESETS["minigpt-med"].vision.image_size
 # Model text is free text: control characters (other than the whitespace split_report already folds) cannot go
 # into DICOM or HL7 text, so they are replaced by a space before the result is built.
@@ -59,6 +67,10 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 class StageError(ValueError):
     """A stage cannot run on this input (no readable image, mismatched response…); retrying cannot help."""
+
+
+class NotAnalysedError(StageError):
+    """The analysis gate let no instance of the episode through: an end state, not a failure."""
 
 
 def analysis_path(home: Path, study_uid: str, episode_id: int) -> Path:
@@ -99,16 +111,22 @@ def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, pol
     chosen, _ = plan_study(manifest, policy)
     by_series: dict[str, list[tuple[str, PreparedImage]]] = {}
     modality = {series.series_instance_uid: series.modality for series, _ in chosen}
+    reasons: list[str] = []
     for series, instance in chosen:
         try:
             prepared = prepare_image(dcmread(spool_dir / instance.path), model_size)
         except (ImageDecodeError, NotAnImageError) as exc:
             log.warning("instance %s is not analysed: %s", instance.sop_instance_uid, exc)
+            reasons.append(str(exc))
+            continue
+        except Exception as exc:  # a file pydicom cannot parse at all (truncated, a malformed element)
+            log.warning("instance %s cannot be read: %s: %s", instance.sop_instance_uid, type(exc).__name__, exc)
+            reasons.append(f"{type(exc).__name__}: {exc}")
             continue
         by_series.setdefault(series.series_instance_uid, []).append((instance.sop_instance_uid, prepared))
     if not by_series:
-        raise StageError(f"study {manifest.study_instance_uid} episode {manifest.episode_id} has no image the model "
-                         f"can read ({len(chosen)} chosen by the slice policy)")
+        first = f": {reasons[0]}" if reasons else ""
+        raise StageError(f"no image of the {len(chosen)} chosen by the slice policy could be decoded{first}")
     images: list[ModelImage] = []
     tasks: list[ModelTask] = []
     for number, (series_uid, members) in enumerate(by_series.items()):
@@ -135,10 +153,17 @@ def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, pol
 
 
 def prepare_request(settings: Settings, study_uid: str, episode_id: int) -> InferenceRequest:
-    """Read the episode's manifest (written by workers/prepare.py), build its inference request and keep a copy
+    """Read the episode's manifest (written by workers/prepare.py), pass it through the analysis gate
+    (workers/gate.py; :class:`NotAnalysedError` when nothing passes), build its inference request and keep a copy
     beside the manifest for the report stage."""
     manifest = StudyManifest.read(manifest_path(settings.home, study_uid, episode_id))
-    request = build_request(settings.spool_dir, manifest, model_input_size(settings.model))
+    decision = gate(manifest, GateRules.from_settings(settings))
+    if decision.refused:
+        kept_out = decision.reason().removeprefix("not analysed: ")
+        log.info("study %s episode %d: kept out of the analysis: %s", study_uid, episode_id, kept_out)
+    if not decision.analysable:
+        raise NotAnalysedError(decision.reason())
+    request = build_request(settings.spool_dir, decision.manifest, model_input_size(settings.model))
     write_atomic(request_path(settings.home, study_uid, episode_id), request.to_json())
     return request
 
@@ -211,6 +236,7 @@ def control_id(study_uid: str, episode_id: int, status: ResultStatus) -> str:
 class ReportOutcome:
     result: AnalysisResult
     entries: list[OutboxEntry]
+    problems: list[OutputProblem]  # outputs not built (failed or skipped), with their reasons
     deliveries: list[DeliveryKey]  # pending deliveries to publish
     reused: bool  # the analysis of an earlier run of this stage was kept
 
@@ -239,18 +265,25 @@ def report_episode(settings: Settings, response: InferenceResponse, *,
             request = InferenceRequest.from_json(request_path(settings.home, study_uid, episode_id).read_bytes())
             result = analysis_from_response(request, response, sources=sources)
             result.write(saved)
-        message = oru_r01_from_settings(manifest, result, ResultStatus.PRELIMINARY, settings=settings,
-                                        control_id=control_id(study_uid, episode_id, ResultStatus.PRELIMINARY),
-                                        message_time=result.created_at)
-        entries = write_outbox(settings.outbox_dir, manifest, result, sources, message)
+        try:
+            message: bytes | OutputProblem = oru_r01_from_settings(
+                manifest, result, ResultStatus.PRELIMINARY, settings=settings,
+                control_id=control_id(study_uid, episode_id, ResultStatus.PRELIMINARY),
+                message_time=result.created_at)
+        except HL7BuildError as exc:
+            message = OutputProblem(HL7, "skipped" if isinstance(exc, HL7NotApplicable) else "failed",
+                                    manifest.study.redact(str(exc)))
+        entries, problems = write_outputs(settings.outbox_dir, manifest, result, sources, message)
         # on the radiologists' worklist (a repeated registration finds the same entry)
         register_draft(settings, manifest_path(settings.home, study_uid, episode_id), saved)
+        built = {entry.kind for entry in entries}
         targets = [(DICOM, str(d)) for d in settings.dicom_destinations]
         targets += [(HL7, str(d)) for d in settings.hl7_destinations]
         rows = index.add_deliveries(study_uid, episode_id, targets, clock())
         index.advance(study_uid, episode_id, tuple(s for s in EpisodeState if s not in (
             EpisodeState.REPORTED, EpisodeState.DELIVERED)), EpisodeState.REPORTED, clock(),
             task_run=("report", "reported"))
+        rows = _skip_unbuilt(index, rows, built, problems, clock)
         if not rows:
             log.info("study %s episode %d reported: no destination configured; outputs stay in the outbox",
                      study_uid, episode_id)
@@ -260,7 +293,23 @@ def report_episode(settings: Settings, response: InferenceResponse, *,
         index.close()
     log.info("study %s episode %d reported: %d finding(s), %d output file(s), %d delivery(ies) to run", study_uid,
              episode_id, len(result.findings), len(entries), len(pending))
-    return ReportOutcome(result, entries, pending, reused)
+    return ReportOutcome(result, entries, problems, pending, reused)
+
+
+def _skip_unbuilt(index: Index, rows: list[Delivery], built: set[str], problems: Sequence[OutputProblem],
+                  clock: Callable[[], float]) -> list[Delivery]:
+    """Mark ``skipped`` each pending delivery that has nothing to send (no DICOM output, or no ORU), with the
+    reason; the episode is delivered once every other delivery is done. Returns the rows as they are now."""
+    reasons = {kind: "; ".join(f"{p.kind} {p.state}: {p.reason}" for p in problems if p.kind in kinds)
+               for kind, kinds in ((DICOM, DICOM_KINDS), (HL7, (HL7,)))}
+    has = {DICOM: bool(built & set(DICOM_KINDS)), HL7: HL7 in built}
+    for row in rows:
+        if row.state is DeliveryState.PENDING and not has.get(row.kind, True):
+            key = DeliveryKey(row.study_instance_uid, row.episode_id, row.kind, row.destination)
+            index.finish_delivery(key, DeliveryState.SKIPPED, clock(), reasons[row.kind] or "nothing was built",
+                                  attempted=False)
+            log.info("%s skipped: no %s output was built", key, row.kind)
+    return index.deliveries(rows[0].study_instance_uid, rows[0].episode_id) if rows else rows
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ index first, so a duplicate delivery of the task exits without doing anything.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TASK_NAME = "prepare"
 CLAIM_STALE_AFTER_S = 600.0  # a claim older than this is from a dead worker and may be taken over
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 AXIS_ALIGNED_COSINE = 0.9  # |normal · axis| above this (within ~25°) names the plane; below it is oblique
 
 
@@ -89,9 +91,10 @@ def build_manifest(spool_dir: Path, study_uid: str, episode_id: int, records: Se
 
 
 def study_info(dataset: Dataset) -> StudyInfo:
+    """The patient and study attributes of *dataset*; an absent or empty one (Type 2 and 3 attributes often are)
+    is ``""``, control characters are removed (no output may carry them), surrounding spaces trimmed."""
     def text(keyword: str) -> str:
-        value = dataset.get(keyword)
-        return "" if value is None else str(value)
+        return clean_attribute(dataset.get(keyword))
 
     return StudyInfo(
         patient_name=text("PatientName"), patient_id=text("PatientID"),
@@ -100,6 +103,16 @@ def study_info(dataset: Dataset) -> StudyInfo:
         study_date=text("StudyDate"), study_time=text("StudyTime"), study_description=text("StudyDescription"),
         referring_physician_name=text("ReferringPhysicianName"), institution_name=text("InstitutionName"),
     )
+
+
+def clean_attribute(value: object) -> str:
+    """A DICOM attribute value as single-line text: ``""`` for an absent or empty value, multiple values joined
+    with a backslash (as DICOM encodes them), control characters removed."""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        value = "\\".join(str(v) for v in value)
+    return _CONTROL.sub("", str(value)).strip()
 
 
 def instance_entry(dataset: Dataset, record: InstanceRecord) -> InstanceEntry:
@@ -121,6 +134,8 @@ def instance_entry(dataset: Dataset, record: InstanceRecord) -> InstanceEntry:
         slice_location=float(dataset.SliceLocation) if dataset.get("SliceLocation") is not None else None,
         view_position=dataset.get("ViewPosition") or None,
         image_laterality=dataset.get("ImageLaterality") or None,
+        image_type=_strings(dataset, "ImageType"),
+        manufacturer=clean_attribute(dataset.get("Manufacturer")),
         size_bytes=record.size_bytes,
     )
 
@@ -131,10 +146,10 @@ def series_entry(series_uid: str, members: list[tuple[InstanceEntry, Dataset]]) 
     iop = next((i.image_orientation_patient for i in instances if i.image_orientation_patient), None)
     return SeriesEntry(
         series_instance_uid=series_uid,
-        modality=str(first.get("Modality", "")),
+        modality=clean_attribute(first.get("Modality")),
         series_number=_int(first, "SeriesNumber"),
-        series_description=str(first.get("SeriesDescription", "")),
-        body_part_examined=str(first.get("BodyPartExamined", "")),
+        series_description=clean_attribute(first.get("SeriesDescription")),
+        body_part_examined=clean_attribute(first.get("BodyPartExamined")),
         orientation=None if iop is None else orientation_of(iop),
         instances=instances,
     )
@@ -169,10 +184,24 @@ def sort_spatially(instances: list[InstanceEntry]) -> list[InstanceEntry]:
 
 
 def _int(dataset: Dataset, keyword: str) -> int | None:
+    """An integer attribute; None when absent, empty or not an integer (a ``NumberOfFrames`` of ``1A`` is a
+    malformed file: logged, and the image is then refused where it is decoded)."""
+    try:
+        value = dataset.get(keyword)
+        if value is None or value == "":
+            return None
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        log.warning("%s is not an integer; ignored", keyword)
+        return None
+
+
+def _strings(dataset: Dataset, keyword: str) -> tuple[str, ...]:
     value = dataset.get(keyword)
     if value is None or value == "":
-        return None
-    return int(value)
+        return ()
+    values = value if isinstance(value, MultiValue | list | tuple) else [value]
+    return tuple(clean_attribute(v) for v in values)
 
 
 def _floats(dataset: Dataset, keyword: str, count: int, where: str) -> tuple[float, ...] | None:

@@ -140,12 +140,31 @@ def prepare(self: PipelineTask, study_uid: str, episode_id: int) -> str | None:
             index.close()
         if episode is None or episode.state is not EpisodeState.PREPARED:
             return None
-    request = pipeline.prepare_request(settings, study_uid, episode_id)
+    try:
+        request = pipeline.prepare_request(settings, study_uid, episode_id)
+    except pipeline.StageError as exc:  # nothing the model reads, or nothing decodable: an end state, no retry
+        _end_before_analysis(settings, study_uid, episode_id, exc)
+        return None if path is None else str(path)
     try:
         publish(INFER_TASK, [request.to_message()], task_id("infer", study_uid, episode_id))
     except BrokerUnavailableError as exc:
         self.retry_transient(exc)
     return None if path is None else str(path)
+
+
+def _end_before_analysis(settings: Settings, study_uid: str, episode_id: int, exc: pipeline.StageError) -> None:
+    """``not-analysed`` (the gate let nothing through) or ``failed`` (no chosen image could be decoded), with the
+    reason in the index: shown by ``raddraft status`` and never re-run at a restart (neither state is stranded)."""
+    not_analysed = isinstance(exc, pipeline.NotAnalysedError)
+    state = EpisodeState.NOT_ANALYSED if not_analysed else EpisodeState.FAILED
+    reason = str(exc) if not_analysed else f"prepare: {exc}"
+    index = Index(settings.index_path)
+    try:
+        index.advance(study_uid, episode_id, (EpisodeState.PREPARED,), state, time.time(), error=reason,
+                      task_run=("prepare", str(state)))
+    finally:
+        index.close()
+    log.info("study %s episode %d ends %s: %s", study_uid, episode_id, state, reason)
 
 
 class InferTask(PipelineTask):

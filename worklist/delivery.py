@@ -26,6 +26,7 @@ from typing import Any
 from dicom_node.episodes import BrokerUnavailableError
 from raddraft import metrics
 from raddraft.settings import Destination, HL7Destination, Settings
+from reporting.outputs import read_problems
 from workers.delivery import (
     DICOM,
     HL7,
@@ -139,6 +140,13 @@ def deliver_signed(settings: Settings, store: Store, target: SignedTarget, *,
     if row.state is DeliveryState.DONE:
         logger.info("worklist entry %d version %d to %s is already delivered; duplicate ignored", row.study_id,
                     version, destination)
+        return False
+    if target.kind == HL7 and not (folder / "oru_final.hl7").is_file():
+        reason = "; ".join(f"{p.state}: {p.reason}" for p in read_problems(folder, signed=True) if p.kind == HL7)
+        reason = reason or "no final ORU was built"
+        store.finish_delivery(row, DeliveryState.SKIPPED, clock(), reason[:MAX_ERROR_CHARS], audit=(
+            AUDIT_USER, f"skipped-{target.kind}", f"version {version} to {destination}: {reason}"))
+        logger.info("worklist entry %d version %d to %s skipped: no final ORU", row.study_id, version, destination)
         return False
     try:
         if target.kind == DICOM:

@@ -25,8 +25,15 @@ from model.result import AnalysisResult, DraftReport
 from raddraft.jsonio import write_atomic
 from raddraft.settings import Settings
 from reporting.context import Signoff
-from reporting.hl7_oru import HL7Endpoints, ResultStatus, build_oru_r01, new_control_id
-from reporting.outbox import OutboxEntry, dicom_bytes, episode_dir, read_sources, write_outbox
+from reporting.hl7_oru import (
+    HL7BuildError,
+    HL7Endpoints,
+    HL7NotApplicable,
+    ResultStatus,
+    build_oru_r01,
+    new_control_id,
+)
+from reporting.outbox import OutboxEntry, OutputProblem, dicom_bytes, episode_dir, read_sources, write_outbox
 from workers.manifest import StudyManifest
 from worklist.storage import Decision, ReportVersion, Store, Study, StudyState, User
 
@@ -58,7 +65,7 @@ class SignedReport:
     signed_at: datetime
     output_dir: Path
     files: list[OutboxEntry]
-    hl7_path: Path
+    hl7_path: Path | None  # None when no ORU was built (outputs_final.json says why)
     manifest_path: Path
     result_path: Path  # the final AnalysisResult (status "final") as JSON
 
@@ -103,8 +110,14 @@ def sign_study(store: Store, settings: Settings, study_id: int, user: User, now:
     signoff = Signoff(verifying_observer_name=user.full_name, verifying_organization=user.organization,
                       signed_at=now)
     sources = read_sources(settings.spool_dir, manifest)
-    hl7 = build_oru_r01(manifest, result, status, endpoints=HL7Endpoints.from_settings(settings),
-                        control_id=new_control_id(), message_time=now)
+    hl7: bytes | OutputProblem
+    try:
+        hl7 = build_oru_r01(manifest, result, status, endpoints=HL7Endpoints.from_settings(settings),
+                            control_id=new_control_id(), message_time=now,
+                            unsolicited=settings.hl7_without_accession == "unsolicited")
+    except HL7BuildError as exc:  # the signed DICOM documents go all the same; the delivery says skipped
+        hl7 = OutputProblem("hl7", "skipped" if isinstance(exc, HL7NotApplicable) else "failed",
+                            manifest.study.redact(str(exc)))
 
     if not store.set_state(study_id, StudyState.SIGNED, now, expect=[StudyState.DRAFT_READY, StudyState.IN_REVIEW]):
         raise SignConflictError(f"worklist entry {study_id} was signed by someone else a moment ago")
@@ -128,7 +141,7 @@ def sign_study(store: Store, settings: Settings, study_id: int, user: User, now:
         store.set_state(study_id, StudyState.IN_REVIEW, now, expect=[StudyState.SIGNED])
         raise
     logger.info("worklist entry %d signed as version %d (%s) by %s", study_id, version, status.value, user.username)
-    hl7_path = next(e.path for e in entries if e.kind == "hl7")
+    hl7_path = next((e.path for e in entries if e.kind == "hl7"), None)
     return SignedReport(study_id=study_id, study_uid=manifest.study_instance_uid, episode_id=manifest.episode_id,
                         version=version, result_status=status, signed_by=user.username,
                         verifying_observer=user.full_name, signed_at=now, output_dir=folder, files=entries,
@@ -142,7 +155,7 @@ def amendment_uid(original: str, version: int) -> UID:
 
 
 def _write_amendment(folder: Path, settings: Settings, *, manifest: StudyManifest, result: AnalysisResult,
-                     sources: list[pydicom.Dataset], hl7: bytes, signoff: Signoff, version: int,
+                     sources: list[pydicom.Dataset], hl7: bytes | OutputProblem, signoff: Signoff, version: int,
                      previous: ReportVersion) -> list[OutboxEntry]:
     """The final set of an amendment in *folder*: new UIDs, predecessor = the previous signed version."""
     settings.home.mkdir(parents=True, exist_ok=True)

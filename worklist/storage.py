@@ -66,6 +66,7 @@ class DeliveryState(StrEnum):
     PENDING = "pending"
     DONE = "done"
     DEAD = "dead"  # failed for good: the dead letter in the index says how to re-play it
+    SKIPPED = "skipped"  # nothing of this kind was built for the version (the reason is in last_error)
 
 
 class Decision(StrEnum):

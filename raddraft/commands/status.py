@@ -7,11 +7,13 @@ import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
 from dicom_node.index import Index
 from raddraft.settings import Settings
+from reporting.outputs import episode_problems
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +47,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             "handed_off": episode.published_at is not None,
             "handoff_attempts": episode.attempts,
             "error": episode.last_error,
+            "outputs_not_built": _problems(settings, episode.study_instance_uid, episode.episode_id),
         })
     totals = Counter(row["state"] for row in rows)
     return {
@@ -56,6 +59,11 @@ def collect(settings: Settings) -> dict[str, Any]:
                           "episode": d.episode_id, "retries": d.retries, "error": d.error,
                           "at": _iso(d.at)} for d in dead_letters],
     }
+
+
+def _problems(settings: Settings, study_uid: str, episode_id: int) -> list[dict[str, str]]:
+    """The outputs the report stage could not build (or skipped) for the episode, with their reasons."""
+    return [asdict(problem) for problem in episode_problems(settings.outbox_dir, study_uid, episode_id)]
 
 
 def _iso(timestamp: float) -> str:
@@ -79,9 +87,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if row["error"]:
             line += f"  ({row['error']})"
         out.write(line + "\n")
+        for problem in row["outputs_not_built"]:
+            out.write(f"    {problem['kind']} {problem['state']}: {problem['reason']}\n")
     totals = ", ".join(f"{state} {count}" for state, count in document["totals"].items())
     out.write(f"{len(document['studies'])} episode(s): {totals}; {document['instances']} instance(s) stored\n")
-    unfinished = [d for d in document["deliveries"] if d["state"] != "done"]
+    unfinished = [d for d in document["deliveries"] if d["state"] not in ("done", "skipped")]
+    skipped = [d for d in document["deliveries"] if d["state"] == "skipped"]
+    if skipped:
+        out.write(f"{len(skipped)} delivery(ies) skipped: nothing of that kind was built (see the outputs above)\n")
     for row in unfinished:
         out.write(f"delivery {row['state']}: {row['kind']} to {row['destination']} of {row['study_instance_uid']} "
                   f"episode {row['episode']} after {row['attempts']} attempt(s)"

@@ -1,0 +1,100 @@
+"""The analysis gate: which instances of a study the model reads, and why the others are not read.
+
+The bundled model (and MiniGPT-Med) was made for projection radiographs and cross-sectional grey-scale images.
+An instance is read only when every rule below lets it through; the first rule it fails is its reason:
+
+1. **Not raddraft's own output**: an object whose Manufacturer is raddraft (an SR, narrative or presentation
+   state it wrote and a PACS sent back) is never analysed.
+2. **An image**: it has Rows and Columns (pixel data); SR, presentation states, key-object selections,
+   segmentations, RT objects, waveforms (ECG) and encapsulated documents are not images.
+3. **A modality the model reads**: ``analysis_modalities`` (default CR, DX, CT, MR). Ultrasound, NM, secondary
+   captures (OT, SC) and the rest are stored but not analysed.
+4. **Grey scale**: ``MONOCHROME1`` / ``MONOCHROME2``; colour and palette images (test patterns, fused or
+   rendered images) are not what the model was trained on.
+5. **Not an excluded image type**: an ImageType value in ``analysis_excluded_image_types`` (default LOCALIZER,
+   SECONDARY, plus DERIVED with a CT or MR projection/reformat, see below) keeps the instance out: a CT
+   topogram is a LOCALIZER, a screen capture is SECONDARY. ``DERIVED`` alone is not excluded: many scanners mark
+   reconstructed axial images DERIVED.
+6. **A body part the model reads**: ``analysis_body_parts`` (default empty: any; e.g. ``CHEST``) against the
+   series' BodyPartExamined; a series with none passes.
+
+A study with no instance left ends ``not-analysed`` with :meth:`GateDecision.reason`, a count of what was
+kept out and why (never a patient value).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from raddraft.settings import Settings
+from workers.manifest import InstanceEntry, SeriesEntry, StudyManifest
+
+OWN_MANUFACTURER = "raddraft"  # reporting/context.py MANUFACTURER: the objects raddraft writes
+GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+
+
+@dataclass(frozen=True)
+class GateRules:
+    modalities: frozenset[str] = frozenset({"CR", "DX", "CT", "MR"})
+    excluded_image_types: frozenset[str] = frozenset({"LOCALIZER", "SECONDARY"})
+    body_parts: frozenset[str] = frozenset()  # empty: any body part
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GateRules:
+        return cls(modalities=frozenset(m.upper() for m in settings.analysis_modalities),
+                   excluded_image_types=frozenset(t.upper() for t in settings.analysis_excluded_image_types),
+                   body_parts=frozenset(b.upper() for b in settings.analysis_body_parts))
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    manifest: StudyManifest  # the analysable series and instances only
+    refused: Counter[str] = field(default_factory=Counter)  # reason -> instances
+
+    @property
+    def analysable(self) -> bool:
+        return bool(self.manifest.series)
+
+    def reason(self) -> str:
+        """``not analysed: 2 not an image (SR); 1 modality US is not analysed`` style summary."""
+        parts = [f"{count} {why}" for why, count in sorted(self.refused.items(), key=lambda kv: (-kv[1], kv[0]))]
+        return "not analysed: " + ("; ".join(parts) if parts else "the study has no instance")
+
+
+def refusal(series: SeriesEntry, instance: InstanceEntry, rules: GateRules) -> str | None:
+    """Why the model does not read *instance*, or None when it does."""
+    if instance.manufacturer.strip().lower() == OWN_MANUFACTURER:
+        return "raddraft output (sent back)"
+    if not instance.has_pixels:
+        return f"not an image ({series.modality or 'no modality'})"
+    if instance.number_of_frames < 1:
+        return "no frames"
+    modality = series.modality.upper()
+    if modality not in rules.modalities:
+        return f"modality {modality or '(none)'} is not analysed"
+    if (instance.photometric_interpretation or "").upper() not in GREYSCALE:
+        return f"{instance.photometric_interpretation or 'unknown photometric interpretation'} is not grey scale"
+    excluded = sorted(rules.excluded_image_types.intersection(v.upper() for v in instance.image_type))
+    if excluded:
+        return f"image type {excluded[0]} is not analysed"
+    if rules.body_parts and series.body_part_examined and series.body_part_examined.upper() not in rules.body_parts:
+        return f"body part {series.body_part_examined.upper()} is not analysed"
+    return None
+
+
+def gate(manifest: StudyManifest, rules: GateRules) -> GateDecision:
+    """The manifest cut to what the model reads, with the count of every reason an instance was kept out."""
+    refused: Counter[str] = Counter()
+    kept: list[SeriesEntry] = []
+    for series in manifest.series:
+        members = []
+        for instance in series.instances:
+            why = refusal(series, instance, rules)
+            if why is None:
+                members.append(instance)
+            else:
+                refused[why] += 1
+        if members:
+            kept.append(series.model_copy(update={"instances": members}))
+    return GateDecision(manifest.model_copy(update={"series": kept}), refused)
