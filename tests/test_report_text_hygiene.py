@@ -1,4 +1,5 @@
-"""Report text hygiene (issue 16): model markup never reaches the draft, the narrative SR or the ORU."""
+"""Report text hygiene (issue 16): model markup never reaches the draft, the narrative SR or the ORU, and the
+findings SR claims "no abnormality" only when the report text says so."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from reporting_dicom_helpers import cr_study, dciodvfy, result_for
 
 from model.analyze import NO_REPORT_TEXT, clean_report_text, split_report
 from model.result import DraftReport
+from reporting.codes import report_states_normal
 from reporting.hl7_oru import ResultStatus, build_oru_r01
 from reporting.narrative import build_narrative_sr
 
@@ -92,3 +94,30 @@ def test_oru_carries_clean_text() -> None:
     assert "left edema" in text
     assert not any(mark in line for line in text for mark in MARKUP)
 
+
+# --- does the report state a normal study? ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("findings", "impression"), [
+    ("The lungs are clear. No pleural effusion or pneumothorax.", "No acute cardiopulmonary process."),
+    ("Heart size is normal. No focal consolidation, pleural effusion, or pneumothorax.", "No acute abnormality."),
+    ("", "Normal chest radiograph."),
+    ("Clear lungs. The heart is not enlarged.", "Unremarkable study."),
+    ("There is no evidence of pneumothorax or effusion.", "No active disease."),
+])
+def test_normal_reports_state_normal(findings: str, impression: str) -> None:
+    assert report_states_normal(DraftReport(findings=findings, impression=impression))
+
+
+@pytest.mark.parametrize(("findings", "impression"), [
+    ("Right pleural effusion.", ""),  # a finding, no normal phrasing
+    ("The lungs are clear. Small right pleural effusion.", "No acute disease."),  # normal words + a finding
+    ("No pneumothorax, but there is a left lower lobe opacity.", "No acute process."),
+    ("No change in the left effusion.", "Otherwise normal."),  # "no change" is no negation
+    ("Heart size is normal. A nodule in the right upper lobe.", ""),
+    ("No consolidation. Pneumonia cannot be excluded.", "Normal heart size."),
+    ("The study is limited by rotation.", ""),  # nothing said either way
+    ("", NO_REPORT_TEXT),
+    ("", ""),
+])
+def test_reports_stating_a_finding_or_nothing_do_not_state_normal(findings: str, impression: str) -> None:
+    assert not report_states_normal(DraftReport(findings=findings, impression=impression))
