@@ -9,7 +9,7 @@ back to source pixels through the image's letterbox transform; boxes that fall w
 are dropped. The boxes of focal lesions (CT and radiograph nodules and masses) are then snapped to the lesion in
 the source pixels by :func:`model.refine.refine_findings` (a grid unit is 2.6–8 px, too coarse for a small
 nodule). Findings of neighbouring slices of a CT/MR series are merged by :func:`model.slices.merge_findings`.
-The report text is cleaned of model markup (:func:`clean_report_text`) and split at ``FINDINGS:`` /
+The report text is cleaned of model markup (:func:`model.prompts.strip_markup`) and split at ``FINDINGS:`` /
 ``IMPRESSION:``. Everything returned is preliminary until a radiologist signs it.
 """
 
@@ -40,16 +40,6 @@ TASK_TOKENS = 100  # new tokens of a single box/VQA task
 NO_REPORT_TEXT = "The AI model produced no report text for this study; it needs a report by a radiologist."
 _SECTION = re.compile(r"(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE)
 
-# Model markup in report text, removed in this order by clean_report_text (see REFERENCE.md for the formats).
-_PROMPT_TOKENS = re.compile(r"</?s>|\[/?INST\]|</?Img>|<ImageHere>|<unk>|<pad>", re.IGNORECASE)
-_TASK_IDENTIFIER = re.compile(r"\[/?[A-Za-z_]{1,30}\]")  # [grounding], [refer], [detection], [vqa] …
-_PHRASE_TAGS = re.compile(r"</?p\s*>|<delim>", re.IGNORECASE)
-_BOX = re.compile(r"\{[\s<>\d.,\-]*\}?")  # {<54><41><75><60>}, a truncated {<54><41, an empty {}
-_COORDINATE = re.compile(r"<\s*-?\d+(?:\.\d*)?\s*>")  # a coordinate outside braces: <54>
-_TRUNCATED_COORDINATE = re.compile(r"<\s*-?\d*(?:\.\d*)?\s*$")  # the answer stopped inside one: …<5
-_TAG = re.compile(r"</?[A-Za-z][\w-]{0,30}\s*/?>")  # any other tag-like token: <unk>, </s>, <br/>
-_BRACES = re.compile(r"[{}]")  # braces left around words ({left edema}): the words stay
-_SPACE_BEFORE_PUNCTUATION = re.compile(r"[ \t]+([.,;:!?])")
 
 
 @dataclass(frozen=True)
@@ -73,36 +63,12 @@ class TaskAnswer:
     findings: list[Finding]
 
 
-def clean_report_text(text: str) -> str:
-    """Report text as a reader should see it: model markup removed, the words of its phrases kept.
-
-    ``There is <p>left edema</p>{<54><41><75><60>}.`` → ``There is left edema.``. Removed: box text (well-formed,
-    truncated ``{<54><41>``, several per phrase joined by ``<delim>``, coordinates outside braces), the
-    ``<p>``/``</p>`` tags (their words stay, also when nested or unclosed), task identifiers (``[grounding]``),
-    prompt tokens (``<Img>``, ``<ImageHere>``, ``[INST]``, ``</s>``) and any other tag-like token; braces left
-    around words go, the words stay. Runs of whitespace become one space, and no space is left before
-    punctuation. Text without markup only has its whitespace folded. Never raises.
-    """
-    cleaned = _PROMPT_TOKENS.sub(" ", text)
-    cleaned = _TASK_IDENTIFIER.sub(" ", cleaned)
-    cleaned = _PHRASE_TAGS.sub(" ", cleaned)
-    cleaned = _BOX.sub(" ", cleaned)
-    cleaned = _COORDINATE.sub(" ", cleaned)
-    cleaned = _TRUNCATED_COORDINATE.sub(" ", cleaned)
-    cleaned = _TAG.sub(" ", cleaned)
-    cleaned = _BRACES.sub(" ", cleaned)
-    cleaned = _SPACE_BEFORE_PUNCTUATION.sub(r"\1", " ".join(cleaned.split()))
-    if cleaned != " ".join(text.split()):
-        logger.debug("removed model markup from the report text (%d -> %d characters)", len(text), len(cleaned))
-    return cleaned
-
-
 def split_report(text: str) -> DraftReport:
     """``FINDINGS: … IMPRESSION: …`` → :class:`DraftReport`; text without headers is all findings.
 
-    The text is cleaned first (:func:`clean_report_text`), so every consumer of the draft (the narrative SR, the
-    ORU, the worklist) gets prose without box markup. Boxes the model wrote into its report are dropped, not made
-    into findings: the report request is answered on the study view (:func:`model.examples.study_view`), which
+    The text is cleaned first (:func:`model.prompts.strip_markup`), so every consumer of the draft (the narrative
+    SR, the ORU, the worklist) gets prose without box markup. Boxes the model wrote into its report are dropped,
+    not made into findings: the report request is answered on the study view (:func:`model.examples.study_view`), which
     may be a CT projection or a montage of several images rather than one analysed instance, so its grid cannot
     be mapped back to a source image. The localized findings come from the ``[grounding]`` answers on each
     analysed image (:func:`findings_from_answer`); the raw report text is kept in the result's ``raw_outputs``.
@@ -110,7 +76,10 @@ def split_report(text: str) -> DraftReport:
     Model text with nothing in either section (an empty answer, headers alone, or markup alone) becomes
     :data:`NO_REPORT_TEXT` as the impression, so the draft says plainly that the study still needs its report.
     """
-    text = clean_report_text(text)
+    cleaned = prompts.strip_markup(text)
+    if cleaned != " ".join(text.split()):
+        logger.debug("removed model markup from the report text (%d -> %d characters)", len(text), len(cleaned))
+    text = cleaned
     parts: dict[str, str] = {}
     matches = list(_SECTION.finditer(text))
     for i, match in enumerate(matches):

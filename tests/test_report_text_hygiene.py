@@ -11,7 +11,8 @@ import pytest
 from hl7_samples import ENDPOINTS, MESSAGE_TIME, make_manifest, make_result
 from reporting_dicom_helpers import cr_study, dciodvfy, result_for
 
-from model.analyze import NO_REPORT_TEXT, clean_report_text, split_report
+from model.analyze import NO_REPORT_TEXT, split_report
+from model.prompts import parse_grounded, strip_markup
 from model.result import DraftReport
 from reporting.codes import report_states_normal
 from reporting.hl7_oru import ResultStatus, build_oru_r01
@@ -39,8 +40,9 @@ MARKUP_CASES = [
 
 @pytest.mark.parametrize(("text", "clean"), MARKUP_CASES)
 def test_markup_is_removed_and_phrases_stay_as_words(text: str, clean: str) -> None:
-    assert clean_report_text(text) == clean
-    assert not any(mark in clean_report_text(text) for mark in MARKUP)
+    assert strip_markup(text) == clean
+    assert not any(mark in strip_markup(text) for mark in MARKUP)
+    assert parse_grounded(text).text == clean  # what the worklist shows of an answer
 
 
 @pytest.mark.parametrize("text", [
@@ -49,12 +51,12 @@ def test_markup_is_removed_and_phrases_stay_as_words(text: str, clean: str) -> N
     "Heart size normal, mediastinum: unremarkable!",
 ])
 def test_text_without_markup_is_unchanged(text: str) -> None:
-    assert clean_report_text(text) == text
+    assert strip_markup(text) == text
     assert split_report(text).findings == text
 
 
 def test_whitespace_is_folded_and_no_space_is_left_before_punctuation() -> None:
-    assert clean_report_text("  Small   <p>effusion</p> {<1><2><3><4>} .\n\nStable\t.") == "Small effusion. Stable."
+    assert strip_markup("  Small   <p>effusion</p> {<1><2><3><4>} .\n\nStable\t.") == "Small effusion. Stable."
 
 
 def test_split_report_cleans_both_sections() -> None:
