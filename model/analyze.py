@@ -9,8 +9,8 @@ back to source pixels through the image's letterbox transform; boxes that fall w
 are dropped. The boxes of focal lesions (CT and radiograph nodules and masses) are then snapped to the lesion in
 the source pixels by :func:`model.refine.refine_findings` (a grid unit is 2.6–8 px, too coarse for a small
 nodule). Findings of neighbouring slices of a CT/MR series are merged by :func:`model.slices.merge_findings`.
-The report text is split at ``FINDINGS:`` / ``IMPRESSION:``. Everything returned is preliminary until a
-radiologist signs it.
+The report text is cleaned of model markup (:func:`model.prompts.strip_markup`) and split at ``FINDINGS:`` /
+``IMPRESSION:``. Everything returned is preliminary until a radiologist signs it.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ NO_REPORT_TEXT = "The AI model produced no report text for this study; it needs 
 _SECTION = re.compile(r"(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE)
 
 
+
 @dataclass(frozen=True)
 class SeriesAnalysis:
     """What the model said about one series (or one radiograph)."""
@@ -65,9 +66,20 @@ class TaskAnswer:
 def split_report(text: str) -> DraftReport:
     """``FINDINGS: … IMPRESSION: …`` → :class:`DraftReport`; text without headers is all findings.
 
-    Model text with nothing in either section (an empty answer, or headers alone) becomes :data:`NO_REPORT_TEXT`
-    as the impression, so the draft says plainly that the study still needs its report.
+    The text is cleaned first (:func:`model.prompts.strip_markup`), so every consumer of the draft (the narrative
+    SR, the ORU, the worklist) gets prose without box markup. Boxes the model wrote into its report are dropped,
+    not made into findings: the report request is answered on the study view (:func:`model.examples.study_view`), which
+    may be a CT projection or a montage of several images rather than one analysed instance, so its grid cannot
+    be mapped back to a source image. The localized findings come from the ``[grounding]`` answers on each
+    analysed image (:func:`findings_from_answer`); the raw report text is kept in the result's ``raw_outputs``.
+
+    Model text with nothing in either section (an empty answer, headers alone, or markup alone) becomes
+    :data:`NO_REPORT_TEXT` as the impression, so the draft says plainly that the study still needs its report.
     """
+    cleaned = prompts.strip_markup(text)
+    if cleaned != " ".join(text.split()):
+        logger.debug("removed model markup from the report text (%d -> %d characters)", len(text), len(cleaned))
+    text = cleaned
     parts: dict[str, str] = {}
     matches = list(_SECTION.finditer(text))
     for i, match in enumerate(matches):

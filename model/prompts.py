@@ -6,7 +6,8 @@ datasets; report generation has none. Boxes are integers on a 0–100 grid of th
 ``{<x1><y1><x2><y2>}``; a phrase is ``<p>label</p>``; several boxes of one phrase are joined by ``<delim>``:
 ``<p>nodule</p> {<12><30><40><66>}<delim>{<55><28><80><70>}``.
 
-The parser never raises on model text: it returns what it can read and a list of what it dropped and why.
+The parser never raises on model text: it returns what it can read and a list of what it dropped and why, and
+the answer's words without markup (:func:`strip_markup`, also what the report text goes through).
 """
 
 from __future__ import annotations
@@ -117,6 +118,41 @@ def _phrase(text: str) -> str:
     return text
 
 
+# ---------------------------------------------------------------- text without markup
+
+# Model markup, removed in this order by strip_markup.
+_PROMPT_TOKENS = re.compile(r"</?s>|\[/?INST\]|</?Img>|<ImageHere>|<unk>|<pad>", re.IGNORECASE)
+_TASK_IDENTIFIER = re.compile(r"\[/?[A-Za-z_]{1,30}\]")  # [grounding], [refer], [detection], [vqa] …
+_PHRASE_TAGS = re.compile(r"</?p\s*>|<delim>", re.IGNORECASE)
+_BOX = re.compile(r"\{[\s<>\d.,\-]*\}?")  # {<54><41><75><60>}, a truncated {<54><41, an empty {}
+_COORDINATE = re.compile(r"<\s*-?\d+(?:\.\d*)?\s*>")  # a coordinate outside braces: <54>
+_TRUNCATED_COORDINATE = re.compile(r"<\s*-?\d*(?:\.\d*)?\s*$")  # the answer stopped inside one: …<5
+_TAG = re.compile(r"</?[A-Za-z][\w-]{0,30}\s*/?>")  # any other tag-like token: <unk>, </s>, <br/>
+_BRACES = re.compile(r"[{}]")  # braces left around words ({left edema}): the words stay
+_SPACE_BEFORE_PUNCTUATION = re.compile(r"[ \t]+([.,;:!?])")
+
+
+def strip_markup(text: str) -> str:
+    """Model text as a reader should see it: model markup removed, the words of its phrases kept.
+
+    ``There is <p>left edema</p>{<54><41><75><60>}.`` → ``There is left edema.``. Removed: box text (well-formed,
+    truncated ``{<54><41>``, several per phrase joined by ``<delim>``, coordinates outside braces), the
+    ``<p>``/``</p>`` tags (their words stay, also when nested or unclosed), task identifiers (``[grounding]``),
+    prompt tokens (``<Img>``, ``<ImageHere>``, ``[INST]``, ``</s>``) and any other tag-like token; braces left
+    around words go, the words stay. Runs of whitespace become one space, and no space is left before
+    punctuation. Text without markup only has its whitespace folded. Never raises.
+    """
+    cleaned = _PROMPT_TOKENS.sub(" ", text)
+    cleaned = _TASK_IDENTIFIER.sub(" ", cleaned)
+    cleaned = _PHRASE_TAGS.sub(" ", cleaned)
+    cleaned = _BOX.sub(" ", cleaned)
+    cleaned = _COORDINATE.sub(" ", cleaned)
+    cleaned = _TRUNCATED_COORDINATE.sub(" ", cleaned)
+    cleaned = _TAG.sub(" ", cleaned)
+    cleaned = _BRACES.sub(" ", cleaned)
+    return _SPACE_BEFORE_PUNCTUATION.sub(r"\1", " ".join(cleaned.split()))
+
+
 # ---------------------------------------------------------------- parsing
 
 
@@ -137,7 +173,7 @@ class ParsedAnswer:
     phrases: list[GroundedPhrase] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # repairs that kept a box (clamped, rounded, unclosed)
-    text: str = ""  # the answer without markup (phrases kept as words)
+    text: str = ""  # the answer without markup, phrases kept as words (strip_markup)
 
     @property
     def boxes(self) -> list[GridBox]:
@@ -151,7 +187,6 @@ _MAX_FRAGMENT = 80
 class _Parser:
     def __init__(self) -> None:
         self.out = ParsedAnswer()
-        self.words: list[str] = []
         self.phrase: str | None = None
         self.phrase_boxes: list[GridBox] = []
         self.open_phrase: list[str] | None = None  # text collected since <p>
@@ -169,8 +204,6 @@ class _Parser:
             self.close_box(closed=False)
         if self.open_phrase is not None:
             self.open_phrase.append(chunk)
-        else:
-            self.words.append(chunk)
 
     def start_phrase(self) -> None:
         self.flush_loose()
@@ -192,7 +225,6 @@ class _Parser:
             self.drop("<p></p>", "empty phrase")
             return
         self.phrase = words
-        self.words.append(words)
 
     def finish_phrase(self) -> None:
         if self.phrase_boxes:
@@ -270,10 +302,8 @@ class _Parser:
             self.close_box(closed=False)
         if self.open_phrase is not None:
             self.drop("<p>" + "".join(self.open_phrase), "phrase opened with <p> but never closed")
-            self.words.append("".join(self.open_phrase))
             self.open_phrase = None
         self.finish_phrase()
-        self.out.text = " ".join(" ".join(self.words).split())
         return self.out
 
 
@@ -298,4 +328,6 @@ def parse_grounded(text: str) -> ParsedAnswer:
         else:
             parser.close_box()
     parser.text(text[position:])
-    return parser.finish()
+    parsed = parser.finish()
+    parsed.text = strip_markup(text)
+    return parsed

@@ -3,7 +3,9 @@
 One TID 1410 Planar ROI group per finding: tracking identifier (the model's label as text) + tracking UID,
 the coded finding type, finding site and laterality when known, the box as a closed POLYLINE SCOORD on the
 source image, and the algorithm (TID 4019). The observer is the algorithm (DEVICE). A study where the model
-localized nothing gets one TID 1501 group saying so (TID 1500 needs at least one group).
+localized nothing gets one TID 1501 group saying so (TID 1500 needs at least one group): coded "No abnormality"
+only when the report text states a normal study, otherwise with no finding type, so that the SR never
+contradicts a narrative that states an unlocalized finding (see :func:`_no_finding_group`).
 
 Draft: COMPLETE / UNVERIFIED / PRELIMINARY. Final (after a radiologist signs): VERIFIED / FINAL, with the
 verifying observer and organization, and the draft referenced as its predecessor.
@@ -118,17 +120,34 @@ def _finding_group(
     )
 
 
+NO_FINDING_IDENTIFIER = "No localized finding"
+NOT_LOCALIZED_IDENTIFIER = "No localized finding: the AI drew no box; the report text is in the narrative report"
+
+
 def _no_finding_group(inputs: ReportInputs) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The one TID 1501 group of a study where the model drew no box, on the analysed images.
+
+    * The report states a normal study (:func:`reporting.codes.report_states_normal`): finding type
+      "No abnormality" (111286, DCM), tracking identifier :data:`NO_FINDING_IDENTIFIER`.
+    * Otherwise (the report states a finding the model did not localize, or says nothing either way): no finding
+      type (TID 1501 row 3b is optional, and every code would be a claim: "No abnormality" denies what the
+      narrative states, the generic "Finding" asserts one with nothing behind it); the tracking identifier
+      :data:`NOT_LOCALIZED_IDENTIFIER` says that the AI localized nothing and where its words are.
+    """
     result = inputs.result
     analysed = [inputs.sources[uid] for uid in result.analysed_instances] or inputs.evidence()
+    normal = rcodes.report_states_normal(result.report)
+    logger.info("episode %d: no box; the report text %s, so the SR group %s", result.episode_id,
+                "states a normal study" if normal else "does not state a normal study",
+                "says no abnormality" if normal else "says only that the AI localized nothing")
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=output_uid(result.study_instance_uid, result.episode_id, result.model.version,
                            OutputKind.FINDING, 0),
-            identifier="No localized finding",
+            identifier=NO_FINDING_IDENTIFIER if normal else NOT_LOCALIZED_IDENTIFIER,
         ),
         algorithm_id=algorithm_identification(result.model),
-        finding_type=rcodes.NO_ABNORMALITY,
+        finding_type=rcodes.NO_ABNORMALITY if normal else None,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in analysed
                        if "Rows" in image],
     )

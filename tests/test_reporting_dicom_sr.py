@@ -24,15 +24,18 @@ from reporting_dicom_helpers import (
     shipped_study,
 )
 
-from model.result import Finding
+from model.result import DraftReport, Finding
 from reporting.context import Signoff
 from reporting.narrative import build_narrative_sr
-from reporting.sr import build_findings_sr
+from reporting.sr import NO_FINDING_IDENTIFIER, NOT_LOCALIZED_IDENTIFIER, build_findings_sr
 from reporting.uids import OutputKind, device_uid, output_uid
 
 SIGNOFF = Signoff("Curie^Marie", "General Hospital Radiology", datetime(2024, 5, 6, 9, 30, tzinfo=UTC))
-SR_NAMES = ["sr_draft", "sr_final", "sr_no_findings", "sr_ct", "sr_multiframe", "narrative_draft",
-            "narrative_final"]
+SR_NAMES = ["sr_draft", "sr_final", "sr_no_findings", "sr_no_findings_normal", "sr_ct", "sr_multiframe",
+            "narrative_draft", "narrative_final"]
+EFFUSION_REPORT = DraftReport(findings="Right pleural effusion.", impression="Right pleural effusion.")
+NORMAL_REPORT = DraftReport(findings="The lungs are clear. No pleural effusion or pneumothorax.",
+                            impression="No acute abnormality.")
 CT_BOX = (5.0, 6.0, 40.0, 50.0)
 FRAME_BOX = (20.0, 10.0, 40.0, 30.0)
 
@@ -55,8 +58,8 @@ def multiframe(tmp_path_factory: pytest.TempPathFactory) -> Study:
 @pytest.fixture(scope="module")
 def studies(cr: Study, ct: Study, multiframe: Study) -> dict[str, Study]:
     """The source study of each SR variant."""
-    return {name: ct if name in ("sr_no_findings", "sr_ct") else multiframe if name == "sr_multiframe" else cr
-            for name in SR_NAMES}
+    on_ct = ("sr_no_findings", "sr_no_findings_normal", "sr_ct")
+    return {name: ct if name in on_ct else multiframe if name == "sr_multiframe" else cr for name in SR_NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,10 @@ def written(cr: Study, ct: Study, multiframe: Study, tmp_path_factory: pytest.Te
     objects = {
         "sr_draft": build_findings_sr(cr.manifest, result, cr.sources),
         "sr_final": build_findings_sr(cr.manifest, result, cr.sources, SIGNOFF),
-        "sr_no_findings": build_findings_sr(ct.manifest, result_for(ct, []), ct.sources),
+        "sr_no_findings": build_findings_sr(
+            ct.manifest, result_for(ct, []).model_copy(update={"report": EFFUSION_REPORT}), ct.sources),
+        "sr_no_findings_normal": build_findings_sr(
+            ct.manifest, result_for(ct, []).model_copy(update={"report": NORMAL_REPORT}), ct.sources),
         "sr_ct": build_findings_sr(ct.manifest, result_for(ct, [ct_finding]), ct.sources),
         "sr_multiframe": build_findings_sr(multiframe.manifest, result_for(multiframe, [frame_finding]),
                                            multiframe.sources),
@@ -214,13 +220,25 @@ def test_same_study_new_series_and_every_source_is_evidence(studies: dict[str, S
     assert ds.PatientID == study.sources[0].PatientID
 
 
-def test_no_findings_gives_one_group_stating_no_abnormality(written: dict[str, Path]) -> None:
+def test_no_box_and_a_normal_report_gives_one_group_stating_no_abnormality(written: dict[str, Path]) -> None:
+    sr = hd.sr.srread(written["sr_no_findings_normal"])
+    assert sr.content.get_planar_roi_measurement_groups() == []
+    (group,) = sr.content.get_image_measurement_groups()
+    assert group.finding_type == codes.DCM.NoAbnormality
+    assert group.tracking_identifier == NO_FINDING_IDENTIFIER
+    assert len(group.source_images) == 1  # the analysed CT image
+
+
+def test_no_box_and_a_report_stating_a_finding_says_only_that_nothing_was_localized(
+    written: dict[str, Path],
+) -> None:
     sr = hd.sr.srread(written["sr_no_findings"])
     assert sr.content.get_planar_roi_measurement_groups() == []
-    groups = sr.content.get_image_measurement_groups()
-    assert len(groups) == 1
-    assert groups[0].finding_type == codes.DCM.NoAbnormality
-    assert groups[0].tracking_identifier == "No localized finding"
+    (group,) = sr.content.get_image_measurement_groups()
+    assert group.finding_type is None  # neither "No abnormality" nor a claim of a finding
+    assert group.tracking_identifier == NOT_LOCALIZED_IDENTIFIER
+    assert "the AI drew no box" in group.tracking_identifier
+    assert "111286" not in dsrdump(written["sr_no_findings"]).stdout
 
 
 def test_narrative_holds_findings_and_impression_text(written: dict[str, Path]) -> None:
