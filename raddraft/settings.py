@@ -205,8 +205,8 @@ class Settings(BaseSettings):
     analysis_modalities: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["CR", "DX", "CT", "MR"], description="modalities the model reads")
     analysis_excluded_image_types: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["LOCALIZER", "SECONDARY"],
-        description="an instance with one of these ImageType values is not read (topograms, screen captures)")
+        default_factory=lambda: ["LOCALIZER"],
+        description="an instance with one of these ImageType values is not read (LOCALIZER: CT topograms)")
     analysis_body_parts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="BodyPartExamined values the model reads; empty = any")
 

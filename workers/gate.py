@@ -11,10 +11,11 @@ An instance is read only when every rule below lets it through; the first rule i
    captures (OT, SC) and the rest are stored but not analysed.
 4. **Grey scale**: ``MONOCHROME1`` / ``MONOCHROME2``; colour and palette images (test patterns, fused or
    rendered images) are not what the model was trained on.
-5. **Not an excluded image type**: an ImageType value in ``analysis_excluded_image_types`` (default LOCALIZER,
-   SECONDARY, plus DERIVED with a CT or MR projection/reformat, see below) keeps the instance out: a CT
-   topogram is a LOCALIZER, a screen capture is SECONDARY. ``DERIVED`` alone is not excluded: many scanners mark
-   reconstructed axial images DERIVED.
+5. **Not a secondary capture, not an excluded image type**: a Secondary Capture SOP class (screen captures,
+   scanned film, rendered test patterns) is not read; nor is an instance with an ImageType value in
+   ``analysis_excluded_image_types`` (default LOCALIZER: a CT topogram or MR scout would otherwise become the
+   study's report image). ``DERIVED`` / ``SECONDARY`` values alone are not excluded: scanners mark reformatted
+   and reconstructed CT/MR images so, and a radiologist reads those (add them to the setting to keep them out).
 6. **A body part the model reads**: ``analysis_body_parts`` (default empty: any; e.g. ``CHEST``) against the
    series' BodyPartExamined; a series with none passes.
 
@@ -32,12 +33,13 @@ from workers.manifest import InstanceEntry, SeriesEntry, StudyManifest
 
 OWN_MANUFACTURER = "raddraft"  # reporting/context.py MANUFACTURER: the objects raddraft writes
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC Image Storage and the multi-frame SC classes
 
 
 @dataclass(frozen=True)
 class GateRules:
     modalities: frozenset[str] = frozenset({"CR", "DX", "CT", "MR"})
-    excluded_image_types: frozenset[str] = frozenset({"LOCALIZER", "SECONDARY"})
+    excluded_image_types: frozenset[str] = frozenset({"LOCALIZER"})
     body_parts: frozenset[str] = frozenset()  # empty: any body part
 
     @classmethod
@@ -75,6 +77,8 @@ def refusal(series: SeriesEntry, instance: InstanceEntry, rules: GateRules) -> s
         return f"modality {modality or '(none)'} is not analysed"
     if (instance.photometric_interpretation or "").upper() not in GREYSCALE:
         return f"{instance.photometric_interpretation or 'unknown photometric interpretation'} is not grey scale"
+    if instance.sop_class_uid.startswith(SECONDARY_CAPTURE_PREFIX):
+        return "secondary capture is not analysed"
     excluded = sorted(rules.excluded_image_types.intersection(v.upper() for v in instance.image_type))
     if excluded:
         return f"image type {excluded[0]} is not analysed"
