@@ -116,8 +116,10 @@ def test_an_ecg_ends_not_analysed_and_a_corrupt_image_ends_failed_with_the_decod
     path = settings.spool_dir / "CT_small.dcm"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - len(data) // 3])  # truncated pixel data
-    with pytest.raises(pipeline.StageError, match=r"(?s)could not be decoded: .*less than expected") as failed:
+    with pytest.raises(pipeline.StageError) as failed:
         pipeline.prepare_request(settings, study, 1)
+    reason = str(failed.value)
+    assert reason.startswith("no image of the 1 chosen") and "less than expected" in reason  # the decoder's own reason
     _end_before_analysis(settings, study, 1, failed.value)
     index = Index(settings.index_path)
     try:
