@@ -130,7 +130,11 @@ def run(limit: int | None, timeout: float) -> dict[str, Any]:
         rows.append({"state": row["state"], "reason": row["error"] or "", "results_in_orthanc": sid in with_results,
                      "modalities": sorted(info.get("modalities", [])), "grey_images": info.get("grey_images", 0),
                      "files": info.get("files", [])})
+    store_errors = [f"{s['files'][0]}: {s['store_error'][:120]}" for s in studies.values() if "store_error" in s]
+    seen = {row["study_instance_uid"] for row in document["studies"]}
+    never_arrived = [s["files"] for s in studies.values() if "store_error" not in s and s["study_uid"] not in seen]
     return {"files": len(files), "refused_by_orthanc": refused, "studies": len(studies), "seconds": elapsed,
+            "store_errors": store_errors, "never_arrived": never_arrived,
             "rows": rows, "deliveries": Counter(f"{d['kind']} {d['state']}" for d in document["deliveries"]),
             "dead_letters": [d["error"] for d in document["dead_letters"]],
             "hl7_messages": len(listener.received)}
@@ -152,6 +156,12 @@ def print_table(report: dict[str, Any]) -> None:
     for r in missing:
         out.write(f"  {r['state']}: {r['files']} {r['reason'][:120]}\n")
     out.write(f"deliveries: {dict(report['deliveries'])}; HL7 messages received: {report['hl7_messages']}\n")
+    out.write(f"studies Orthanc could not send to raddraft: {len(report['store_errors'])}\n")
+    for error in report["store_errors"]:
+        out.write(f"  {error}\n")
+    out.write(f"studies sent that raddraft never recorded: {len(report['never_arrived'])}\n")
+    for names in report["never_arrived"]:
+        out.write(f"  {names}\n")
     out.write(f"dead letters: {len(report['dead_letters'])}\n")
     for error in report["dead_letters"]:
         out.write(f"  {error[:150]}\n")
