@@ -217,13 +217,29 @@ def analysis_from_response(request: InferenceRequest, response: InferenceRespons
             log.warning("series %s: not every analysed instance is among the sources; its boxes stay unrefined",
                         series_key)
         findings.extend(found)
-    merged = [m.finding for m in merge_findings(findings, positions, policy)]
+    merged = [on_frame(m.finding, by_uid) for m in merge_findings(findings, positions, policy)]
     return AnalysisResult(
         study_instance_uid=request.study_instance_uid, episode_id=request.episode_id, model=response.model,
         report=split_report(report_text),
         findings=merged, analysed_instances=analysed, raw_outputs=texts, status="preliminary",
         created_at=datetime.now(UTC),
     )
+
+
+ANALYSED_FRAME = 1  # model/imaging.py prepare_image reads the first frame (frame index 0) of a multi-frame image
+
+
+def on_frame(finding: Finding, sources: dict[str, Dataset]) -> Finding:
+    """*finding* with the frame it was drawn on when its image has several frames (the SR SCOORD and the GSPS
+    must name it); unchanged on a single-frame image or one not among *sources*."""
+    image = sources.get(finding.sop_instance_uid)
+    if image is None or finding.frame_number is not None:
+        return finding
+    try:
+        frames = int(image.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    return finding.model_copy(update={"frame_number": ANALYSED_FRAME}) if frames > 1 else finding
 
 
 def control_id(study_uid: str, episode_id: int, status: ResultStatus) -> str:
