@@ -27,6 +27,8 @@ class Finding(_Strict):
     laterality: Laterality | None = None
     site: str | None = None
     description: str = ""
+    tracking_uid: str | None = Field(None, description="the tracking UID of the same lesion in the study's "
+                                     "previous report, when it was matched (reporting/lineage.py)")
 
     @model_validator(mode="after")
     def _box_is_ordered(self) -> Finding:
@@ -53,6 +55,17 @@ class DraftReport(_Strict):
         return f"FINDINGS:\n{self.findings}\n\nIMPRESSION:\n{self.impression}"
 
 
+class DocumentReference(_Strict):
+    """An earlier report document of the same study that this episode's documents supersede."""
+
+    kind: Literal["sr", "narrative"]
+    episode_id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
 class AnalysisResult(_Strict):
     study_instance_uid: str
     episode_id: int
@@ -63,6 +76,8 @@ class AnalysisResult(_Strict):
     raw_outputs: dict[str, str] = Field(default_factory=dict, description="model text per task/instance")
     status: Literal["preliminary", "final"] = "preliminary"
     created_at: datetime
+    supersedes: list[DocumentReference] = Field(
+        default_factory=list, description="the previous episode's report documents these outputs replace")
 
     def write(self, path: Path) -> None:
         write_atomic(path, self.model_dump_json(indent=2).encode())

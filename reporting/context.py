@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from model.result import AnalysisResult, Finding
+from reporting.uids import OutputKind, output_uid
 from workers.manifest import SeriesEntry, StudyManifest
 
 MANUFACTURER = "raddraft"
@@ -27,6 +29,31 @@ def software_version() -> str:
         return version("raddraft")
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "0+unknown"
+
+
+def tracking_uid(result: AnalysisResult, index: int) -> UID:
+    """The tracking UID of finding *index*: the one the same lesion had in the study's previous report when it
+    was matched (reporting/lineage.py), else this episode's own deterministic UID."""
+    carried = result.findings[index].tracking_uid
+    if carried:
+        return UID(carried)
+    return output_uid(result.study_instance_uid, result.episode_id, result.model.version, OutputKind.FINDING, index)
+
+
+def superseded_documents(result: AnalysisResult, kind: str) -> list[Dataset]:
+    """The previous episode's documents of *kind* ("sr", "narrative") that this episode's version replaces, as
+    the references Predecessor Documents Sequence lists (reporting/lineage.py)."""
+    references = []
+    for document in result.supersedes:
+        if document.kind != kind:
+            continue
+        reference = Dataset()
+        reference.SOPClassUID = document.sop_class_uid
+        reference.SOPInstanceUID = document.sop_instance_uid
+        reference.StudyInstanceUID = document.study_instance_uid
+        reference.SeriesInstanceUID = document.series_instance_uid
+        references.append(reference)
+    return references
 
 
 @dataclass(frozen=True)

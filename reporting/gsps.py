@@ -24,6 +24,7 @@ from reporting.context import (
     ReportInputs,
     box_polyline,
     software_version,
+    tracking_uid,
 )
 from reporting.overlay import finding_caption, frame_values, full_range_window
 from reporting.sr import processing_equipment
@@ -111,8 +112,7 @@ def _annotation(image: Dataset, findings: Sequence[LocatedFinding], result: Anal
         for located in members:
             tracking = dict(
                 tracking_id=f"Finding {located.index + 1}",
-                tracking_uid=output_uid(result.study_instance_uid, result.episode_id, result.model.version,
-                                        OutputKind.FINDING, located.index),
+                tracking_uid=tracking_uid(result, located.index),
             )
             graphics.append(hd.pr.GraphicObject(
                 graphic_type=hd.pr.GraphicTypeValues.POLYLINE,

@@ -19,7 +19,14 @@ from pydicom.valuerep import DT
 
 from model.result import AnalysisResult, DraftReport
 from reporting import codes as rcodes
-from reporting.context import DEVICE_SERIAL_NUMBER, MANUFACTURER, ReportInputs, Signoff, software_version
+from reporting.context import (
+    DEVICE_SERIAL_NUMBER,
+    MANUFACTURER,
+    ReportInputs,
+    Signoff,
+    software_version,
+    superseded_documents,
+)
 from reporting.sr import device_observer_context, processing_equipment
 from reporting.uids import OutputKind, output_uid
 from workers.manifest import StudyManifest
@@ -102,7 +109,7 @@ def build_narrative_sr(
         institution_name=manifest.study.institution_name or None,
         verifying_observer_name=signoff.verifying_observer_name if signoff else None,
         verifying_organization=signoff.verifying_organization if signoff else None,
-        previous_versions=[predecessor] if final else None,
+        previous_versions=([predecessor] if final else []) + superseded_documents(result, "narrative") or None,
         contributing_equipment=[processing_equipment(result.model)],
         series_description="AI draft report (signed)" if final else "AI draft report (preliminary)",
         manufacturer_model_name=result.model.name,

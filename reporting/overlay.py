@@ -14,8 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from reporting import codes as rcodes
-from reporting.context import LocatedFinding, ReportInputs, box_polyline
-from reporting.uids import OutputKind, output_uid
+from reporting.context import LocatedFinding, ReportInputs, box_polyline, tracking_uid
 
 FINDINGS_SCHEMA_VERSION = 1
 BOX_COLOR = (255, 220, 0)  # yellow, as the GSPS graphic layer
@@ -111,8 +110,7 @@ def findings_document(inputs: ReportInputs, overlays: dict[str, str], signed: bo
             "frame_number": finding.frame_number,
             "box": list(finding.box),
             "polyline": [list(point) for point in box_polyline(finding.box)],
-            "tracking_uid": str(output_uid(result.study_instance_uid, result.episode_id, result.model.version,
-                                           OutputKind.FINDING, located.index)),
+            "tracking_uid": str(tracking_uid(result, located.index)),
             "overlay": overlays.get(finding.sop_instance_uid),
         })
     return {

@@ -33,6 +33,8 @@ from reporting.context import (
     Signoff,
     box_polyline,
     software_version,
+    superseded_documents,
+    tracking_uid,
 )
 from reporting.uids import OutputKind, device_uid, output_uid
 from workers.manifest import StudyManifest
@@ -109,8 +111,7 @@ def _finding_group(
     words = " ".join(w for w in (finding.laterality or "", finding.label.strip()) if w)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=output_uid(result.study_instance_uid, result.episode_id, result.model.version,
-                           OutputKind.FINDING, located.index),
+            uid=tracking_uid(result, located.index),
             identifier=f"Finding {located.index + 1}: {words}",
         ),
         referenced_region=region,
@@ -197,7 +198,8 @@ def build_findings_sr(
         institution_name=manifest.study.institution_name or None,
         verifying_observer_name=signoff.verifying_observer_name if signoff else None,
         verifying_organization=signoff.verifying_organization if signoff else None,
-        previous_versions=[_draft_reference(inputs, draft_uid, series_uid)] if final else None,
+        previous_versions=([_draft_reference(inputs, draft_uid, series_uid)] if final else [])
+        + superseded_documents(result, "sr") or None,
         contributing_equipment=[processing_equipment(result.model)],
         series_description="AI findings (signed)" if final else "AI findings (preliminary)",
         manufacturer_model_name=result.model.name,

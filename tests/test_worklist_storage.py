@@ -107,3 +107,33 @@ def test_age_in_years():
     assert age_in_years(StudyInfo(patient_birth_date="19800502", study_date="20240502")) == 44
     assert age_in_years(StudyInfo(patient_birth_date="", study_date="20240502")) is None
     assert age_in_years(StudyInfo(patient_birth_date="1980-05-02", study_date="20240502")) is None
+
+
+def _entry(store: Store, episode_id: int, state: StudyState = StudyState.DRAFT_READY, study_uid: str = "1.2.3.9"
+           ) -> int:
+    entry_id, _ = store.upsert_study(
+        study_uid=study_uid, episode_id=episode_id, manifest_path=f"/m/{episode_id}.json",
+        result_path=f"/r/{episode_id}.json", state=state, modality="CR", accession="", description="",
+        age_years=None, priority=Priority.ROUTINE, draft_findings="f", draft_impression="i", error="", now=NOW)
+    return entry_id
+
+
+def test_a_newer_episode_supersedes_the_unsigned_entries_of_its_study(store):
+    """One current draft per study: before, each re-send of a study added another open draft to the worklist."""
+    signed = _entry(store, 1)
+    store.set_state(signed, StudyState.SIGNED, NOW)
+    reading = _entry(store, 2)
+    store.set_state(reading, StudyState.IN_REVIEW, NOW)
+    other_study = _entry(store, 1, study_uid="1.2.3.10")
+    current = _entry(store, 3)
+    states = {entry: store.get_study(entry).state for entry in (signed, reading, other_study, current)}
+    assert states == {signed: StudyState.SIGNED, reading: StudyState.SUPERSEDED, other_study: StudyState.DRAFT_READY,
+                      current: StudyState.DRAFT_READY}
+    assert store.get_study(reading).error == "superseded by episode 3 of the study"
+    assert [e.action for e in store.audit_entries(reading)] == ["supersede"]
+    assert _entry(store, 2) == reading and store.get_study(reading).state is StudyState.SUPERSEDED  # a retry
+    late = _entry(store, 0)  # an older episode registered after the newer one: superseded at once
+    assert store.get_study(late).state is StudyState.SUPERSEDED
+    assert store.get_study(current).state is StudyState.DRAFT_READY
+    open_entries = store.list_studies(states=[StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value])
+    assert sorted(e.id for e in open_entries) == sorted([other_study, current])

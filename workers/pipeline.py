@@ -47,6 +47,7 @@ from reporting.hl7_oru import (
     ResultStatus,
     oru_r01_from_settings,
 )
+from reporting.lineage import supersede
 from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_outputs
 from workers.delivery import DICOM, HL7
 from workers.gate import GateRules, gate
@@ -279,7 +280,8 @@ def report_episode(settings: Settings, response: InferenceResponse, *,
             result = AnalysisResult.read(saved)
         else:
             request = InferenceRequest.from_json(request_path(settings.home, study_uid, episode_id).read_bytes())
-            result = analysis_from_response(request, response, sources=sources)
+            # a re-sent study's new report supersedes the last one: predecessor documents, carried tracking UIDs
+            result = supersede(settings.outbox_dir, analysis_from_response(request, response, sources=sources))
             result.write(saved)
         try:
             message: bytes | OutputProblem = oru_r01_from_settings(

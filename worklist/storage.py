@@ -51,6 +51,11 @@ class StudyState(StrEnum):
     IN_REVIEW = "in review"
     SIGNED = "signed"
     FAILED = "failed"
+    SUPERSEDED = "superseded"  # a newer episode of the same study has the current draft (kept for the record)
+
+
+# the entries a newer episode of their study replaces on the worklist; a signed report stays signed
+SUPERSEDABLE = (StudyState.DRAFT_READY, StudyState.IN_REVIEW, StudyState.FAILED)
 
 
 class Priority(StrEnum):
@@ -410,16 +415,37 @@ class Store:
                                       studies.c.result_path).where(
                 studies.c.study_uid == study_uid, studies.c.episode_id == episode_id)).first()
             if row is None:
+                newer = conn.execute(select(studies.c.episode_id).where(
+                    studies.c.study_uid == study_uid, studies.c.episode_id > episode_id)).first()
+                if newer is not None:  # a late registration of an older episode is superseded at once
+                    values.update(state=StudyState.SUPERSEDED.value,
+                                  error=f"superseded by episode {newer.episode_id} of the study")
                 new_id = conn.execute(insert(studies).values(study_uid=study_uid, episode_id=episode_id,
                                                              received_at=now, **values)).inserted_primary_key
+                if newer is None:
+                    self._supersede_earlier(conn, study_uid, episode_id, now)
                 return int(new_id[0]), True
-            if row.state in (StudyState.SIGNED.value, StudyState.IN_REVIEW.value):
-                return int(row.id), False  # never overwrite a report a radiologist is reading or has signed
+            if row.state in (StudyState.SIGNED.value, StudyState.IN_REVIEW.value, StudyState.SUPERSEDED.value):
+                # never overwrite a report a radiologist is reading or has signed, nor revive a superseded one
+                return int(row.id), False
             if (row.manifest_path, row.result_path, row.state) == (manifest_path, result_path, state.value):
                 return int(row.id), False  # the same draft registered again (a retried task)
             conn.execute(update(studies).where(studies.c.id == row.id).values(**values))
             conn.execute(sql_delete(finding_reviews).where(finding_reviews.c.study_id == row.id))
             return int(row.id), True
+
+    def _supersede_earlier(self, conn: Connection, study_uid: str, episode_id: int, now: datetime) -> None:
+        """One current draft per study: the unsigned entries of earlier episodes become superseded (their text
+        and reviews are kept), each with an audit entry."""
+        earlier = conn.execute(select(studies.c.id, studies.c.episode_id, studies.c.state).where(
+            studies.c.study_uid == study_uid, studies.c.episode_id < episode_id,
+            studies.c.state.in_([state.value for state in SUPERSEDABLE]))).all()
+        for row in earlier:
+            conn.execute(update(studies).where(studies.c.id == row.id).values(
+                state=StudyState.SUPERSEDED.value, error=f"superseded by episode {episode_id} of the study",
+                updated_at=now))
+            self._insert_audit(conn, "raddraft", "supersede", int(row.id),
+                               f"state {row.state} -> superseded: episode {episode_id} of the study arrived", now=now)
 
     def get_study(self, study_id: int) -> Study:
         with self._tx() as conn:

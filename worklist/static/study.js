@@ -28,7 +28,7 @@
   async function load() {
     doc = await api("/api/studies/" + studyId);
     $("title").textContent = (doc.modality || "") + " · " + (doc.accession || "no accession");
-    $("state-badge").textContent = doc.state;
+    $("state-badge").textContent = doc.error ? doc.state + ": " + doc.error : doc.state;
     $("prelim-badge").hidden = !doc.preliminary;
     const p = doc.patient;
     $("meta").textContent = [p.name.replaceAll("^", " "), "ID " + p.id, p.sex,
