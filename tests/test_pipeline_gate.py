@@ -19,6 +19,7 @@ from workers import pipeline
 from workers.gate import GateRules, gate
 from workers.prepare import build_manifest, prepare_episode
 from workers.tasks import _end_before_analysis
+from worklist.storage import Store, StudyState
 
 
 def spool_file(spool: Path, name: str) -> InstanceRecord:
@@ -128,6 +129,12 @@ def test_an_ecg_ends_not_analysed_and_a_corrupt_image_ends_failed_with_the_decod
         assert not pipeline.stranded_work(index)
     finally:
         index.close()
+    store = Store.from_settings(settings)  # the radiologists see why the CT has no draft
+    try:
+        [entry] = store.list_studies(states=[StudyState.FAILED.value])
+        assert entry.error == episode.last_error and "less than expected" in entry.error
+    finally:
+        store.close()
 
 
 def test_sources_get_their_type2_attributes_and_real_dates(tmp_path):

@@ -193,3 +193,20 @@ def test_cookies_are_secure_when_served_behind_tls(tmp_path):
                 assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie, cookie
     finally:
         store.close()
+
+
+def test_the_study_says_which_outputs_were_not_built_and_why(web, tmp_path, database_url):
+    """Before, an output that could not be built (a GSPS on a palette image, an ORU under the skip policy) was
+    visible only in ``raddraft status``; the radiologist reading the draft now sees it too."""
+    client, store, entry, _ = web
+    client.login()
+    study = store.get_study(entry)
+    _, data, _ = client.request("GET", f"/api/studies/{entry}")
+    assert json.loads(data)["outputs_not_built"] == []
+    folder = settings_for(tmp_path, database_url).outbox_dir / study.study_uid / str(study.episode_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "outputs.json").write_text(json.dumps({"built": ["sr"], "problems": [
+        {"kind": "gsps", "state": "skipped", "reason": "a PALETTE COLOR image: no presentation state fits it"}]}))
+    _, data, _ = client.request("GET", f"/api/studies/{entry}")
+    assert json.loads(data)["outputs_not_built"] == [
+        "gsps skipped: a PALETTE COLOR image: no presentation state fits it"]

@@ -41,7 +41,8 @@ from workers.celery_app import (
 )
 from workers.inference import infer as run_inference
 from workers.payload import InferenceRequest, InferenceResponse
-from workers.prepare import prepare_episode
+from workers.prepare import manifest_path, prepare_episode
+from worklist.bridge import register_failure
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,9 @@ def _end_before_analysis(settings: Settings, study_uid: str, episode_id: int, ex
     finally:
         index.close()
     log.info("study %s episode %d ends %s: %s", study_uid, episode_id, state, reason)
+    manifest = manifest_path(settings.home, study_uid, episode_id)
+    if not not_analysed and manifest.is_file():  # the radiologists see why an image study has no draft
+        register_failure(settings, manifest, reason)
 
 
 class InferTask(PipelineTask):

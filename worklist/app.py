@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from model.result import AnalysisResult, DraftReport
+from reporting.outputs import episode_problems
 from workers.manifest import StudyManifest
 from worklist import auth
 from worklist.bridge import Bridge, ModelUnavailableError
@@ -273,6 +274,8 @@ class WorklistApp:
                           "signed_at": v.signed_at.isoformat(), "findings": v.findings, "impression": v.impression,
                           "deliveries": deliveries.get(v.version, [])} for v in versions],
             "model": {"name": result.model.name, "version": result.model.version} if result else None,
+            "outputs_not_built": [f"{p.kind} {p.state}: {p.reason}" for p in episode_problems(
+                self.bridge.settings.outbox_dir, study.study_uid, study.episode_id)],
             "editable": editable,
             "can_sign": editable and session.user.role == "radiologist",
             "can_amend": study.state is StudyState.SIGNED and session.user.role == "radiologist",

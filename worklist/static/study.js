@@ -34,6 +34,9 @@
     $("meta").textContent = [p.name.replaceAll("^", " "), "ID " + p.id, p.sex,
       doc.age_years === null ? "" : doc.age_years + " y", doc.description, doc.study_date,
       doc.model ? "model " + doc.model.name + " " + doc.model.version : ""].filter(Boolean).join(" · ");
+    const unbuilt = doc.outputs_not_built || [];
+    $("outputs-not-built").hidden = !unbuilt.length;
+    $("outputs-not-built").textContent = unbuilt.length ? "Not built: " + unbuilt.join(" · ") : "";
     $("report-findings").value = doc.report.findings;
     $("report-impression").value = doc.report.impression;
     for (const id of ["report-findings", "report-impression", "save-report", "correct-text"]) {
