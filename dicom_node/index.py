@@ -7,7 +7,8 @@ Episode life cycle: ``receiving`` (instances arriving) → ``ready`` (idle for `
 the outbox) → ``queued`` (handed off, or being handed off when ``published_at`` is NULL) → ``preparing`` (claimed
 by the prepare task) → ``prepared`` (manifest written, inference requested) → ``reported`` (outputs in the
 outbox, one delivery row per destination) → ``delivered`` (every delivery done), or ``failed`` (a stage gave up:
-see the dead-letter table). ``analysing`` and ``analysed`` are kept for readers of older indexes.
+see the dead-letter table), or ``not-analysed`` (the analysis gate let nothing through). The next episode of a
+study waits while one is ``queued``, ``preparing`` or ``prepared`` (``IN_FLIGHT_STATES``).
 
 Deliveries: one row per (episode, kind, destination), ``pending`` → ``done`` or ``dead``. Dead letters: one row
 per task that failed for good (after its last retry, or at once for a permanent error), with the task name and
@@ -33,9 +34,7 @@ class EpisodeState(StrEnum):
     READY = "ready"
     QUEUED = "queued"
     PREPARING = "preparing"
-    PREPARED = "prepared"
-    ANALYSING = "analysing"
-    ANALYSED = "analysed"
+    PREPARED = "prepared"  # manifest written, inference requested: at or in the gpu stage
     REPORTED = "reported"
     DELIVERED = "delivered"
     NOT_ANALYSED = "not-analysed"  # an end state: the analysis gate (workers/gate.py) let nothing through
@@ -49,8 +48,9 @@ class DeliveryState(StrEnum):
     SKIPPED = "skipped"  # nothing of this kind was built for the episode (the reason is in last_error)
 
 
-# An episode in one of these states blocks the hand-off of the next episode of the same study.
-IN_FLIGHT_STATES: tuple[EpisodeState, ...] = (EpisodeState.QUEUED, EpisodeState.PREPARING, EpisodeState.ANALYSING)
+# An episode in one of these states blocks the hand-off of the next episode of the same study: the next one starts
+# once this one's outputs are in the outbox (reported), so that its report can supersede them.
+IN_FLIGHT_STATES: tuple[EpisodeState, ...] = (EpisodeState.QUEUED, EpisodeState.PREPARING, EpisodeState.PREPARED)
 # New instances join the latest episode of a study while it is in one of these states (not yet handed off).
 OPEN_STATES: tuple[EpisodeState, ...] = (EpisodeState.RECEIVING, EpisodeState.READY)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import logging
+import time
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -13,7 +16,7 @@ from node_helpers import free_port, make_ct, node_settings, redis_server, runnin
 from pydicom.uid import generate_uid
 
 from dicom_node.episodes import HandoffDispatcher
-from dicom_node.index import EpisodeState, Index, InstanceRecord
+from dicom_node.index import IN_FLIGHT_STATES, EpisodeState, Index, InstanceRecord
 from dicom_node.statuses import StoreStatus
 from raddraft.commands import status
 from workers.celery_app import IO_QUEUE, PREPARE_TASK, configure, publish_prepare
@@ -76,6 +79,8 @@ def test_idle_study_is_prepared_once_and_a_later_arrival_opens_a_new_episode(pip
 
     extra = make_ct(study, generate_uid(), position=0.0)
     assert send(node, [extra]) == [StoreStatus.SUCCESS]
+    wait_for(lambda: state(node.index, study, 2) == EpisodeState.READY, timeout=30, what="episode 2 ready")
+    node.index.set_state(study, 1, EpisodeState.REPORTED, time.time())  # this pipeline has no gpu stage
     wait_for(lambda: state(node.index, study, 2) == EpisodeState.PREPARED, timeout=30, what="episode 2 prepared")
     second = StudyManifest.read(manifest_path(node.settings.home, study, 2))
     assert sum(len(s.instances) for s in second.series) == 4
@@ -106,6 +111,7 @@ def test_changed_instance_resent_after_hand_off_replaces_the_old_one_and_opens_a
         f"{ds.SOPInstanceUID}.dcm" for ds in (changed, other))
     assert node.index.count_instances() == 2
 
+    node.index.set_state(study, 1, EpisodeState.REPORTED, time.time())  # this pipeline has no gpu stage
     wait_for(lambda: state(node.index, study, 2) == EpisodeState.PREPARED, timeout=30, what="episode 2 prepared")
     assert node.index.task_runs(study, 2) == [("prepare", "prepared")]
     manifest = StudyManifest.read(manifest_path(node.settings.home, study, 2))
@@ -146,9 +152,28 @@ def test_next_episode_waits_while_an_earlier_one_is_in_flight(tmp_path):
     assert state(index, study, 2) == EpisodeState.READY
     assert published == [f"prepare-{study}-1"]  # episode 1 is still preparing
     index.set_state(study, 1, EpisodeState.PREPARED, clock[0])
-    dispatcher.tick()
+    dispatcher.tick()  # prepared: at or in the gpu stage, still in flight (before, episode 2 started here and
+    assert published == [f"prepare-{study}-1"]  # two draft SR sets that did not name each other reached the PACS)
+    index.set_state(study, 1, EpisodeState.REPORTED, clock[0])
+    dispatcher.tick()  # its outputs are in the outbox: episode 2's report supersedes them (reporting/lineage.py)
     assert published == [f"prepare-{study}-1", f"prepare-{study}-2"]
     index.close()
+
+
+def test_every_episode_state_is_reached_by_the_pipeline():
+    """The state machine has no state that nothing sets (``analysing`` and ``analysed`` were never set, so the
+    in-flight rule that named them did not hold the next episode back)."""
+    root = Path(__file__).resolve().parent.parent
+    used: set[str] = set()
+    for path in [*(root / "dicom_node").glob("*.py"), *(root / "workers").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                    node.value.id == "EpisodeState":
+                used.add(node.attr)
+    declared = {state.name for state in EpisodeState}
+    in_flight_only = {state.name for state in IN_FLIGHT_STATES}
+    assert declared <= used, declared - used
+    assert in_flight_only == {"QUEUED", "PREPARING", "PREPARED"}
 
 
 def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tmp_path):
