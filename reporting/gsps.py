@@ -6,9 +6,10 @@ another slice, and its graphic annotations reference only the boxed image (and f
 POLYLINE in image pixels with its label as a text object anchored at the top-left corner, on one graphic layer.
 
 - A grayscale image (MONOCHROME1/2) gets a Grayscale Softcopy Presentation State with exactly one VOI window
-  (dcmtk refuses a window of several values): the image's first window, else for CT the soft-tissue default
-  (:data:`CT_DEFAULT_WINDOW`, in Hounsfield units: the VOI applies after the Modality LUT the state copies),
-  else a window spanning the pixel values. The image's own overlay planes are activated on a layer of their own.
+  (dcmtk refuses a window of several values): the image's first window (else its first VOI LUT), else for CT
+  the soft-tissue default (:data:`CT_DEFAULT_WINDOW`, in Hounsfield units: the VOI applies after the Modality
+  LUT the state copies), else a window spanning the pixel values. The image's own overlay planes are
+  activated on a layer of their own.
 - A colour image (RGB, YBR_*) gets a Color Softcopy Presentation State with the image's ICC profile, else sRGB.
 - Any other image (PALETTE COLOR, ...) gets no presentation state: the reason is returned, for ``outputs.json``.
 
@@ -140,11 +141,37 @@ def own_window(image: Dataset) -> tuple[float, float, str | None, str | None] | 
     return None
 
 
+def own_voi_lut(image: Dataset) -> hd.VOILUT | None:
+    """The image's first VOI LUT as a presentation state may hold it: PS3.3 C.11.8 allows 8 or 16 bits per entry
+    only, so a LUT of other bits (12 is common) is rescaled to 16 bits, the same output range; None when it
+    cannot be read (a negative first mapped value, data not of the descriptor's length)."""
+    item = image.VOILUTSequence[0]
+    entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    raw = item.LUTData
+    if isinstance(raw, bytes):  # OW, in the byte order the source was read in
+        big_endian = image.original_encoding[1] is False
+        dtype = "u1" if bits == 8 and len(raw) == entries else (">u2" if big_endian else "<u2")
+        data = np.frombuffer(raw, dtype=dtype).astype(np.uint32)
+    else:
+        data = np.atleast_1d(np.asarray(raw, dtype=np.int64)).astype(np.uint32)
+    if first_mapped < 0 or first_mapped >= 2**16 or data.size != entries or not 8 <= bits <= 16:
+        logger.info("SOP Instance UID %s: its VOI LUT (descriptor %s) is not used", image.SOPInstanceUID,
+                    list(item.LUTDescriptor))
+        return None
+    scale = 65535 / (2**bits - 1)
+    lut_data = data.astype(np.uint8) if bits == 8 else np.round(data * scale).astype(np.uint16)
+    explanation = item.get("LUTExplanation")
+    return hd.VOILUT(first_mapped_value=first_mapped, lut_data=lut_data,
+                     lut_explanation=str(explanation) if explanation else None)
+
+
 def window_of(images: Sequence[Dataset]) -> hd.pr.SoftcopyVOILUTTransformation:
     """The one VOI window of a grayscale state over *images* (the annotated images it references, first one
-    first): the first image's own first window, else the CT default, else the full range of their pixel values
-    (pixel data needed only then). Always explicit, one value each: given none, highdicom would copy every window
-    of the image (dcmtk refuses a multi-valued one) or read a multi-frame image's from functional groups."""
+    first): the first image's own first window, else its first VOI LUT, else the CT default, else the full range
+    of their pixel values (pixel data needed only then). Always explicit, one value each: given none, highdicom
+    would copy every window of the image (dcmtk refuses a multi-valued one) or read a multi-frame image's from
+    functional groups."""
     for image in images:
         window = own_window(image)
         if window is not None:
@@ -155,6 +182,10 @@ def window_of(images: Sequence[Dataset]) -> hd.pr.SoftcopyVOILUTTransformation:
                 window_explanation=[explanation] if explanation else None,
                 voi_lut_function=function,
             )
+    for image in images:
+        lut = own_voi_lut(image) if image.get("VOILUTSequence") else None
+        if lut is not None:
+            return hd.pr.SoftcopyVOILUTTransformation(voi_luts=[lut])
     if str(images[0].get("Modality", "")) == "CT":
         center, width, explanation = CT_DEFAULT_WINDOW
     else:
