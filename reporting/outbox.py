@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from model.result import AnalysisResult
 from raddraft.jsonio import write_atomic
 from reporting.context import ReportInputs, Signoff
-from reporting.gsps import build_presentation_states
+from reporting.gsps import build_presentation_state_set
 from reporting.narrative import build_narrative_sr
 from reporting.outputs import OutputProblem, outputs_name, read_problems
 from reporting.overlay import findings_json, render_overlay
@@ -124,9 +124,12 @@ def write_outputs(
                      dicom_bytes(dataset))]
 
         def gsps() -> list[tuple[OutboxEntry, bytes]]:
-            return [(OutboxEntry(folder / f"gsps{suffix}_{n}.dcm", "gsps", str(state.SOPInstanceUID)),
-                     dicom_bytes(state))
-                    for n, state in enumerate(build_presentation_states(manifest, result, sources, signed), start=1)]
+            states, reasons = build_presentation_state_set(manifest, result, sources, signed)
+            built = [(OutboxEntry(folder / f"gsps{suffix}_{n}.dcm", "gsps", str(state.SOPInstanceUID)),
+                      dicom_bytes(state)) for n, state in enumerate(states, start=1)]
+            # An image no presentation state fits (PALETTE COLOR, ...) is skipped by design, the others still go.
+            problems.extend(OutputProblem("gsps", "skipped", manifest.study.redact(reason)) for reason in reasons)
+            return built
 
         overlays: dict[str, str] = {}
 

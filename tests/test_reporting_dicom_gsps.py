@@ -50,9 +50,13 @@ def test_one_valid_gsps_per_annotated_image_with_boxes_and_labels(cr: Study, tmp
     ds = pydicom.dcmread(path)
     pa = cr.by_uid(findings[0].sop_instance_uid)
     assert ds.StudyInstanceUID == pa.StudyInstanceUID and ds.SeriesInstanceUID != pa.SeriesInstanceUID
-    referenced = ds.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
-    assert referenced.ReferencedSOPInstanceUID == pa.SOPInstanceUID
-    annotation = ds.GraphicAnnotationSequence[0]
+    # The state covers the series (the lateral view keeps the presentation); the boxes are on the PA view only.
+    [series] = ds.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == pa.SeriesInstanceUID
+    assert [r.ReferencedSOPInstanceUID for r in series.ReferencedImageSequence] == [s.SOPInstanceUID
+                                                                                     for s in cr.sources]
+    [annotation] = ds.GraphicAnnotationSequence
+    assert [r.ReferencedSOPInstanceUID for r in annotation.ReferencedImageSequence] == [pa.SOPInstanceUID]
     assert annotation.GraphicLayer == ds.GraphicLayerSequence[0].GraphicLayer == "AI_FINDINGS"
     assert len(annotation.GraphicObjectSequence) == len(findings)
     for index, (graphic, finding) in enumerate(zip(annotation.GraphicObjectSequence, findings, strict=True)):
@@ -77,22 +81,18 @@ def test_gsps_uids_are_deterministic(cr: Study) -> None:
     assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
 
 
-@pytest.mark.parametrize(("name", "window"), [("MR_small.dcm", (600.0, 1600.0)), ("CT_small.dcm", None)])
-def test_voi_window_kept_or_computed(tmp_path: Path, name: str, window: tuple[float, float] | None) -> None:
+@pytest.mark.parametrize(("name", "window"), [("MR_small.dcm", (600.0, 1600.0)), ("CT_small.dcm", (40.0, 400.0))])
+def test_voi_window_kept_or_defaulted(tmp_path: Path, name: str, window: tuple[float, float]) -> None:
     study = shipped_study(tmp_path, name)
     image = study.sources[0]
     result = result_for(study, [Finding(label="tumour", sop_instance_uid=image.SOPInstanceUID, box=(5, 6, 40, 50))])
     path = _write(build_presentation_states(study.manifest, result, study.sources)[0], tmp_path / "gsps.dcm")
     assert dciodvfy(path) == []
     assert new_dciodvfy_warnings(path, study) == []
-    voi = pydicom.dcmread(path).SoftcopyVOILUTSequence[0]
-    if window is None:  # CT_small has no window: one spanning its Hounsfield values
-        hu = image.pixel_array * float(image.RescaleSlope) + float(image.RescaleIntercept)
-        assert float(voi.WindowWidth) == pytest.approx(hu.max() - hu.min())
-        assert float(voi.WindowCenter) == pytest.approx((hu.max() + hu.min()) / 2)
-        assert voi.WindowCenterWidthExplanation == "AI: full pixel range"
-    else:
-        assert (float(voi.WindowCenter), float(voi.WindowWidth)) == window
+    [voi] = pydicom.dcmread(path).SoftcopyVOILUTSequence
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == window
+    if "WindowCenter" not in image:  # CT_small has no window: the soft-tissue default in HU, not its full range
+        assert voi.WindowCenterWidthExplanation == "AI: CT soft tissue default (the image has no window)"
 
 
 def test_legacy_multiframe_image_gets_a_valid_gsps_on_the_findings_frame(tmp_path: Path) -> None:
