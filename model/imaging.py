@@ -3,7 +3,8 @@
 The steps, in order (PS3.3 C.11 "grayscale pipeline"):
 
 1. decode one frame of any transfer syntax with pydicom's pixel decoders (the installed pylibjpeg, openjpeg,
-   libjpeg, rle and pyjpegls plugins; pillow for baseline JPEG);
+   libjpeg, rle and pyjpegls plugins; pillow for baseline JPEG; GDCM in a child process for the 12-bit JPEG that
+   libjpeg rejects), as :mod:`model.decoders` sets them up;
 2. colour images (RGB, YBR_*, PALETTE COLOR) become luminance; grayscale images get the Modality LUT
    (Rescale Slope/Intercept or a Modality LUT Sequence);
 3. the VOI transform: the dataset's VOI LUT Sequence, else its first Window Center/Width (LINEAR, LINEAR_EXACT
@@ -31,7 +32,10 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from model import decoders
+
 log = logging.getLogger(__name__)
+decoders.configure()
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -163,7 +167,10 @@ def decode_frame(ds: Dataset, frame: int = 0) -> tuple[np.ndarray, str]:
         missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
         raise ImageDecodeError(f"transfer syntax {syntax} ({syntax.name}) needs a plugin that is not installed: "
                                f"{missing}")
-    frames = int(ds.get("NumberOfFrames") or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError) as exc:
+        raise ImageDecodeError(f"Number of Frames (0028,0008) is not an integer: {exc}") from exc
     if not 0 <= frame < frames:
         raise ValueError(f"frame index {frame} is outside the {frames} frame(s) of the image")
     try:

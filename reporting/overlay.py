@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from model import decoders
 from reporting import codes as rcodes
 from reporting.context import LocatedFinding, ReportInputs, box_polyline, tracking_uid
 
@@ -37,6 +38,7 @@ def full_range_window(values: np.ndarray) -> tuple[float, float]:
 
 def frame_values(image: Dataset, frame_number: int | None) -> np.ndarray:
     """Modality values (after Rescale Slope/Intercept) of one frame, (rows, columns)."""
+    decoders.configure()  # the plugins prepare decoded the image with
     pixels = image.pixel_array
     if int(image.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[(frame_number or 1) - 1]
