@@ -11,7 +11,8 @@ see the dead-letter table). ``analysing`` and ``analysed`` are kept for readers 
 
 Deliveries: one row per (episode, kind, destination), ``pending`` → ``done`` or ``dead``. Dead letters: one row
 per task that failed for good (after its last retry, or at once for a permanent error), with the task name and
-its arguments so ``raddraft retry`` can publish it again.
+its arguments so ``raddraft retry`` can publish it again. Node counters: what the DICOM node turned away or stored
+once (rejected presentation contexts, identical re-sends, refused instances), for ``raddraft status``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ class DeliveryState(StrEnum):
 IN_FLIGHT_STATES: tuple[EpisodeState, ...] = (EpisodeState.QUEUED, EpisodeState.PREPARING, EpisodeState.ANALYSING)
 # New instances join the latest episode of a study while it is in one of these states (not yet handed off).
 OPEN_STATES: tuple[EpisodeState, ...] = (EpisodeState.RECEIVING, EpisodeState.READY)
+
+
+
+class NodeCounter(StrEnum):
+    """What the DICOM node counts in ``node_counters`` for ``raddraft status`` (a separate process)."""
+
+    REJECTED_CONTEXTS = "rejected_presentation_contexts"  # proposed contexts the SCP rejected in negotiation
+    IDENTICAL_RESENDS = "identical_resends"  # an instance received again byte for byte: stored once
+    REFUSED_INSTANCES = "refused_instances"  # a C-STORE answered with a failure status
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -120,6 +131,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     retries            INTEGER NOT NULL,
     at                 REAL NOT NULL,
     replayed_at        REAL
+);
+CREATE TABLE IF NOT EXISTS node_counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 """
 
@@ -595,6 +610,23 @@ class Index:
             cursor = db.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ? AND replayed_at IS NULL",
                                 (now, dead_letter_id))
             return cursor.rowcount == 1
+
+    # --- node counters ----------------------------------------------------------------------------------------
+    def add_to_counter(self, counter: NodeCounter, amount: int = 1) -> None:
+        """Add *amount* to *counter* (created at 0 on first use)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO node_counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                (str(counter), amount),
+            )
+
+    def counters(self) -> dict[NodeCounter, int]:
+        """Every counter, 0 for those never added to."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, value FROM node_counters").fetchall()
+        stored = {row["name"]: int(row["value"]) for row in rows}
+        return {counter: stored.get(str(counter), 0) for counter in NodeCounter}
 
     # --- task runs (observability and tests) ------------------------------------------------------------------
     def record_task_run(self, task: str, study_uid: str, episode_id: int, outcome: str, now: float) -> None:

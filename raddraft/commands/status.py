@@ -1,5 +1,6 @@
-"""``raddraft status [--json]``: studies with the state of each episode and their counts, the deliveries, and the
-dead-letter table (tasks that failed for good; re-play them with ``raddraft retry``)."""
+"""``raddraft status [--json]``: studies with the state of each episode and their counts, the deliveries, the
+dead-letter table (tasks that failed for good; re-play them with ``raddraft retry``) and what the DICOM node
+turned away or stored once (rejected presentation contexts, identical re-sends, refused instances)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ import sys
 from collections import Counter
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
-from dicom_node.index import Index
+from dicom_node.index import Index, NodeCounter
 from raddraft.settings import Settings
 from reporting.outputs import episode_problems
+
+# the line of each node counter in the text output
+COUNTER_LABELS: dict[NodeCounter, str] = {
+    NodeCounter.REJECTED_CONTEXTS: "rejected presentation contexts",
+    NodeCounter.IDENTICAL_RESENDS: "identical re-sends",
+    NodeCounter.REFUSED_INSTANCES: "refused instances",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def collect(settings: Settings) -> dict[str, Any]:
     """The status document: one entry per study episode, plus totals per state."""
     if not settings.index_path.exists():
-        return {"studies": [], "totals": {}, "instances": 0, "deliveries": [], "dead_letters": []}
+        return {"studies": [], "totals": {}, "instances": 0, "deliveries": [], "dead_letters": [],
+                "node": {str(counter): 0 for counter in NodeCounter}}
     index = Index(settings.index_path)
     try:
         counts = index.study_counts()
@@ -31,6 +40,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         total_instances = index.count_instances()
         deliveries = index.deliveries()
         dead_letters = index.dead_letters()
+        counters = index.counters()
     finally:
         index.close()
     rows = []
@@ -58,6 +68,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         "dead_letters": [{"id": d.id, "task": d.task, "task_id": d.task_id, "study_instance_uid": d.study_instance_uid,
                           "episode": d.episode_id, "retries": d.retries, "error": d.error,
                           "at": _iso(d.at)} for d in dead_letters],
+        "node": {str(counter): count for counter, count in counters.items()},
     }
 
 
@@ -79,6 +90,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if not document["studies"]:
         out.write(f"no studies in {settings.home}\n")
+        _write_node_counters(out, document["node"])
         return 0
     out.write(f"{'STUDY INSTANCE UID':<64}  {'EP':>3}  {'STATE':<10}  {'INST':>5}  {'SER':>4}  LAST RECEIVED\n")
     for row in document["studies"]:
@@ -104,4 +116,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for row in document["dead_letters"]:
             out.write(f"  #{row['id']}  {row['task']}  {row['study_instance_uid']} episode {row['episode']}  "
                       f"{row['at']}  after {row['retries']} retry(ies): {row['error']}\n")
+    _write_node_counters(out, document["node"])
     return 0
+
+
+def _write_node_counters(out: TextIO, counts: dict[str, int]) -> None:
+    """What the DICOM node turned away or stored once, one ``label: N`` line each."""
+    for counter, label in COUNTER_LABELS.items():
+        out.write(f"{label}: {counts.get(str(counter), 0)}\n")
