@@ -54,6 +54,9 @@ class DeliveryState(StrEnum):
 IN_FLIGHT_STATES: tuple[EpisodeState, ...] = (EpisodeState.QUEUED, EpisodeState.PREPARING, EpisodeState.ANALYSING)
 # New instances join the latest episode of a study while it is in one of these states (not yet handed off).
 OPEN_STATES: tuple[EpisodeState, ...] = (EpisodeState.RECEIVING, EpisodeState.READY)
+# The episode_id of an instance that belongs to no episode: an AI/derived object (dicom_node/derived.py), stored
+# but never analysed. Episodes count from 1, so such instances are part of every episode's view of the study.
+NO_EPISODE = 0
 
 
 
@@ -298,12 +301,15 @@ class Index:
 
     # --- instances -------------------------------------------------------------------------------------------
     def record_instance(
-        self, record: InstanceRecord, place: Callable[[], None], is_duplicate: Callable[[str], bool]
+        self, record: InstanceRecord, place: Callable[[], None], is_duplicate: Callable[[str], bool], *,
+        opens_episode: bool = True,
     ) -> ArrivalOutcome:
         """Record an arrival in one transaction; *place* makes the file visible just before the commit.
 
         *is_duplicate(stored_path)* is asked when the stored instance has the same sha256; if it answers True
-        nothing is written and *place* is not called. If *place* raises, nothing is recorded.
+        nothing is written and *place* is not called. If *place* raises, nothing is recorded. An instance that
+        does not *open_episode* (an AI/derived object) is stored with episode :data:`NO_EPISODE`: it opens no
+        episode and neither joins nor extends the study's open one, nor re-opens a handed-off one.
         """
         with self._transaction() as db:
             existing = db.execute(
@@ -314,7 +320,11 @@ class Index:
                     "SELECT episode_id FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,)
                 ).fetchone()
                 return ArrivalOutcome(Arrival.DUPLICATE, current["episode_id"], new_episode=False)
-            episode_id, new_episode = self._episode_for_arrival(db, record.study_instance_uid, record.received_at)
+            if opens_episode:
+                episode_id, new_episode = self._episode_for_arrival(db, record.study_instance_uid,
+                                                                    record.received_at)
+            else:
+                episode_id, new_episode = NO_EPISODE, False
             db.execute(
                 "INSERT OR REPLACE INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, "
                 "patient_id, sop_class_uid, transfer_syntax_uid, calling_ae, peer_address, size_bytes, sha256, "
@@ -369,6 +379,12 @@ class Index:
     def count_instances(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+    def count_instances_without_episode(self) -> int:
+        """Instances stored without analysis: the AI/derived objects (episode :data:`NO_EPISODE`)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM instances WHERE episode_id = ?",
+                                        (NO_EPISODE,)).fetchone()[0])
 
     # --- episodes and hand-off --------------------------------------------------------------------------------
     def episode(self, study_uid: str, episode_id: int) -> Episode | None:

@@ -23,6 +23,7 @@ from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.uid import UID
 from pydicom.valuerep import AMBIGUOUS_VR, VR
 
+from dicom_node.derived import DerivedKind, derived_kind
 from dicom_node.index import Arrival, Index, InstanceRecord, NodeCounter
 from dicom_node.spool import InvalidUIDError, Placement, Spool, validate_uid
 from dicom_node.statuses import StoreStatus
@@ -80,6 +81,7 @@ class _Identity:
     sop_instance_uid: str
     sop_class_uid: str
     patient_id: str
+    derived: DerivedKind | None  # an AI/derived object: stored, but opens no episode
 
 
 class InstanceReceiver:
@@ -157,6 +159,7 @@ class InstanceReceiver:
             study_uid = dataset.get("StudyInstanceUID")
             series_uid = dataset.get("SeriesInstanceUID")
             patient_id = str(dataset.get("PatientID", ""))
+            manufacturer = str(dataset.get("Manufacturer", "") or "")
         # Untrusted bytes: pydicom signals malformed data with many exception types (struct.error, ValueError,
         # EOFError, NotImplementedError, InvalidDicomError...); every one of them means "cannot understand".
         except Exception as exc:
@@ -176,7 +179,8 @@ class InstanceReceiver:
         if sop_instance_uid != incoming.affected_sop_instance_uid:
             raise RefusedError(mismatch, f"SOP Instance UID (0008,0018) {sop_instance_uid} differs from the "
                                          f"request's Affected SOP Instance UID {incoming.affected_sop_instance_uid}")
-        return _Identity(str(study_uid), str(series_uid), str(sop_instance_uid), str(sop_class_uid), patient_id)
+        return _Identity(str(study_uid), str(series_uid), str(sop_instance_uid), str(sop_class_uid), patient_id,
+                         derived_kind(str(sop_class_uid), manufacturer))
 
     @staticmethod
     def _log_identical(incoming: IncomingInstance, identity: _Identity) -> None:
@@ -208,7 +212,8 @@ class InstanceReceiver:
             sha256=staged.sha256, path=self.spool.relative(final), received_at=self._clock(),
         )
         try:
-            outcome = self.index.record_instance(record, place, is_duplicate)
+            outcome = self.index.record_instance(record, place, is_duplicate,
+                                                 opens_episode=identity.derived is None)
         except BaseException:
             for placement in placed:
                 placement.rollback()
@@ -222,9 +227,12 @@ class InstanceReceiver:
         elif outcome.kind is Arrival.REPLACED:
             if outcome.previous_path is not None and outcome.previous_path != record.path:
                 (self.spool.root / outcome.previous_path).unlink(missing_ok=True)
-            log.info("instance %s of study %s replaced by a different version; episode %d%s",
-                     identity.sop_instance_uid, identity.study_uid, outcome.episode_id,
-                     " (new)" if outcome.new_episode else "")
+            log.info("instance %s of study %s replaced by a different version; %s", identity.sop_instance_uid,
+                     identity.study_uid, f"stored without analysis ({identity.derived})" if identity.derived
+                     else f"episode {outcome.episode_id}{' (new)' if outcome.new_episode else ''}")
+        elif identity.derived is not None:
+            log.info("instance %s of study %s stored without analysis: %s, opens no episode",
+                     identity.sop_instance_uid, identity.study_uid, identity.derived)
         if outcome.new_episode:
             log.info("study %s: episode %d opened", identity.study_uid, outcome.episode_id)
         return ARRIVAL_OUTCOMES[outcome.kind]

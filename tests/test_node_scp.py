@@ -205,7 +205,7 @@ def test_a_rejected_context_and_an_identical_resend_are_logged_at_info_and_count
     assert "refused instances: 0\n" in text
     document = json.loads(raddraft_status(home, "--json"))
     assert document["node"] == {"rejected_presentation_contexts": 2, "identical_resends": 1,
-                                "refused_instances": 0}
+                                "refused_instances": 0, "stored_without_analysis": 0}
     assert document["instances"] == 1
 
 
