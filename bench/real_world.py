@@ -106,7 +106,8 @@ def run(limit: int | None, timeout: float) -> dict[str, Any]:
                     document = status(home)
                     states = [row["state"] for row in document["studies"]]
                     pending = [d for d in document["deliveries"] if d["state"] == "pending"]
-                    if len({row["study_instance_uid"] for row in document["studies"]}) < wanted:
+                    recorded = {row["study_instance_uid"] for row in document["studies"]}
+                    if len(recorded | set(document["studies_without_episode"])) < wanted:
                         return None
                     if all(state in END_STATES for state in states) and not pending:
                         return document
@@ -131,10 +132,12 @@ def run(limit: int | None, timeout: float) -> dict[str, Any]:
                      "modalities": sorted(info.get("modalities", [])), "grey_images": info.get("grey_images", 0),
                      "files": info.get("files", [])})
     store_errors = [f"{s['files'][0]}: {s['store_error'][:120]}" for s in studies.values() if "store_error" in s]
-    seen = {row["study_instance_uid"] for row in document["studies"]}
+    seen = {row["study_instance_uid"] for row in document["studies"]} | set(document["studies_without_episode"])
     never_arrived = [s["files"] for s in studies.values() if "store_error" not in s and s["study_uid"] not in seen]
     return {"files": len(files), "refused_by_orthanc": refused, "studies": len(studies), "seconds": elapsed,
             "store_errors": store_errors, "never_arrived": never_arrived,
+            "without_episode": [by_uid.get(uid, ("", {}))[1].get("files", [uid])
+                                for uid in document["studies_without_episode"]],
             "rows": rows, "deliveries": Counter(f"{d['kind']} {d['state']}" for d in document["deliveries"]),
             "dead_letters": [d["error"] for d in document["dead_letters"]],
             "hl7_messages": len(listener.received)}
@@ -159,6 +162,10 @@ def print_table(report: dict[str, Any]) -> None:
     out.write(f"studies Orthanc could not send to raddraft: {len(report['store_errors'])}\n")
     for error in report["store_errors"]:
         out.write(f"  {error}\n")
+    out.write(f"studies stored without analysis (AI/derived objects only, no episode): "
+              f"{len(report['without_episode'])}\n")
+    for names in report["without_episode"]:
+        out.write(f"  {names}\n")
     out.write(f"studies sent that raddraft never recorded: {len(report['never_arrived'])}\n")
     for names in report["never_arrived"]:
         out.write(f"  {names}\n")

@@ -7,7 +7,7 @@ import socket
 
 from pynetdicom.events import Event
 
-from dicom_node.receive import IncomingInstance, InstanceReceiver
+from dicom_node.receive import IncomingInstance, InstanceReceiver, RejectedContext
 from dicom_node.statuses import EchoStatus, RejectReason, RejectResult, RejectSource
 from raddraft.settings import PeerSpec
 
@@ -51,6 +51,28 @@ def handle_requested(event: Event, allowed_peers: list[PeerSpec]) -> None:
     # as pynetdicom's own ACSE does after a rejection: wait for the DUL to send the A-ASSOCIATE-RJ and stop,
     # otherwise the server closes the socket first and the peer sees an abort instead of the rejection
     event.assoc.kill()
+
+
+def handle_accepted(event: Event, receiver: InstanceReceiver) -> None:
+    """EVT_ACCEPTED: log and count the presentation contexts the negotiation rejected (e.g. a retired SOP class).
+
+    ``assoc.rejected_contexts`` keeps only the first proposed transfer syntax of a rejected context; the peer's
+    whole proposal is in ``assoc.requestor.requested_contexts`` under the same context ID.
+    """
+    assoc = event.assoc
+    if not assoc.rejected_contexts:
+        return
+    proposed = {context.context_id: context for context in assoc.requestor.requested_contexts}
+    rejected = []
+    for context in assoc.rejected_contexts:
+        offer = proposed.get(context.context_id, context)
+        rejected.append(RejectedContext(
+            context_id=int(context.context_id or 0),
+            abstract_syntax=str(context.abstract_syntax),
+            transfer_syntaxes=tuple(str(syntax) for syntax in offer.transfer_syntax),
+            result=context.status,
+        ))
+    receiver.note_rejected_contexts(assoc.requestor.ae_title, assoc.requestor.address, rejected)
 
 
 def handle_echo(event: Event) -> int:

@@ -12,7 +12,8 @@ study waits while one is ``queued``, ``preparing`` or ``prepared`` (``IN_FLIGHT_
 
 Deliveries: one row per (episode, kind, destination), ``pending`` → ``done`` or ``dead``. Dead letters: one row
 per task that failed for good (after its last retry, or at once for a permanent error), with the task name and
-its arguments so ``raddraft retry`` can publish it again.
+its arguments so ``raddraft retry`` can publish it again. Node counters: what the DICOM node turned away or stored
+once (rejected presentation contexts, identical re-sends, refused instances), for ``raddraft status``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ class DeliveryState(StrEnum):
 IN_FLIGHT_STATES: tuple[EpisodeState, ...] = (EpisodeState.QUEUED, EpisodeState.PREPARING, EpisodeState.PREPARED)
 # New instances join the latest episode of a study while it is in one of these states (not yet handed off).
 OPEN_STATES: tuple[EpisodeState, ...] = (EpisodeState.RECEIVING, EpisodeState.READY)
+# The episode_id of an instance that belongs to no episode: an AI/derived object (dicom_node/derived.py), stored
+# but never analysed. Episodes count from 1, so such instances are part of every episode's view of the study.
+NO_EPISODE = 0
+
+
+
+class NodeCounter(StrEnum):
+    """What the DICOM node counts in ``node_counters`` for ``raddraft status`` (a separate process)."""
+
+    REJECTED_CONTEXTS = "rejected_presentation_contexts"  # proposed contexts the SCP rejected in negotiation
+    IDENTICAL_RESENDS = "identical_resends"  # an instance received again byte for byte: stored once
+    REFUSED_INSTANCES = "refused_instances"  # a C-STORE answered with a failure status
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -120,6 +134,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     retries            INTEGER NOT NULL,
     at                 REAL NOT NULL,
     replayed_at        REAL
+);
+CREATE TABLE IF NOT EXISTS node_counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 """
 
@@ -283,12 +301,15 @@ class Index:
 
     # --- instances -------------------------------------------------------------------------------------------
     def record_instance(
-        self, record: InstanceRecord, place: Callable[[], None], is_duplicate: Callable[[str], bool]
+        self, record: InstanceRecord, place: Callable[[], None], is_duplicate: Callable[[str], bool], *,
+        opens_episode: bool = True,
     ) -> ArrivalOutcome:
         """Record an arrival in one transaction; *place* makes the file visible just before the commit.
 
         *is_duplicate(stored_path)* is asked when the stored instance has the same sha256; if it answers True
-        nothing is written and *place* is not called. If *place* raises, nothing is recorded.
+        nothing is written and *place* is not called. If *place* raises, nothing is recorded. An instance that
+        does not *open_episode* (an AI/derived object) is stored with episode :data:`NO_EPISODE`: it opens no
+        episode and neither joins nor extends the study's open one, nor re-opens a handed-off one.
         """
         with self._transaction() as db:
             existing = db.execute(
@@ -299,7 +320,11 @@ class Index:
                     "SELECT episode_id FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,)
                 ).fetchone()
                 return ArrivalOutcome(Arrival.DUPLICATE, current["episode_id"], new_episode=False)
-            episode_id, new_episode = self._episode_for_arrival(db, record.study_instance_uid, record.received_at)
+            if opens_episode:
+                episode_id, new_episode = self._episode_for_arrival(db, record.study_instance_uid,
+                                                                    record.received_at)
+            else:
+                episode_id, new_episode = NO_EPISODE, False
             db.execute(
                 "INSERT OR REPLACE INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, "
                 "patient_id, sop_class_uid, transfer_syntax_uid, calling_ae, peer_address, size_bytes, sha256, "
@@ -354,6 +379,12 @@ class Index:
     def count_instances(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+    def count_instances_without_episode(self) -> int:
+        """Instances stored without analysis: the AI/derived objects (episode :data:`NO_EPISODE`)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM instances WHERE episode_id = ?",
+                                        (NO_EPISODE,)).fetchone()[0])
 
     # --- episodes and hand-off --------------------------------------------------------------------------------
     def episode(self, study_uid: str, episode_id: int) -> Episode | None:
@@ -595,6 +626,23 @@ class Index:
             cursor = db.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ? AND replayed_at IS NULL",
                                 (now, dead_letter_id))
             return cursor.rowcount == 1
+
+    # --- node counters ----------------------------------------------------------------------------------------
+    def add_to_counter(self, counter: NodeCounter, amount: int = 1) -> None:
+        """Add *amount* to *counter* (created at 0 on first use)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO node_counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                (str(counter), amount),
+            )
+
+    def counters(self) -> dict[NodeCounter, int]:
+        """Every counter, 0 for those never added to."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, value FROM node_counters").fetchall()
+        stored = {row["name"]: int(row["value"]) for row in rows}
+        return {counter: stored.get(str(counter), 0) for counter in NodeCounter}
 
     # --- task runs (observability and tests) ------------------------------------------------------------------
     def record_task_run(self, task: str, study_uid: str, episode_id: int, outcome: str, now: float) -> None:

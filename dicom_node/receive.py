@@ -23,7 +23,8 @@ from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.uid import UID
 from pydicom.valuerep import AMBIGUOUS_VR, VR
 
-from dicom_node.index import Arrival, Index, InstanceRecord
+from dicom_node.derived import DerivedKind, derived_kind
+from dicom_node.index import Arrival, Index, InstanceRecord, NodeCounter
 from dicom_node.spool import InvalidUIDError, Placement, Spool, validate_uid
 from dicom_node.statuses import StoreStatus
 from raddraft import metrics
@@ -47,6 +48,24 @@ class IncomingInstance:
     peer_address: str
 
 
+@dataclass(frozen=True)
+class RejectedContext:
+    """A presentation context the SCP rejected in association negotiation, as the peer proposed it."""
+
+    context_id: int
+    abstract_syntax: str
+    transfer_syntaxes: tuple[str, ...]
+    result: str  # why, in pynetdicom's words: "Abstract Syntax Not Supported", ...
+
+    def describe(self) -> str:
+        """``1.2.840.10008.5.1.4.1.1.6 (Ultrasound Image Storage (Retired)) in [1.2.840.10008.1.2]: ...``."""
+        uid = UID(self.abstract_syntax)
+        name = f"{uid.name} (Retired)" if uid.is_retired and "Retired" not in uid.name else uid.name
+        named = f" ({name})" if name != self.abstract_syntax else " (unknown to pydicom)"
+        return (f"context {self.context_id} {self.abstract_syntax}{named} in "
+                f"[{', '.join(self.transfer_syntaxes)}]: {self.result.lower()}")
+
+
 class RefusedError(Exception):
     """An instance that is refused with *status*; the message names the attribute and the rule."""
 
@@ -62,6 +81,7 @@ class _Identity:
     sop_instance_uid: str
     sop_class_uid: str
     patient_id: str
+    derived: DerivedKind | None  # an AI/derived object: stored, but opens no episode
 
 
 class InstanceReceiver:
@@ -85,9 +105,27 @@ class InstanceReceiver:
             log.warning("refused instance %s from %s (%s): 0x%04X %s", incoming.affected_sop_instance_uid,
                         incoming.calling_ae, incoming.peer_address, exc.status, exc)
             metrics.record_instance("rejected")
+            self._count(NodeCounter.REFUSED_INSTANCES)
             return exc.status
         metrics.record_instance(outcome)
+        if outcome == ARRIVAL_OUTCOMES[Arrival.DUPLICATE]:
+            self._count(NodeCounter.IDENTICAL_RESENDS)
         return StoreStatus.SUCCESS
+
+    def note_rejected_contexts(self, calling_ae: str, peer_address: str, rejected: list[RejectedContext]) -> None:
+        """Log the presentation contexts an association's negotiation rejected (one INFO line) and count them."""
+        if not rejected:
+            return
+        log.info("association from %r at %s: %d proposed presentation context(s) rejected: %s", calling_ae,
+                 peer_address, len(rejected), "; ".join(context.describe() for context in rejected))
+        self._count(NodeCounter.REJECTED_CONTEXTS, len(rejected))
+
+    def _count(self, counter: NodeCounter, amount: int = 1) -> None:
+        """Add to a ``raddraft status`` counter; an index that cannot take it costs the count, not the C-STORE."""
+        try:
+            self.index.add_to_counter(counter, amount)
+        except sqlite3.Error as exc:
+            log.warning("could not count %d %s in the index: %s", amount, counter, exc)
 
     def _receive(self, incoming: IncomingInstance) -> str:
         """Persist *incoming*; its outcome (``stored``, ``duplicate``, ``replaced``) or :class:`RefusedError`."""
@@ -121,6 +159,7 @@ class InstanceReceiver:
             study_uid = dataset.get("StudyInstanceUID")
             series_uid = dataset.get("SeriesInstanceUID")
             patient_id = str(dataset.get("PatientID", ""))
+            manufacturer = str(dataset.get("Manufacturer", "") or "")
         # Untrusted bytes: pydicom signals malformed data with many exception types (struct.error, ValueError,
         # EOFError, NotImplementedError, InvalidDicomError...); every one of them means "cannot understand".
         except Exception as exc:
@@ -140,14 +179,20 @@ class InstanceReceiver:
         if sop_instance_uid != incoming.affected_sop_instance_uid:
             raise RefusedError(mismatch, f"SOP Instance UID (0008,0018) {sop_instance_uid} differs from the "
                                          f"request's Affected SOP Instance UID {incoming.affected_sop_instance_uid}")
-        return _Identity(str(study_uid), str(series_uid), str(sop_instance_uid), str(sop_class_uid), patient_id)
+        return _Identity(str(study_uid), str(series_uid), str(sop_instance_uid), str(sop_class_uid), patient_id,
+                         derived_kind(str(sop_class_uid), manufacturer))
+
+    @staticmethod
+    def _log_identical(incoming: IncomingInstance, identity: _Identity) -> None:
+        log.info("identical instance %s received again from %r at %s; stored once", identity.sop_instance_uid,
+                 incoming.calling_ae, incoming.peer_address)
 
     def _persist(self, incoming: IncomingInstance, identity: _Identity) -> str:
         digest = hashlib.sha256(incoming.data).hexdigest()
         final = self.spool.instance_path(identity.study_uid, identity.series_uid, identity.sop_instance_uid)
         stored = self.index.instance(identity.sop_instance_uid)
         if stored is not None and stored.sha256 == digest and final.is_file():
-            log.debug("identical instance %s received again; stored once", identity.sop_instance_uid)
+            self._log_identical(incoming, identity)
             return "duplicate"
         staged = self.spool.stage(incoming.data, digest)
         placed: list[Placement] = []
@@ -167,7 +212,8 @@ class InstanceReceiver:
             sha256=staged.sha256, path=self.spool.relative(final), received_at=self._clock(),
         )
         try:
-            outcome = self.index.record_instance(record, place, is_duplicate)
+            outcome = self.index.record_instance(record, place, is_duplicate,
+                                                 opens_episode=identity.derived is None)
         except BaseException:
             for placement in placed:
                 placement.rollback()
@@ -177,13 +223,16 @@ class InstanceReceiver:
             placement.commit()
         if outcome.kind is Arrival.DUPLICATE:
             self.spool.discard(staged)
-            log.debug("identical instance %s received again; stored once", identity.sop_instance_uid)
+            self._log_identical(incoming, identity)
         elif outcome.kind is Arrival.REPLACED:
             if outcome.previous_path is not None and outcome.previous_path != record.path:
                 (self.spool.root / outcome.previous_path).unlink(missing_ok=True)
-            log.info("instance %s of study %s replaced by a different version; episode %d%s",
-                     identity.sop_instance_uid, identity.study_uid, outcome.episode_id,
-                     " (new)" if outcome.new_episode else "")
+            log.info("instance %s of study %s replaced by a different version; %s", identity.sop_instance_uid,
+                     identity.study_uid, f"stored without analysis ({identity.derived})" if identity.derived
+                     else f"episode {outcome.episode_id}{' (new)' if outcome.new_episode else ''}")
+        elif identity.derived is not None:
+            log.info("instance %s of study %s stored without analysis: %s, opens no episode",
+                     identity.sop_instance_uid, identity.study_uid, identity.derived)
         if outcome.new_episode:
             log.info("study %s: episode %d opened", identity.study_uid, outcome.episode_id)
         return ARRIVAL_OUTCOMES[outcome.kind]

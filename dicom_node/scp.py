@@ -75,6 +75,7 @@ class DicomNode:
             (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
             (evt.EVT_DATA_SENT, handlers.handle_data_sent),
             (evt.EVT_REQUESTED, handlers.handle_requested, [list(self.settings.allowed_peers)]),
+            (evt.EVT_ACCEPTED, handlers.handle_accepted, [self.receiver]),
             (evt.EVT_C_ECHO, handlers.handle_echo),
             (evt.EVT_C_STORE, handlers.handle_store, [self.receiver]),
         ]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 import shutil
 import socket
 import subprocess
+import sys
 from io import BytesIO
 
 import pydicom
@@ -24,6 +28,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom.dsutils import encode
 
+from dicom_node.index import NodeCounter
 from dicom_node.statuses import StoreStatus
 from raddraft import metrics
 
@@ -142,6 +147,74 @@ def test_replacement_filed_under_another_series_removes_the_old_file(node):
     assert new.path != old.path and new.series_instance_uid == ds.SeriesInstanceUID
     assert [f.relative_to(node.spool.root).as_posix() for f in dcm_files(node)] == [new.path]
     assert node.index.count_instances() == 1
+
+
+# --- what was refused or stored once: an INFO line each, counted for `raddraft status` -------------------------
+RETIRED_US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6"  # Ultrasound Image Storage (Retired): not supported
+
+
+def raddraft_status(home, *args):
+    """`raddraft status` in its own process, as an operator runs it beside the server."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RADDRAFT_")}, "RADDRAFT_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "raddraft.cli", "status", *args], env=env, check=False,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def storescu(node, path):
+    return subprocess.run(["storescu", "-aet", SCU_AE, "-aec", "RADDRAFT", "-R", "127.0.0.1", str(node.port),
+                           str(path)], check=False, capture_output=True, text=True, timeout=60)
+
+
+def test_a_rejected_context_and_an_identical_resend_are_logged_at_info_and_counted(node, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    # a real ultrasound image (Philips) filed under the retired US SOP class, which the SCP does not support
+    retired = pydicom.dcmread(PYDICOM_TEST_FILES / "examples_palette.dcm")
+    retired.SOPClassUID = retired.file_meta.MediaStorageSOPClassUID = RETIRED_US_IMAGE_STORAGE
+    retired_path = tmp_path / "retired_us.dcm"
+    retired.save_as(retired_path, enforce_file_format=True)
+    refused = storescu(node, retired_path)  # storescu proposes only the file's SOP class (-R)
+    assert refused.returncode != 0 and "No Acceptable Presentation Contexts" in refused.stderr
+    assert node.index.count_instances() == 0
+    (line,) = [r for r in caplog.records if "presentation context(s) rejected" in r.getMessage()]
+    assert line.levelname == "INFO"
+    # storescu proposes the class twice: in the file's transfer syntax, and in the other uncompressed ones
+    rejection = f"{RETIRED_US_IMAGE_STORAGE} (Ultrasound Image Storage (Retired))"
+    assert line.getMessage() == (
+        f"association from '{SCU_AE}' at 127.0.0.1: 2 proposed presentation context(s) rejected: "
+        f"context 1 {rejection} in [1.2.840.10008.1.2.1]: abstract syntax not supported; "
+        f"context 3 {rejection} in [1.2.840.10008.1.2.2, 1.2.840.10008.1.2]: abstract syntax not supported")
+
+    source = PYDICOM_TEST_FILES / "CT_small.dcm"
+    sop_uid = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
+    for _ in range(2):  # the same file twice, each in its own association
+        sent = storescu(node, source)
+        assert sent.returncode == 0, sent.stderr
+    (again,) = [r for r in caplog.records if "received again" in r.getMessage()]
+    assert again.levelname == "INFO"
+    assert again.getMessage() == (f"identical instance {sop_uid} received again from '{SCU_AE}' at 127.0.0.1; "
+                                  "stored once")
+    patient = pydicom.dcmread(source, stop_before_pixels=True)
+    for value in (str(patient.PatientName), str(patient.PatientID), str(retired.PatientName)):
+        assert value not in caplog.text  # no patient values in what the node logs
+
+    home = node.settings.home
+    text = raddraft_status(home)
+    assert "rejected presentation contexts: 2\n" in text and "identical re-sends: 1\n" in text
+    assert "refused instances: 0\n" in text
+    document = json.loads(raddraft_status(home, "--json"))
+    assert document["node"] == {"rejected_presentation_contexts": 2, "identical_resends": 1,
+                                "refused_instances": 0, "stored_without_analysis": 0}
+    assert document["instances"] == 1
+
+
+def test_a_refused_instance_is_counted_and_an_empty_home_shows_zero_counts(node, tmp_path):
+    empty = raddraft_status(tmp_path / "nothing-here")
+    assert "no studies in" in empty and "rejected presentation contexts: 0\n" in empty
+    assert store(node, make_ct(study_uid="1.2.3/../../etc")) == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert node.index.counters()[NodeCounter.REFUSED_INSTANCES] == 1
+    assert "refused instances: 1\n" in raddraft_status(node.settings.home)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ def spool_file(spool: Path, name: str) -> InstanceRecord:
     ("rtplan.dcm", "not an image (RTPLAN)"),
     ("waveform_ecg.dcm", "not an image (ECG)"),
     ("SC_rgb_rle.dcm", "modality OT is not analysed"),
+    # dicom_node/derived.py: the rule that also keeps them from opening an episode
+    ("test-SR.dcm", "structured report is not analysed"),
+    ("reportsi.dcm", "structured report is not analysed"),
 ])
 def test_the_gate_reads_what_the_model_was_made_for(tmp_path, name, reason):
     record = spool_file(tmp_path, name)

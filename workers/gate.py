@@ -3,10 +3,11 @@
 The bundled model (and MiniGPT-Med) was made for projection radiographs and cross-sectional grey-scale images.
 An instance is read only when every rule below lets it through; the first rule it fails is its reason:
 
-1. **Not raddraft's own output**: an object whose Manufacturer is raddraft (an SR, narrative or presentation
-   state it wrote and a PACS sent back) is never analysed.
-2. **An image**: it has Rows and Columns (pixel data); SR, presentation states, key-object selections,
-   segmentations, RT objects, waveforms (ECG) and encapsulated documents are not images.
+1. **Not an AI/derived object** (the rule of :mod:`dicom_node.derived`, which also keeps such objects from opening
+   an episode): not raddraft's own output (Manufacturer raddraft: an SR, narrative or presentation state it wrote
+   and a PACS sent back), not a structured report, key-object selection or presentation state of any vendor.
+2. **An image**: it has Rows and Columns (pixel data); segmentations, RT objects, waveforms (ECG) and
+   encapsulated documents are not images.
 3. **A modality the model reads**: ``analysis_modalities`` (default CR, DX, CT, MR). Ultrasound, NM, secondary
    captures (OT, SC) and the rest are stored but not analysed.
 4. **Grey scale**: ``MONOCHROME1`` / ``MONOCHROME2``; colour and palette images (test patterns, fused or
@@ -28,10 +29,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from dicom_node.derived import DerivedKind, derived_kind
 from raddraft.settings import Settings
 from workers.manifest import InstanceEntry, SeriesEntry, StudyManifest
 
-OWN_MANUFACTURER = "raddraft"  # reporting/context.py MANUFACTURER: the objects raddraft writes
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC Image Storage and the multi-frame SC classes
 
@@ -66,8 +67,11 @@ class GateDecision:
 
 def refusal(series: SeriesEntry, instance: InstanceEntry, rules: GateRules) -> str | None:
     """Why the model does not read *instance*, or None when it does."""
-    if instance.manufacturer.strip().lower() == OWN_MANUFACTURER:
-        return "raddraft output (sent back)"
+    derived = derived_kind(instance.sop_class_uid, instance.manufacturer)
+    if derived is DerivedKind.OWN_OUTPUT:
+        return str(derived)
+    if derived is not None:
+        return f"{derived} is not analysed"
     if not instance.has_pixels:
         return f"not an image ({series.modality or 'no modality'})"
     if instance.number_of_frames < 1:

@@ -1,5 +1,7 @@
-"""``raddraft status [--json]``: studies with the state of each episode and their counts, the deliveries, and the
-dead-letter table (tasks that failed for good; re-play them with ``raddraft retry``)."""
+"""``raddraft status [--json]``: studies with the state of each episode and their counts, the deliveries, the
+dead-letter table (tasks that failed for good; re-play them with ``raddraft retry``) and what the DICOM node
+turned away, stored once or stored without analysis (rejected presentation contexts, identical re-sends, refused
+instances, AI/derived objects)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,20 @@ import sys
 from collections import Counter
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
-from dicom_node.index import Index
+from dicom_node.index import Index, NodeCounter
 from raddraft.settings import Settings
 from reporting.outputs import episode_problems
+
+STORED_WITHOUT_ANALYSIS = "stored_without_analysis"  # AI/derived objects: stored, no episode (dicom_node/derived.py)
+# the line of each count of the DICOM node in the text output
+COUNTER_LABELS: dict[str, str] = {
+    NodeCounter.REJECTED_CONTEXTS: "rejected presentation contexts",
+    NodeCounter.IDENTICAL_RESENDS: "identical re-sends",
+    NodeCounter.REFUSED_INSTANCES: "refused instances",
+    STORED_WITHOUT_ANALYSIS: "stored without analysis (AI/derived objects)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def collect(settings: Settings) -> dict[str, Any]:
     """The status document: one entry per study episode, plus totals per state."""
     if not settings.index_path.exists():
-        return {"studies": [], "totals": {}, "instances": 0, "deliveries": [], "dead_letters": []}
+        return {"studies": [], "totals": {}, "instances": 0, "deliveries": [], "dead_letters": [],
+                "node": {name: 0 for name in COUNTER_LABELS}, "studies_without_episode": []}
     index = Index(settings.index_path)
     try:
         counts = index.study_counts()
@@ -31,6 +43,8 @@ def collect(settings: Settings) -> dict[str, Any]:
         total_instances = index.count_instances()
         deliveries = index.deliveries()
         dead_letters = index.dead_letters()
+        counters: dict[str, int] = {str(counter): count for counter, count in index.counters().items()}
+        counters[STORED_WITHOUT_ANALYSIS] = index.count_instances_without_episode()
     finally:
         index.close()
     rows = []
@@ -58,6 +72,9 @@ def collect(settings: Settings) -> dict[str, Any]:
         "dead_letters": [{"id": d.id, "task": d.task, "task_id": d.task_id, "study_instance_uid": d.study_instance_uid,
                           "episode": d.episode_id, "retries": d.retries, "error": d.error,
                           "at": _iso(d.at)} for d in dead_letters],
+        "node": counters,
+        # studies of which only AI/derived objects were received: stored, nothing to analyse
+        "studies_without_episode": sorted(set(counts) - {episode.study_instance_uid for episode in episodes}),
     }
 
 
@@ -79,6 +96,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if not document["studies"]:
         out.write(f"no studies in {settings.home}\n")
+        _write_node_counters(out, document["node"])
         return 0
     out.write(f"{'STUDY INSTANCE UID':<64}  {'EP':>3}  {'STATE':<10}  {'INST':>5}  {'SER':>4}  LAST RECEIVED\n")
     for row in document["studies"]:
@@ -104,4 +122,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for row in document["dead_letters"]:
             out.write(f"  #{row['id']}  {row['task']}  {row['study_instance_uid']} episode {row['episode']}  "
                       f"{row['at']}  after {row['retries']} retry(ies): {row['error']}\n")
+    _write_node_counters(out, document["node"])
     return 0
+
+
+def _write_node_counters(out: TextIO, counts: dict[str, int]) -> None:
+    """What the DICOM node turned away or stored once, one ``label: N`` line each."""
+    for name, label in COUNTER_LABELS.items():
+        out.write(f"{label}: {counts.get(name, 0)}\n")
