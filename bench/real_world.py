@@ -83,7 +83,9 @@ def status(home: Path) -> dict[str, Any]:
     return collect(Settings(home=home))
 
 
-def run(limit: int | None, timeout: float) -> dict[str, Any]:
+def run(limit: int | None, timeout: float, send_again: bool = False) -> dict[str, Any]:
+    """Send every study once (and with *send_again* a second time, after every episode ended, as Orthanc holds it
+    then: with raddraft's SR, narrative and GSPS) and report what came back."""
     files = test_files(limit)
     with tempfile.TemporaryDirectory(prefix="raddraft-real-") as tmp, MLLPListener() as listener:
         root = Path(tmp)
@@ -118,6 +120,18 @@ def run(limit: int | None, timeout: float) -> dict[str, Any]:
                 except TimeoutError:
                     document = status(home)
                 elapsed = time.monotonic() - started
+                resend: dict[str, Any] = {}
+                if send_again:  # the PACS sends each study back, raddraft's own outputs included
+                    episodes_before = len(document["studies"])
+                    for study_id in studies:
+                        if "store_error" not in studies[study_id]:
+                            try:
+                                orthanc.store_to("raddraft", [study_id])
+                            except (urllib.error.HTTPError, OSError) as exc:
+                                resend.setdefault("store_errors", []).append(str(exc)[:120])
+                    again = status(home)
+                    resend.update(episodes_before=episodes_before, episodes_after=len(again["studies"]),
+                                  node=again["node"])
             with_results = set()
             for study_id in studies:
                 series = orthanc.get(f"/studies/{study_id}/series")
@@ -140,7 +154,7 @@ def run(limit: int | None, timeout: float) -> dict[str, Any]:
                                 for uid in document["studies_without_episode"]],
             "rows": rows, "deliveries": Counter(f"{d['kind']} {d['state']}" for d in document["deliveries"]),
             "dead_letters": [d["error"] for d in document["dead_letters"]],
-            "hl7_messages": len(listener.received)}
+            "hl7_messages": len(listener.received), "send_again": resend}
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -169,6 +183,10 @@ def print_table(report: dict[str, Any]) -> None:
     out.write(f"studies sent that raddraft never recorded: {len(report['never_arrived'])}\n")
     for names in report["never_arrived"]:
         out.write(f"  {names}\n")
+    if report["send_again"]:
+        again = report["send_again"]
+        out.write(f"every study sent again with raddraft's outputs: episodes {again['episodes_before']} -> "
+                  f"{again['episodes_after']}; node counts {again['node']}\n")
     out.write(f"dead letters: {len(report['dead_letters'])}\n")
     for error in report["dead_letters"]:
         out.write(f"  {error[:150]}\n")
@@ -179,9 +197,11 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N test files")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for every episode to end")
     parser.add_argument("--json", type=Path, default=None, help="write the whole report here")
+    parser.add_argument("--send-again", action="store_true",
+                        help="then send every study again, as Orthanc holds it with raddraft's outputs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = run(args.limit, args.timeout)
+    report = run(args.limit, args.timeout, args.send_again)
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=sorted))
