@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="redis://… in production; empty = embedded durable broker")
     handoff_retry_seconds: float = Field(2.0, gt=0, description="pause between hand-off attempts to the broker")
     task_max_retries: int = Field(8, ge=0, description="retries of a transient failure before the dead-letter table")
+    max_decode_interruptions: int = Field(
+        2, ge=1, description="times decoding an episode's images may be interrupted by a dying worker (out of "
+        "memory, killed) before the episode ends failed instead of taking the worker down again")
     task_retry_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles with each retry")
     task_retry_backoff_max_s: float = Field(300.0, gt=0, description="longest delay between two retries")
     broker_visibility_timeout_s: float = Field(

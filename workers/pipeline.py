@@ -164,9 +164,29 @@ def prepare_request(settings: Settings, study_uid: str, episode_id: int) -> Infe
         log.info("study %s episode %d: kept out of the analysis: %s", study_uid, episode_id, kept_out)
     if not decision.analysable:
         raise NotAnalysedError(decision.reason())
-    request = build_request(settings.spool_dir, decision.manifest, model_input_size(settings.model))
-    write_atomic(request_path(settings.home, study_uid, episode_id), request.to_json())
+    index = Index(settings.index_path)
+    try:
+        interrupted = decode_interruptions(index, study_uid, episode_id)
+        if interrupted >= settings.max_decode_interruptions:
+            raise StageError(f"decoding the images was interrupted {interrupted} time(s) without finishing: the "
+                             "worker died while decoding them (out of memory?); not tried again")
+        index.record_task_run(DECODE_RUN, study_uid, episode_id, "started", time.time())
+        request = build_request(settings.spool_dir, decision.manifest, model_input_size(settings.model))
+        write_atomic(request_path(settings.home, study_uid, episode_id), request.to_json())
+        index.record_task_run(DECODE_RUN, study_uid, episode_id, "built", time.time())
+    finally:
+        index.close()
     return request
+
+
+DECODE_RUN = "decode"  # task_runs of building the inference request: "started", then "built" unless the worker died
+
+
+def decode_interruptions(index: Index, study_uid: str, episode_id: int) -> int:
+    """How often building the episode's request started and never finished: each one a worker that died while
+    decoding (a restart or the broker re-delivers the task; without a count it would die again for ever)."""
+    runs = index.task_runs(study_uid, episode_id)
+    return runs.count((DECODE_RUN, "started")) - runs.count((DECODE_RUN, "built"))
 
 
 # --- report -------------------------------------------------------------------------------------------------
