@@ -25,6 +25,7 @@ from pydicom.valuerep import AMBIGUOUS_VR, VR
 
 from dicom_node.derived import DerivedKind, derived_kind
 from dicom_node.index import Arrival, Index, InstanceRecord, NodeCounter
+from dicom_node.inflate import InflatedTooLargeError, check_inflated_size
 from dicom_node.spool import InvalidUIDError, Placement, Spool, validate_uid
 from dicom_node.statuses import StoreStatus
 from raddraft import metrics
@@ -133,6 +134,12 @@ class InstanceReceiver:
         if size > self.max_instance_bytes:
             raise RefusedError(StoreStatus.OUT_OF_RESOURCES,
                                f"instance is {size / MIB:.1f} MiB; max_instance_mb is {self.max_instance_bytes / MIB}")
+        try:  # a deflated data set is inflated in bounded pieces first: pydicom would inflate it whole
+            check_inflated_size(incoming.data, UID(incoming.transfer_syntax_uid), self.max_instance_bytes)
+        except InflatedTooLargeError as exc:
+            raise RefusedError(StoreStatus.OUT_OF_RESOURCES, str(exc)) from exc
+        except ValueError as exc:
+            raise RefusedError(StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be decoded: {exc}") from exc
         identity = self._identify(incoming)
         try:
             free = self.spool.free_bytes()
