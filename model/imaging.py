@@ -4,9 +4,11 @@ The steps, in order (PS3.3 C.11 "grayscale pipeline"):
 
 1. decode one frame of any transfer syntax with pydicom's pixel decoders (the installed pylibjpeg, openjpeg,
    libjpeg, rle and pyjpegls plugins; pillow for baseline JPEG; GDCM in a child process for the 12-bit JPEG that
-   libjpeg rejects), as :mod:`model.decoders` sets them up;
+   libjpeg rejects), as :mod:`model.decoders` sets them up; the frames a caller picks of a multi-frame file are
+   read from the file one by one (:func:`prepare_frames`), never all of its pixel data at once;
 2. colour images (RGB, YBR_*, PALETTE COLOR) become luminance; grayscale images get the Modality LUT
-   (Rescale Slope/Intercept or a Modality LUT Sequence);
+   (Rescale Slope/Intercept or a Modality LUT Sequence; of an enhanced multi-frame image, the frame's own from its
+   functional groups: :func:`frame_header`);
 3. the VOI transform: the dataset's VOI LUT Sequence, else its first Window Center/Width (LINEAR, LINEAR_EXACT
    or SIGMOID), else a modality default (CT: lung window for chest studies, soft-tissue window otherwise;
    everything else: the 0.5–99.5 percentile window of the image);
@@ -23,13 +25,18 @@ pixels of columns a..b and rows c..d is (a, c, b + 1, d + 1).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder, iter_pixels
+from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from model import decoders
@@ -53,6 +60,14 @@ NON_IMAGE_PIXEL_SOP_CLASSES: frozenset[str] = frozenset({
 })
 
 Box = tuple[float, float, float, float]
+
+# Functional group macros (PS3.3 C.7.6.16) whose attributes a frame's pixels need, lifted to the top level by
+# frame_header: rescale, window, plane position and orientation, pixel spacing.
+FRAME_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence", "PlanePositionSequence",
+                "PlaneOrientationSequence", "PixelMeasuresSequence")
+_NOT_OF_A_FRAME = frozenset({Tag("PixelData"), Tag("SharedFunctionalGroupsSequence"),
+                             Tag("PerFrameFunctionalGroupsSequence")})
+HEADER_DEFER_SIZE = "64 KB"  # a multi-frame file's header is read with its pixel data left in the file
 
 
 class ImageDecodeError(ValueError):
@@ -182,6 +197,35 @@ def decode_frame(ds: Dataset, frame: int = 0) -> tuple[np.ndarray, str]:
     return array, photometric
 
 
+def frame_header(ds: Dataset, frame: int = 0) -> Dataset:
+    """The attributes of frame *frame* (0-based) of an enhanced multi-frame image as a single-frame image has them:
+    the top-level attributes (no pixel data) with those of the :data:`FRAME_MACROS` of the Shared Functional Groups
+    Sequence, then of the frame's item of the Per-frame Functional Groups Sequence (which wins), at the top level.
+    *ds* itself when it has no functional groups (a classic image, a legacy multi-frame one)."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not shared and not per_frame:
+        return ds
+    if per_frame and not 0 <= frame < len(per_frame):
+        raise ValueError(f"frame index {frame} is outside the {len(per_frame)} items of the Per-frame Functional "
+                         "Groups Sequence")
+    header = Dataset()
+    for tag in sorted(ds.keys()):  # by tag: iterating the data set would read a pixel data value left in the file
+        if tag not in _NOT_OF_A_FRAME:
+            header.add(ds[tag])
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    for groups in (shared[0] if shared else None, per_frame[frame] if per_frame else None):
+        if groups is None:
+            continue
+        for macro in FRAME_MACROS:
+            items = groups.get(macro)
+            if items:
+                for element in items[0]:
+                    header.add(element)
+    return header
+
+
 def display_values(
     ds: Dataset, frame: int = 0, *, window: tuple[float, float] | None = None
 ) -> np.ndarray:
@@ -190,6 +234,11 @@ def display_values(
     *window* (center, width) overrides the dataset's VOI transform and the modality default.
     """
     stored, photometric = decode_frame(ds, frame)
+    return _display(stored, photometric, frame_header(ds, frame), window)
+
+
+def _display(stored: np.ndarray, photometric: str, ds: Dataset, window: tuple[float, float] | None) -> np.ndarray:
+    """Display values of decoded stored values; *ds* holds the frame's LUT attributes (:func:`frame_header`)."""
     if photometric == "PALETTE COLOR":
         stored = apply_color_lut(stored, ds)
         photometric = "RGB"
@@ -241,6 +290,60 @@ def prepare_image(
 ) -> PreparedImage:
     """Decode, window and letterbox one frame of *ds* for a model with a ``model_size`` square input."""
     return prepare_display(display_values(ds, frame, window=window), model_size)
+
+
+def read_header(path: Path) -> Dataset:
+    """The data set of a (multi-frame) file with its pixel data left in the file: the attributes that
+    :func:`prepare_frames` needs, without the memory of every frame."""
+    return dcmread(path, defer_size=HEADER_DEFER_SIZE)
+
+
+def prepare_frames(path: Path, header: Dataset, frames: Sequence[int], model_size: int, *,
+                   window: tuple[float, float] | None = None) -> list[PreparedImage]:
+    """The model inputs of frames *frames* (0-based, as :func:`prepare_image` takes them) of the multi-frame file
+    at *path*, whose data set :func:`read_header` read; each frame is read from the file and decoded on its own."""
+    _require_image(header)
+    syntax = _transfer_syntax(header)
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise ImageDecodeError(f"transfer syntax {syntax} ({syntax.name}) has no pixel data decoder in pydicom"
+                               ) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        raise ImageDecodeError(f"transfer syntax {syntax} ({syntax.name}) needs a plugin that is not installed: "
+                               f"{missing}")
+    count = int(header.get("NumberOfFrames") or 1)
+    outside = sorted(f for f in frames if not 0 <= f < count)
+    if outside:
+        raise ValueError(f"frame index {outside[0]} is outside the {count} frame(s) of the image")
+    _require_whole_pixel_data(path, header)
+    wanted = sorted(set(frames))
+    decoded: dict[int, np.ndarray] = {}
+    try:
+        for index, array in zip(wanted, iter_pixels(path, indices=wanted), strict=True):
+            decoded[index] = array
+    except Exception as exc:  # each plugin raises its own types; all mean "cannot decode these bytes"
+        raise ImageDecodeError(f"pixel data in transfer syntax {syntax} ({syntax.name}) cannot be decoded: {exc}"
+                               ) from exc
+    prepared = []
+    for index in frames:
+        stored = decoded[index]
+        photometric = "RGB" if stored.ndim == 3 else str(header.get("PhotometricInterpretation", ""))
+        prepared.append(prepare_display(_display(stored, photometric, frame_header(header, index), window),
+                                        model_size))
+    return prepared
+
+
+def _require_whole_pixel_data(path: Path, header: Dataset) -> None:
+    """A truncated file is refused with the decoder's words before its frames are read."""
+    element = header.get_item("PixelData", keep_deferred=True)
+    if not isinstance(element, RawDataElement) or element.length == 0xFFFFFFFF:
+        return  # read already (a small value), or encapsulated: the decoder checks each fragment
+    available = path.stat().st_size - element.value_tell
+    if available < element.length:
+        raise ImageDecodeError(f"the pixel data is {available} bytes, less than expected ({element.length} bytes): "
+                               "the file is truncated")
 
 
 def _require_image(ds: Dataset) -> None:

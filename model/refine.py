@@ -47,9 +47,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
-from model.imaging import decode_frame, display_values
+from model.imaging import decode_frame, display_values, frame_header
 from model.result import Finding
-from model.slices import iou
+from model.slices import finding_slice, iou, slice_key
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,11 @@ class Component:
         return _centre(self.box)
 
 
-def hounsfield(ds: Dataset) -> np.ndarray:
-    """The first frame of a CT image in Hounsfield units (the Modality LUT applied)."""
-    stored, _ = decode_frame(ds)
-    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+def hounsfield(ds: Dataset, frame: int = 0) -> np.ndarray:
+    """One frame (0-based; the first by default) of a CT image in Hounsfield units (the Modality LUT applied: of an
+    enhanced CT, the frame's own from its functional groups)."""
+    stored, _ = decode_frame(ds, frame)
+    return np.asarray(apply_modality_lut(stored, frame_header(ds, frame)), dtype=np.float32)
 
 
 def components(mask: np.ndarray) -> list[tuple[int, slice, slice]]:
@@ -236,7 +237,7 @@ def radiograph_box(display: np.ndarray, box: Box, policy: RefinePolicy) -> Box |
 def _dedupe(findings: list[Finding]) -> list[Finding]:
     kept: list[Finding] = []
     for finding in findings:
-        if any(k.label == finding.label and k.sop_instance_uid == finding.sop_instance_uid
+        if any(k.label == finding.label and finding_slice(k) == finding_slice(finding)
                and iou(k.box, finding.box) >= 0.5 for k in kept):
             continue
         kept.append(finding)
@@ -244,22 +245,28 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
 
 
 def refine_findings(findings: Sequence[Finding], datasets: Sequence[Dataset],
-                    displays: Sequence[np.ndarray] | None = None, policy: RefinePolicy | None = None) -> list[Finding]:
-    """*findings* of one series (*datasets* in spatial order; *displays* their display values when the caller
-    has them, else they are computed where needed) with the boxes of focal lesions refined; same order, at most
-    fewer (same-slice duplicates after following slices)."""
+                    displays: Sequence[np.ndarray] | None = None, policy: RefinePolicy | None = None, *,
+                    frames: Sequence[int | None] | None = None) -> list[Finding]:
+    """*findings* of one series (*datasets* its slices in spatial order; *displays* their display values when the
+    caller has them, else they are computed where needed) with the boxes of focal lesions refined; same order, at
+    most fewer (same-slice duplicates after following slices). A slice that is a frame of a multi-frame image is
+    its dataset with its 1-based number in *frames* (None for a single-frame image; all None when not given)."""
     policy = policy or RefinePolicy()
     if not policy.enabled or not findings:
         return list(findings)
+    numbers = list(frames) if frames is not None else [None] * len(datasets)
+    if len(numbers) != len(datasets):
+        raise ValueError(f"frames has {len(numbers)} entries for {len(datasets)} slices")
     modality = str(datasets[0].get("Modality", "")).upper()
     if modality not in RADIOGRAPH_MODALITIES and modality != "CT":
         return list(findings)
-    index = {str(ds.SOPInstanceUID): k for k, ds in enumerate(datasets)}
-    hus: list[np.ndarray] = [hounsfield(ds) for ds in datasets] if modality == "CT" and any(
-        f.label in FOCAL_LABELS for f in findings) else []
+    index = {slice_key(str(ds.SOPInstanceUID), number): k
+             for k, (ds, number) in enumerate(zip(datasets, numbers, strict=True))}
+    hus: list[np.ndarray] = [hounsfield(ds, (number or 1) - 1) for ds, number in zip(datasets, numbers, strict=True)
+                             ] if modality == "CT" and any(f.label in FOCAL_LABELS for f in findings) else []
     refined = []
     for finding in findings:
-        k = index.get(finding.sop_instance_uid)
+        k = index.get(finding_slice(finding))
         if finding.label not in FOCAL_LABELS or k is None:
             refined.append(finding)
             continue
@@ -269,9 +276,10 @@ def refine_findings(findings: Sequence[Finding], datasets: Sequence[Dataset],
                 refined.append(finding)
                 continue
             k, found = follow_slices(hus, k, found, policy)
-            update = {"box": found.box, "sop_instance_uid": str(datasets[k].SOPInstanceUID)}
+            update = {"box": found.box, "sop_instance_uid": str(datasets[k].SOPInstanceUID),
+                      "frame_number": numbers[k]}
         else:
-            display = displays[k] if displays is not None else display_values(datasets[k])
+            display = displays[k] if displays is not None else display_values(datasets[k], (numbers[k] or 1) - 1)
             box = radiograph_box(display, finding.box, policy)
             if box is None:
                 refined.append(finding)

@@ -73,11 +73,24 @@ class AnalysisResult(_Strict):
     report: DraftReport
     findings: list[Finding]
     analysed_instances: list[str] = Field(description="SOP Instance UIDs the model looked at")
+    analysed_frames: dict[str, list[int]] = Field(
+        default_factory=dict, description="the 1-based frames the model read of each multi-frame image of "
+        "analysed_instances (results written before frames were read: empty)")
     raw_outputs: dict[str, str] = Field(default_factory=dict, description="model text per task/instance")
     status: Literal["preliminary", "final"] = "preliminary"
     created_at: datetime
     supersedes: list[DocumentReference] = Field(
         default_factory=list, description="the previous episode's report documents these outputs replace")
+
+    @model_validator(mode="after")
+    def _frames_are_of_analysed_instances(self) -> AnalysisResult:
+        for uid, frames in self.analysed_frames.items():
+            if uid not in self.analysed_instances:
+                raise ValueError(f"analysed_frames names SOP Instance UID {uid}, which is not in analysed_instances")
+            if not frames or min(frames) < 1:
+                raise ValueError(f"analysed_frames of SOP Instance UID {uid} must be 1-based frame numbers, got "
+                                 f"{frames}")
+        return self
 
     def write(self, path: Path) -> None:
         write_atomic(path, self.model_dump_json(indent=2).encode())

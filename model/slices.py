@@ -1,9 +1,12 @@
 """The multi-slice policy: which images of a CT/MR series the model reads, and how per-slice findings merge.
 
-Selection. A series of *n* images (in the manifest's spatial order) is cut into ``k = min(n, max_per_series)``
-equal runs and the middle image of each run is analysed: indices ``floor((i + 0.5) * n / k)`` for
-``i = 0 … k-1``. The choice depends only on the series length — never on the truth or the pixels — so it is
-the same in production and in evaluation. A series of ``k`` images or fewer is read whole; a radiograph
+Selection. The unit is the slice: a single-frame image, or one frame of a multi-frame image (an enhanced CT/MR
+holds a whole series in one instance; a US/XA cine loop holds its frames). A series of *n* slices (in the
+manifest's order: its instances spatially, each multi-frame image's frames spatially, else by number) is cut into
+``k = min(n, max_per_series)`` equal runs and the middle slice of each run is analysed: indices
+``floor((i + 0.5) * n / k)`` for ``i = 0 … k-1``. So the frames of an enhanced series are picked exactly as the
+instances of a classic one. The choice depends only on the series length — never on the truth or the pixels — so
+it is the same in production and in evaluation. A series of ``k`` slices or fewer is read whole; a radiograph
 (one image) is always read. Images without pixels (``rows``/``columns`` absent) are skipped first.
 
 Merging. The model reads each selected slice on its own, so one lesion crossing several slices comes back
@@ -15,7 +18,8 @@ few pixels apart on two neighbouring slices is one nodule, although its two smal
 Chains of such pairs form one group. Each group becomes one finding: the member with the largest box (ties:
 the member on the middle slice of the group, then the first in slice order), which is also the slice the
 phantom truth names. The merged finding keeps that member's slice, box, laterality and site; ``support`` counts the
-slices it was seen on. Findings on instances outside the selection are kept unmerged.
+slices it was seen on. Findings on slices outside the selection are kept unmerged. A finding's slice is its
+:func:`slice_key`: its SOP Instance UID, with its frame number on a multi-frame image.
 
 Key slice of a surrounded lesion. A tumour and the oedema around it are read on one key image: where a merged
 finding of a label in ``SlicePolicy.surroundings`` (``tumor``, surrounded by ``edema``) lies, in-plane, inside a
@@ -67,11 +71,44 @@ class SlicePosition:
     rank: int  # position among the analysed slices of the series
 
 
+def slice_key(sop_instance_uid: str, frame_number: int | None = None) -> str:
+    """The name of one slice: the SOP Instance UID of a single-frame image, ``<UID>:<frame number>`` for a frame of
+    a multi-frame image (a UID holds only digits and dots, so the two never collide)."""
+    return sop_instance_uid if frame_number is None else f"{sop_instance_uid}:{frame_number}"
+
+
+def finding_slice(finding: Finding) -> str:
+    """The :func:`slice_key` of the slice *finding* was drawn on."""
+    return slice_key(finding.sop_instance_uid, finding.frame_number)
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One slice of a series: an image, or one frame of a multi-frame image."""
+
+    instance: InstanceEntry
+    frame_number: int | None = None  # 1-based frame of a multi-frame image; None for a single-frame image
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.instance.sop_instance_uid
+
+    @property
+    def frame_index(self) -> int:
+        """0-based, as model.imaging decodes it (0 for a single-frame image)."""
+        return 0 if self.frame_number is None else self.frame_number - 1
+
+    @property
+    def key(self) -> str:
+        return slice_key(self.instance.sop_instance_uid, self.frame_number)
+
+
 @dataclass(frozen=True)
 class MergedFinding:
     finding: Finding
     support: int  # how many analysed slices showed it
-    sop_instance_uids: tuple[str, ...]  # every slice of the group, in slice order
+    sop_instance_uids: tuple[str, ...]  # every image of the group, in slice order
+    slices: tuple[str, ...] = ()  # every slice of the group (slice_key), in slice order
 
 
 def select_indices(count: int, max_per_series: int) -> list[int]:
@@ -84,21 +121,35 @@ def select_indices(count: int, max_per_series: int) -> list[int]:
     return [int((i + 0.5) * count / k) for i in range(k)]
 
 
-def select_instances(series: SeriesEntry, policy: SlicePolicy) -> list[InstanceEntry]:
-    """The images of *series* the model reads, in spatial order."""
-    images = [instance for instance in series.instances if instance.has_pixels]
-    return [images[i] for i in select_indices(len(images), policy.max_per_series)]
+def series_slices(series: SeriesEntry) -> list[SliceRef]:
+    """Every slice of *series* with pixels, in the manifest's order: a multi-frame image's frames in its place."""
+    slices: list[SliceRef] = []
+    for instance in series.instances:
+        if not instance.has_pixels:
+            continue
+        if instance.is_multiframe:
+            slices.extend(SliceRef(instance, number) for number in instance.frame_numbers())
+        else:
+            slices.append(SliceRef(instance))
+    return slices
 
 
-def plan_study(manifest: StudyManifest, policy: SlicePolicy) -> tuple[list[tuple[SeriesEntry, InstanceEntry]],
+def select_slices(series: SeriesEntry, policy: SlicePolicy) -> list[SliceRef]:
+    """The slices of *series* the model reads, in slice order."""
+    slices = series_slices(series)
+    return [slices[i] for i in select_indices(len(slices), policy.max_per_series)]
+
+
+def plan_study(manifest: StudyManifest, policy: SlicePolicy) -> tuple[list[tuple[SeriesEntry, SliceRef]],
                                                                        dict[str, SlicePosition]]:
-    """The (series, instance) pairs to analyse and each one's slice position, for :func:`merge_findings`."""
-    chosen: list[tuple[SeriesEntry, InstanceEntry]] = []
+    """The (series, slice) pairs to analyse and each slice's position (by :func:`slice_key`), for
+    :func:`merge_findings`."""
+    chosen: list[tuple[SeriesEntry, SliceRef]] = []
     positions: dict[str, SlicePosition] = {}
     for series in manifest.series:
-        for rank, instance in enumerate(select_instances(series, policy)):
-            chosen.append((series, instance))
-            positions[instance.sop_instance_uid] = SlicePosition(series.series_instance_uid, rank)
+        for rank, picked in enumerate(select_slices(series, policy)):
+            chosen.append((series, picked))
+            positions[picked.key] = SlicePosition(series.series_instance_uid, rank)
     return chosen, positions
 
 
@@ -139,7 +190,8 @@ def same_lesion(a: tuple[float, float, float, float], b: tuple[float, float, flo
 
 def merge_findings(findings: Sequence[Finding], positions: Mapping[str, SlicePosition], policy: SlicePolicy
                    ) -> list[MergedFinding]:
-    """One finding per lesion, following the rule in the module docstring; output in input order of leaders."""
+    """One finding per lesion, following the rule in the module docstring; output in input order of leaders.
+    *positions* are keyed by :func:`slice_key`."""
     parent = list(range(len(findings)))
 
     def root(i: int) -> int:
@@ -149,12 +201,12 @@ def merge_findings(findings: Sequence[Finding], positions: Mapping[str, SlicePos
         return i
 
     for i, a in enumerate(findings):
-        pa = positions.get(a.sop_instance_uid)
+        pa = positions.get(finding_slice(a))
         if pa is None:
             continue
         for j in range(i + 1, len(findings)):
             b = findings[j]
-            pb = positions.get(b.sop_instance_uid)
+            pb = positions.get(finding_slice(b))
             if (pb is None or a.label != b.label or pa.series_instance_uid != pb.series_instance_uid
                     or abs(pa.rank - pb.rank) > policy.max_gap or pa.rank == pb.rank
                     or not same_lesion(a.box, b.box, policy)):
@@ -166,7 +218,7 @@ def merge_findings(findings: Sequence[Finding], positions: Mapping[str, SlicePos
         groups.setdefault(root(i), []).append(i)
 
     def rank(i: int) -> int:
-        position = positions.get(findings[i].sop_instance_uid)
+        position = positions.get(finding_slice(findings[i]))
         return position.rank if position else 0
 
     chosen: list[tuple[int, list[int]]] = []  # (the group's finding, its members in slice order)
@@ -180,8 +232,9 @@ def merge_findings(findings: Sequence[Finding], positions: Mapping[str, SlicePos
               for best, ordered in chosen]
     merged = []
     for best, ordered in chosen:
+        keys = tuple(dict.fromkeys(finding_slice(findings[i]) for i in ordered))
         uids = tuple(dict.fromkeys(findings[i].sop_instance_uid for i in ordered))
-        merged.append(MergedFinding(findings[best], len(uids), uids))
+        merged.append(MergedFinding(findings[best], len(keys), uids, keys))
     return merged
 
 
@@ -190,18 +243,18 @@ def _key_slice(findings: Sequence[Finding], best: int, members: Sequence[int], l
     """The member of a lesion's group on the slice of the finding surrounding it (module docstring), else *best*."""
     lesion = findings[best]
     surrounding_labels = {around for label, around in policy.surroundings if label == lesion.label}
-    position = positions.get(lesion.sop_instance_uid)
+    position = positions.get(finding_slice(lesion))
     if not surrounding_labels or position is None:
         return best
     cx, cy = (lesion.box[0] + lesion.box[2]) / 2, (lesion.box[1] + lesion.box[3]) / 2
     around = [f for f in leaders if f.label in surrounding_labels
-              and (where := positions.get(f.sop_instance_uid)) is not None
+              and (where := positions.get(finding_slice(f))) is not None
               and where.series_instance_uid == position.series_instance_uid
               and f.box[0] <= cx <= f.box[2] and f.box[1] <= cy <= f.box[3]]
     if not around:
         return best
     nearest = min(around, key=lambda f: math.hypot((f.box[0] + f.box[2]) / 2 - cx, (f.box[1] + f.box[3]) / 2 - cy))
-    if nearest.sop_instance_uid == lesion.sop_instance_uid:
+    if finding_slice(nearest) == finding_slice(lesion):
         return best
-    there = [i for i in members if findings[i].sop_instance_uid == nearest.sop_instance_uid]
+    there = [i for i in members if finding_slice(findings[i]) == finding_slice(nearest)]
     return max(there, key=lambda i: (_area(findings[i].box), -i)) if there else best

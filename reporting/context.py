@@ -17,7 +17,7 @@ from pydicom.uid import UID
 
 from model.result import AnalysisResult, Finding
 from reporting.uids import OutputKind, output_uid
-from workers.manifest import SeriesEntry, StudyManifest
+from workers.manifest import InstanceEntry, SeriesEntry, StudyManifest
 
 MANUFACTURER = "raddraft"
 DEVICE_SERIAL_NUMBER = "0"  # software device: no hardware serial number (GSPS General Equipment needs a value)
@@ -86,6 +86,16 @@ class LocatedFinding:
 
 
 @dataclass(frozen=True)
+class AnalysedImage:
+    """An image the model read: its manifest entry, its source dataset and, of a multi-frame image, the 1-based
+    frames read (empty for a single-frame image, and for a result written before frames were recorded)."""
+
+    instance: InstanceEntry
+    image: Dataset
+    frames: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class ReportInputs:
     manifest: StudyManifest
     result: AnalysisResult
@@ -149,6 +159,30 @@ class ReportInputs:
         if not self.manifest.series:
             raise ValueError(f"manifest of study {self.manifest.study_instance_uid} has no series")
         return self.manifest.series[0]
+
+    def analysed_images(self) -> list[tuple[SeriesEntry, list[AnalysedImage]]]:
+        """The images the model read (AnalysisResult.analysed_instances, and any image a finding is on), each with
+        the frames read of a multi-frame image, per series; series and images in manifest order."""
+        uids = list(dict.fromkeys([*self.result.analysed_instances,
+                                   *(f.sop_instance_uid for f in self.result.findings)]))
+        found: dict[str, tuple[SeriesEntry, InstanceEntry]] = {}
+        for uid in uids:
+            found[uid] = self.manifest.find_instance(uid)
+        groups: list[tuple[SeriesEntry, list[AnalysedImage]]] = []
+        for series in self.manifest.series:
+            members = [AnalysedImage(instance, self.sources[instance.sop_instance_uid],
+                                     tuple(self._frames_read(instance)))
+                       for instance in series.instances if instance.sop_instance_uid in found]
+            if members:
+                groups.append((series, members))
+        return groups
+
+    def _frames_read(self, instance: InstanceEntry) -> list[int]:
+        uid = instance.sop_instance_uid
+        frames = set(self.result.analysed_frames.get(uid, []))
+        frames.update(f.frame_number for f in self.result.findings
+                      if f.sop_instance_uid == uid and f.frame_number is not None)
+        return sorted(frames)
 
     def annotated_images(self) -> list[tuple[Dataset, list[LocatedFinding]]]:
         """Each image that has findings, with its findings, in the order the images first appear."""

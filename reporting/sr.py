@@ -7,6 +7,13 @@ localized nothing gets one TID 1501 group saying so (TID 1500 needs at least one
 only when the report text states a normal study, otherwise with no finding type, so that the SR never
 contradicts a narrative that states an unlocalized finding (see :func:`_no_finding_group`).
 
+What was analysed. The TID 1600 Image Library lists every image the model read, one Image Library Group per
+series (its modality and frame of reference shared), each image with its size and, of a multi-frame image, the
+frames read (ReferencedFrameNumber); a TID 1500 Qualitative Evaluations container holds one text per analysed
+series naming it (number, description when it has one, modality) and how many of its images or frames were read.
+Both are built from the attributes that are there: an empty or absent Type 2/3 attribute (series number,
+description, frame of reference) leaves its item out, never the document.
+
 Draft: COMPLETE / UNVERIFIED / PRELIMINARY. Final (after a radiologist signs): VERIFIED / FINAL, with the
 verifying observer and organization, and the draft referenced as its predecessor.
 """
@@ -28,6 +35,7 @@ from reporting import codes as rcodes
 from reporting.context import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
+    AnalysedImage,
     LocatedFinding,
     ReportInputs,
     Signoff,
@@ -37,7 +45,7 @@ from reporting.context import (
     tracking_uid,
 )
 from reporting.uids import OutputKind, device_uid, output_uid
-from workers.manifest import StudyManifest
+from workers.manifest import SeriesEntry, StudyManifest
 
 logger = logging.getLogger(__name__)
 
@@ -155,19 +163,117 @@ def _no_finding_group(inputs: ReportInputs) -> hd.sr.MeasurementsAndQualitativeE
 
 
 def build_measurement_report(inputs: ReportInputs) -> hd.sr.MeasurementReport:
-    """The TID 1500 content tree of the findings."""
+    """The TID 1500 content tree of the findings, with the image library and the analysed series."""
     groups: Sequence[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
                      | hd.sr.MeasurementsAndQualitativeEvaluations]
     groups = [_finding_group(located, inputs.result) for located in inputs.located_findings()]
     if not groups:
         groups = [_no_finding_group(inputs)]
-    return hd.sr.MeasurementReport(
+    report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer_context(
             inputs.result.model)),
         procedure_reported=procedure_reported(inputs),
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
+    analysed = inputs.analysed_images()
+    if analysed:
+        content = report[0].ContentSequence
+        measurements = next(n for n, item in enumerate(content)
+                            if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value)
+        content.insert(measurements, image_library(analysed))  # TID 1500 row 5, before row 6
+        content.append(analysed_series_texts(inputs.manifest, analysed))  # row 12
+    return report
+
+
+_PIXELS = hd.sr.CodedConcept(value="{pixels}", meaning="Pixels", scheme_designator="UCUM")
+_SOURCE = hd.sr.CodedConcept(value="260753009", meaning="Source", scheme_designator="SCT")  # as highdicom's library
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(value="C0034375", meaning="Qualitative Evaluations",
+                                             scheme_designator="UMLS")
+_ACQUISITION_MODALITIES = {code.value: code for code in (getattr(codes.cid29, name) for name in codes.cid29.dir())}
+
+
+def image_library(analysed: Sequence[tuple[SeriesEntry, Sequence[AnalysedImage]]]) -> hd.sr.ContainerContentItem:
+    """TID 1600: an Image Library Group (TID 1602 shared descriptors: modality, frame of reference) per analysed
+    series, with a TID 1601 entry per analysed image (its frames read, its rows and columns).
+
+    highdicom's own library (``MeasurementReport(referenced_images=...)``) needs Type 2/3 attributes that real
+    images leave empty or lack (Patient Orientation, Imager Pixel Spacing, Slice Thickness) and the geometry of a
+    single-frame image at the top level, so it is built here from the items that the image has."""
+    library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary,
+                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = hd.sr.ContentSequence()
+    for series, members in analysed:
+        group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        group.ContentSequence = hd.sr.ContentSequence()
+        modality = _ACQUISITION_MODALITIES.get(series.modality.upper())
+        if modality is not None:
+            group.ContentSequence.append(hd.sr.CodeContentItem(
+                name=codes.DCM.Modality, value=modality,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT))
+        frames_of_reference = {str(m.image.get("FrameOfReferenceUID") or "") for m in members}
+        if len(frames_of_reference) == 1 and (uid := frames_of_reference.pop()):
+            group.ContentSequence.append(hd.sr.UIDRefContentItem(
+                name=codes.DCM.FrameOfReferenceUID, value=uid,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT))
+        for member in members:
+            group.ContentSequence.append(_library_entry(member))
+        library.ContentSequence.append(group)
+    return library
+
+
+def _library_entry(member: AnalysedImage) -> hd.sr.ImageContentItem:
+    image = member.image
+    entry = hd.sr.ImageContentItem(
+        name=_SOURCE, referenced_sop_class_uid=image.SOPClassUID, referenced_sop_instance_uid=image.SOPInstanceUID,
+        referenced_frame_numbers=list(member.frames) or None,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    entry.ContentSequence = hd.sr.ContentSequence()
+    for name, keyword in ((codes.DCM.PixelDataRows, "Rows"), (codes.DCM.PixelDataColumns, "Columns")):
+        value = image.get(keyword)
+        if value:
+            entry.ContentSequence.append(hd.sr.NumContentItem(
+                name=name, value=int(value), unit=_PIXELS,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT))
+    return entry
+
+
+def analysed_series_texts(manifest: StudyManifest, analysed: Sequence[tuple[SeriesEntry, Sequence[AnalysedImage]]]
+                          ) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12: Qualitative Evaluations holding one Comment per analysed series
+    (:func:`analysed_series_text`)."""
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence()
+    for series, members in analysed:
+        container.ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=analysed_series_text(series, members),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return container
+
+
+def analysed_series_text(series: SeriesEntry, members: Sequence[AnalysedImage]) -> str:
+    """E.g. ``Analysed series 3 "AX T2" (MR): 8 of 40 frames of 1 multi-frame image read`` or
+    ``Analysed series 1 (CR): 2 of 2 images read``; no number, description or modality: that part is left out."""
+    name = "Analysed series" + (f" {series.series_number}" if series.series_number is not None else "")
+    if series.series_description:
+        name += f' "{series.series_description}"'
+    if series.modality:
+        name += f" ({series.modality})"
+    images = [instance for instance in series.instances if instance.has_pixels]
+    multiframe = [m for m in members if m.instance.is_multiframe]
+    single = [m for m in members if not m.instance.is_multiframe]
+    parts = []
+    if single:
+        total = sum(1 for instance in images if not instance.is_multiframe)
+        parts.append(f"{len(single)} of {total} image{'s' if total != 1 else ''}")
+    if multiframe:
+        read = sum(len(m.frames) or 1 for m in multiframe)
+        total = sum(m.instance.number_of_frames for m in multiframe)
+        parts.append(f"{read} of {total} frames of {len(multiframe)} multi-frame image"
+                     f"{'s' if len(multiframe) != 1 else ''}")
+    return f"{name}: {' and '.join(parts)} read"
 
 
 def build_findings_sr(

@@ -1,22 +1,26 @@
 """Real source studies for the reporting tests: a generated chest CR (800 rows x 600 columns, two views), a
-generated legacy multi-frame SC image and pydicom's shipped CT_small/MR_small, copied into a temp spool dir, with
-a StudyManifest and AnalysisResult.
+generated legacy multi-frame SC image, pydicom's shipped CT_small/MR_small, and an enhanced multi-frame CT/MR made
+from CT_small/MR_small slices by highdicom's legacy converters, copied into a temp spool dir, with a
+StudyManifest and AnalysisResult.
 
 Also the validators: dciodvfy (dicom3tools), dsrdump (dcmtk) and PixelMed's DicomSRValidator.
 """
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
@@ -153,6 +157,46 @@ def make_multiframe_sc(study_uid: str, series_uid: str, frames: int = 3, rows: i
     return ds
 
 
+SLICE_GAP_MM = 5.0
+
+
+def classic_slices(name: str, count: int, series_uid: str | None = None) -> list[Dataset]:
+    """*count* single-frame slices of one series made from pydicom's *name* (CT_small.dcm, MR_small.dcm), given
+    from the top down: slice k (Instance Number k + 1) lies ``SLICE_GAP_MM * (count - 1 - k)`` above the original
+    along z, its pixels are the original's rolled k columns (so that slices differ), window 40/400 (CT) or the
+    original's."""
+    original = pydicom.dcmread(PYDICOM_TEST_FILES / name)
+    pixels = original.pixel_array
+    series_uid = series_uid or generate_uid(entropy_srcs=[name, str(count), "classic"])
+    slices = []
+    for k in range(count):
+        ds = copy.deepcopy(original)
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[series_uid, str(k)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesInstanceUID = series_uid
+        ds.InstanceNumber = k + 1
+        x, y, z = (float(v) for v in original.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + SLICE_GAP_MM * (count - 1 - k)]
+        ds.PixelData = np.roll(pixels, k, axis=1).tobytes()
+        if "WindowCenter" not in ds:
+            ds.WindowCenter, ds.WindowWidth = 40, 400
+        slices.append(ds)
+    return slices
+
+
+def legacy_enhanced(slices: Sequence[Dataset], series_number: int = 9) -> Dataset:
+    """The slices as one Legacy Converted Enhanced CT or MR image (highdicom's converter keeps their order: frame
+    k + 1 is slice k), with file meta."""
+    convert = {"CT": hd.legacy.LegacyConvertedEnhancedCTImage,
+               "MR": hd.legacy.LegacyConvertedEnhancedMRImage}[slices[0].Modality]
+    uid = str(slices[0].SeriesInstanceUID)
+    enhanced = convert(list(slices), series_instance_uid=generate_uid(entropy_srcs=[uid, "enhanced"]),
+                       series_number=series_number, sop_instance_uid=generate_uid(entropy_srcs=[uid, "frames"]),
+                       instance_number=1)
+    enhanced.SeriesDescription = f"enhanced {slices[0].Modality}"
+    return enhanced
+
+
 def write_source(spool: Path, relative: str, ds: Dataset) -> None:
     path = spool / relative
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,9 +213,12 @@ def manifest_for(spool: Path, relatives: Sequence[str], episode_id: int = 7) -> 
     entries = []
     for series_uid, members in series.items():
         head = members[0][1]
+        number = head.get("SeriesNumber")
         entries.append(SeriesEntry(
             series_instance_uid=series_uid,
             modality=head.Modality,
+            series_number=int(number) if number not in (None, "") else None,
+            series_description=head.get("SeriesDescription") or "",
             body_part_examined=head.get("BodyPartExamined", ""),
             instances=[InstanceEntry(
                 sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, path=relative,
@@ -213,6 +260,14 @@ def multiframe_study(root: Path, episode_id: int = 5) -> Study:
     return Study(spool, manifest, load(spool, manifest))
 
 
+def enhanced_study(root: Path, name: str = "CT_small.dcm", frames: int = 12, episode_id: int = 4) -> Study:
+    """One legacy-converted enhanced CT (or MR) of *frames* frames from pydicom's *name* in ``root/spool``."""
+    spool = root / "spool"
+    write_source(spool, "enhanced/frames.dcm", legacy_enhanced(classic_slices(name, frames)))
+    manifest = manifest_for(spool, ["enhanced/frames.dcm"], episode_id)
+    return Study(spool, manifest, load(spool, manifest))
+
+
 def shipped_study(root: Path, name: str, episode_id: int = 3) -> Study:
     """One of pydicom's shipped test files (CT_small.dcm, MR_small.dcm) copied into ``root/spool``."""
     spool = root / "spool"
@@ -240,6 +295,45 @@ def cr_findings(study: Study) -> list[Finding]:
                 site="right upper lung"),
         Finding(label="Kerley B lines", sop_instance_uid=pa, box=(20.5, 600.25, 180.0, 790.0)),
     ]
+
+
+# --- reading an SR back ---------------------------------------------------------------------------------------
+
+def walk(items: Sequence[Dataset]) -> Iterator[Dataset]:
+    """Every content item of an SR content sequence, depth first."""
+    for item in items:
+        yield item
+        yield from walk(item.get("ContentSequence", []))
+
+
+def _frames_of(item: Dataset) -> list[int] | None:
+    """The ReferencedFrameNumber of an IMAGE content item, None when it references the whole image."""
+    value = item.ReferencedSOPSequence[0].get("ReferencedFrameNumber")
+    if value is None:
+        return None
+    return [int(f) for f in (value if isinstance(value, list | MultiValue) else [value])]
+
+
+def _named(sr: Dataset, meaning: str) -> list[Dataset]:
+    return [item for item in walk(sr.ContentSequence) if item.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+def library_frames(sr: Dataset) -> dict[str, list[int] | None]:
+    """SOP Instance UID -> frames of every image in the SR's TID 1600 Image Library."""
+    [library] = _named(sr, "Image Library")
+    return {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: _frames_of(item)
+            for item in walk(library.ContentSequence) if item.ValueType == "IMAGE"}
+
+
+def scoord_frames(sr: Dataset) -> list[list[int] | None]:
+    """The frames each SCOORD of the SR is drawn on."""
+    return [_frames_of(child) for item in walk(sr.ContentSequence) if item.ValueType == "SCOORD"
+            for child in item.ContentSequence if child.ValueType == "IMAGE"]
+
+
+def analysed_series_comments(sr: Dataset) -> list[str]:
+    [evaluations] = _named(sr, "Qualitative Evaluations")
+    return [item.TextValue for item in evaluations.ContentSequence if item.ValueType == "TEXT"]
 
 
 # --- validators ---------------------------------------------------------------------------------------------

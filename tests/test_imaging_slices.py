@@ -8,8 +8,8 @@ import pytest
 
 from model.phantoms import generate_study, study_rng
 from model.result import Finding
-from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study, select_indices
-from workers.manifest import InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
+from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study, select_indices, slice_key
+from workers.manifest import FrameEntry, InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
 
 
 def test_selection_is_evenly_spaced_and_capped():
@@ -40,6 +40,45 @@ def test_plan_skips_non_images_and_ranks_the_selected_slices():
     assert [instance.sop_instance_uid for _, instance in chosen] == [f"1.2.3.{i}" for i in (4, 12, 20, 28, 36)]
     assert positions["1.2.3.20"] == SlicePosition("1.2.3", 2)
     assert "1.2.3.999" not in positions
+
+
+def _multiframe_manifest(frames, *, listed=True):
+    """One enhanced image of *frames* frames, listed bottom up (frame *frames* first) as prepare writes them when
+    every frame has a position; *listed* False: a manifest written before frames were listed."""
+    entries = tuple(FrameEntry(number=n, image_position_patient=(0.0, 0.0, float(frames - n)))
+                    for n in range(frames, 0, -1)) if listed else ()
+    image = InstanceEntry(sop_instance_uid="1.2.9", sop_class_uid="1.2.840.10008.5.1.4.1.1.2.1", path="mf.dcm",
+                          transfer_syntax_uid="1.2.840.10008.1.2.1", rows=64, columns=64, number_of_frames=frames,
+                          frames=entries)
+    series = SeriesEntry(series_instance_uid="1.2.8", modality="CT", instances=[image])
+    return StudyManifest(study_instance_uid="1.2", episode_id=1, created_at=datetime.now(UTC), study=StudyInfo(),
+                         series=[series])
+
+
+def test_frames_of_an_enhanced_image_are_picked_as_the_instances_of_a_classic_series():
+    chosen, positions = plan_study(_multiframe_manifest(40), SlicePolicy(max_per_series=5))
+    classic, _ = plan_study(_manifest(40), SlicePolicy(max_per_series=5))
+    # the same spatial indices 4, 12, 20, 28, 36 (bottom up): frame 40 - i
+    assert [picked.frame_number for _, picked in chosen] == [40 - i for i in (4, 12, 20, 28, 36)]
+    assert [int(picked.sop_instance_uid.rsplit(".", 1)[1]) for _, picked in classic] == [4, 12, 20, 28, 36]
+    assert [picked.frame_index for _, picked in chosen] == [35, 27, 19, 11, 3]
+    assert positions[slice_key("1.2.9", 20)] == SlicePosition("1.2.8", 2)
+    assert "1.2.9" not in positions  # a frame is named with its number, never as the whole image
+    old, _ = plan_study(_multiframe_manifest(40, listed=False), SlicePolicy(max_per_series=5))
+    assert [picked.frame_number for _, picked in old] == [5, 13, 21, 29, 37]  # by number
+
+
+def test_findings_on_frames_of_one_image_merge_as_findings_on_slices():
+    positions = {slice_key("1.2.9", n): SlicePosition("1.2.8", k) for k, n in enumerate((7, 5, 3))}
+    on = [Finding(label="nodule", sop_instance_uid="1.2.9", frame_number=n, box=box)
+          for n, box in ((7, (10, 10, 20, 20)), (5, (10, 10, 22, 22)), (3, (60, 60, 70, 70)))]
+    merged = merge_findings(on, positions, SlicePolicy())
+    assert len(merged) == 2
+    nodule = next(m for m in merged if m.support == 2)
+    assert nodule.finding == on[1]  # the larger box, on frame 5
+    assert nodule.slices == (slice_key("1.2.9", 7), slice_key("1.2.9", 5)) and nodule.sop_instance_uids == ("1.2.9",)
+    twice = [on[0], on[0].model_copy(update={"box": (11, 11, 21, 21)})]  # one frame: two findings stay two
+    assert len(merge_findings(twice, positions, SlicePolicy())) == 2
 
 
 def _finding(uid, box, label="nodule"):

@@ -13,10 +13,15 @@ from pydicom.sr.codedict import codes
 from reporting_dicom_helpers import (
     MODEL,
     Study,
+    analysed_series_comments,
     cr_findings,
     cr_study,
     dciodvfy,
     dsrdump,
+    enhanced_study,
+    library_frames,
+    load,
+    manifest_for,
     multiframe_study,
     new_dciodvfy_warnings,
     pixelmed_sr_validate,
@@ -24,7 +29,7 @@ from reporting_dicom_helpers import (
     shipped_study,
 )
 
-from model.result import DraftReport, Finding
+from model.result import AnalysisResult, DraftReport, Finding
 from reporting.context import Signoff
 from reporting.narrative import build_narrative_sr
 from reporting.sr import NO_FINDING_IDENTIFIER, NOT_LOCALIZED_IDENTIFIER, build_findings_sr
@@ -32,7 +37,9 @@ from reporting.uids import OutputKind, device_uid, output_uid
 
 SIGNOFF = Signoff("Curie^Marie", "General Hospital Radiology", datetime(2024, 5, 6, 9, 30, tzinfo=UTC))
 SR_NAMES = ["sr_draft", "sr_final", "sr_no_findings", "sr_no_findings_normal", "sr_ct", "sr_multiframe",
-            "narrative_draft", "narrative_final"]
+            "sr_enhanced", "sr_sparse", "narrative_draft", "narrative_final"]
+ENHANCED_FRAMES = 12
+ENHANCED_READ = [2, 5, 8, 11]
 EFFUSION_REPORT = DraftReport(findings="Right pleural effusion.", impression="Right pleural effusion.")
 NORMAL_REPORT = DraftReport(findings="The lungs are clear. No pleural effusion or pneumothorax.",
                             impression="No acute abnormality.")
@@ -56,14 +63,45 @@ def multiframe(tmp_path_factory: pytest.TempPathFactory) -> Study:
 
 
 @pytest.fixture(scope="module")
-def studies(cr: Study, ct: Study, multiframe: Study) -> dict[str, Study]:
-    """The source study of each SR variant."""
-    on_ct = ("sr_no_findings", "sr_no_findings_normal", "sr_ct")
-    return {name: ct if name in on_ct else multiframe if name == "sr_multiframe" else cr for name in SR_NAMES}
+def enhanced(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    return enhanced_study(tmp_path_factory.mktemp("enhanced"), frames=ENHANCED_FRAMES)
 
 
 @pytest.fixture(scope="module")
-def written(cr: Study, ct: Study, multiframe: Study, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def sparse(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    """pydicom's CT_small without the Type 2/3 attributes the SR names the series by: Series Number empty, no
+    Series Description, no Frame of Reference UID, Body Part Examined empty."""
+    study = shipped_study(tmp_path_factory.mktemp("sparse"), "CT_small.dcm")
+    path = study.spool / study.manifest.series[0].instances[0].path
+    ds = pydicom.dcmread(path)
+    ds.SeriesNumber = None
+    ds.BodyPartExamined = ""
+    for keyword in ("SeriesDescription", "FrameOfReferenceUID"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.save_as(path)
+    manifest = manifest_for(study.spool, [study.manifest.series[0].instances[0].path], study.manifest.episode_id)
+    return Study(study.spool, manifest, load(study.spool, manifest))
+
+
+@pytest.fixture(scope="module")
+def studies(cr: Study, ct: Study, multiframe: Study, enhanced: Study, sparse: Study) -> dict[str, Study]:
+    """The source study of each SR variant."""
+    on_ct = ("sr_no_findings", "sr_no_findings_normal", "sr_ct")
+    named = {"sr_multiframe": multiframe, "sr_enhanced": enhanced, "sr_sparse": sparse}
+    return {name: ct if name in on_ct else named.get(name, cr) for name in SR_NAMES}
+
+
+def enhanced_result(study: Study) -> AnalysisResult:
+    """A finding on frame 8 of the enhanced CT, frames ENHANCED_READ read."""
+    uid = study.sources[0].SOPInstanceUID
+    finding = Finding(label="mass", sop_instance_uid=uid, frame_number=8, box=FRAME_BOX)
+    return result_for(study, [finding]).model_copy(update={"analysed_frames": {uid: ENHANCED_READ}})
+
+
+@pytest.fixture(scope="module")
+def written(cr: Study, ct: Study, multiframe: Study, enhanced: Study, sparse: Study,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every SR variant written to disk once for the (slow-ish) validators."""
     out = tmp_path_factory.mktemp("sr_out")
     result = result_for(cr, cr_findings(cr))
@@ -81,6 +119,8 @@ def written(cr: Study, ct: Study, multiframe: Study, tmp_path_factory: pytest.Te
         "sr_ct": build_findings_sr(ct.manifest, result_for(ct, [ct_finding]), ct.sources),
         "sr_multiframe": build_findings_sr(multiframe.manifest, result_for(multiframe, [frame_finding]),
                                            multiframe.sources),
+        "sr_enhanced": build_findings_sr(enhanced.manifest, enhanced_result(enhanced), enhanced.sources),
+        "sr_sparse": build_findings_sr(sparse.manifest, result_for(sparse, []), sparse.sources),
         "narrative_draft": build_narrative_sr(cr.manifest, result, cr.sources),
         "narrative_final": build_narrative_sr(cr.manifest, result, cr.sources, SIGNOFF),
     }
@@ -153,6 +193,29 @@ def test_boxes_on_ct_and_on_one_frame_of_a_multiframe_image_read_back(
     assert source.ReferencedSOPInstanceUID == studies[name].sources[0].SOPInstanceUID
     assert ([int(f) for f in np.atleast_1d(source.ReferencedFrameNumber)] if "ReferencedFrameNumber" in source
             else None) == frames
+
+
+@pytest.mark.parametrize(("name", "comment"), [
+    ("sr_draft", "Analysed series 1 (CR): 2 of 2 images read"),
+    ("sr_ct", 'Analysed series 1 (CT): 1 of 1 image read'),
+    ("sr_sparse", "Analysed series (CT): 1 of 1 image read"),  # no number, description, frame of reference
+    ("sr_enhanced", f'Analysed series 9 "enhanced CT" (CT): {len(ENHANCED_READ)} of {ENHANCED_FRAMES} frames of '
+                    "1 multi-frame image read"),
+])
+def test_the_sr_names_the_series_and_images_it_analysed(written: dict[str, Path], studies: dict[str, Study],
+                                                        name: str, comment: str) -> None:
+    sr = pydicom.dcmread(written[name])
+    study = studies[name]
+    frames = ENHANCED_READ if name == "sr_enhanced" else None
+    assert library_frames(sr) == {str(ds.SOPInstanceUID): frames for ds in study.sources}
+    assert analysed_series_comments(sr) == [comment]
+    [library] = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"]
+    [group] = library.ContentSequence
+    shared = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in group.ContentSequence
+              if item.RelationshipType == "HAS ACQ CONTEXT"}
+    assert shared["Modality"].ConceptCodeSequence[0].CodeValue == study.manifest.series[0].modality
+    assert ("Frame of Reference UID" in shared) is ("FrameOfReferenceUID" in study.sources[0])  # CR, sparse: not
+    assert hd.sr.srread(written[name]).content.get_planar_roi_measurement_groups() is not None  # highdicom reads it
 
 
 def test_findings_are_coded_with_site_laterality_and_fallback(written: dict[str, Path]) -> None:

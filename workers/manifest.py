@@ -23,6 +23,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FrameEntry(_Strict):
+    """One frame of a multi-frame image: its 1-based number and, when the image says (the Plane Position of its
+    functional groups), its position."""
+
+    number: int = Field(ge=1, description="1-based frame number, as the SR and GSPS reference it")
+    image_position_patient: tuple[float, float, float] | None = None
+
+
 class InstanceEntry(_Strict):
     sop_instance_uid: str
     sop_class_uid: str
@@ -42,10 +50,25 @@ class InstanceEntry(_Strict):
     image_type: tuple[str, ...] = Field((), description="ImageType values, e.g. ORIGINAL, PRIMARY, LOCALIZER")
     manufacturer: str = ""
     size_bytes: int = 0
+    frames: tuple[FrameEntry, ...] = Field((), description="the frames of a multi-frame image in spatial order "
+                                           "(position along the slice normal) when every frame has a position, "
+                                           "else by number; empty for a single-frame image (and in manifests "
+                                           "written before frames were listed)")
 
     @property
     def has_pixels(self) -> bool:
         return self.rows is not None and self.columns is not None
+
+    @property
+    def is_multiframe(self) -> bool:
+        return self.number_of_frames > 1
+
+    def frame_numbers(self) -> list[int]:
+        """The 1-based frames of a multi-frame image in the order of :attr:`frames` (by number when they are not
+        listed); ``[]`` for a single-frame image."""
+        if not self.is_multiframe:
+            return []
+        return [frame.number for frame in self.frames] or list(range(1, self.number_of_frames + 1))
 
 
 class SeriesEntry(_Strict):

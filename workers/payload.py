@@ -103,14 +103,23 @@ class ModelImage(_Strict):
     key: str = Field(min_length=1, description="unique in the request; tasks refer to it")
     sop_instance_uid: str | None = None
     frame: int = Field(0, ge=0, description="0-based frame index, as model.imaging.prepare_image takes it")
+    number_of_frames: int = Field(1, ge=1, description="frames of the source image: a finding on an image of "
+                                  "several names its frame (requests written before this field: 1)")
     pixels: ArrayBlob
     transform: TransformSpec | None = None
 
     @classmethod
     def build(cls, key: str, pixels: np.ndarray, *, sop_instance_uid: str | None = None, frame: int = 0,
-              transform: Letterbox | None = None, dtype: ArrayDType = "float16") -> ModelImage:
-        return cls(key=key, sop_instance_uid=sop_instance_uid, frame=frame, pixels=ArrayBlob.encode(pixels, dtype),
+              number_of_frames: int = 1, transform: Letterbox | None = None, dtype: ArrayDType = "float16"
+              ) -> ModelImage:
+        return cls(key=key, sop_instance_uid=sop_instance_uid, frame=frame, number_of_frames=number_of_frames,
+                   pixels=ArrayBlob.encode(pixels, dtype),
                    transform=None if transform is None else TransformSpec.from_letterbox(transform))
+
+    @property
+    def frame_number(self) -> int | None:
+        """The 1-based frame of a multi-frame source image (as the SR and GSPS reference it); None otherwise."""
+        return self.frame + 1 if self.number_of_frames > 1 else None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -120,6 +129,9 @@ class ModelImage(_Strict):
         if self.transform is not None and self.transform.model_size != shape[1]:
             raise ValueError(f"image {self.key!r}: transform.model_size {self.transform.model_size} differs from "
                              f"the pixel size {shape[1]}")
+        if self.frame >= self.number_of_frames:
+            raise ValueError(f"image {self.key!r}: frame index {self.frame} is outside its {self.number_of_frames} "
+                             "frame(s)")
         if (self.sop_instance_uid is None) != (self.transform is None):
             raise ValueError(f"image {self.key!r}: an instance image needs sop_instance_uid and transform, an "
                              "overview has neither")

@@ -9,7 +9,9 @@
 Every stage is idempotent. The report stage keeps the first AnalysisResult it wrote for an episode
 (``<home>/work/<study>/<episode>/analysis.json``) and builds the ORU with a control id derived from the
 episode, so a re-run rewrites byte-identical outputs with the same UIDs. Requests carry only the first
-series' report task (the study's report, as in model/analyze.py) plus one grounding task per analysed image.
+series' report task (the study's report, as in model/analyze.py) plus one grounding task per analysed slice (an
+image, or a frame of a multi-frame image: model/slices.py); a finding on a frame carries its frame number through
+the result to the SR SCOORD and the GSPS.
 """
 
 from __future__ import annotations
@@ -33,10 +35,17 @@ from model.analyze import REPORT_TOKENS, TASK_TOKENS, findings_from_answer, spli
 from model.config import PRESETS, MiniGPTConfig
 from model.embedded import EMBEDDED_DIR, MINIGPT_MED_FILES
 from model.examples import study_view
-from model.imaging import ImageDecodeError, NotAnImageError, PreparedImage, prepare_image
+from model.imaging import (
+    ImageDecodeError,
+    NotAnImageError,
+    PreparedImage,
+    prepare_frames,
+    prepare_image,
+    read_header,
+)
 from model.refine import RefinePolicy, refine_findings
 from model.result import AnalysisResult, Finding
-from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study
+from model.slices import SlicePolicy, SlicePosition, SliceRef, merge_findings, plan_study, slice_key
 from model.weights import CONFIG_FILE
 from raddraft.jsonio import write_atomic
 from raddraft.settings import Settings
@@ -104,27 +113,31 @@ def model_input_size(spec: str) -> int:
 # --- prepare ------------------------------------------------------------------------------------------------
 def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, policy: SlicePolicy | None = None,
                   *, dtype: ArrayDType = "float16", max_new_tokens: int | None = None) -> InferenceRequest:
-    """The model inputs of a prepared episode: the images the slice policy picks, each with a grounding task, and
-    the report task on the first series (its image, or the study view of its analysed images: a CT projection or
-    a montage). Pixels travel as *dtype*; *max_new_tokens* replaces the per-task budgets (REPORT_TOKENS,
-    TASK_TOKENS) when given."""
+    """The model inputs of a prepared episode: the slices the slice policy picks (images, or frames of a multi-frame
+    image: only those frames are read from its file), each with a grounding task, and the report task on the first
+    series (its image, or the study view of its analysed slices: a CT projection or a montage). Pixels travel as
+    *dtype*; *max_new_tokens* replaces the per-task budgets (REPORT_TOKENS, TASK_TOKENS) when given."""
     policy = policy or SlicePolicy()
     chosen, _ = plan_study(manifest, policy)
-    by_series: dict[str, list[tuple[str, PreparedImage]]] = {}
+    per_instance: dict[tuple[str, str], list[SliceRef]] = {}  # (series, SOP Instance UID) -> its picked slices
+    for series, picked in chosen:
+        per_instance.setdefault((series.series_instance_uid, picked.sop_instance_uid), []).append(picked)
+    by_series: dict[str, list[tuple[SliceRef, PreparedImage]]] = {}
     modality = {series.series_instance_uid: series.modality for series, _ in chosen}
     reasons: list[str] = []
-    for series, instance in chosen:
+    for (series_uid, sop_uid), picks in per_instance.items():
+        what = f"instance {sop_uid}" + (f" ({len(picks)} frame(s))" if picks[0].frame_number is not None else "")
         try:
-            prepared = prepare_image(dcmread(spool_dir / instance.path), model_size)
+            prepared = _prepare_slices(spool_dir / picks[0].instance.path, picks, model_size)
         except (ImageDecodeError, NotAnImageError) as exc:
-            log.warning("instance %s is not analysed: %s", instance.sop_instance_uid, exc)
+            log.warning("%s is not analysed: %s", what, exc)
             reasons.append(str(exc))
             continue
         except Exception as exc:  # a file pydicom cannot parse at all (truncated, a malformed element)
-            log.warning("instance %s cannot be read: %s: %s", instance.sop_instance_uid, type(exc).__name__, exc)
+            log.warning("%s cannot be read: %s: %s", what, type(exc).__name__, exc)
             reasons.append(f"{type(exc).__name__}: {exc}")
             continue
-        by_series.setdefault(series.series_instance_uid, []).append((instance.sop_instance_uid, prepared))
+        by_series.setdefault(series_uid, []).extend(zip(picks, prepared, strict=True))
     if not by_series:
         first = f": {reasons[0]}" if reasons else ""
         raise StageError(f"no image of the {len(chosen)} chosen by the slice policy could be decoded{first}")
@@ -133,7 +146,7 @@ def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, pol
     for number, (series_uid, members) in enumerate(by_series.items()):
         if number == 0:
             if len(members) == 1:
-                report_image = f"{series_uid}/{members[0][0]}"
+                report_image = f"{series_uid}/{members[0][0].key}"
             else:
                 report_image = f"overview/{series_uid}"
                 view = study_view([p for _, p in members], modality[series_uid], model_size)
@@ -141,16 +154,26 @@ def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, pol
             tasks.append(ModelTask(task_id=REPORT_TASK_ID, image=report_image, task="report",
                                    instruction=prompts.report_instruction(),
                                    max_new_tokens=max_new_tokens or REPORT_TOKENS))
-        for sop_uid, prepared in members:
-            key = f"{series_uid}/{sop_uid}"
-            images.append(ModelImage.build(key, prepared.pixels, sop_instance_uid=sop_uid,
+        for picked, prepared in members:
+            key = f"{series_uid}/{picked.key}"
+            images.append(ModelImage.build(key, prepared.pixels, sop_instance_uid=picked.sop_instance_uid,
+                                           frame=picked.frame_index,
+                                           number_of_frames=picked.instance.number_of_frames,
                                            transform=prepared.transform, dtype=dtype))
-            tasks.append(ModelTask(task_id=f"grounding:{sop_uid}", image=key, task="grounding",
+            tasks.append(ModelTask(task_id=f"grounding:{picked.key}", image=key, task="grounding",
                                    instruction=prompts.grounding_instruction(),
                                    max_new_tokens=max_new_tokens or TASK_TOKENS))
     return InferenceRequest(request_id=f"{manifest.study_instance_uid}-{manifest.episode_id}",
                             study_instance_uid=manifest.study_instance_uid, episode_id=manifest.episode_id,
                             model_size=model_size, images=images, tasks=tasks)
+
+
+def _prepare_slices(path: Path, picks: Sequence[SliceRef], model_size: int) -> list[PreparedImage]:
+    """The model inputs of the picked slices of one instance: a single-frame image read whole, the picked frames of
+    a multi-frame image read one by one from its file (a large enhanced series is never held whole)."""
+    if picks[0].frame_number is None:
+        return [prepare_image(dcmread(path), model_size)]
+    return prepare_frames(path, read_header(path), [picked.frame_index for picked in picks], model_size)
 
 
 def prepare_request(settings: Settings, study_uid: str, episode_id: int) -> InferenceRequest:
@@ -212,55 +235,62 @@ def analysis_from_response(request: InferenceRequest, response: InferenceRespons
         raise StageError(f"response {response.request_id} has no output for task(s) {', '.join(missing)}")
     report_text = texts.get(REPORT_TASK_ID, "")
     per_series: dict[str, list[Finding]] = {}
-    members: dict[str, list[str]] = {}  # series -> its analysed instances in slice order (rank = index)
+    members: dict[str, list[tuple[str, int | None]]] = {}  # series -> its analysed slices in slice order
     positions: dict[str, SlicePosition] = {}
-    analysed: list[str] = []
+    analysed: dict[str, list[int]] = {}  # SOP Instance UID -> the frames read of a multi-frame image
     for task in request.tasks:
         if task.task != "grounding":
             continue
         image = request.image(task.image)
         if image.sop_instance_uid is None or image.transform is None:
             raise StageError(f"grounding task {task.task_id} must refer to an instance image, not {image.key}")
-        analysed.append(image.sop_instance_uid)
-        series_key = image.key.split("/", 1)[0]  # instance images are keyed "<series UID>/<SOP Instance UID>"
-        per_series.setdefault(series_key, []).extend(findings_from_answer(
-            texts[task.task_id], image.transform.to_letterbox(), image.sop_instance_uid))
-        uids = members.setdefault(series_key, [])
-        positions[image.sop_instance_uid] = SlicePosition(series_key, len(uids))
-        uids.append(image.sop_instance_uid)
+        uid, frame_number = image.sop_instance_uid, _frame_number(image, by_uid)
+        frames = analysed.setdefault(uid, [])
+        if frame_number is not None and frame_number not in frames:
+            frames.append(frame_number)
+        series_key = image.key.split("/", 1)[0]  # instance images are keyed "<series UID>/<slice key>"
+        found = findings_from_answer(texts[task.task_id], image.transform.to_letterbox(), uid)
+        if frame_number is not None:
+            found = [finding.model_copy(update={"frame_number": frame_number}) for finding in found]
+        per_series.setdefault(series_key, []).extend(found)
+        slices = members.setdefault(series_key, [])
+        positions[slice_key(uid, frame_number)] = SlicePosition(series_key, len(slices))
+        slices.append((uid, frame_number))
     findings: list[Finding] = []
     for series_key, found in per_series.items():
-        uids = members[series_key]
-        if all(uid in by_uid for uid in uids):
-            findings.extend(refine_findings(found, [by_uid[uid] for uid in uids], policy=refine))
+        slices = members[series_key]
+        if all(uid in by_uid for uid, _ in slices):
+            findings.extend(refine_findings(found, [by_uid[uid] for uid, _ in slices], policy=refine,
+                                            frames=[number for _, number in slices]))
             continue
         if sources:
             log.warning("series %s: not every analysed instance is among the sources; its boxes stay unrefined",
                         series_key)
         findings.extend(found)
-    merged = [on_frame(m.finding, by_uid) for m in merge_findings(findings, positions, policy)]
+    merged = [m.finding for m in merge_findings(findings, positions, policy)]
     return AnalysisResult(
         study_instance_uid=request.study_instance_uid, episode_id=request.episode_id, model=response.model,
         report=split_report(report_text),
-        findings=merged, analysed_instances=analysed, raw_outputs=texts, status="preliminary",
-        created_at=datetime.now(UTC),
+        findings=merged, analysed_instances=list(analysed),
+        analysed_frames={uid: sorted(frames) for uid, frames in analysed.items() if frames},
+        raw_outputs=texts, status="preliminary", created_at=datetime.now(UTC),
     )
 
 
-ANALYSED_FRAME = 1  # model/imaging.py prepare_image reads the first frame (frame index 0) of a multi-frame image
-
-
-def on_frame(finding: Finding, sources: dict[str, Dataset]) -> Finding:
-    """*finding* with the frame it was drawn on when its image has several frames (the SR SCOORD and the GSPS
-    must name it); unchanged on a single-frame image or one not among *sources*."""
-    image = sources.get(finding.sop_instance_uid)
-    if image is None or finding.frame_number is not None:
-        return finding
+def _frame_number(image: ModelImage, sources: dict[str, Dataset]) -> int | None:
+    """The 1-based frame *image* was read from when its source image has several frames (the SR SCOORD and the GSPS
+    must name it), else None. A request written before images carried their frame count read frame index
+    ``image.frame`` of a multi-frame source as well: the source (when among *sources*) tells."""
+    if image.frame_number is not None:
+        return image.frame_number
+    source = sources.get(image.sop_instance_uid or "")
+    if source is None:
+        return None
     try:
-        frames = int(image.get("NumberOfFrames", 1) or 1)
+        frames = int(source.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         frames = 1
-    return finding.model_copy(update={"frame_number": ANALYSED_FRAME}) if frames > 1 else finding
+    return image.frame + 1 if frames > 1 else None
 
 
 def control_id(study_uid: str, episode_id: int, status: ResultStatus) -> str:

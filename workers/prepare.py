@@ -21,8 +21,9 @@ from pydicom.multival import MultiValue
 
 from dicom_node.index import EpisodeState, Index, InstanceRecord
 from dicom_node.spool import validate_uid
+from model.imaging import frame_header
 from raddraft.settings import Settings
-from workers.manifest import InstanceEntry, Orientation, SeriesEntry, StudyInfo, StudyManifest
+from workers.manifest import FrameEntry, InstanceEntry, Orientation, SeriesEntry, StudyInfo, StudyManifest
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,14 @@ def clean_attribute(value: object) -> str:
 
 
 def instance_entry(dataset: Dataset, record: InstanceRecord) -> InstanceEntry:
+    """The manifest entry of one instance. Of an enhanced multi-frame image (functional groups), the orientation and
+    pixel spacing come from its shared functional groups (else its first frame's) and each frame's position from
+    its own: :func:`frame_entries`."""
     where = f"instance {record.sop_instance_uid}"
-    spacing = _floats(dataset, "PixelSpacing", 2, where) or _floats(dataset, "ImagerPixelSpacing", 2, where)
+    frames = _int(dataset, "NumberOfFrames") or 1
+    geometry = frame_header(dataset, 0)  # the data set itself unless it has functional groups
+    spacing = _floats(geometry, "PixelSpacing", 2, where) or _floats(dataset, "ImagerPixelSpacing", 2, where)
+    orientation = _floats(geometry, "ImageOrientationPatient", 6, where)
     return InstanceEntry(
         sop_instance_uid=record.sop_instance_uid,
         sop_class_uid=record.sop_class_uid,
@@ -126,18 +133,42 @@ def instance_entry(dataset: Dataset, record: InstanceRecord) -> InstanceEntry:
         instance_number=_int(dataset, "InstanceNumber"),
         rows=_int(dataset, "Rows"),
         columns=_int(dataset, "Columns"),
-        number_of_frames=_int(dataset, "NumberOfFrames") or 1,
+        number_of_frames=frames,
         photometric_interpretation=dataset.get("PhotometricInterpretation"),
         pixel_spacing=spacing,  # type: ignore[arg-type]
         image_position_patient=_floats(dataset, "ImagePositionPatient", 3, where),  # type: ignore[arg-type]
-        image_orientation_patient=_floats(dataset, "ImageOrientationPatient", 6, where),  # type: ignore[arg-type]
+        image_orientation_patient=orientation,  # type: ignore[arg-type]
         slice_location=float(dataset.SliceLocation) if dataset.get("SliceLocation") is not None else None,
         view_position=dataset.get("ViewPosition") or None,
         image_laterality=dataset.get("ImageLaterality") or None,
         image_type=_strings(dataset, "ImageType"),
         manufacturer=clean_attribute(dataset.get("Manufacturer")),
         size_bytes=record.size_bytes,
+        frames=frame_entries(dataset, frames, orientation, where) if frames > 1 else (),
     )
+
+
+def frame_entries(dataset: Dataset, count: int, orientation: Sequence[float] | None, where: str
+                  ) -> tuple[FrameEntry, ...]:
+    """The *count* frames of a multi-frame image, each with its Plane Position (Patient) from the functional groups
+    when it has one; in spatial order (along the slice normal of *orientation*) when every frame has a position,
+    else by number (a cine loop, a legacy multi-frame image: frames in time, or of one plane)."""
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) != count:
+        log.warning("%s: Per-frame Functional Groups Sequence has %d items for %d frames; frame positions ignored",
+                    where, len(per_frame), count)
+        per_frame = None
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    shared_plane = shared[0].get("PlanePositionSequence") if shared else None
+    frames = []
+    for index in range(count):
+        plane = (per_frame[index].get("PlanePositionSequence") if per_frame is not None else None) or shared_plane
+        position = _floats(plane[0], "ImagePositionPatient", 3, f"{where} frame {index + 1}") if plane else None
+        frames.append(FrameEntry(number=index + 1, image_position_patient=position))  # type: ignore[arg-type]
+    if orientation is not None and all(f.image_position_patient is not None for f in frames):
+        normal = slice_normal(orientation)
+        frames.sort(key=lambda f: (float(np.dot(normal, f.image_position_patient)), f.number))  # type: ignore[arg-type]
+    return tuple(frames)
 
 
 def series_entry(series_uid: str, members: list[tuple[InstanceEntry, Dataset]]) -> SeriesEntry:
