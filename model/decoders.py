@@ -58,6 +58,46 @@ DECODER_DEPENDENCIES: dict[str, tuple[str, ...]] = {JPEGExtended12Bit: ("python-
 
 _configured = False
 
+DEFAULT_MAX_DECODED_MB = 256.0
+_limit = {"bytes": int(DEFAULT_MAX_DECODED_MB * 2**20)}
+
+
+class DecodedTooLargeError(ValueError):
+    """Decoding would hold more than the limit (a decompression bomb: a small file with a huge header size)."""
+
+
+def limit_decoded_size(max_decoded_mb: float) -> None:
+    """Set the process-wide limit that :func:`check_decoded_size` enforces (``RADDRAFT_MAX_DECODED_MB``)."""
+    if max_decoded_mb <= 0:
+        raise ValueError(f"max_decoded_mb must be > 0, got {max_decoded_mb}")
+    _limit["bytes"] = int(max_decoded_mb * 2**20)
+
+
+def decoded_size(rows: int, columns: int, frames: int = 1, samples: int = 1, bits_allocated: int = 16) -> int:
+    """Bytes of *frames* decoded frames: rows x columns x frames x samples x bytes per sample."""
+    return rows * columns * max(frames, 1) * max(samples, 1) * max(1, (bits_allocated + 7) // 8)
+
+
+def check_decoded_size(ds: object, frames: int = 1, limit: int | None = None) -> int:
+    """Raise :class:`DecodedTooLargeError` before a decode of *frames* frames of *ds* (a pydicom Dataset) would
+    exceed *limit* bytes (by default the process-wide limit); the size is worked out from the header alone."""
+    def number(keyword: str, default: int) -> int:
+        try:
+            return int(getattr(ds, keyword, default) or default)
+        except (TypeError, ValueError):
+            return default
+
+    rows, columns = number("Rows", 0), number("Columns", 0)
+    samples, bits = number("SamplesPerPixel", 1), number("BitsAllocated", 16)
+    size = decoded_size(rows, columns, frames, samples, bits)
+    bound = _limit["bytes"] if limit is None else limit
+    if size > bound:
+        raise DecodedTooLargeError(
+            f"decoding would take {size / 2**20:.0f} MiB ({rows} x {columns} x {frames} frame(s) x {samples} "
+            f"sample(s) x {max(1, (bits + 7) // 8)} byte(s)), over the limit of {bound / 2**20:.0f} MiB "
+            "(RADDRAFT_MAX_DECODED_MB)")
+    return size
+
 
 def is_available(uid: str) -> bool:
     """pydicom's plugin interface: ``gdcm-12bit`` serves JPEG Extended when python-gdcm is installed."""

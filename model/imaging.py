@@ -189,6 +189,10 @@ def decode_frame(ds: Dataset, frame: int = 0) -> tuple[np.ndarray, str]:
     if not 0 <= frame < frames:
         raise ValueError(f"frame index {frame} is outside the {frames} frame(s) of the image")
     try:
+        decoders.check_decoded_size(ds, 1)
+    except decoders.DecodedTooLargeError as exc:
+        raise ImageDecodeError(str(exc)) from exc
+    try:
         array, meta = decoder.as_array(ds, index=frame)
     except Exception as exc:  # each plugin raises its own types; all mean "cannot decode these bytes"
         raise ImageDecodeError(f"pixel data in transfer syntax {syntax} ({syntax.name}) cannot be decoded: {exc}"
@@ -319,6 +323,10 @@ def prepare_frames(path: Path, header: Dataset, frames: Sequence[int], model_siz
         raise ValueError(f"frame index {outside[0]} is outside the {count} frame(s) of the image")
     _require_whole_pixel_data(path, header)
     wanted = sorted(set(frames))
+    try:
+        decoders.check_decoded_size(header, len(wanted))  # the picked frames are held together
+    except decoders.DecodedTooLargeError as exc:
+        raise ImageDecodeError(str(exc)) from exc
     decoded: dict[int, np.ndarray] = {}
     try:
         for index, array in zip(wanted, iter_pixels(path, indices=wanted), strict=True):

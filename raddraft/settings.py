@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="redis://… in production; empty = embedded durable broker")
     handoff_retry_seconds: float = Field(2.0, gt=0, description="pause between hand-off attempts to the broker")
     task_max_retries: int = Field(8, ge=0, description="retries of a transient failure before the dead-letter table")
+    max_decoded_mb: float = Field(
+        256.0, gt=0, description="largest decode of pixel data, MiB (rows x columns x frames x samples x bytes, "
+        "from the header): a larger image is not analysed and never decoded")
     max_decode_interruptions: int = Field(
         2, ge=1, description="times decoding an episode's images may be interrupted by a dying worker (out of "
         "memory, killed) before the episode ends failed instead of taking the worker down again")

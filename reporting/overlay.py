@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, pixel_array
 
 from model import decoders
 from reporting import codes as rcodes
@@ -39,9 +39,11 @@ def full_range_window(values: np.ndarray) -> tuple[float, float]:
 def frame_values(image: Dataset, frame_number: int | None) -> np.ndarray:
     """Modality values (after Rescale Slope/Intercept) of one frame, (rows, columns)."""
     decoders.configure()  # the plugins prepare decoded the image with
-    pixels = image.pixel_array
+    decoders.check_decoded_size(image, 1)  # one frame is decoded, never the whole pixel data of a multi-frame
     if int(image.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[(frame_number or 1) - 1]
+        pixels = pixel_array(image, index=(frame_number or 1) - 1)
+    else:
+        pixels = image.pixel_array
     return np.asarray(apply_modality_lut(pixels, image), dtype=np.float64)
 
 

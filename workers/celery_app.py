@@ -15,6 +15,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from dicom_node.episodes import BrokerUnavailableError
+from model import decoders
 from raddraft.settings import Settings, load_settings
 from workers import redis_transport
 
@@ -101,6 +102,7 @@ def configure(settings: Settings) -> Celery:
         enable_utc=True,
     )
     _bound["settings"] = settings
+    decoders.limit_decoded_size(settings.max_decoded_mb)
     return app
 
 

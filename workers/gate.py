@@ -19,6 +19,9 @@ An instance is read only when every rule below lets it through; the first rule i
    and reconstructed CT/MR images so, and a radiologist reads those (add them to the setting to keep them out).
 6. **A body part the model reads**: ``analysis_body_parts`` (default empty: any; e.g. ``CHEST``) against the
    series' BodyPartExamined; a series with none passes.
+7. **A frame that fits the decode limit**: rows x columns x samples x bytes of one frame, from the header, at most
+   ``max_decoded_mb`` (default 256 MiB); a larger one (a decompression bomb: a small RLE or JPEG file announcing
+   30000 x 30000) is never decoded.
 
 A study with no instance left ends ``not-analysed`` with :meth:`GateDecision.reason`, a count of what was
 kept out and why (never a patient value).
@@ -30,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dicom_node.derived import DerivedKind, derived_kind
+from model import decoders
 from raddraft.settings import Settings
 from workers.manifest import InstanceEntry, SeriesEntry, StudyManifest
 
@@ -42,12 +46,14 @@ class GateRules:
     modalities: frozenset[str] = frozenset({"CR", "DX", "CT", "MR"})
     excluded_image_types: frozenset[str] = frozenset({"LOCALIZER"})
     body_parts: frozenset[str] = frozenset()  # empty: any body part
+    max_decoded_bytes: int = int(decoders.DEFAULT_MAX_DECODED_MB * 2**20)  # of one frame
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GateRules:
         return cls(modalities=frozenset(m.upper() for m in settings.analysis_modalities),
                    excluded_image_types=frozenset(t.upper() for t in settings.analysis_excluded_image_types),
-                   body_parts=frozenset(b.upper() for b in settings.analysis_body_parts))
+                   body_parts=frozenset(b.upper() for b in settings.analysis_body_parts),
+                   max_decoded_bytes=int(settings.max_decoded_mb * 2**20))
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,11 @@ def refusal(series: SeriesEntry, instance: InstanceEntry, rules: GateRules) -> s
         return f"image type {excluded[0]} is not analysed"
     if rules.body_parts and series.body_part_examined and series.body_part_examined.upper() not in rules.body_parts:
         return f"body part {series.body_part_examined.upper()} is not analysed"
+    frame = decoders.decoded_size(instance.rows or 0, instance.columns or 0, 1, instance.samples_per_pixel,
+                                  instance.bits_allocated)
+    if frame > rules.max_decoded_bytes:
+        return (f"a frame would decode to {frame / 2**20:.0f} MiB, over max_decoded_mb "
+                f"{rules.max_decoded_bytes / 2**20:.0f}")
     return None
 
 

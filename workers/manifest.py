@@ -40,6 +40,8 @@ class InstanceEntry(_Strict):
     rows: int | None = None
     columns: int | None = None
     number_of_frames: int = 1
+    samples_per_pixel: int = 1
+    bits_allocated: int = 16
     photometric_interpretation: str | None = None
     pixel_spacing: tuple[float, float] | None = Field(None, description="(row spacing, column spacing) in mm")
     image_position_patient: tuple[float, float, float] | None = None

@@ -134,6 +134,8 @@ def instance_entry(dataset: Dataset, record: InstanceRecord) -> InstanceEntry:
         rows=_int(dataset, "Rows"),
         columns=_int(dataset, "Columns"),
         number_of_frames=frames,
+        samples_per_pixel=_int(dataset, "SamplesPerPixel") or 1,
+        bits_allocated=_int(dataset, "BitsAllocated") or 16,
         photometric_interpretation=dataset.get("PhotometricInterpretation"),
         pixel_spacing=spacing,  # type: ignore[arg-type]
         image_position_patient=_floats(dataset, "ImagePositionPatient", 3, where),  # type: ignore[arg-type]
