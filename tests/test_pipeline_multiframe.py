@@ -14,6 +14,9 @@ import pydicom
 import pytest
 from pipeline_infra_helpers import TINY, tiny_model
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import pixel_array
+from pydicom.uid import RLELossless
 from reporting_dicom_helpers import (
     SLICE_GAP_MM,
     Study,
@@ -130,6 +133,25 @@ def test_the_policy_picks_frames_of_an_enhanced_ct_as_it_picks_instances_of_the_
     tasks = [task.task_id for task in by_frames.tasks if task.task == "grounding"]
     uid = enhanced.series[0].instances[0].sop_instance_uid
     assert tasks == [f"grounding:{uid}:{frame}" for frame in PICKED_FRAMES]
+
+
+def test_only_the_picked_frames_are_decoded(tmp_path, ct_slices):
+    """An RLE enhanced CT whose frames that the policy does not pick are undecodable: the picked ones are read all
+    the same (and are the same model inputs as those of the intact image), so no other frame was decoded."""
+    enhanced = legacy_enhanced(ct_slices)
+    intact = _spool(tmp_path / "intact", {"enhanced.dcm": enhanced})
+    enhanced.compress(RLELossless)
+    frames = list(generate_frames(enhanced.PixelData, number_of_frames=FRAMES))
+    enhanced.PixelData = encapsulate([frame if number in PICKED_FRAMES else b"\xff" * 64  # no RLE header
+                                      for number, frame in enumerate(frames, start=1)])
+    broken = _spool(tmp_path / "broken", {"enhanced.dcm": enhanced})
+    with pytest.raises(RuntimeError, match="invalid number of segments"):
+        pixel_array(tmp_path / "broken" / "enhanced.dcm")  # every frame: fails
+    request = pipeline.build_request(tmp_path / "broken", broken, 56, dtype="float32")
+    assert _frames_read(request) == PICKED_FRAMES
+    expected = pipeline.build_request(tmp_path / "intact", intact, 56, dtype="float32")
+    for got, want in zip(request.images, expected.images, strict=True):
+        np.testing.assert_allclose(got.array(), want.array(), atol=1e-5)
 
 
 def test_a_frame_of_an_enhanced_ct_has_the_values_of_its_classic_slice(ct_slices):
