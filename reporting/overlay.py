@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, pixel_array
 
 from model import decoders
+from model.imaging import frame_header
 from reporting import codes as rcodes
 from reporting.context import LocatedFinding, ReportInputs, box_polyline, tracking_uid
 
@@ -37,14 +38,15 @@ def full_range_window(values: np.ndarray) -> tuple[float, float]:
 
 
 def frame_values(image: Dataset, frame_number: int | None) -> np.ndarray:
-    """Modality values (after Rescale Slope/Intercept) of one frame, (rows, columns)."""
+    """Modality values (after Rescale Slope/Intercept, of the frame's functional groups in an enhanced image) of one
+    frame, (rows, columns); only that frame is decoded."""
     decoders.configure()  # the plugins prepare decoded the image with
     decoders.check_decoded_size(image, 1)  # one frame is decoded, never the whole pixel data of a multi-frame
     if int(image.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixel_array(image, index=(frame_number or 1) - 1)
-    else:
-        pixels = image.pixel_array
-    return np.asarray(apply_modality_lut(pixels, image), dtype=np.float64)
+        index = (frame_number or 1) - 1
+        pixels = pixel_array(image, index=index)
+        return np.asarray(apply_modality_lut(pixels, frame_header(image, index)), dtype=np.float64)  # its rescale
+    return np.asarray(apply_modality_lut(image.pixel_array, image), dtype=np.float64)
 
 
 def to_display(image: Dataset, values: np.ndarray) -> np.ndarray:
