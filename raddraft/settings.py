@@ -190,6 +190,14 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="worklist database, e.g. postgresql://user@host/db; empty = SQLite file in home"
     )
+    login_max_failures: int = Field(
+        5, ge=1, description="failed sign-ins of one user within login_failure_window_s that lock the account "
+        "until an admin unlocks it (raddraft user unlock NAME)")
+    login_failure_window_s: float = Field(900.0, gt=0, description="window of login_max_failures")
+    login_address_max_failures: int = Field(
+        20, ge=1, description="failed sign-ins from one address within login_address_window_s after which its "
+        "sign-ins are refused with HTTP 429 (no password checked) until the window has passed")
+    login_address_window_s: float = Field(300.0, gt=0, description="window of login_address_max_failures")
 
     # --- model -----------------------------------------------------------------------------------------------
     model: str = Field("embedded", description="preset name or path to a model folder")

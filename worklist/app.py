@@ -39,6 +39,9 @@ SESSION_LIFETIME = timedelta(hours=12)
 DEFAULT_REFRESH_MS = 5000
 MAX_TEXT = 20000
 EDITABLE = (StudyState.DRAFT_READY, StudyState.IN_REVIEW)
+# one answer for every refused sign-in (unknown user, wrong password, disabled or locked account): it does not
+# tell which users exist (a locked user asks an administrator: raddraft user unlock NAME)
+LOGIN_FAILED = "Wrong user name or password."
 
 
 class OpsReply(Protocol):
@@ -170,12 +173,32 @@ class WorklistApp:
                 not request.cookies.get(LOGIN_CSRF_COOKIE):
             raise HTTPError(HTTPStatus.FORBIDDEN, "login form expired: reload the page")
         username, password = form.get("username", ""), form.get("password", "")
+        settings = self.bridge.settings
+        now, address = self._now(), request.remote_address
+        address_window = timedelta(seconds=settings.login_address_window_s)
+        retry_after = self.store.address_retry_after(address, now, limit=settings.login_address_max_failures,
+                                                     window=address_window)
+        if retry_after is not None:  # the password is not even checked
+            response = self.login_page(request, f"Too many failed sign-ins from this address: try again in "
+                                                f"{retry_after} s.", HTTPStatus.TOO_MANY_REQUESTS)
+            response.headers.append(("Retry-After", str(retry_after)))
+            return response
         user = self.store.get_user(username) if username else None
-        valid = user is not None and not user.disabled and auth.verify_password(password, user.password_hash)
-        now = self._now()
-        if not valid or user is None:
-            self.store.audit(username[:64] or "-", "login-failed", None, "", now)
-            return self.login_page(request, "Wrong user name or password.", HTTPStatus.UNAUTHORIZED)
+        # an unknown user costs the same scrypt as a wrong password: the time does not tell which users exist
+        matches = auth.check_sign_in(password, user.password_hash if user else None)
+        if user is None or not matches or user.disabled or user.locked:
+            failure = self.store.record_login_failure(
+                username[:64] or "-", address, now, user_limit=settings.login_max_failures,
+                user_window=timedelta(seconds=settings.login_failure_window_s),
+                address_limit=settings.login_address_max_failures, address_window=address_window)
+            if failure.locked:
+                logger.warning("worklist user %s locked after %d failed sign-ins (raddraft user unlock %s)",
+                               username, settings.login_max_failures, username)
+            if failure.throttled:
+                logger.warning("sign-ins from %s refused for %g s after %d failures", address,
+                               settings.login_address_window_s, settings.login_address_max_failures)
+            return self.login_page(request, LOGIN_FAILED, HTTPStatus.UNAUTHORIZED)
+        self.store.login_succeeded(user.id)
         token, csrf = auth.new_token(), auth.new_token()
         self.store.create_session(auth.token_digest(token), user.id, csrf, now, now + SESSION_LIFETIME)
         self.store.audit(user.username, "login", None, "", now)

@@ -9,10 +9,11 @@ any UPDATE or DELETE of ``report_versions``, so the signed text cannot change ev
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -24,22 +25,27 @@ from sqlalchemy import (
     DateTime,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.schema import CreateColumn
 
 from raddraft.settings import Settings
 
@@ -92,6 +98,19 @@ users = Table(
     Column("password_hash", String(256), nullable=False),
     Column("disabled", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # failed sign-ins since failed_since (the window's start); locked_at set: no sign-in until an admin unlocks
+    Column("failed_logins", Integer, nullable=False, default=0, server_default=text("0")),
+    Column("failed_since", DateTime(timezone=True), nullable=True),
+    Column("locked_at", DateTime(timezone=True), nullable=True),
+)
+
+# one row per failed sign-in, by remote address: the per-address throttle (rows older than its window are pruned)
+login_failures = Table(
+    "worklist_login_failures", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("address", String(64), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Index("ix_worklist_login_failures_address_at", "address", "at"),
 )
 
 sessions = Table(
@@ -208,6 +227,16 @@ class User:
     organization: str
     password_hash: str
     disabled: bool
+    locked: bool = False  # too many failed sign-ins: refused until an admin unlocks it
+
+
+@dataclass(frozen=True)
+class LoginFailure:
+    """What one failed sign-in changed: *locked* the account (it reached the limit now), *throttled* the address
+    (it reached its limit now)."""
+
+    locked: bool
+    throttled: bool
 
 
 @dataclass(frozen=True)
@@ -329,6 +358,7 @@ class Store:
         if self.backend == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         with self.engine.begin() as conn:
             for statement in _SQLITE_IMMUTABLE if self.backend == "sqlite" else _POSTGRES_IMMUTABLE:
                 conn.exec_driver_sql(statement)
@@ -361,12 +391,72 @@ class Store:
         assert user is not None
         return user
 
-    def set_password(self, username: str, password_hash: str) -> None:
+    def set_password(self, username: str, password_hash: str) -> int:
+        """Change a password and end every session of that user (a stolen cookie stops working); returns how
+        many sessions ended."""
         with self._tx() as conn:
-            changed = conn.execute(update(users).where(users.c.username == username)
-                                   .values(password_hash=password_hash)).rowcount
-        if not changed:
-            raise KeyError(f"user {username!r} does not exist")
+            user_id = conn.execute(select(users.c.id).where(users.c.username == username)).scalar()
+            if user_id is None:
+                raise KeyError(f"user {username!r} does not exist")
+            conn.execute(update(users).where(users.c.id == user_id).values(password_hash=password_hash))
+            return int(conn.execute(sql_delete(sessions).where(sessions.c.user_id == user_id)).rowcount)
+
+    def record_login_failure(self, username: str, address: str, now: datetime, *, user_limit: int,
+                             user_window: timedelta, address_limit: int, address_window: timedelta) -> LoginFailure:
+        """Count a failed sign-in against *username* (if it exists) and *address*, with its audit entries, in one
+        transaction: the account locks at *user_limit* failures within *user_window*; the address is throttled
+        at *address_limit* failures within *address_window* (``address_retry_after``)."""
+        with self._tx() as conn:
+            self._insert_audit(conn, username, "login-failed", None, f"from {address}", now=now)
+            fresh = users.c.failed_since.is_(None) | (users.c.failed_since <= now - user_window)
+            conn.execute(update(users).where(users.c.username == username).values(
+                failed_logins=case((fresh, 1), else_=users.c.failed_logins + 1),
+                failed_since=case((fresh, now), else_=users.c.failed_since)))
+            locked = bool(conn.execute(update(users).where(
+                users.c.username == username, users.c.locked_at.is_(None), users.c.failed_logins >= user_limit,
+            ).values(locked_at=now)).rowcount)
+            if locked:
+                self._insert_audit(conn, username, "login-locked", None,
+                                   f"{user_limit} failed sign-ins within {user_window.total_seconds():g} s: "
+                                   "locked until an administrator unlocks it", now=now)
+            conn.execute(sql_delete(login_failures).where(login_failures.c.at <= now - address_window))
+            conn.execute(insert(login_failures).values(address=address, at=now))
+            count = conn.execute(select(func.count()).select_from(login_failures).where(
+                login_failures.c.address == address)).scalar_one()
+            throttled = count == address_limit
+            if throttled:
+                self._insert_audit(conn, username, "login-throttled", None,
+                                   f"{count} failed sign-ins from {address} within "
+                                   f"{address_window.total_seconds():g} s: further attempts refused (HTTP 429)",
+                                   now=now)
+        return LoginFailure(locked=locked, throttled=throttled)
+
+    def address_retry_after(self, address: str, now: datetime, *, limit: int, window: timedelta) -> int | None:
+        """Seconds until *address* may try to sign in again (it has *limit* failures within *window*), or None."""
+        with self._tx() as conn:
+            times = [_utc(at) for at in conn.execute(
+                select(login_failures.c.at).where(login_failures.c.address == address,
+                                                  login_failures.c.at > now - window)
+                .order_by(login_failures.c.at.desc()).limit(limit)).scalars()]
+        if len(times) < limit:
+            return None
+        return max(1, math.ceil((times[-1] + window - now).total_seconds()))
+
+    def login_succeeded(self, user_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute(update(users).where(users.c.id == user_id).values(failed_logins=0, failed_since=None))
+
+    def unlock_user(self, username: str, by: str, now: datetime) -> bool:
+        """Let a locked user sign in again (and forget their failed sign-ins), audited; False if not locked."""
+        with self._tx() as conn:
+            row = conn.execute(select(users.c.id, users.c.locked_at).where(users.c.username == username)).first()
+            if row is None:
+                raise KeyError(f"user {username!r} does not exist")
+            conn.execute(update(users).where(users.c.id == row.id).values(
+                locked_at=None, failed_logins=0, failed_since=None))
+            detail = f"{username} unlocked" if row.locked_at is not None else f"{username} was not locked"
+            self._insert_audit(conn, by, "unlock", None, detail, now=now)
+        return row.locked_at is not None
 
     def get_user(self, username: str) -> User | None:
         with self._tx() as conn:
@@ -625,6 +715,20 @@ class Store:
                     for row in conn.execute(query).mappings()]
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """The migration of an existing database: ``create_all`` makes missing tables only, so add each column a
+    table definition has and the database lacks (new columns are nullable or have a server default)."""
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    ddl = CreateColumn(column).compile(dialect=engine.dialect)
+                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+                    logger.info("worklist database: added column %s.%s", table.name, column.name)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -635,7 +739,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def _user(row: Any) -> User:
     return User(id=row["id"], username=row["username"], role=row["role"], full_name=row["full_name"],
-                organization=row["organization"], password_hash=row["password_hash"], disabled=bool(row["disabled"]))
+                organization=row["organization"], password_hash=row["password_hash"], disabled=bool(row["disabled"]),
+                locked=row["locked_at"] is not None)
 
 
 def _study(row: Any) -> Study:

@@ -45,6 +45,11 @@ class Request:
         self.params: dict[str, str] = {}
 
     @property
+    def remote_address(self) -> str:
+        """The peer's IP address (a TLS proxy in front: the proxy's)."""
+        return str(self.environ.get("REMOTE_ADDR") or "-")[:64]
+
+    @property
     def is_https(self) -> bool:
         return self.environ.get("wsgi.url_scheme") == "https"
 
