@@ -27,7 +27,7 @@ from worklist.bridge import Bridge, ModelUnavailableError
 from worklist.correction import apply_correction
 from worklist.render import PngCache
 from worklist.signing import SignConflictError, SignError
-from worklist.storage import Decision, SessionInfo, Study, StudyNotFoundError, StudyState
+from worklist.storage import Decision, SessionInfo, Study, StudyClaimedError, StudyNotFoundError, StudyState
 from worklist.web import HTTPError, Request, Response, Router
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class WorklistApp:
             ("POST", "/api/studies/{study_id}/ask", self.api_ask),
             ("POST", "/api/studies/{study_id}/sign", self.api_sign),
             ("POST", "/api/studies/{study_id}/amend", self.api_amend),
+            ("POST", "/api/studies/{study_id}/take-over", self.api_take_over),
             ("GET", "/audit", self.audit_page),
             ("GET", "/static/{name}", self.static),
         ]
@@ -110,6 +111,8 @@ class WorklistApp:
             response = self._error(request, exc.status, exc.message)
         except StudyNotFoundError as exc:
             response = self._error(request, HTTPStatus.NOT_FOUND, str(exc.args[0]))
+        except StudyClaimedError as exc:  # another radiologist took the entry over between the check and the write
+            response = self._error(request, HTTPStatus.CONFLICT, str(exc))
         except Exception:
             logger.exception("unhandled error on %s %s", request.method, request.path)
             response = self._error(request, HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the server log")
@@ -250,8 +253,9 @@ class WorklistApp:
         session = self._session(request)
         study = self.store.get_study(int(request.params["study_id"]))
         now = self._now()
-        if study.state is StudyState.DRAFT_READY and session.user.role == "radiologist":
-            self.store.set_state(study.id, StudyState.IN_REVIEW, now, expect=[StudyState.DRAFT_READY])
+        if study.state in EDITABLE and session.user.role == "radiologist":
+            # a radiologist opening a draft claims it; one in review by someone else stays theirs (take-over)
+            self.store.claim(study.id, session.user.username, now)
         self.store.audit(session.user.username, "view", study.id, f"state {study.state.value}", now)
         return Response(self._render("study.html", user=session.user, csrf_token=session.csrf_token,
                                      study_id=study.id))
@@ -283,7 +287,10 @@ class WorklistApp:
         for row in self.store.deliveries(study.id):
             deliveries.setdefault(row.version, []).append({"kind": row.kind, "destination": row.destination,
                                                            "state": row.state.value, "attempts": row.attempts})
-        editable = study.state in EDITABLE
+        radiologist = session.user.role == "radiologist"
+        claimant = study.claimant
+        others = claimant is not None and claimant != session.user.username
+        editable = study.state in EDITABLE and not others
         return {
             **study.to_json(),
             "patient": {"name": info.patient_name, "id": info.patient_id, "sex": info.patient_sex,
@@ -300,8 +307,9 @@ class WorklistApp:
             "outputs_not_built": [f"{p.kind} {p.state}: {p.reason}" for p in episode_problems(
                 self.bridge.settings.outbox_dir, study.study_uid, study.episode_id)],
             "editable": editable,
-            "can_sign": editable and session.user.role == "radiologist",
-            "can_amend": study.state is StudyState.SIGNED and session.user.role == "radiologist",
+            "can_sign": editable and radiologist,
+            "can_amend": study.state is StudyState.SIGNED and radiologist,
+            "can_take_over": others and radiologist,
             "can_ask": self.bridge.model is not None and study.result_path is not None,
             "preliminary": study.state is not StudyState.SIGNED,
         }
@@ -357,7 +365,10 @@ class WorklistApp:
         if study.state not in EDITABLE:
             raise HTTPError(HTTPStatus.CONFLICT, f"entry {study.id} is {study.state.value}: it cannot be edited"
                             + ("; amend it to make a new version" if study.state is StudyState.SIGNED else ""))
-        return session, study, body
+        holder = self.store.claim(study.id, session.user.username, self._now())
+        if holder is not None:
+            raise HTTPError(HTTPStatus.CONFLICT, str(StudyClaimedError(study.id, holder)))
+        return session, self.store.get_study(study.id), body
 
     def api_finding(self, request: Request) -> Response:
         session, study, body = self._editable_study(request)
@@ -373,7 +384,7 @@ class WorklistApp:
         if not 1 <= len(label) <= 128:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "label must be 1-128 characters")
         self.store.set_finding_review(study.id, index, decision, label=label, username=session.user.username,
-                                      now=self._now())
+                                      now=self._now(), claimant=session.user.username)
         relabel = f", label {label!r}" if label != result.findings[index].label else ""
         self.store.audit(session.user.username, f"finding-{decision.value}", study.id,
                          f"finding {index + 1}{relabel}", self._now())
@@ -382,7 +393,7 @@ class WorklistApp:
     def api_report(self, request: Request) -> Response:
         session, study, body = self._editable_study(request)
         findings, impression = _text(body, "findings"), _text(body, "impression")
-        self.store.save_draft_text(study.id, findings, impression, self._now())
+        self.store.save_draft_text(study.id, findings, impression, self._now(), claimant=session.user.username)
         self.store.audit(session.user.username, "edit-report", study.id,
                          f"findings {len(findings)} chars, impression {len(impression)} chars", self._now())
         return Response.json({"findings": findings, "impression": impression})
@@ -395,7 +406,8 @@ class WorklistApp:
         except ValueError as exc:
             raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
         report = corrected.report
-        self.store.save_draft_text(study.id, report.findings, report.impression, self._now())
+        self.store.save_draft_text(study.id, report.findings, report.impression, self._now(),
+                                   claimant=session.user.username)
         self.store.audit(session.user.username, "correct", study.id,
                          "; ".join(e.describe() for e in corrected.edits), self._now())
         return Response.json({"findings": report.findings, "impression": report.impression,
@@ -429,7 +441,8 @@ class WorklistApp:
     def api_sign(self, request: Request) -> Response:
         session, study, body = self._editable_study(request)
         if "findings" in body or "impression" in body:
-            self.store.save_draft_text(study.id, _text(body, "findings"), _text(body, "impression"), self._now())
+            self.store.save_draft_text(study.id, _text(body, "findings"), _text(body, "impression"), self._now(),
+                                       claimant=session.user.username)
         try:
             report, errors = self.bridge.sign(study.id, session.user)
         except SignConflictError as exc:
@@ -446,12 +459,28 @@ class WorklistApp:
             raise HTTPError(HTTPStatus.FORBIDDEN, f"role {session.user.role!r} cannot amend reports")
         versions = self.store.versions(study.id)
         now = self._now()
-        if not versions or not self.store.set_state(study.id, StudyState.IN_REVIEW, now, expect=[StudyState.SIGNED]):
+        if not versions or not self.store.set_state(study.id, StudyState.IN_REVIEW, now, expect=[StudyState.SIGNED],
+                                                    claim_for=session.user.username):
             raise HTTPError(HTTPStatus.CONFLICT, f"entry {study.id} is {study.state.value}: only a signed report can "
                                                  "be amended")
         self.store.save_draft_text(study.id, versions[-1].findings, versions[-1].impression, now)
         self.store.audit(session.user.username, "amend-start", study.id, f"from version {versions[-1].version}", now)
         return Response.json({"state": StudyState.IN_REVIEW.value, "from_version": versions[-1].version})
+
+    def api_take_over(self, request: Request) -> Response:
+        """A radiologist explicitly takes over an entry another one is reading (audited ``take-over``)."""
+        session = self._post_session(request)
+        study = self.store.get_study(int(request.params["study_id"]))
+        if session.user.role != "radiologist":
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"role {session.user.role!r} cannot take over reports")
+        try:
+            previous = self.store.take_over(study.id, session.user.username, self._now())
+        except PermissionError as exc:
+            raise HTTPError(HTTPStatus.CONFLICT, str(exc)) from None
+        if previous not in (None, session.user.username):
+            logger.info("worklist entry %d taken over by %s from %s", study.id, session.user.username, previous)
+        return Response.json({"state": StudyState.IN_REVIEW.value, "claimed_by": session.user.username,
+                              "previous": previous})
 
     # ------------------------------------------------------------------ audit and static files
 

@@ -141,6 +141,8 @@ studies = Table(
     Column("error", Text, nullable=False, default=""),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # the radiologist reading an entry in review: only they edit and sign it until another one takes it over
+    Column("claimed_by", String(64), nullable=True),
     UniqueConstraint("study_uid", "episode_id", name="uq_worklist_study_episode"),
 )
 
@@ -218,6 +220,14 @@ class StudyNotFoundError(KeyError):
     """No worklist entry has that id."""
 
 
+class StudyClaimedError(PermissionError):
+    """The entry is in review by another radiologist: it must be taken over first."""
+
+    def __init__(self, study_id: int, claimant: str) -> None:
+        super().__init__(f"worklist entry {study_id} is in review by {claimant}: take it over to edit or sign it")
+        self.claimant = claimant
+
+
 @dataclass(frozen=True)
 class User:
     id: int
@@ -264,13 +274,19 @@ class Study:
     error: str
     received_at: datetime
     updated_at: datetime
+    claimed_by: str | None = None
+
+    @property
+    def claimant(self) -> str | None:
+        """Who is reading the entry (only while it is in review)."""
+        return self.claimed_by if self.state is StudyState.IN_REVIEW else None
 
     def to_json(self) -> dict[str, Any]:
         """The worklist row the browser sees (no patient name or ID)."""
         return {"id": self.id, "state": self.state.value, "modality": self.modality, "accession": self.accession,
                 "description": self.description, "age_years": self.age_years, "priority": self.priority.value,
                 "received_at": self.received_at.isoformat(), "updated_at": self.updated_at.isoformat(),
-                "error": self.error}
+                "error": self.error, "claimed_by": self.claimant}
 
 
 @dataclass(frozen=True)
@@ -576,33 +592,90 @@ class Store:
         return _utc(value) if value is not None else None
 
     def set_state(self, study_id: int, state: StudyState, now: datetime, *, expect: list[StudyState] | None = None,
-                  error: str | None = None) -> bool:
-        """Move an entry to *state*; with *expect*, only from one of those states. True if it moved."""
+                  error: str | None = None, claim_for: str | None = None, claimant: str | None = None) -> bool:
+        """Move an entry to *state*; with *expect*, only from one of those states; with *claimant*, only if
+        nobody else has claimed it; *claim_for*: who claims it now. True if it moved."""
         query = update(studies).where(studies.c.id == study_id)
         if expect:
             query = query.where(studies.c.state.in_([s.value for s in expect]))
+        if claimant is not None:
+            query = query.where(_free_for(claimant))
         values: dict[str, Any] = {"state": state.value, "updated_at": now}
         if error is not None:
             values["error"] = error
+        if claim_for is not None:
+            values["claimed_by"] = claim_for
         with self._tx() as conn:
             return bool(conn.execute(query.values(**values)).rowcount)
 
-    def save_draft_text(self, study_id: int, findings: str, impression: str, now: datetime) -> None:
+    def claim(self, study_id: int, username: str, now: datetime) -> str | None:
+        """*username* starts reading an editable entry: a draft becomes in review claimed by them (audited
+        ``claim``). Returns None when they hold the claim, else the radiologist who does."""
         with self._tx() as conn:
-            changed = conn.execute(update(studies).where(studies.c.id == study_id, studies.c.state.in_(
-                [StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value])).values(
-                draft_findings=findings, draft_impression=impression, updated_at=now)).rowcount
+            claimed = conn.execute(update(studies).where(
+                studies.c.id == study_id,
+                (studies.c.state == StudyState.DRAFT_READY.value)
+                | ((studies.c.state == StudyState.IN_REVIEW.value) & studies.c.claimed_by.is_(None)),
+            ).values(state=StudyState.IN_REVIEW.value, claimed_by=username, updated_at=now)).rowcount
+            if claimed:
+                self._insert_audit(conn, username, "claim", study_id, "in review", now=now)
+                return None
+            row = conn.execute(select(studies.c.state, studies.c.claimed_by)
+                               .where(studies.c.id == study_id)).first()
+        if row is None:
+            raise StudyNotFoundError(f"worklist entry {study_id} does not exist")
+        if row.state == StudyState.IN_REVIEW.value and row.claimed_by not in (None, username):
+            return str(row.claimed_by)
+        return None
+
+    def take_over(self, study_id: int, username: str, now: datetime) -> str | None:
+        """*username* takes over an entry in review (or claims a draft), audited ``take-over``; returns the
+        previous claimant (None: there was none)."""
+        with self._tx() as conn:
+            row = conn.execute(select(studies.c.state, studies.c.claimed_by)
+                               .where(studies.c.id == study_id)).first()
+            if row is None:
+                raise StudyNotFoundError(f"worklist entry {study_id} does not exist")
+            if row.state not in (StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value):
+                raise PermissionError(f"worklist entry {study_id} is {row.state}: only a draft or a report in review "
+                                      "can be taken over")
+            previous = row.claimed_by if row.state == StudyState.IN_REVIEW.value else None
+            if previous == username:
+                return previous
+            conn.execute(update(studies).where(studies.c.id == study_id, studies.c.state == row.state).values(
+                state=StudyState.IN_REVIEW.value, claimed_by=username, updated_at=now))
+            self._insert_audit(conn, username, "take-over", study_id,
+                               f"from {previous}" if previous else "unclaimed", now=now)
+        return previous
+
+    def save_draft_text(self, study_id: int, findings: str, impression: str, now: datetime, *,
+                        claimant: str | None = None) -> None:
+        """Store the draft text; with *claimant*, only while nobody else has claimed the entry."""
+        query = update(studies).where(studies.c.id == study_id, studies.c.state.in_(
+            [StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value]))
+        if claimant is not None:
+            query = query.where(_free_for(claimant))
+        with self._tx() as conn:
+            changed = conn.execute(query.values(draft_findings=findings, draft_impression=impression,
+                                                updated_at=now)).rowcount
         if not changed:
+            study = self.get_study(study_id)
+            if study.claimant is not None and claimant is not None:
+                raise StudyClaimedError(study_id, study.claimant)
             raise PermissionError(f"worklist entry {study_id} is signed or failed: its draft text cannot be edited; "
                                   "amend it to make a new version")
 
     def set_finding_review(self, study_id: int, index: int, decision: Decision, *, label: str, username: str,
-                           now: datetime) -> None:
+                           now: datetime, claimant: str | None = None) -> None:
         with self._tx() as conn:
-            state = conn.execute(select(studies.c.state).where(studies.c.id == study_id)).scalar()
+            row = conn.execute(select(studies.c.state, studies.c.claimed_by)
+                               .where(studies.c.id == study_id)).first()
+            state = row.state if row else None
             if state not in (StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value):
                 raise PermissionError(f"worklist entry {study_id} is {state}: findings can be reviewed only in a "
                                       "draft or a report under review")
+            if claimant is not None and state == StudyState.IN_REVIEW.value and row.claimed_by not in (None, claimant):
+                raise StudyClaimedError(study_id, str(row.claimed_by))
             conn.execute(sql_delete(finding_reviews).where(finding_reviews.c.study_id == study_id,
                                                            finding_reviews.c.finding_index == index))
             conn.execute(insert(finding_reviews).values(study_id=study_id, finding_index=index,
@@ -715,6 +788,12 @@ class Store:
                     for row in conn.execute(query).mappings()]
 
 
+def _free_for(username: str) -> Any:
+    """The entry is not claimed by anyone else than *username* (a draft is nobody's)."""
+    return (studies.c.state != StudyState.IN_REVIEW.value) | studies.c.claimed_by.is_(None) | (
+        studies.c.claimed_by == username)
+
+
 def _add_missing_columns(engine: Engine) -> None:
     """The migration of an existing database: ``create_all`` makes missing tables only, so add each column a
     table definition has and the database lacks (new columns are nullable or have a server default)."""
@@ -750,5 +829,5 @@ def _study(row: Any) -> Study:
         accession=row["accession"], description=row["description"], age_years=row["age_years"],
         priority=Priority(row["priority"]), draft_findings=row["draft_findings"],
         draft_impression=row["draft_impression"], error=row["error"], received_at=_utc(row["received_at"]),
-        updated_at=_utc(row["updated_at"]),
+        updated_at=_utc(row["updated_at"]), claimed_by=row["claimed_by"],
     )
