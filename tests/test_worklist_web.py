@@ -137,6 +137,27 @@ def test_admin_reads_the_audit_log_but_cannot_sign(web):
     assert status == 403 and body == {"error": "role 'admin' cannot edit reports"}
 
 
+def test_a_huge_id_or_a_deeply_nested_body_gets_a_4xx_not_a_500(web):
+    """Before: a 10^20 study id overflowed the database's INTEGER and 100 000 nested arrays overflowed the JSON
+    parser's stack, each an internal error (500)."""
+    client, _, entry, _ = web
+    client.login()
+    huge = 10**20
+    for path in (f"/api/studies/{huge}", f"/studies/{huge}", f"/studies/{entry}/images/{huge}.png"):
+        response, data, _ = client.request("GET", path)
+        assert response.status == 404, (path, data)
+    assert client.post_json(f"/api/studies/{huge}/report", {"findings": "x"}) == (
+        404, {"error": f"study id {huge} does not exist: ids are at most 2147483647"})
+    assert client.post_json(f"/api/studies/{entry}/findings/{huge}", {"decision": "accepted"})[0] == 404
+    assert client.post_json(f"/api/studies/{2**31}/report", {})[0] == 404
+    deep = "[" * 100_000 + "]" * 100_000
+    response, data, _ = client.request("POST", f"/api/studies/{entry}/report", deep,
+                                       {"Content-Type": "application/json", "X-CSRF-Token": client.csrf})
+    assert (response.status, json.loads(data)) == (
+        400, {"error": "request body nests JSON arrays or objects too deeply"})
+    assert client.post_json(f"/api/studies/{entry}/report", {"findings": "Still works.", "impression": "x"})[0] == 200
+
+
 def test_sign_then_amend_over_http_makes_a_correction(web):
     client, store, entry, _ = web
     client.login()

@@ -310,7 +310,7 @@ class WorklistApp:
             "can_sign": editable and radiologist,
             "can_amend": study.state is StudyState.SIGNED and radiologist,
             "can_take_over": others and radiologist,
-            "can_ask": self.bridge.model is not None and study.result_path is not None,
+            "can_ask": self.bridge.model is not None and study.result_path is not None and radiologist,
             "preliminary": study.state is not StudyState.SIGNED,
         }
 
@@ -416,6 +416,8 @@ class WorklistApp:
 
     def api_ask(self, request: Request) -> Response:
         session = self._post_session(request)
+        if session.user.role != "radiologist":
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"role {session.user.role!r} cannot ask the model")
         body = request.json()
         study = self.store.get_study(int(request.params["study_id"]))
         images = self._images(study)
