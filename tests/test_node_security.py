@@ -30,6 +30,15 @@ def test_unknown_calling_ae_is_rejected_and_a_listed_peer_is_served(tmp_path, ca
         accepted.release()
 
 
+def test_a_listed_peer_whose_ae_title_has_a_space_is_served(tmp_path):
+    settings = node_settings(tmp_path / "home", allowed_peers="MY SCU@127.0.0.1, OTHER@10.0.0.0/8")
+    with running_node(settings) as node:
+        assoc = node.associate(ae_title="MY SCU")
+        assert assoc.is_established
+        assoc.release()
+        assert node.associate(ae_title="MY").is_rejected
+
+
 def test_listed_ae_title_from_an_unlisted_host_is_rejected(tmp_path):
     with running_node(node_settings(tmp_path / "home", allowed_peers="GOODSCU@10.1.2.3")) as node:
         assoc = node.associate(ae_title="GOODSCU")
