@@ -183,14 +183,30 @@ def test_sign_then_amend_over_http_makes_a_correction(web):
 
 
 def test_one_port_serves_the_operations_endpoints_when_wired(tmp_path):
+    """/healthz says ok / not ok to anyone; only an admin's session sees the checks (paths, free space). Before:
+    every visitor got the home path, the broker address and the free space."""
     settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'w.sqlite'}")
     store = Store.from_settings(settings)
     try:
-        app = WorklistApp(Bridge(settings, store), ops=lambda method, path: respond(settings, method, path))
+        for name, role, password in (("curie", "radiologist", "radium-226"), ("root", "admin", "admin-pass")):
+            store.add_user(name, role, auth.hash_password(password), full_name=name, organization="X",
+                           now=datetime.now(UTC))
+        app = WorklistApp(Bridge(settings, store),
+                          ops=lambda method, path, details: respond(settings, method, path, details=details))
         with RunningServer(app) as server:
             client = Client(server)
             response, data, _ = client.request("GET", "/healthz")
-            assert response.status in (200, 503) and "disk" in json.loads(data)["checks"]
+            assert response.status in (200, 503)
+            assert json.loads(data) == {"status": "ok" if response.status == 200 else "not ok"}
+            assert str(tmp_path) not in data.decode()
+            radiologist, admin = Client(server), Client(server)
+            radiologist.login()
+            assert set(json.loads(radiologist.request("GET", "/healthz")[1])) == {"status"}
+            admin.login("root", "admin-pass")
+            response, data, _ = admin.request("GET", "/healthz")
+            document = json.loads(data)
+            assert document["status"] == ("ok" if response.status == 200 else "not ok")
+            assert set(document["checks"]) == {"index", "broker", "disk"} and "free_mb" in document["checks"]["disk"]
             response, data, _ = client.request("GET", "/metrics")
             assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
             response, _, _ = client.request("GET", "/")

@@ -52,7 +52,8 @@ class OpsReply(Protocol):
     body: bytes
 
 
-OpsResponder = Callable[[str, str], OpsReply]  # (method, path) -> reply, for /healthz and /metrics
+# (method, path, details) -> reply, for /healthz and /metrics; details: the request has an admin's session
+OpsResponder = Callable[[str, str, bool], OpsReply]
 OPS_PATHS = ("/healthz", "/metrics")
 
 
@@ -70,7 +71,8 @@ class WorklistApp:
 
     def __init__(self, bridge: Bridge, *, secure_cookies: bool = False, refresh_ms: int = DEFAULT_REFRESH_MS,
                  ops: OpsResponder | None = None) -> None:
-        """*ops* answers ``/healthz`` and ``/metrics`` (``raddraft.http.respond``) so one port serves both."""
+        """*ops* answers ``/healthz`` and ``/metrics`` (``raddraft.http.respond``) so one port serves both; its
+        third argument says whether the request has an admin's session (``/healthz`` details)."""
         self.bridge = bridge
         self.ops = ops
         self.store = bridge.store
@@ -104,7 +106,7 @@ class WorklistApp:
         request = Request(environ)
         try:
             if self.ops is not None and request.path in OPS_PATHS:
-                reply = self.ops(request.method, request.path)
+                reply = self.ops(request.method, request.path, self._is_admin(request))
                 return Response(reply.body, HTTPStatus(reply.status), reply.content_type).wsgi(start_response)
             response = self.router.match(request)(request)
         except HTTPError as exc:
@@ -139,6 +141,12 @@ class WorklistApp:
         if session is None:
             raise HTTPError(HTTPStatus.UNAUTHORIZED, "sign in first")
         return session
+
+    def _is_admin(self, request: Request) -> bool:
+        """The request carries an administrator's session (``/healthz`` then says what each check found)."""
+        token = request.cookies.get(SESSION_COOKIE)
+        session = self.store.get_session(auth.token_digest(token), self._now()) if token else None
+        return session is not None and session.user.role == "admin"
 
     def _post_session(self, request: Request) -> SessionInfo:
         """The session of a POST, after the CSRF token and the Origin header are checked."""
