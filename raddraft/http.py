@@ -1,8 +1,10 @@
 """The operations HTTP endpoint: ``GET /healthz`` and ``GET /metrics`` (stdlib ``http.server`` in a thread).
 
-``/healthz`` answers JSON ``{"ok": bool, "checks": {name: {"ok": bool, "detail": str, …}}}`` with 200 when
-every check passes and 503 otherwise. Checks: the index is readable (read-only, never created), the broker
-answers within a short timeout, free disk space in ``home`` is above ``min_free_disk_mb``. ``/metrics`` is
+``/healthz`` answers 200 when every check passes and 503 otherwise, with JSON ``{"status": "ok"}`` or
+``{"status": "not ok"}`` and nothing else: paths, broker addresses and free space are for operators. With
+*details* (an admin's session on the worklist port) the document adds ``"ok": bool, "checks": {name: {"ok":
+bool, "detail": str, …}}``. Checks: the index is readable (read-only, never created), the broker answers within
+a short timeout, free disk space in ``home`` is above ``min_free_disk_mb``. ``/metrics`` is
 :mod:`raddraft.metrics` in the Prometheus text format.
 
 :func:`respond` is the whole application as a function of the path, so another server (the worklist's WSGI
@@ -65,8 +67,9 @@ def health(settings: Settings, timeout: float = CHECK_TIMEOUT_S, *, index: bool 
     return {"ok": all(check["ok"] for check in checks.values()), "checks": checks}
 
 
-def respond(settings: Settings, method: str, path: str, *, index: bool = True) -> Reply:
-    """The reply to one request (*index*: whether ``/healthz`` checks the index)."""
+def respond(settings: Settings, method: str, path: str, *, index: bool = True, details: bool = False) -> Reply:
+    """The reply to one request (*index*: whether ``/healthz`` checks the index; *details*: whether it says what
+    each check found, or only ok / not ok)."""
     route = path.split("?", 1)[0]
     if route not in ("/healthz", "/metrics"):
         return Reply(HTTPStatus.NOT_FOUND, JSON_TYPE, b'{"error": "not found: use /healthz or /metrics"}')
@@ -79,7 +82,10 @@ def respond(settings: Settings, method: str, path: str, *, index: bool = True) -
         failed = ", ".join(name for name, check in document["checks"].items() if not check["ok"])
         log.warning("health check failed: %s", failed)
     status = HTTPStatus.OK if document["ok"] else HTTPStatus.SERVICE_UNAVAILABLE
-    return Reply(status, JSON_TYPE, json.dumps(document, indent=2).encode())
+    answer: dict[str, Any] = {"status": "ok" if document["ok"] else "not ok"}
+    if details:
+        answer.update(document)
+    return Reply(status, JSON_TYPE, json.dumps(answer, indent=2).encode())
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -89,7 +95,8 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def _answer(self, method: str) -> None:
-        reply = respond(self.server.settings, method, self.path, index=self.server.check_index)
+        reply = respond(self.server.settings, method, self.path, index=self.server.check_index,
+                        details=self.server.details)
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
@@ -122,9 +129,10 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, settings: Settings, check_index: bool) -> None:
+    def __init__(self, settings: Settings, check_index: bool, details: bool) -> None:
         self.settings = settings
         self.check_index = check_index
+        self.details = details
         super().__init__((settings.http_bind, settings.http_port), _Handler)
 
 
@@ -132,11 +140,14 @@ class OpsServer:
     """``/healthz`` and ``/metrics`` on ``settings.http_bind:http_port`` (port 0: a free port), in a thread.
 
     A process without the index (a gpu worker) passes ``check_index=False``: its health is the broker and disk.
+    This port has no sessions: ``/healthz`` says only ok / not ok unless *details* (every check, to anyone who
+    reaches the port).
     """
 
-    def __init__(self, settings: Settings, *, check_index: bool = True) -> None:
+    def __init__(self, settings: Settings, *, check_index: bool = True, details: bool = False) -> None:
         self.settings = settings
         self.check_index = check_index
+        self.details = details
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -150,7 +161,7 @@ class OpsServer:
         if self._server is not None:
             raise RuntimeError("the ops HTTP server is already running")
         try:
-            self._server = _Server(self.settings, self.check_index)
+            self._server = _Server(self.settings, self.check_index, self.details)
         except OSError as exc:
             raise OSError(f"cannot listen on http_bind {self.settings.http_bind} http_port "
                           f"{self.settings.http_port}: {exc}") from exc

@@ -49,8 +49,11 @@ class PeerSpec(BaseModel):
         if "@" not in text:
             raise ValueError(f"peer {text!r} must be written AETITLE@host")
         aet, host = text.rsplit("@", 1)
-        if not host:
+        if not host.strip():
             raise ValueError(f"peer {text!r} has no host after '@'")
+        if len(host.split()) > 1:
+            raise ValueError(f"peer {text!r}: host {host.strip()!r} must not contain spaces (separate peers with "
+                             "commas)")
         return cls(ae_title=validate_ae_title(aet, f"AE title of peer {text!r}"), host=host.strip())
 
     def matches(self, ae_title: str, address: str) -> bool:
@@ -138,6 +141,22 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+def _split_ae_entries(value: Any) -> Any:
+    """``AETITLE@…`` entries: a list, or a string of entries separated by commas or newlines, so that an AE title
+    may contain spaces (``MY SCU@10.0.0.1, CT 1@ct.example``). A piece whose space-separated words all hold an
+    ``@`` is several entries: the older space-separated form (``A@host1 B@host2``) still reads as before."""
+    if not isinstance(value, str):
+        return value
+    entries: list[str] = []
+    for piece in re.split(r"[,\n]", value):
+        words = piece.split()
+        if len(words) > 1 and all("@" in word for word in words):
+            entries.extend(words)
+        elif words:
+            entries.append(piece.strip())
+    return entries
+
+
 class Settings(BaseSettings):
     """Every setting of raddraft, with its default. Environment: ``RADDRAFT_<FIELD>``."""
 
@@ -154,7 +173,8 @@ class Settings(BaseSettings):
     dicom_port: int = Field(11112, ge=0, le=65535)
     require_called_ae_title: bool = Field(True, description="reject associations not addressed to ae_title")
     allowed_peers: Annotated[list[PeerSpec], NoDecode] = Field(
-        default_factory=list, description="AETITLE@host entries; empty accepts any peer"
+        default_factory=list, description="AETITLE@host entries separated by commas (an AE title may contain "
+        "spaces); empty accepts any peer"
     )
     tls_certificate: Path | None = Field(None, description="PEM server certificate: enables DICOM TLS")
     tls_private_key: Path | None = None
@@ -196,6 +216,14 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="worklist database, e.g. postgresql://user@host/db; empty = SQLite file in home"
     )
+    login_max_failures: int = Field(
+        5, ge=1, description="failed sign-ins of one user within login_failure_window_s that lock the account "
+        "until an admin unlocks it (raddraft user unlock NAME)")
+    login_failure_window_s: float = Field(900.0, gt=0, description="window of login_max_failures")
+    login_address_max_failures: int = Field(
+        20, ge=1, description="failed sign-ins from one address within login_address_window_s after which its "
+        "sign-ins are refused with HTTP 429 (no password checked) until the window has passed")
+    login_address_window_s: float = Field(300.0, gt=0, description="window of login_address_max_failures")
 
     # --- model -----------------------------------------------------------------------------------------------
     model: str = Field("embedded", description="preset name or path to a model folder")
@@ -226,12 +254,12 @@ class Settings(BaseSettings):
     @field_validator("allowed_peers", mode="before")
     @classmethod
     def _parse_peers(cls, value: Any) -> Any:
-        return [PeerSpec.parse(v) if isinstance(v, str) else v for v in _split_list(value)]
+        return [PeerSpec.parse(v) if isinstance(v, str) else v for v in _split_ae_entries(value)]
 
     @field_validator("dicom_destinations", mode="before")
     @classmethod
     def _parse_destinations(cls, value: Any) -> Any:
-        return [Destination.parse(v) if isinstance(v, str) else v for v in _split_list(value)]
+        return [Destination.parse(v) if isinstance(v, str) else v for v in _split_ae_entries(value)]
 
     @field_validator("hl7_destinations", mode="before")
     @classmethod

@@ -113,7 +113,7 @@ def test_redis_broker_with_separate_workers_ct_study(tmp_path, orthanc, redis_se
             check_study(orthanc, study_id, phantoms.truth("CT"), phantoms.lesions("CT"), listener)
             wait_for(lambda: deliveries_done(home, phantoms.truth("CT")["study_uid"]), timeout=90,
                      what="both deliveries done")
-            # each worker serves the counters of what it ran; a gpu worker's health has no index check
+            # each worker serves the counters of what it ran and its health
             status, text = scrape(io.log, "/metrics")
             assert status == 200
             for task in ("prepare", "report", "deliver_dicom", "deliver_hl7"):
@@ -122,7 +122,6 @@ def test_redis_broker_with_separate_workers_ct_study(tmp_path, orthanc, redis_se
                 assert (sample(text, "raddraft_deliveries_total", kind=kind, outcome="ok") or 0) >= 1, kind
             status, text = scrape(gpu.log, "/metrics")
             assert status == 200 and (sample(text, "raddraft_task_seconds_count", task="infer") or 0) >= 1
-            status, document = scrape(gpu.log, "/healthz")
-            assert status == 200 and set(json.loads(document)["checks"]) == {"broker", "disk"}, document
-            status, document = scrape(io.log, "/healthz")
-            assert status == 200 and set(json.loads(document)["checks"]) == {"index", "broker", "disk"}, document
+            for log in (gpu.log, io.log):  # a worker's port has no sessions: ok / not ok only
+                status, document = scrape(log, "/healthz")
+                assert status == 200 and json.loads(document) == {"status": "ok"}, document

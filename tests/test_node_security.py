@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import socket
 import ssl
 import subprocess
 
@@ -13,6 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from node_helpers import PYDICOM_TEST_FILES, SCU_AE, make_ct, node_settings, running_node
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from dicom_node.statuses import StoreStatus
@@ -30,6 +34,15 @@ def test_unknown_calling_ae_is_rejected_and_a_listed_peer_is_served(tmp_path, ca
         accepted.release()
 
 
+def test_a_listed_peer_whose_ae_title_has_a_space_is_served(tmp_path):
+    settings = node_settings(tmp_path / "home", allowed_peers="MY SCU@127.0.0.1, OTHER@10.0.0.0/8")
+    with running_node(settings) as node:
+        assoc = node.associate(ae_title="MY SCU")
+        assert assoc.is_established
+        assoc.release()
+        assert node.associate(ae_title="MY").is_rejected
+
+
 def test_listed_ae_title_from_an_unlisted_host_is_rejected(tmp_path):
     with running_node(node_settings(tmp_path / "home", allowed_peers="GOODSCU@10.1.2.3")) as node:
         assoc = node.associate(ae_title="GOODSCU")
@@ -42,6 +55,47 @@ def test_wrong_called_ae_title_is_rejected_when_required(tmp_path):
         assert node.associate(called="SOMEONEELSE").is_rejected
     with running_node(node_settings(tmp_path / "home2", require_called_ae_title=False)) as lenient:
         assoc = lenient.associate(called="SOMEONEELSE")
+        assert assoc.is_established
+        assoc.release()
+
+
+def _associate_rq(calling: bytes, called: bytes) -> bytes:
+    """A valid A-ASSOCIATE-RQ (pynetdicom's encoder) with raw bytes patched into its 16-byte AE title fields."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = "PLACEHOLDER", "RADDRAFT"
+    primitive.maximum_length_received = 16382
+    primitive.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.0"
+    context = build_context(Verification)
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    data = bytearray(pdu.encode())
+    data[10:26], data[26:42] = called.ljust(16, b" "), calling.ljust(16, b" ")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("calling", "called", "reason", "logged"), [
+    (b"", b"RADDRAFT", 0x03, "calling AE title '' is empty"),
+    (b"AB\x00CD", b"RADDRAFT", 0x03, "calling AE title 'AB\\x00CD' contains a NUL byte"),
+    (b"AB\\CD", b"RADDRAFT", 0x03, "calling AE title 'AB\\\\CD' contains a backslash"),
+    (b"NODETEST", b"", 0x07, "called AE title '' is empty"),
+])
+@pytest.mark.parametrize("allowed_peers", ["", "GOODSCU@127.0.0.1"])
+def test_an_empty_nul_or_backslash_ae_title_is_rejected_with_its_reason(tmp_path, caplog, calling, called, reason,
+                                                                        logged, allowed_peers):
+    """Before: pynetdicom could not decode such an A-ASSOCIATE-RQ and aborted (A-ABORT) with a traceback."""
+    with running_node(node_settings(tmp_path / "home", allowed_peers=allowed_peers)) as node:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+            sock.sendall(_associate_rq(calling, called))
+            reply = sock.recv(64)
+        # A-ASSOCIATE-RJ: type 3, length 4, result permanent (1), source service-user (1), the AE title's reason
+        assert reply == bytes([0x03, 0, 0, 0, 0, 4, 0, 1, 1, reason])
+        assert any(logged in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records), [
+            r.getMessage() for r in caplog.records]
+        assert not any("Unable to decode" in r.getMessage() for r in caplog.records)
+        assoc = node.associate([Verification], ae_title="GOODSCU")  # the node goes on serving
         assert assoc.is_established
         assoc.release()
 

@@ -66,7 +66,7 @@ def home(tmp_path: Path) -> Path:
 def server(home: Path) -> Iterator[OpsServer]:
     settings = make_settings(home)
     metrics.configure(settings)
-    with OpsServer(settings) as running:
+    with OpsServer(settings, details=True) as running:
         yield running
     metrics.set_study_state_source(None)
     metrics.set_queue_depth_source(None)
@@ -94,8 +94,17 @@ def test_healthz_is_200_then_503_when_the_index_is_broken(server: OpsServer, hom
     assert status == 503 and "does not exist or is not a file" in document["checks"]["index"]["detail"]
 
 
-def test_healthz_fails_on_the_disk_floor(home: Path) -> None:
+def test_healthz_without_details_says_only_ok_or_not_ok(home: Path) -> None:
+    """A worker's port has no sessions: by default it names no path, broker address or free space."""
+    with OpsServer(make_settings(home)) as server:
+        assert health(server) == (200, {"status": "ok"})
     with OpsServer(make_settings(home).model_copy(update={"min_free_disk_mb": 1e12})) as server:
+        status, _, body = get(server, "/healthz")
+    assert (status, json.loads(body)) == (503, {"status": "not ok"}) and str(home) not in body.decode()
+
+
+def test_healthz_fails_on_the_disk_floor(home: Path) -> None:
+    with OpsServer(make_settings(home).model_copy(update={"min_free_disk_mb": 1e12}), details=True) as server:
         status, document = health(server)
     assert status == 503
     assert document["checks"]["disk"]["ok"] is False and document["checks"]["disk"]["floor_mb"] == 1e12
@@ -107,7 +116,7 @@ def test_healthz_and_queue_depth_follow_a_real_redis(home: Path, redis_server: R
     metrics.set_queue_depth_source(metrics.broker_depths(settings))
     try:
         publish(redis_server.url, "gpu", 3)
-        with OpsServer(settings) as server:
+        with OpsServer(settings, details=True) as server:
             status, document = health(server)
             assert status == 200 and document["checks"]["broker"]["queue_depths"] == {"io": 0, "gpu": 3}
             text = get(server, "/metrics")[2].decode()

@@ -53,6 +53,24 @@ def test_lists_from_environment_accept_commas_and_spaces(monkeypatch):
     assert settings.effective_broker_url == "redis://127.0.0.1:6379/0"
 
 
+def test_ae_titles_with_spaces_in_peers_and_destinations(monkeypatch, tmp_path):
+    """Before: the lists were split on whitespace too, so 'MY SCU@10.0.0.1' became 'MY' (no host) and 'SCU@…'."""
+    monkeypatch.setenv("RADDRAFT_ALLOWED_PEERS", "MY SCU@127.0.0.1, CT 1@10.1.0.0/16\nMR2@localhost")
+    monkeypatch.setenv("RADDRAFT_DICOM_DESTINATIONS", "MAIN PACS@pacs.example:104, ARCHIVE@[::1]:11112")
+    settings = load_settings()
+    assert [p.ae_title for p in settings.allowed_peers] == ["MY SCU", "CT 1", "MR2"]
+    assert settings.allowed_peers[0].matches("MY SCU  ", "127.0.0.1")  # the PDU's padding is not significant
+    assert not settings.allowed_peers[0].matches("MY", "127.0.0.1")
+    assert [str(d) for d in settings.dicom_destinations] == ["MAIN PACS@pacs.example:104", "ARCHIVE@::1:11112"]
+    monkeypatch.setenv("RADDRAFT_ALLOWED_PEERS", "MY SCU@host one")
+    with pytest.raises(ValueError, match="host 'host one' must not contain spaces"):
+        load_settings()
+    monkeypatch.delenv("RADDRAFT_ALLOWED_PEERS")
+    config = tmp_path / "raddraft.toml"
+    config.write_text('allowed_peers = ["MY SCU@127.0.0.1", "OTHER@10.0.0.0/8"]\n')
+    assert [str(p) for p in load_settings(config).allowed_peers] == ["MY SCU@127.0.0.1", "OTHER@10.0.0.0/8"]
+
+
 def test_peer_matching_by_address_network_and_name():
     assert PeerSpec.parse("ORTHANC@127.0.0.1").matches("ORTHANC", "127.0.0.1")
     assert not PeerSpec.parse("ORTHANC@127.0.0.1").matches("ORTHANC", "127.0.0.2")

@@ -84,18 +84,25 @@ def test_ask_over_http_returns_the_answer_with_its_box_in_source_pixels(tmp_path
     try:
         store.add_user("curie", "radiologist", auth.hash_password("radium-226"), full_name="Curie^Marie",
                        organization="IR", now=datetime.now(UTC))
+        store.add_user("root", "admin", auth.hash_password("admin-pass"), full_name="Admin", organization="IR",
+                       now=datetime.now(UTC))
         draft = write_draft(settings)
         model = CannedModel()
         bridge = Bridge(settings, store, model=model)
         entry = bridge.register_draft(draft.manifest_path, draft.result_path)
         with RunningServer(WorklistApp(bridge)) as server:
+            admin = Client(server)  # before: an admin could ask the model
+            admin.login("root", "admin-pass")
+            assert not json.loads(admin.request("GET", f"/api/studies/{entry}")[1])["can_ask"]
+            assert admin.post_json(f"/api/studies/{entry}/ask", {"image": 0, "kind": "vqa", "text": "effusion?"}) \
+                == (403, {"error": "role 'admin' cannot ask the model"})
             client = Client(server)
             client.login()
             _, data, _ = client.request("GET", f"/api/studies/{entry}")
             assert json.loads(data)["can_ask"]
             status, body = client.post_json(f"/api/studies/{entry}/ask",
                                             {"image": 0, "kind": "refer", "text": "left lung nodule"})
-        assert status == 200 and model.instructions == ["[refer] where is left lung nodule ?"]
+        assert status == 200 and model.instructions == ["[refer] where is left lung nodule ?"]  # the admin's: none
         assert body["text"] == "left lung nodule" and body["image"] == 0 and body["dropped"] == []
         dataset = pydicom.dcmread(next(settings.spool_dir.rglob(f"{draft.result.analysed_instances[0]}.dcm")))
         expected = prepare_image(dataset, 224).transform.grid_to_source((10, 20, 30, 40))

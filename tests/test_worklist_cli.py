@@ -43,7 +43,7 @@ def test_user_add_list_and_passwd(env, monkeypatch, capsys):
     assert main(["user", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed == [{"name": "curie", "role": "radiologist", "full_name": "Curie^Marie",
-                       "organization": "Institut du Radium", "disabled": False}]
+                       "organization": "Institut du Radium", "disabled": False, "locked": False}]
     _stdin(monkeypatch, "new-password\n")
     assert main(["user", "passwd", "curie", "--password-stdin"]) == 0
     store = Store(env if not env.startswith("postgresql://") else env.replace("postgresql://", "postgresql+psycopg://"))

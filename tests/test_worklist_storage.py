@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError
 from worklist_helpers import database_url_fixture, settings_for, write_draft  # noqa: F401 - fixture
 
@@ -137,3 +137,25 @@ def test_a_newer_episode_supersedes_the_unsigned_entries_of_its_study(store):
     assert store.get_study(current).state is StudyState.DRAFT_READY
     open_entries = store.list_studies(states=[StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value])
     assert sorted(e.id for e in open_entries) == sorted([other_study, current])
+
+
+def test_a_database_made_before_the_lockout_and_claim_columns_gets_them_when_opened(database_url):
+    """An existing worklist database lacks the columns added since (create_all adds tables, not columns): opening
+    it adds them, and its users and sessions keep working."""
+    store = Store(database_url)
+    user = store.add_user("curie", "radiologist", auth.hash_password("radium-226"), full_name="Curie^Marie",
+                          organization="IR", now=NOW)
+    with store.engine.begin() as conn:
+        for column in ("failed_logins", "failed_since", "locked_at"):
+            conn.execute(text(f"ALTER TABLE worklist_users DROP COLUMN {column}"))
+        conn.execute(text("ALTER TABLE worklist_studies DROP COLUMN claimed_by"))
+    store.close()
+    store = Store(database_url)
+    try:
+        assert store.get_user("curie") == user
+        failure = store.record_login_failure("curie", "127.0.0.1", NOW, user_limit=1, user_window=timedelta(60),
+                                             address_limit=5, address_window=timedelta(60))
+        assert failure.locked and store.get_user("curie").locked
+        assert [c["name"] for c in inspect(store.engine).get_columns("worklist_studies")][-1] == "claimed_by"
+    finally:
+        store.close()

@@ -137,6 +137,27 @@ def test_admin_reads_the_audit_log_but_cannot_sign(web):
     assert status == 403 and body == {"error": "role 'admin' cannot edit reports"}
 
 
+def test_a_huge_id_or_a_deeply_nested_body_gets_a_4xx_not_a_500(web):
+    """Before: a 10^20 study id overflowed the database's INTEGER and 100 000 nested arrays overflowed the JSON
+    parser's stack, each an internal error (500)."""
+    client, _, entry, _ = web
+    client.login()
+    huge = 10**20
+    for path in (f"/api/studies/{huge}", f"/studies/{huge}", f"/studies/{entry}/images/{huge}.png"):
+        response, data, _ = client.request("GET", path)
+        assert response.status == 404, (path, data)
+    assert client.post_json(f"/api/studies/{huge}/report", {"findings": "x"}) == (
+        404, {"error": f"study id {huge} does not exist: ids are at most 2147483647"})
+    assert client.post_json(f"/api/studies/{entry}/findings/{huge}", {"decision": "accepted"})[0] == 404
+    assert client.post_json(f"/api/studies/{2**31}/report", {})[0] == 404
+    deep = "[" * 100_000 + "]" * 100_000
+    response, data, _ = client.request("POST", f"/api/studies/{entry}/report", deep,
+                                       {"Content-Type": "application/json", "X-CSRF-Token": client.csrf})
+    assert (response.status, json.loads(data)) == (
+        400, {"error": "request body nests JSON arrays or objects too deeply"})
+    assert client.post_json(f"/api/studies/{entry}/report", {"findings": "Still works.", "impression": "x"})[0] == 200
+
+
 def test_sign_then_amend_over_http_makes_a_correction(web):
     client, store, entry, _ = web
     client.login()
@@ -162,14 +183,30 @@ def test_sign_then_amend_over_http_makes_a_correction(web):
 
 
 def test_one_port_serves_the_operations_endpoints_when_wired(tmp_path):
+    """/healthz says ok / not ok to anyone; only an admin's session sees the checks (paths, free space). Before:
+    every visitor got the home path, the broker address and the free space."""
     settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'w.sqlite'}")
     store = Store.from_settings(settings)
     try:
-        app = WorklistApp(Bridge(settings, store), ops=lambda method, path: respond(settings, method, path))
+        for name, role, password in (("curie", "radiologist", "radium-226"), ("root", "admin", "admin-pass")):
+            store.add_user(name, role, auth.hash_password(password), full_name=name, organization="X",
+                           now=datetime.now(UTC))
+        app = WorklistApp(Bridge(settings, store),
+                          ops=lambda method, path, details: respond(settings, method, path, details=details))
         with RunningServer(app) as server:
             client = Client(server)
             response, data, _ = client.request("GET", "/healthz")
-            assert response.status in (200, 503) and "disk" in json.loads(data)["checks"]
+            assert response.status in (200, 503)
+            assert json.loads(data) == {"status": "ok" if response.status == 200 else "not ok"}
+            assert str(tmp_path) not in data.decode()
+            radiologist, admin = Client(server), Client(server)
+            radiologist.login()
+            assert set(json.loads(radiologist.request("GET", "/healthz")[1])) == {"status"}
+            admin.login("root", "admin-pass")
+            response, data, _ = admin.request("GET", "/healthz")
+            document = json.loads(data)
+            assert document["status"] == ("ok" if response.status == 200 else "not ok")
+            assert set(document["checks"]) == {"index", "broker", "disk"} and "free_mb" in document["checks"]["disk"]
             response, data, _ = client.request("GET", "/metrics")
             assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
             response, _, _ = client.request("GET", "/")

@@ -27,7 +27,7 @@ from worklist.bridge import Bridge, ModelUnavailableError
 from worklist.correction import apply_correction
 from worklist.render import PngCache
 from worklist.signing import SignConflictError, SignError
-from worklist.storage import Decision, SessionInfo, Study, StudyNotFoundError, StudyState
+from worklist.storage import Decision, SessionInfo, Study, StudyClaimedError, StudyNotFoundError, StudyState
 from worklist.web import HTTPError, Request, Response, Router
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ SESSION_LIFETIME = timedelta(hours=12)
 DEFAULT_REFRESH_MS = 5000
 MAX_TEXT = 20000
 EDITABLE = (StudyState.DRAFT_READY, StudyState.IN_REVIEW)
+# one answer for every refused sign-in (unknown user, wrong password, disabled or locked account): it does not
+# tell which users exist (a locked user asks an administrator: raddraft user unlock NAME)
+LOGIN_FAILED = "Wrong user name or password."
 
 
 class OpsReply(Protocol):
@@ -49,7 +52,8 @@ class OpsReply(Protocol):
     body: bytes
 
 
-OpsResponder = Callable[[str, str], OpsReply]  # (method, path) -> reply, for /healthz and /metrics
+# (method, path, details) -> reply, for /healthz and /metrics; details: the request has an admin's session
+OpsResponder = Callable[[str, str, bool], OpsReply]
 OPS_PATHS = ("/healthz", "/metrics")
 
 
@@ -67,7 +71,8 @@ class WorklistApp:
 
     def __init__(self, bridge: Bridge, *, secure_cookies: bool = False, refresh_ms: int = DEFAULT_REFRESH_MS,
                  ops: OpsResponder | None = None) -> None:
-        """*ops* answers ``/healthz`` and ``/metrics`` (``raddraft.http.respond``) so one port serves both."""
+        """*ops* answers ``/healthz`` and ``/metrics`` (``raddraft.http.respond``) so one port serves both; its
+        third argument says whether the request has an admin's session (``/healthz`` details)."""
         self.bridge = bridge
         self.ops = ops
         self.store = bridge.store
@@ -88,6 +93,7 @@ class WorklistApp:
             ("POST", "/api/studies/{study_id}/ask", self.api_ask),
             ("POST", "/api/studies/{study_id}/sign", self.api_sign),
             ("POST", "/api/studies/{study_id}/amend", self.api_amend),
+            ("POST", "/api/studies/{study_id}/take-over", self.api_take_over),
             ("GET", "/audit", self.audit_page),
             ("GET", "/static/{name}", self.static),
         ]
@@ -100,13 +106,15 @@ class WorklistApp:
         request = Request(environ)
         try:
             if self.ops is not None and request.path in OPS_PATHS:
-                reply = self.ops(request.method, request.path)
+                reply = self.ops(request.method, request.path, self._is_admin(request))
                 return Response(reply.body, HTTPStatus(reply.status), reply.content_type).wsgi(start_response)
             response = self.router.match(request)(request)
         except HTTPError as exc:
             response = self._error(request, exc.status, exc.message)
         except StudyNotFoundError as exc:
             response = self._error(request, HTTPStatus.NOT_FOUND, str(exc.args[0]))
+        except StudyClaimedError as exc:  # another radiologist took the entry over between the check and the write
+            response = self._error(request, HTTPStatus.CONFLICT, str(exc))
         except Exception:
             logger.exception("unhandled error on %s %s", request.method, request.path)
             response = self._error(request, HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the server log")
@@ -133,6 +141,12 @@ class WorklistApp:
         if session is None:
             raise HTTPError(HTTPStatus.UNAUTHORIZED, "sign in first")
         return session
+
+    def _is_admin(self, request: Request) -> bool:
+        """The request carries an administrator's session (``/healthz`` then says what each check found)."""
+        token = request.cookies.get(SESSION_COOKIE)
+        session = self.store.get_session(auth.token_digest(token), self._now()) if token else None
+        return session is not None and session.user.role == "admin"
 
     def _post_session(self, request: Request) -> SessionInfo:
         """The session of a POST, after the CSRF token and the Origin header are checked."""
@@ -170,12 +184,32 @@ class WorklistApp:
                 not request.cookies.get(LOGIN_CSRF_COOKIE):
             raise HTTPError(HTTPStatus.FORBIDDEN, "login form expired: reload the page")
         username, password = form.get("username", ""), form.get("password", "")
+        settings = self.bridge.settings
+        now, address = self._now(), request.remote_address
+        address_window = timedelta(seconds=settings.login_address_window_s)
+        retry_after = self.store.address_retry_after(address, now, limit=settings.login_address_max_failures,
+                                                     window=address_window)
+        if retry_after is not None:  # the password is not even checked
+            response = self.login_page(request, f"Too many failed sign-ins from this address: try again in "
+                                                f"{retry_after} s.", HTTPStatus.TOO_MANY_REQUESTS)
+            response.headers.append(("Retry-After", str(retry_after)))
+            return response
         user = self.store.get_user(username) if username else None
-        valid = user is not None and not user.disabled and auth.verify_password(password, user.password_hash)
-        now = self._now()
-        if not valid or user is None:
-            self.store.audit(username[:64] or "-", "login-failed", None, "", now)
-            return self.login_page(request, "Wrong user name or password.", HTTPStatus.UNAUTHORIZED)
+        # an unknown user costs the same scrypt as a wrong password: the time does not tell which users exist
+        matches = auth.check_sign_in(password, user.password_hash if user else None)
+        if user is None or not matches or user.disabled or user.locked:
+            failure = self.store.record_login_failure(
+                username[:64] or "-", address, now, user_limit=settings.login_max_failures,
+                user_window=timedelta(seconds=settings.login_failure_window_s),
+                address_limit=settings.login_address_max_failures, address_window=address_window)
+            if failure.locked:
+                logger.warning("worklist user %s locked after %d failed sign-ins (raddraft user unlock %s)",
+                               username, settings.login_max_failures, username)
+            if failure.throttled:
+                logger.warning("sign-ins from %s refused for %g s after %d failures", address,
+                               settings.login_address_window_s, settings.login_address_max_failures)
+            return self.login_page(request, LOGIN_FAILED, HTTPStatus.UNAUTHORIZED)
+        self.store.login_succeeded(user.id)
         token, csrf = auth.new_token(), auth.new_token()
         self.store.create_session(auth.token_digest(token), user.id, csrf, now, now + SESSION_LIFETIME)
         self.store.audit(user.username, "login", None, "", now)
@@ -227,8 +261,9 @@ class WorklistApp:
         session = self._session(request)
         study = self.store.get_study(int(request.params["study_id"]))
         now = self._now()
-        if study.state is StudyState.DRAFT_READY and session.user.role == "radiologist":
-            self.store.set_state(study.id, StudyState.IN_REVIEW, now, expect=[StudyState.DRAFT_READY])
+        if study.state in EDITABLE and session.user.role == "radiologist":
+            # a radiologist opening a draft claims it; one in review by someone else stays theirs (take-over)
+            self.store.claim(study.id, session.user.username, now)
         self.store.audit(session.user.username, "view", study.id, f"state {study.state.value}", now)
         return Response(self._render("study.html", user=session.user, csrf_token=session.csrf_token,
                                      study_id=study.id))
@@ -260,7 +295,10 @@ class WorklistApp:
         for row in self.store.deliveries(study.id):
             deliveries.setdefault(row.version, []).append({"kind": row.kind, "destination": row.destination,
                                                            "state": row.state.value, "attempts": row.attempts})
-        editable = study.state in EDITABLE
+        radiologist = session.user.role == "radiologist"
+        claimant = study.claimant
+        others = claimant is not None and claimant != session.user.username
+        editable = study.state in EDITABLE and not others
         return {
             **study.to_json(),
             "patient": {"name": info.patient_name, "id": info.patient_id, "sex": info.patient_sex,
@@ -277,9 +315,10 @@ class WorklistApp:
             "outputs_not_built": [f"{p.kind} {p.state}: {p.reason}" for p in episode_problems(
                 self.bridge.settings.outbox_dir, study.study_uid, study.episode_id)],
             "editable": editable,
-            "can_sign": editable and session.user.role == "radiologist",
-            "can_amend": study.state is StudyState.SIGNED and session.user.role == "radiologist",
-            "can_ask": self.bridge.model is not None and study.result_path is not None,
+            "can_sign": editable and radiologist,
+            "can_amend": study.state is StudyState.SIGNED and radiologist,
+            "can_take_over": others and radiologist,
+            "can_ask": self.bridge.model is not None and study.result_path is not None and radiologist,
             "preliminary": study.state is not StudyState.SIGNED,
         }
 
@@ -334,7 +373,10 @@ class WorklistApp:
         if study.state not in EDITABLE:
             raise HTTPError(HTTPStatus.CONFLICT, f"entry {study.id} is {study.state.value}: it cannot be edited"
                             + ("; amend it to make a new version" if study.state is StudyState.SIGNED else ""))
-        return session, study, body
+        holder = self.store.claim(study.id, session.user.username, self._now())
+        if holder is not None:
+            raise HTTPError(HTTPStatus.CONFLICT, str(StudyClaimedError(study.id, holder)))
+        return session, self.store.get_study(study.id), body
 
     def api_finding(self, request: Request) -> Response:
         session, study, body = self._editable_study(request)
@@ -350,7 +392,7 @@ class WorklistApp:
         if not 1 <= len(label) <= 128:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "label must be 1-128 characters")
         self.store.set_finding_review(study.id, index, decision, label=label, username=session.user.username,
-                                      now=self._now())
+                                      now=self._now(), claimant=session.user.username)
         relabel = f", label {label!r}" if label != result.findings[index].label else ""
         self.store.audit(session.user.username, f"finding-{decision.value}", study.id,
                          f"finding {index + 1}{relabel}", self._now())
@@ -359,7 +401,7 @@ class WorklistApp:
     def api_report(self, request: Request) -> Response:
         session, study, body = self._editable_study(request)
         findings, impression = _text(body, "findings"), _text(body, "impression")
-        self.store.save_draft_text(study.id, findings, impression, self._now())
+        self.store.save_draft_text(study.id, findings, impression, self._now(), claimant=session.user.username)
         self.store.audit(session.user.username, "edit-report", study.id,
                          f"findings {len(findings)} chars, impression {len(impression)} chars", self._now())
         return Response.json({"findings": findings, "impression": impression})
@@ -372,7 +414,8 @@ class WorklistApp:
         except ValueError as exc:
             raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
         report = corrected.report
-        self.store.save_draft_text(study.id, report.findings, report.impression, self._now())
+        self.store.save_draft_text(study.id, report.findings, report.impression, self._now(),
+                                   claimant=session.user.username)
         self.store.audit(session.user.username, "correct", study.id,
                          "; ".join(e.describe() for e in corrected.edits), self._now())
         return Response.json({"findings": report.findings, "impression": report.impression,
@@ -381,6 +424,8 @@ class WorklistApp:
 
     def api_ask(self, request: Request) -> Response:
         session = self._post_session(request)
+        if session.user.role != "radiologist":
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"role {session.user.role!r} cannot ask the model")
         body = request.json()
         study = self.store.get_study(int(request.params["study_id"]))
         images = self._images(study)
@@ -406,7 +451,8 @@ class WorklistApp:
     def api_sign(self, request: Request) -> Response:
         session, study, body = self._editable_study(request)
         if "findings" in body or "impression" in body:
-            self.store.save_draft_text(study.id, _text(body, "findings"), _text(body, "impression"), self._now())
+            self.store.save_draft_text(study.id, _text(body, "findings"), _text(body, "impression"), self._now(),
+                                       claimant=session.user.username)
         try:
             report, errors = self.bridge.sign(study.id, session.user)
         except SignConflictError as exc:
@@ -423,12 +469,28 @@ class WorklistApp:
             raise HTTPError(HTTPStatus.FORBIDDEN, f"role {session.user.role!r} cannot amend reports")
         versions = self.store.versions(study.id)
         now = self._now()
-        if not versions or not self.store.set_state(study.id, StudyState.IN_REVIEW, now, expect=[StudyState.SIGNED]):
+        if not versions or not self.store.set_state(study.id, StudyState.IN_REVIEW, now, expect=[StudyState.SIGNED],
+                                                    claim_for=session.user.username):
             raise HTTPError(HTTPStatus.CONFLICT, f"entry {study.id} is {study.state.value}: only a signed report can "
                                                  "be amended")
         self.store.save_draft_text(study.id, versions[-1].findings, versions[-1].impression, now)
         self.store.audit(session.user.username, "amend-start", study.id, f"from version {versions[-1].version}", now)
         return Response.json({"state": StudyState.IN_REVIEW.value, "from_version": versions[-1].version})
+
+    def api_take_over(self, request: Request) -> Response:
+        """A radiologist explicitly takes over an entry another one is reading (audited ``take-over``)."""
+        session = self._post_session(request)
+        study = self.store.get_study(int(request.params["study_id"]))
+        if session.user.role != "radiologist":
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"role {session.user.role!r} cannot take over reports")
+        try:
+            previous = self.store.take_over(study.id, session.user.username, self._now())
+        except PermissionError as exc:
+            raise HTTPError(HTTPStatus.CONFLICT, str(exc)) from None
+        if previous not in (None, session.user.username):
+            logger.info("worklist entry %d taken over by %s from %s", study.id, session.user.username, previous)
+        return Response.json({"state": StudyState.IN_REVIEW.value, "claimed_by": session.user.username,
+                              "previous": previous})
 
     # ------------------------------------------------------------------ audit and static files
 

@@ -3,11 +3,13 @@
 Passwords are hashed with scrypt (RFC 7914; n=2**14, r=8, p=1, 16-byte random salt) and stored as
 ``scrypt$n$r$p$salt_hex$hash_hex``; comparison is constant-time. Session and CSRF tokens are 32 random bytes
 (URL-safe base64); the database keeps only the SHA-256 of a session token, so a copy of the database cannot be
-used to log in.
+used to log in. A sign-in for a user that does not exist is checked against a dummy hash of the same parameters
+(``check_sign_in``), so its answer takes as long as a wrong password's and does not tell which users exist.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -55,6 +57,20 @@ def verify_password(password: str, stored: str) -> bool:
     if len(password) > MAX_PASSWORD_LENGTH:
         return False
     return hmac.compare_digest(_scrypt(password, salt, n, r, p), expected)
+
+
+def check_sign_in(password: str, stored: str | None) -> bool:
+    """``verify_password`` against *stored*, or, with no stored hash (no such user), the same work against a
+    dummy hash, answering False: the time does not depend on whether the user exists."""
+    if stored is None:
+        verify_password(password, _dummy_hash())
+        return False
+    return verify_password(password, stored)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password(secrets.token_urlsafe(TOKEN_BYTES))
 
 
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:

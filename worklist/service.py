@@ -36,7 +36,7 @@ class WorklistService:
             self.deliveries = SignedDeliveryQueue(settings, self.store, publish)
             self.bridge.on_sign(self.deliveries)
             app = WorklistApp(self.bridge, refresh_ms=refresh_ms,
-                              ops=lambda method, path: respond(settings, method, path))
+                              ops=lambda method, path, details: respond(settings, method, path, details=details))
             self.server = RunningServer(app, settings.http_bind, settings.http_port)
         except BaseException:
             self.store.close()

@@ -119,7 +119,11 @@ def sign_study(store: Store, settings: Settings, study_id: int, user: User, now:
         hl7 = OutputProblem("hl7", "skipped" if isinstance(exc, HL7NotApplicable) else "failed",
                             manifest.study.redact(str(exc)))
 
-    if not store.set_state(study_id, StudyState.SIGNED, now, expect=[StudyState.DRAFT_READY, StudyState.IN_REVIEW]):
+    if not store.set_state(study_id, StudyState.SIGNED, now, expect=[StudyState.DRAFT_READY, StudyState.IN_REVIEW],
+                           claimant=user.username):  # a report another radiologist has claimed is theirs to sign
+        holder = store.get_study(study_id).claimant
+        if holder is not None and holder != user.username:
+            raise SignConflictError(f"worklist entry {study_id} is in review by {holder}: take it over to sign it")
         raise SignConflictError(f"worklist entry {study_id} was signed by someone else a moment ago")
     try:
         folder = episode_dir(settings.outbox_dir, manifest.study_instance_uid, manifest.episode_id)

@@ -9,10 +9,11 @@ any UPDATE or DELETE of ``report_versions``, so the signed text cannot change ev
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -24,22 +25,27 @@ from sqlalchemy import (
     DateTime,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.schema import CreateColumn
 
 from raddraft.settings import Settings
 
@@ -92,6 +98,19 @@ users = Table(
     Column("password_hash", String(256), nullable=False),
     Column("disabled", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # failed sign-ins since failed_since (the window's start); locked_at set: no sign-in until an admin unlocks
+    Column("failed_logins", Integer, nullable=False, default=0, server_default=text("0")),
+    Column("failed_since", DateTime(timezone=True), nullable=True),
+    Column("locked_at", DateTime(timezone=True), nullable=True),
+)
+
+# one row per failed sign-in, by remote address: the per-address throttle (rows older than its window are pruned)
+login_failures = Table(
+    "worklist_login_failures", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("address", String(64), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Index("ix_worklist_login_failures_address_at", "address", "at"),
 )
 
 sessions = Table(
@@ -122,6 +141,8 @@ studies = Table(
     Column("error", Text, nullable=False, default=""),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # the radiologist reading an entry in review: only they edit and sign it until another one takes it over
+    Column("claimed_by", String(64), nullable=True),
     UniqueConstraint("study_uid", "episode_id", name="uq_worklist_study_episode"),
 )
 
@@ -199,6 +220,14 @@ class StudyNotFoundError(KeyError):
     """No worklist entry has that id."""
 
 
+class StudyClaimedError(PermissionError):
+    """The entry is in review by another radiologist: it must be taken over first."""
+
+    def __init__(self, study_id: int, claimant: str) -> None:
+        super().__init__(f"worklist entry {study_id} is in review by {claimant}: take it over to edit or sign it")
+        self.claimant = claimant
+
+
 @dataclass(frozen=True)
 class User:
     id: int
@@ -208,6 +237,16 @@ class User:
     organization: str
     password_hash: str
     disabled: bool
+    locked: bool = False  # too many failed sign-ins: refused until an admin unlocks it
+
+
+@dataclass(frozen=True)
+class LoginFailure:
+    """What one failed sign-in changed: *locked* the account (it reached the limit now), *throttled* the address
+    (it reached its limit now)."""
+
+    locked: bool
+    throttled: bool
 
 
 @dataclass(frozen=True)
@@ -235,13 +274,19 @@ class Study:
     error: str
     received_at: datetime
     updated_at: datetime
+    claimed_by: str | None = None
+
+    @property
+    def claimant(self) -> str | None:
+        """Who is reading the entry (only while it is in review)."""
+        return self.claimed_by if self.state is StudyState.IN_REVIEW else None
 
     def to_json(self) -> dict[str, Any]:
         """The worklist row the browser sees (no patient name or ID)."""
         return {"id": self.id, "state": self.state.value, "modality": self.modality, "accession": self.accession,
                 "description": self.description, "age_years": self.age_years, "priority": self.priority.value,
                 "received_at": self.received_at.isoformat(), "updated_at": self.updated_at.isoformat(),
-                "error": self.error}
+                "error": self.error, "claimed_by": self.claimant}
 
 
 @dataclass(frozen=True)
@@ -329,6 +374,7 @@ class Store:
         if self.backend == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         with self.engine.begin() as conn:
             for statement in _SQLITE_IMMUTABLE if self.backend == "sqlite" else _POSTGRES_IMMUTABLE:
                 conn.exec_driver_sql(statement)
@@ -361,12 +407,72 @@ class Store:
         assert user is not None
         return user
 
-    def set_password(self, username: str, password_hash: str) -> None:
+    def set_password(self, username: str, password_hash: str) -> int:
+        """Change a password and end every session of that user (a stolen cookie stops working); returns how
+        many sessions ended."""
         with self._tx() as conn:
-            changed = conn.execute(update(users).where(users.c.username == username)
-                                   .values(password_hash=password_hash)).rowcount
-        if not changed:
-            raise KeyError(f"user {username!r} does not exist")
+            user_id = conn.execute(select(users.c.id).where(users.c.username == username)).scalar()
+            if user_id is None:
+                raise KeyError(f"user {username!r} does not exist")
+            conn.execute(update(users).where(users.c.id == user_id).values(password_hash=password_hash))
+            return int(conn.execute(sql_delete(sessions).where(sessions.c.user_id == user_id)).rowcount)
+
+    def record_login_failure(self, username: str, address: str, now: datetime, *, user_limit: int,
+                             user_window: timedelta, address_limit: int, address_window: timedelta) -> LoginFailure:
+        """Count a failed sign-in against *username* (if it exists) and *address*, with its audit entries, in one
+        transaction: the account locks at *user_limit* failures within *user_window*; the address is throttled
+        at *address_limit* failures within *address_window* (``address_retry_after``)."""
+        with self._tx() as conn:
+            self._insert_audit(conn, username, "login-failed", None, f"from {address}", now=now)
+            fresh = users.c.failed_since.is_(None) | (users.c.failed_since <= now - user_window)
+            conn.execute(update(users).where(users.c.username == username).values(
+                failed_logins=case((fresh, 1), else_=users.c.failed_logins + 1),
+                failed_since=case((fresh, now), else_=users.c.failed_since)))
+            locked = bool(conn.execute(update(users).where(
+                users.c.username == username, users.c.locked_at.is_(None), users.c.failed_logins >= user_limit,
+            ).values(locked_at=now)).rowcount)
+            if locked:
+                self._insert_audit(conn, username, "login-locked", None,
+                                   f"{user_limit} failed sign-ins within {user_window.total_seconds():g} s: "
+                                   "locked until an administrator unlocks it", now=now)
+            conn.execute(sql_delete(login_failures).where(login_failures.c.at <= now - address_window))
+            conn.execute(insert(login_failures).values(address=address, at=now))
+            count = conn.execute(select(func.count()).select_from(login_failures).where(
+                login_failures.c.address == address)).scalar_one()
+            throttled = count == address_limit
+            if throttled:
+                self._insert_audit(conn, username, "login-throttled", None,
+                                   f"{count} failed sign-ins from {address} within "
+                                   f"{address_window.total_seconds():g} s: further attempts refused (HTTP 429)",
+                                   now=now)
+        return LoginFailure(locked=locked, throttled=throttled)
+
+    def address_retry_after(self, address: str, now: datetime, *, limit: int, window: timedelta) -> int | None:
+        """Seconds until *address* may try to sign in again (it has *limit* failures within *window*), or None."""
+        with self._tx() as conn:
+            times = [_utc(at) for at in conn.execute(
+                select(login_failures.c.at).where(login_failures.c.address == address,
+                                                  login_failures.c.at > now - window)
+                .order_by(login_failures.c.at.desc()).limit(limit)).scalars()]
+        if len(times) < limit:
+            return None
+        return max(1, math.ceil((times[-1] + window - now).total_seconds()))
+
+    def login_succeeded(self, user_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute(update(users).where(users.c.id == user_id).values(failed_logins=0, failed_since=None))
+
+    def unlock_user(self, username: str, by: str, now: datetime) -> bool:
+        """Let a locked user sign in again (and forget their failed sign-ins), audited; False if not locked."""
+        with self._tx() as conn:
+            row = conn.execute(select(users.c.id, users.c.locked_at).where(users.c.username == username)).first()
+            if row is None:
+                raise KeyError(f"user {username!r} does not exist")
+            conn.execute(update(users).where(users.c.id == row.id).values(
+                locked_at=None, failed_logins=0, failed_since=None))
+            detail = f"{username} unlocked" if row.locked_at is not None else f"{username} was not locked"
+            self._insert_audit(conn, by, "unlock", None, detail, now=now)
+        return row.locked_at is not None
 
     def get_user(self, username: str) -> User | None:
         with self._tx() as conn:
@@ -486,33 +592,90 @@ class Store:
         return _utc(value) if value is not None else None
 
     def set_state(self, study_id: int, state: StudyState, now: datetime, *, expect: list[StudyState] | None = None,
-                  error: str | None = None) -> bool:
-        """Move an entry to *state*; with *expect*, only from one of those states. True if it moved."""
+                  error: str | None = None, claim_for: str | None = None, claimant: str | None = None) -> bool:
+        """Move an entry to *state*; with *expect*, only from one of those states; with *claimant*, only if
+        nobody else has claimed it; *claim_for*: who claims it now. True if it moved."""
         query = update(studies).where(studies.c.id == study_id)
         if expect:
             query = query.where(studies.c.state.in_([s.value for s in expect]))
+        if claimant is not None:
+            query = query.where(_free_for(claimant))
         values: dict[str, Any] = {"state": state.value, "updated_at": now}
         if error is not None:
             values["error"] = error
+        if claim_for is not None:
+            values["claimed_by"] = claim_for
         with self._tx() as conn:
             return bool(conn.execute(query.values(**values)).rowcount)
 
-    def save_draft_text(self, study_id: int, findings: str, impression: str, now: datetime) -> None:
+    def claim(self, study_id: int, username: str, now: datetime) -> str | None:
+        """*username* starts reading an editable entry: a draft becomes in review claimed by them (audited
+        ``claim``). Returns None when they hold the claim, else the radiologist who does."""
         with self._tx() as conn:
-            changed = conn.execute(update(studies).where(studies.c.id == study_id, studies.c.state.in_(
-                [StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value])).values(
-                draft_findings=findings, draft_impression=impression, updated_at=now)).rowcount
+            claimed = conn.execute(update(studies).where(
+                studies.c.id == study_id,
+                (studies.c.state == StudyState.DRAFT_READY.value)
+                | ((studies.c.state == StudyState.IN_REVIEW.value) & studies.c.claimed_by.is_(None)),
+            ).values(state=StudyState.IN_REVIEW.value, claimed_by=username, updated_at=now)).rowcount
+            if claimed:
+                self._insert_audit(conn, username, "claim", study_id, "in review", now=now)
+                return None
+            row = conn.execute(select(studies.c.state, studies.c.claimed_by)
+                               .where(studies.c.id == study_id)).first()
+        if row is None:
+            raise StudyNotFoundError(f"worklist entry {study_id} does not exist")
+        if row.state == StudyState.IN_REVIEW.value and row.claimed_by not in (None, username):
+            return str(row.claimed_by)
+        return None
+
+    def take_over(self, study_id: int, username: str, now: datetime) -> str | None:
+        """*username* takes over an entry in review (or claims a draft), audited ``take-over``; returns the
+        previous claimant (None: there was none)."""
+        with self._tx() as conn:
+            row = conn.execute(select(studies.c.state, studies.c.claimed_by)
+                               .where(studies.c.id == study_id)).first()
+            if row is None:
+                raise StudyNotFoundError(f"worklist entry {study_id} does not exist")
+            if row.state not in (StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value):
+                raise PermissionError(f"worklist entry {study_id} is {row.state}: only a draft or a report in review "
+                                      "can be taken over")
+            previous = row.claimed_by if row.state == StudyState.IN_REVIEW.value else None
+            if previous == username:
+                return previous
+            conn.execute(update(studies).where(studies.c.id == study_id, studies.c.state == row.state).values(
+                state=StudyState.IN_REVIEW.value, claimed_by=username, updated_at=now))
+            self._insert_audit(conn, username, "take-over", study_id,
+                               f"from {previous}" if previous else "unclaimed", now=now)
+        return previous
+
+    def save_draft_text(self, study_id: int, findings: str, impression: str, now: datetime, *,
+                        claimant: str | None = None) -> None:
+        """Store the draft text; with *claimant*, only while nobody else has claimed the entry."""
+        query = update(studies).where(studies.c.id == study_id, studies.c.state.in_(
+            [StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value]))
+        if claimant is not None:
+            query = query.where(_free_for(claimant))
+        with self._tx() as conn:
+            changed = conn.execute(query.values(draft_findings=findings, draft_impression=impression,
+                                                updated_at=now)).rowcount
         if not changed:
+            study = self.get_study(study_id)
+            if study.claimant is not None and claimant is not None:
+                raise StudyClaimedError(study_id, study.claimant)
             raise PermissionError(f"worklist entry {study_id} is signed or failed: its draft text cannot be edited; "
                                   "amend it to make a new version")
 
     def set_finding_review(self, study_id: int, index: int, decision: Decision, *, label: str, username: str,
-                           now: datetime) -> None:
+                           now: datetime, claimant: str | None = None) -> None:
         with self._tx() as conn:
-            state = conn.execute(select(studies.c.state).where(studies.c.id == study_id)).scalar()
+            row = conn.execute(select(studies.c.state, studies.c.claimed_by)
+                               .where(studies.c.id == study_id)).first()
+            state = row.state if row else None
             if state not in (StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value):
                 raise PermissionError(f"worklist entry {study_id} is {state}: findings can be reviewed only in a "
                                       "draft or a report under review")
+            if claimant is not None and state == StudyState.IN_REVIEW.value and row.claimed_by not in (None, claimant):
+                raise StudyClaimedError(study_id, str(row.claimed_by))
             conn.execute(sql_delete(finding_reviews).where(finding_reviews.c.study_id == study_id,
                                                            finding_reviews.c.finding_index == index))
             conn.execute(insert(finding_reviews).values(study_id=study_id, finding_index=index,
@@ -625,6 +788,26 @@ class Store:
                     for row in conn.execute(query).mappings()]
 
 
+def _free_for(username: str) -> Any:
+    """The entry is not claimed by anyone else than *username* (a draft is nobody's)."""
+    return (studies.c.state != StudyState.IN_REVIEW.value) | studies.c.claimed_by.is_(None) | (
+        studies.c.claimed_by == username)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """The migration of an existing database: ``create_all`` makes missing tables only, so add each column a
+    table definition has and the database lacks (new columns are nullable or have a server default)."""
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    ddl = CreateColumn(column).compile(dialect=engine.dialect)
+                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+                    logger.info("worklist database: added column %s.%s", table.name, column.name)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -635,7 +818,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def _user(row: Any) -> User:
     return User(id=row["id"], username=row["username"], role=row["role"], full_name=row["full_name"],
-                organization=row["organization"], password_hash=row["password_hash"], disabled=bool(row["disabled"]))
+                organization=row["organization"], password_hash=row["password_hash"], disabled=bool(row["disabled"]),
+                locked=row["locked_at"] is not None)
 
 
 def _study(row: Any) -> Study:
@@ -645,5 +829,5 @@ def _study(row: Any) -> Study:
         accession=row["accession"], description=row["description"], age_years=row["age_years"],
         priority=Priority(row["priority"]), draft_findings=row["draft_findings"],
         draft_impression=row["draft_impression"], error=row["error"], received_at=_utc(row["received_at"]),
-        updated_at=_utc(row["updated_at"]),
+        updated_at=_utc(row["updated_at"]), claimed_by=row["claimed_by"],
     )

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 MAX_BODY_BYTES = 1024 * 1024
+MAX_ID = 2**31 - 1  # ids in paths: the database's INTEGER (PostgreSQL's is 32-bit; SQLite's 64-bit)
 
 SECURITY_HEADERS = [
     ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -43,6 +44,11 @@ class Request:
         self.query_lists = parse_qs(environ.get("QUERY_STRING", ""))
         self._body: bytes | None = None
         self.params: dict[str, str] = {}
+
+    @property
+    def remote_address(self) -> str:
+        """The peer's IP address (a TLS proxy in front: the proxy's)."""
+        return str(self.environ.get("REMOTE_ADDR") or "-")[:64]
 
     @property
     def is_https(self) -> bool:
@@ -86,6 +92,8 @@ class Request:
             value = json.loads(self.body() or b"{}")
         except json.JSONDecodeError as exc:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"request body is not valid JSON: {exc.msg}") from None
+        except RecursionError:  # e.g. 100 000 nested arrays: the parser runs out of stack before the body ends
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "request body nests JSON arrays or objects too deeply") from None
         if not isinstance(value, dict):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
         return value
@@ -144,6 +152,10 @@ class Router:
             if found:
                 if method == request.method:
                     request.params = found.groupdict()
+                    for name, value in request.params.items():
+                        if name.endswith("id") and int(value) > MAX_ID:  # would overflow the database's INTEGER
+                            raise HTTPError(HTTPStatus.NOT_FOUND, f"{name.replace('_', ' ')} {value[:40]} does not "
+                                                                  f"exist: ids are at most {MAX_ID}")
                     return handler
                 allowed = True
         if allowed:

@@ -28,7 +28,12 @@
   async function load() {
     doc = await api("/api/studies/" + studyId);
     $("title").textContent = (doc.modality || "") + " · " + (doc.accession || "no accession");
-    $("state-badge").textContent = doc.error ? doc.state + ": " + doc.error : doc.state;
+    const state = doc.claimed_by ? doc.state + " by " + doc.claimed_by : doc.state;
+    $("state-badge").textContent = doc.error ? state + ": " + doc.error : state;
+    $("take-over").hidden = !doc.can_take_over;
+    $("claim-note").hidden = !doc.can_take_over;
+    $("claim-note").textContent = doc.can_take_over ? doc.claimed_by + " is reading this report: take it over to "
+      + "edit or sign it (" + doc.claimed_by + " can then no longer save)." : "";
     $("prelim-badge").hidden = !doc.preliminary;
     const p = doc.patient;
     $("meta").textContent = [p.name.replaceAll("^", " "), "ID " + p.id, p.sex,
@@ -255,6 +260,14 @@
       $("sign-status").textContent = "Amending version " + data.from_version + ": sign again to send a correction";
       await load();
     } catch (err) { $("sign-status").textContent = err.message; }
+  };
+
+  $("take-over").onclick = async () => {
+    try {
+      const data = await api("/api/studies/" + studyId + "/take-over", {});
+      $("sign-status").textContent = data.previous ? "Taken over from " + data.previous : "Claimed";
+      await load();
+    } catch (err) { $("sign-status").textContent = "Not taken over: " + err.message; }
   };
 
   $("image-select").onchange = () => { imageIndex = Number($("image-select").value); showImage(); fit(); };

@@ -50,7 +50,7 @@
       tr.dataset.testid = "study-row";
       if (known && !known.has(s.id)) tr.classList.add("new");
       tr.appendChild(cell(s.priority, s.priority));
-      tr.appendChild(cell(s.state, "s-" + s.state.replace(" ", "-")));
+      tr.appendChild(cell(s.claimed_by ? s.state + " by " + s.claimed_by : s.state, "s-" + s.state.replace(" ", "-")));
       tr.appendChild(cell(s.modality));
       tr.appendChild(cell(s.accession));
       tr.appendChild(cell(s.description || ""));
