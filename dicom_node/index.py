@@ -652,11 +652,11 @@ class Index:
                 (task, study_uid, episode_id, outcome, now),
             )
 
-    def task_runs(self, study_uid: str, episode_id: int) -> list[tuple[str, str]]:
-        """(task, outcome) of every run for the episode, oldest first."""
+    def task_runs(self, study_uid: str, episode_id: int, task: str | None = None) -> list[tuple[str, str]]:
+        """(task, outcome) of every run for the episode (of *task* only, when given), oldest first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT task, outcome FROM task_runs WHERE study_instance_uid = ? AND episode_id = ? ORDER BY id",
                 (study_uid, episode_id),
             ).fetchall()
-        return [(row["task"], row["outcome"]) for row in rows]
+        return [(row["task"], row["outcome"]) for row in rows if task is None or row["task"] == task]

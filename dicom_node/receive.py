@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.charset import default_encoding
@@ -26,13 +28,14 @@ from pydicom.valuerep import AMBIGUOUS_VR, VR
 from dicom_node.derived import DerivedKind, derived_kind
 from dicom_node.index import Arrival, Index, InstanceRecord, NodeCounter
 from dicom_node.inflate import InflatedTooLargeError, check_inflated_size
-from dicom_node.spool import InvalidUIDError, Placement, Spool, validate_uid
+from dicom_node.spool import InvalidUIDError, Placement, Spool, StagedFile, validate_uid
 from dicom_node.statuses import StoreStatus
 from raddraft import metrics
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+INSTANCE_LOCK_STRIPES = 64  # instances whose UIDs hash alike share a lock: bounded memory, rare contention
 # the outcome label of raddraft_instances_received (raddraft/metrics.py); refusals are "rejected"
 ARRIVAL_OUTCOMES = {Arrival.NEW: "stored", Arrival.DUPLICATE: "duplicate", Arrival.REPLACED: "replaced"}
 
@@ -97,6 +100,7 @@ class InstanceReceiver:
         self.max_instance_bytes = int(max_instance_mb * MIB)
         self.min_free_bytes = int(min_free_disk_mb * MIB)
         self._clock = clock
+        self._locks = [threading.Lock() for _ in range(INSTANCE_LOCK_STRIPES)]
 
     def receive(self, incoming: IncomingInstance) -> StoreStatus:
         """Return the C-STORE status for *incoming*; every refusal is logged with its reason."""
@@ -202,6 +206,18 @@ class InstanceReceiver:
             self._log_identical(incoming, identity)
             return "duplicate"
         staged = self.spool.stage(incoming.data, digest)
+        # One association at a time per SOP Instance UID from placing the file to removing the one it replaced:
+        # another association re-sending the same instance (to the same path, or under another study) could
+        # otherwise write its file between this one's commit and its clean-up, which would then delete it.
+        with self._instance_lock(identity.sop_instance_uid):
+            return self._place_and_record(incoming, identity, staged, final)
+
+    def _instance_lock(self, sop_instance_uid: str) -> threading.Lock:
+        return self._locks[int(hashlib.blake2b(sop_instance_uid.encode(), digest_size=4).hexdigest(), 16)
+                           % len(self._locks)]
+
+    def _place_and_record(self, incoming: IncomingInstance, identity: _Identity, staged: StagedFile, final: Path
+                          ) -> str:
         placed: list[Placement] = []
 
         def place() -> None:
@@ -234,6 +250,8 @@ class InstanceReceiver:
         elif outcome.kind is Arrival.REPLACED:
             if outcome.previous_path is not None and outcome.previous_path != record.path:
                 (self.spool.root / outcome.previous_path).unlink(missing_ok=True)
+                log.info("instance %s moved to study %s: it was filed under another study before",
+                         identity.sop_instance_uid, identity.study_uid)
             log.info("instance %s of study %s replaced by a different version; %s", identity.sop_instance_uid,
                      identity.study_uid, f"stored without analysis ({identity.derived})" if identity.derived
                      else f"episode {outcome.episode_id}{' (new)' if outcome.new_episode else ''}")

@@ -64,7 +64,7 @@ def test_idle_study_is_prepared_once_and_a_later_arrival_opens_a_new_episode(pip
     assert send(node, slices) == [StoreStatus.SUCCESS] * 3
 
     wait_for(lambda: state(node.index, study, 1) == EpisodeState.PREPARED, timeout=30, what="episode 1 prepared")
-    assert node.index.task_runs(study, 1) == [("prepare", "prepared")]
+    assert node.index.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
     manifest = StudyManifest.read(manifest_path(node.settings.home, study, 1))
     assert manifest.study_instance_uid == study and manifest.episode_id == 1
     (only,) = manifest.series
@@ -75,7 +75,7 @@ def test_idle_study_is_prepared_once_and_a_later_arrival_opens_a_new_episode(pip
 
     # a duplicate delivery of the same task finds the episode claimed and does nothing
     assert prepare_episode(node.settings, study, 1) is None
-    assert node.index.task_runs(study, 1) == [("prepare", "prepared"), ("prepare", "duplicate")]
+    assert node.index.task_runs(study, 1, "prepare") == [("prepare", "prepared"), ("prepare", "duplicate")]
 
     extra = make_ct(study, generate_uid(), position=0.0)
     assert send(node, [extra]) == [StoreStatus.SUCCESS]
@@ -84,7 +84,7 @@ def test_idle_study_is_prepared_once_and_a_later_arrival_opens_a_new_episode(pip
     wait_for(lambda: state(node.index, study, 2) == EpisodeState.PREPARED, timeout=30, what="episode 2 prepared")
     second = StudyManifest.read(manifest_path(node.settings.home, study, 2))
     assert sum(len(s.instances) for s in second.series) == 4
-    assert node.index.task_runs(study, 2) == [("prepare", "prepared")]
+    assert node.index.task_runs(study, 2, "prepare") == [("prepare", "prepared")]
 
 
 def test_changed_instance_resent_after_hand_off_replaces_the_old_one_and_opens_a_new_episode(pipeline, caplog):
@@ -113,7 +113,7 @@ def test_changed_instance_resent_after_hand_off_replaces_the_old_one_and_opens_a
 
     node.index.set_state(study, 1, EpisodeState.REPORTED, time.time())  # this pipeline has no gpu stage
     wait_for(lambda: state(node.index, study, 2) == EpisodeState.PREPARED, timeout=30, what="episode 2 prepared")
-    assert node.index.task_runs(study, 2) == [("prepare", "prepared")]
+    assert node.index.task_runs(study, 2, "prepare") == [("prepare", "prepared")]
     manifest = StudyManifest.read(manifest_path(node.settings.home, study, 2))
     entries = {i.sop_instance_uid: i for s in manifest.series for i in s.instances}
     assert set(entries) == {changed.SOPInstanceUID, other.SOPInstanceUID}
@@ -219,7 +219,7 @@ def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tm
                 client.close()
         finally:
             dispatcher.stop()
-        assert node.index.task_runs(study, 1) == [("prepare", "prepared")]
+        assert node.index.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
         assert manifest_path(settings.home, study, 1).is_file()
 
 

@@ -108,7 +108,7 @@ def test_orthanc_sends_a_study_that_is_stored_byte_for_byte_and_prepared_once(or
         return episode is not None and episode.state == EpisodeState.PREPARED
 
     wait_for(prepared, timeout=60, what="episode 1 prepared")
-    assert node.index.task_runs(study, 1) == [("prepare", "prepared")]
+    assert node.index.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
     assert node.index.episode(study, 2) is None
     manifest = StudyManifest.read(manifest_path(node.settings.home, study, 1))
     assert {i.sop_instance_uid for s in manifest.series for i in s.instances} == set(sent)

@@ -115,7 +115,7 @@ def test_kill_9_between_instances_loses_no_accepted_instance_and_restart_prepare
                  timeout=60, what="study prepared after restart")
         manifest = StudyManifest.read(manifest_path(home, study, 1))
         assert [i.sop_instance_uid for i in manifest.series[0].instances] == accepted
-        assert index.task_runs(study, 1) == [("prepare", "prepared")]
+        assert index.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
         index.close()
     finally:
         code = restarted.stop()

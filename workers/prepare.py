@@ -38,6 +38,9 @@ def manifest_path(home: Path, study_uid: str, episode_id: int) -> Path:
     return home / "work" / study_uid / str(episode_id) / "manifest.json"
 
 
+NO_INSTANCE_LEFT = "not analysed: no instance left: each was re-sent under another study"
+
+
 def prepare_episode(
     settings: Settings, study_uid: str, episode_id: int, *, clock: Callable[[], float] = time.time
 ) -> Path | None:
@@ -50,8 +53,14 @@ def prepare_episode(
             log.info("study %s episode %d is already claimed or done; duplicate delivery ignored",
                      study_uid, episode_id)
             return None
+        records = index.instances_for_episode(study_uid, episode_id)
+        if not records:  # each instance arrived again under another Study Instance UID and moved there
+            index.set_state(study_uid, episode_id, EpisodeState.NOT_ANALYSED, clock(), error=NO_INSTANCE_LEFT,
+                            task_run=(TASK_NAME, str(EpisodeState.NOT_ANALYSED)))
+            log.info("study %s episode %d ends %s: %s", study_uid, episode_id, EpisodeState.NOT_ANALYSED,
+                     NO_INSTANCE_LEFT)
+            return None
         try:
-            records = index.instances_for_episode(study_uid, episode_id)
             manifest = build_manifest(settings.spool_dir, study_uid, episode_id, records)
             manifest.write(path)
         except Exception as exc:
