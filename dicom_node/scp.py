@@ -45,6 +45,7 @@ def transport_limits(settings: Settings) -> TransportLimits:
     return TransportLimits(
         request_timeout_s=settings.association_request_timeout_s,
         network_timeout_s=settings.network_timeout_s,
+        max_pdu_size=MAXIMUM_PDU_SIZE,
         max_associations=settings.max_associations,
         max_connections_per_address=settings.max_connections_per_address,
         reserved_associations=settings.reserved_associations,

@@ -13,7 +13,10 @@ and hands pynetdicom socket objects that watch the PDU stream:
   (of the end of the TLS handshake, which pynetdicom runs in the accept loop); a connection that sends nothing
   is closed by pynetdicom's ARTIM timer, which :func:`dicom_node.scp.build_ae` sets to the same value
   (``acse_timeout``). Once associated, a peer that
-  stops in the middle of a PDU is closed after ``network_timeout_s``.
+  stops in the middle of a PDU is closed after ``network_timeout_s``;
+* **PDU length**: a PDU header announcing more than the node accepts (P-DATA-TF: the maximum PDU size we
+  announce plus its header; any other PDU: :data:`ASSOCIATION_PDU_LIMIT`) or an unknown PDU type is answered
+  with an A-ABORT and the connection is closed before any of its body is read.
 
 Every refusal is logged at WARNING with the peer's address and the reason (rate-limited per address at accept).
 """
@@ -44,6 +47,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PDU_HEADER_BYTES = 6  # type (1), reserved (1), length (4, big endian)
+P_DATA_TF = 0x04
+PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ … A-ABORT
+ASSOCIATION_PDU_LIMIT = 256 * 1024  # A-ASSOCIATE-RQ with 128 contexts and user identity fits many times over
+# A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter value) / 1 (unrecognized PDU)
+_ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
+_ABORT_UNRECOGNIZED_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 1])
 REFUSAL_LOG_INTERVAL_S = 10.0  # at most one "closed at accept" line per address per interval
 
 
@@ -53,10 +62,17 @@ class TransportLimits:
 
     request_timeout_s: float
     network_timeout_s: float
+    max_pdu_size: int  # the Maximum Length Received we announce; P-DATA-TF PDUs may carry it plus the header
     max_associations: int
     max_connections_per_address: int
     reserved_associations: int  # slots strangers cannot take; only when allowed_peers is not empty
     allowed_peers: Sequence[PeerSpec] = ()
+
+    def pdu_limit(self, pdu_type: int) -> int:
+        """The largest PDU length field accepted for *pdu_type*."""
+        if pdu_type == P_DATA_TF:
+            return self.max_pdu_size + PDU_HEADER_BYTES
+        return ASSOCIATION_PDU_LIMIT
 
     @property
     def stranger_limit(self) -> int:
@@ -123,11 +139,13 @@ class _PduGuard:
             if not self._associated:
                 return self._reject(f"no complete A-ASSOCIATE-RQ within {limits.request_timeout_s:g} s")
             return self._reject(f"stalled in the middle of a PDU for {limits.network_timeout_s:g} s")
-        self._inspect(data)
+        reason = self._inspect(data, limits)
+        if reason is not None:
+            return self._reject(reason[0], reason[1])
         return data
 
-    def _inspect(self, data: bytes) -> None:
-        """Follow the PDU boundaries in *data*: the end of the A-ASSOCIATE-RQ ends its deadline."""
+    def _inspect(self, data: bytes, limits: TransportLimits) -> tuple[str, bytes] | None:
+        """Follow the PDU boundaries in *data*; a reason (and the A-ABORT to send) if a header is refused."""
         assert self._header is not None
         view = memoryview(data)
         while view:
@@ -145,9 +163,15 @@ class _PduGuard:
                 break
             pdu_type, _, length = struct.unpack(">BBL", self._header)
             self._header.clear()
+            if pdu_type not in PDU_TYPES:
+                return f"unknown PDU type 0x{pdu_type:02X}", _ABORT_UNRECOGNIZED_PDU
+            if length > limits.pdu_limit(pdu_type):
+                return (f"PDU type 0x{pdu_type:02X} announces {length} bytes, over the limit of "
+                        f"{limits.pdu_limit(pdu_type)}"), _ABORT_INVALID_PARAMETER
             self._body_type, self._body_left = pdu_type, length
             if not length:
                 self._pdu_complete()
+        return None
 
     def _pdu_complete(self) -> None:
         if not self._associated and self._body_type == 0x01:

@@ -8,13 +8,16 @@ import logging
 import socket
 import subprocess
 import time
+import tracemalloc
 
 import pytest
-from node_helpers import SCU_AE, node_settings, running_node
+from node_helpers import SCU_AE, node_settings, running_node, wait_for
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+MIB = 1024 * 1024
 TRUNCATED_RQ = b"\x01\x00\x00\x00\x01\x00" + b"\x00\x01" + bytes(8)  # announces 256 bytes, sends 10, stalls
+HUGE = 0xFFFFFFF0
 
 
 def stranger(port: int, source: str, truncated: bool) -> socket.socket:
@@ -76,8 +79,8 @@ def test_thirty_stalling_strangers_leave_room_for_an_allowed_peer(tmp_path, capl
             result, elapsed = echoscu(node.port)
             assert result.returncode == 0, result.stderr
             print(f"\nechoscu from an allowed peer served in {elapsed:.3f} s while 30 strangers stall")
-            assert elapsed < 2.0
-            assert echo(node.port) < 2.0
+            assert elapsed < 5.0  # echoscu's own start-up included; 0.3 s on an idle machine
+            assert echo(node.port) < 3.0
             # the strangers over the limits were closed at accept, the others at the request deadline
             closed = [closed_within(sock, settings.association_request_timeout_s + 2 - (time.monotonic() - start))
                       for sock in strangers]
@@ -129,4 +132,63 @@ def test_idle_and_truncated_requests_are_closed_at_the_deadline_not_the_network_
             assert time.monotonic() - start < 4.0
         finally:
             sock.close()
+        assert echo(node.port) < 2.0
+
+
+# --- 2. PDU length -------------------------------------------------------------------------------------------------
+def _stream_until_closed(sock: socket.socket, total: int) -> tuple[int, float]:
+    """Write zeros after a PDU header until *total* bytes or until the node closes: (bytes sent, seconds)."""
+    chunk = bytes(MIB)
+    sent, start = 0, time.monotonic()
+    sock.settimeout(10)
+    try:
+        while sent < total:
+            sent += sock.send(chunk)
+    except OSError:
+        pass
+    return sent, time.monotonic() - start
+
+
+def _traced_peak(action):
+    tracemalloc.start()
+    try:
+        result = action()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_huge_association_pdu_is_refused_before_its_body_is_read(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "dicom_node.transport")
+    with running_node(node_settings(tmp_path / "home")) as node:
+        sock = socket.create_connection(("127.0.0.1", node.port))
+        sock.sendall(b"\x01\x00" + HUGE.to_bytes(4, "big"))
+        (sent, seconds), peak = _traced_peak(lambda: _stream_until_closed(sock, 256 * MIB))
+        sock.close()
+        print(f"\nA-ASSOCIATE-RQ announcing {HUGE} bytes: closed after {sent / MIB:.1f} MiB sent, {seconds:.2f} s, "
+              f"peak traced memory {peak / MIB:.1f} MiB")
+        assert sent < 64 * MIB and seconds < 5.0
+        assert peak < 16 * MIB
+        assert any(f"announces {HUGE} bytes, over the limit of 262144" in r.getMessage() for r in caplog.records)
+        assert echo(node.port) < 2.0
+
+
+def test_huge_p_data_pdu_aborts_the_association_before_its_body_is_read(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "dicom_node.transport")
+    with running_node(node_settings(tmp_path / "home")) as node:
+        ae = AE(ae_title=SCU_AE)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="RADDRAFT")
+        assert assoc.is_established
+        sock = assoc.dul.socket.socket  # the SCU's connection: write a P-DATA-TF header of our own onto it
+        sock.sendall(b"\x04\x00" + HUGE.to_bytes(4, "big"))
+        (sent, seconds), peak = _traced_peak(lambda: _stream_until_closed(sock, 256 * MIB))
+        print(f"\nP-DATA-TF announcing {HUGE} bytes: closed after {sent / MIB:.1f} MiB sent, {seconds:.2f} s, "
+              f"peak traced memory {peak / MIB:.1f} MiB")
+        assert sent < 64 * MIB and seconds < 5.0
+        assert peak < 16 * MIB
+        wait_for(lambda: assoc.is_aborted, timeout=5, what="the node's A-ABORT")
+        limit = 1024 * 1024 + 6
+        assert any(f"PDU type 0x04 announces {HUGE} bytes, over the limit of {limit}" in r.getMessage()
+                   for r in caplog.records)
         assert echo(node.port) < 2.0
