@@ -3,16 +3,16 @@
 pynetdicom's :class:`~pynetdicom.transport.ThreadedAssociationServer` accepts every TCP connection, runs the TLS
 handshake in its accept loop and reads each PDU whole, with blocking sockets, before looking at it. This module
 subclasses it through its public extension points only (``AE.make_server(..., server_class=...)``, the
-socketserver hooks ``get_request``/``verify_request``, ``SSLContext.sslsocket_class``)
+socketserver hooks ``get_request``/``verify_request``/``process_request_thread``, ``SSLContext.sslsocket_class``)
 and hands pynetdicom socket objects that watch the PDU stream:
 
 * **accept**: a connection is closed at once when its address already has ``max_connections_per_address`` open,
   or, when allowed peers are configured, when it comes from an address no allowed peer has and such strangers
   already hold ``max_associations - reserved_associations`` connections (the rest is kept for allowed peers);
+* **TLS**: the handshake runs in the connection's own thread with ``request_timeout_s``, never in the accept loop;
 * **A-ASSOCIATE-RQ deadline**: the request must arrive complete within ``request_timeout_s`` of the connection
-  (of the end of the TLS handshake, which pynetdicom runs in the accept loop); a connection that sends nothing
-  is closed by pynetdicom's ARTIM timer, which :func:`dicom_node.scp.build_ae` sets to the same value
-  (``acse_timeout``). Once associated, a peer that
+  (of the end of the TLS handshake); a connection that sends nothing is closed by pynetdicom's ARTIM timer,
+  which :func:`dicom_node.scp.build_ae` sets to the same value (``acse_timeout``). Once associated, a peer that
   stops in the middle of a PDU is closed after ``network_timeout_s``;
 * **PDU length**: a PDU header announcing more than the node accepts (P-DATA-TF: the maximum PDU size we
   announce plus its header; any other PDU: :data:`ASSOCIATION_PDU_LIMIT`) or an unknown PDU type is answered
@@ -237,15 +237,17 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._lock = threading.Lock()
         self._allowed_cache: dict[str, tuple[bool, float]] = {}
         self._last_refusal_log: dict[str, float] = {}
+        self._pending: dict[int, _Connection] = {}  # admitted by the accept loop, not yet taken by their thread
         if ssl_context is not None:
             ssl_context.sslsocket_class = GuardedSSLSocket  # documented: the class wrap_socket() returns
         super().__init__(ae, address, ae_title, contexts, ssl_context=ssl_context, evt_handlers=evt_handlers)
 
     # --- socketserver hooks ---------------------------------------------------------------------------------
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept (and, with TLS, pynetdicom's handshake); a plain connection becomes a :class:`GuardedSocket`."""
-        accepted, address = super().get_request()
-        if isinstance(accepted, GuardedSSLSocket):
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:  # type: ignore[override]
+        """Accept only; the TLS handshake is left to the connection's thread (:meth:`process_request_thread`)."""
+        assert self.socket is not None
+        accepted, address = self.socket.accept()
+        if self.ssl_context is not None:
             return accepted, address
         guarded = GuardedSocket(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
         return guarded, address
@@ -267,12 +269,22 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                           f"{self.limits.max_associations} associations are reserved for allowed peers)")
             else:
                 connection = _Connection(address, allowed, socket_ref=weakref.ref(request))
-                if isinstance(request, _PduGuard):
+                if isinstance(request, GuardedSocket):
                     request.guard(connection, self.limits)
                 self._connections.add(connection)
+                self._pending[id(request)] = connection
                 return True
         self._log_refusal(address, reason)
         return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """In the connection's own thread: the TLS handshake (with its timeout), then pynetdicom's handling."""
+        connection = self._pending.pop(id(request), None) or _Connection(str(client_address[0]), allowed=False)
+        if self.ssl_context is not None:
+            request = self._handshake(request, client_address, connection)
+            if request is None:
+                return
+        super().process_request_thread(request, client_address)
 
     def shutdown(self) -> None:
         """Stop serving and close the port (pynetdicom's ``shutdown`` also unregisters from ``AE._servers``,
@@ -281,6 +293,29 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.server_close()
 
     # --- helpers ----------------------------------------------------------------------------------------------
+    def _handshake(self, raw: socket.socket, client_address: Any, connection: _Connection) -> GuardedSSLSocket | None:
+        assert self.ssl_context is not None
+        timeout = self.limits.request_timeout_s
+        raw.settimeout(timeout)
+        tls: GuardedSSLSocket | None = None
+        try:
+            with self._lock:  # the accept loop must not see the connection between detach() and socket_ref
+                wrapped = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+                assert isinstance(wrapped, GuardedSSLSocket)
+                tls = wrapped
+                connection.socket_ref = weakref.ref(tls)  # type: ignore[assignment]
+            tls.do_handshake()
+        except (OSError, ValueError) as exc:
+            connection.closed = True
+            reason = f"no TLS handshake within {timeout:g} s" if isinstance(exc, TimeoutError) else (
+                f"TLS handshake failed: {exc}")
+            log.warning("DICOM connection from %s closed: %s", client_address[0], reason)
+            (tls or raw).close()
+            return None
+        tls.guard(connection, self.limits)
+        tls.settimeout(None)
+        return tls
+
     def _is_allowed(self, address: str) -> bool:
         """Whether an allowed peer has *address* (cached for a minute: host names are resolved)."""
         if not self.limits.allowed_peers:

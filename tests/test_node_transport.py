@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import subprocess
 import time
 import tracemalloc
@@ -14,6 +15,7 @@ import pytest
 from node_helpers import SCU_AE, node_settings, running_node, wait_for
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
+from test_node_security import _client_context, pki  # noqa: F401 - the module-scoped certificate fixture
 
 MIB = 1024 * 1024
 TRUNCATED_RQ = b"\x01\x00\x00\x00\x01\x00" + b"\x00\x01" + bytes(8)  # announces 256 bytes, sends 10, stalls
@@ -192,3 +194,42 @@ def test_huge_p_data_pdu_aborts_the_association_before_its_body_is_read(tmp_path
         assert any(f"PDU type 0x04 announces {HUGE} bytes, over the limit of {limit}" in r.getMessage()
                    for r in caplog.records)
         assert echo(node.port) < 2.0
+
+
+# --- 3. TLS --------------------------------------------------------------------------------------------------------
+def test_a_connection_that_never_handshakes_does_not_stop_tls_peers(tmp_path, pki, caplog):  # noqa: F811
+    caplog.set_level(logging.WARNING, "dicom_node.transport")
+    settings = node_settings(tmp_path / "home", tls_certificate=pki / "server.crt", tls_private_key=pki / "server.key",
+                             tls_client_ca=pki / "ca.crt", association_request_timeout_s=3)
+    with running_node(settings) as node:
+        opened = time.monotonic()
+        idle = socket.create_connection(("127.0.0.1", node.port))
+        try:
+            time.sleep(0.2)
+            elapsed = echo(node.port, tls_args=(_client_context(pki, True), "127.0.0.1"))
+            print(f"\nTLS SCU served in {elapsed:.3f} s with a never-handshaking connection open")
+            assert elapsed < 2.0
+            tls = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+            result, elapsed = echoscu(node.port, *tls)
+            assert result.returncode == 0, result.stderr
+            assert elapsed < 2.0
+            assert closed_within(idle, 5.0)
+            assert 2.5 < time.monotonic() - opened < 5.0
+        finally:
+            idle.close()
+        assert any("no TLS handshake within 3 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_tls_client_hello_dribbled_forever_is_closed_at_the_deadline(tmp_path, pki):  # noqa: F811
+    settings = node_settings(tmp_path / "home", tls_certificate=pki / "server.crt", tls_private_key=pki / "server.key",
+                             association_request_timeout_s=1.5)
+    with running_node(settings) as node:
+        sock = socket.create_connection(("127.0.0.1", node.port))
+        start = time.monotonic()
+        try:
+            sock.sendall(b"\x16\x03\x01\x02\x00")  # a TLS record header announcing 512 bytes of ClientHello
+            assert closed_within(sock, 4.0)
+            assert time.monotonic() - start < 4.0
+        finally:
+            sock.close()
+        assert echo(node.port, tls_args=(ssl.create_default_context(cafile=pki / "ca.crt"), "127.0.0.1")) < 2.0
