@@ -8,10 +8,10 @@ import ssl
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import handlers
 from dicom_node.receive import InstanceReceiver
+from dicom_node.transport import GuardedAssociationServer, TransportLimits, start_server
 from raddraft.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,9 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.network_timeout = settings.network_timeout_s
-    ae.acse_timeout = settings.network_timeout_s
+    # as acceptor, pynetdicom waits acse_timeout for the A-ASSOCIATE-RQ (and its ARTIM timer closes a silent
+    # connection after it); dicom_node.transport holds a connection that sends part of one to the same deadline
+    ae.acse_timeout = settings.association_request_timeout_s
     ae.dimse_timeout = settings.network_timeout_s
     ae.require_called_aet = settings.require_called_ae_title
     ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
@@ -36,6 +38,19 @@ def build_ae(settings: Settings) -> AE:
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
     return ae
+
+
+def transport_limits(settings: Settings) -> TransportLimits:
+    """The connection limits of :mod:`dicom_node.transport` from the settings."""
+    return TransportLimits(
+        request_timeout_s=settings.association_request_timeout_s,
+        network_timeout_s=settings.network_timeout_s,
+        max_pdu_size=MAXIMUM_PDU_SIZE,
+        max_associations=settings.max_associations,
+        max_connections_per_address=settings.max_connections_per_address,
+        reserved_associations=settings.reserved_associations,
+        allowed_peers=tuple(settings.allowed_peers),
+    )
 
 
 def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -60,7 +75,7 @@ class DicomNode:
         self.settings = settings
         self.receiver = receiver
         self.ae = build_ae(settings)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedAssociationServer | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -79,9 +94,10 @@ class DicomNode:
             (evt.EVT_C_ECHO, handlers.handle_echo),
             (evt.EVT_C_STORE, handlers.handle_store, [self.receiver]),
         ]
-        self._server = self.ae.start_server(
+        self._server = start_server(
+            self.ae,
             (self.settings.dicom_bind, self.settings.dicom_port),
-            block=False,
+            limits=transport_limits(self.settings),
             evt_handlers=event_handlers,
             ssl_context=build_ssl_context(self.settings),
         )

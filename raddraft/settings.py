@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -181,6 +181,13 @@ class Settings(BaseSettings):
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require and verify client certificates")
     max_associations: int = Field(16, ge=1)
     network_timeout_s: float = Field(60.0, gt=0)
+    association_request_timeout_s: float = Field(
+        5.0, gt=0, description="a connection must finish its TLS handshake, then send its whole A-ASSOCIATE-RQ, "
+        "within this; otherwise it is closed")
+    max_connections_per_address: int = Field(
+        8, ge=1, description="more connections from one peer address are closed at accept")
+    reserved_associations: int = Field(
+        4, ge=0, description="with allowed_peers set: associations that addresses of no allowed peer cannot take")
 
     # --- study completeness and queue -----------------------------------------------------------------------
     study_idle_seconds: float = Field(10.0, gt=0)
@@ -245,6 +252,13 @@ class Settings(BaseSettings):
         default_factory=list, description="BodyPartExamined values the model reads; empty = any")
 
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @model_validator(mode="after")
+    def _check_reserve(self) -> Settings:
+        if self.reserved_associations >= self.max_associations:
+            raise ValueError(f"reserved_associations ({self.reserved_associations}) must be less than "
+                             f"max_associations ({self.max_associations})")
+        return self
 
     @field_validator("ae_title", "hl7_sending_application", mode="after")
     @classmethod

@@ -23,6 +23,8 @@ def test_defaults_are_the_documented_ones():
     assert settings.dicom_port == 11112
     assert settings.study_idle_seconds == 10
     assert settings.allowed_peers == []
+    assert (settings.association_request_timeout_s, settings.max_connections_per_address,
+            settings.reserved_associations) == (5.0, 8, 4)
     assert settings.broker_url is None
     assert settings.uses_embedded_broker
     assert settings.effective_broker_url.startswith("sqla+sqlite:///")
@@ -91,6 +93,9 @@ def test_peer_matching_by_address_network_and_name():
         ("RADDRAFT_DICOM_PORT", "70000", "less than or equal to 65535"),
         ("RADDRAFT_STUDY_IDLE_SECONDS", "0", "greater than 0"),
         ("RADDRAFT_TLS_CERTIFICATE", "/nonexistent/cert.pem", "does not exist"),
+        ("RADDRAFT_RESERVED_ASSOCIATIONS", "16", r"reserved_associations \(16\) must be less than max_associations "
+         r"\(16\)"),
+        ("RADDRAFT_ASSOCIATION_REQUEST_TIMEOUT_S", "0", "greater than 0"),
         ("RADDRAFT_UNKNOWN_SETTING", "1", None),
     ],
 )
