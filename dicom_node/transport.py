@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.statuses import RejectReason, RejectResult, RejectSource
 from raddraft.settings import PeerSpec
 
 if TYPE_CHECKING:
@@ -98,6 +99,28 @@ class _Connection:
         return sock is not None and sock.fileno() != -1
 
 
+ASSOCIATE_RQ = 0x01
+# PS3.8 9.3.2: the 16-byte called and calling AE title fields, as offsets into the A-ASSOCIATE-RQ's body (after its
+# 6-byte header: protocol version 2, reserved 2)
+RQ_AE_FIELDS = (("called", 4, RejectReason.CALLED_AE_NOT_RECOGNIZED),
+                ("calling", 20, RejectReason.CALLING_AE_NOT_RECOGNIZED))
+RQ_AE_FIELDS_END = 36
+
+
+def ae_title_problem(field: bytes) -> str | None:
+    """Why a 16-byte AE title field of a PDU is not an AE title (PS3.5 AE: no control characters, no backslash,
+    not only spaces), or None."""
+    if not field.strip(b" "):
+        return "is empty"
+    if b"\x00" in field:
+        return "contains a NUL byte"
+    if b"\\" in field:
+        return "contains a backslash"
+    if any(byte < 0x20 or byte > 0x7E for byte in field):
+        return "contains a control or non-ASCII character"
+    return None
+
+
 class _PduGuard:
     """Mixin of the socket classes handed to pynetdicom: deadlines and PDU header checks on ``recv``.
 
@@ -113,6 +136,7 @@ class _PduGuard:
     _header: bytearray | None = None
     _body_left = 0
     _body_type = 0
+    _rq_head: bytearray | None = None  # the first bytes of the A-ASSOCIATE-RQ body, up to its AE title fields
 
     def guard(self, connection: _Connection, limits: TransportLimits) -> None:
         """Start checking: the A-ASSOCIATE-RQ must be complete within ``limits.request_timeout_s`` from now."""
@@ -124,7 +148,7 @@ class _PduGuard:
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         limits = self._limits
-        if limits is None:
+        if limits is None or flags & socket.MSG_PEEK:  # a peek (dicom_node/handlers.py) reads nothing off the stream
             return super().recv(bufsize, flags)  # type: ignore[misc, no-any-return]
         if self._rejected:
             return b""
@@ -151,6 +175,10 @@ class _PduGuard:
         while view:
             if self._body_left:
                 taken = min(self._body_left, len(view))
+                if self._body_type == ASSOCIATE_RQ and not self._associated:
+                    refused = self._check_ae_titles(view[:taken])
+                    if refused is not None:
+                        return refused
                 self._body_left -= taken
                 view = view[taken:]
                 if not self._body_left:
@@ -172,6 +200,26 @@ class _PduGuard:
             if not length:
                 self._pdu_complete()
         return None
+
+    def _check_ae_titles(self, body: memoryview) -> tuple[str, bytes] | None:
+        """Once the A-ASSOCIATE-RQ's called and calling AE title fields are in: an empty, NUL-, backslash- or
+        control-character title gets an A-ASSOCIATE-RJ with its reason (pynetdicom could not decode it and would
+        abort with a traceback), the calling title's reason first."""
+        if self._rq_head is None:
+            self._rq_head = bytearray()
+        if len(self._rq_head) >= RQ_AE_FIELDS_END:
+            return None
+        self._rq_head += body[:RQ_AE_FIELDS_END - len(self._rq_head)]
+        if len(self._rq_head) < RQ_AE_FIELDS_END:
+            return None
+        found = [(name, field, reason, problem) for name, start, reason in RQ_AE_FIELDS
+                 if (problem := ae_title_problem(field := bytes(self._rq_head[start:start + 16]))) is not None]
+        if not found:
+            return None
+        name, field, reason, problem = found[-1]
+        return (f"association rejected: {name} AE title {field.rstrip(b' ').decode('latin-1')!r} {problem} "
+                "(A-ASSOCIATE-RJ)",
+                bytes([0x03, 0, 0, 0, 0, 4, 0, RejectResult.PERMANENT, RejectSource.SERVICE_USER, reason]))
 
     def _pdu_complete(self) -> None:
         if not self._associated and self._body_type == 0x01:
