@@ -201,3 +201,20 @@ def test_dcmtk_storescu_over_tls_with_a_client_certificate(tmp_path, pki):
                                capture_output=True, text=True, timeout=60)
         assert plain.returncode != 0  # no TLS at all
         assert node.index.count_instances() == 1
+
+
+def test_a_bad_ae_title_over_tls_is_rejected_with_its_reason_too(tmp_path, pki, caplog):
+    """The AE titles are checked as the A-ASSOCIATE-RQ is read, after TLS: before, a TLS socket could not be
+    peeked at and such a request was aborted with pynetdicom's traceback."""
+    settings = node_settings(tmp_path / "home", tls_certificate=pki / "server.crt", tls_private_key=pki / "server.key")
+    with running_node(settings) as node:
+        context = _client_context(pki, False)
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(_associate_rq(b"AB\\CD", b"RADDRAFT"))
+            reply = sock.recv(64)
+        assert reply == bytes([0x03, 0, 0, 0, 0, 4, 0, 1, 1, 0x03])
+        assert any("calling AE title 'AB\\\\CD' contains a backslash" in r.getMessage() for r in caplog.records)
+        assoc = node.associate([Verification], tls_args=(_client_context(pki, False), "127.0.0.1"))
+        assert assoc.is_established  # the node goes on serving
+        assoc.release()
