@@ -197,6 +197,10 @@ class Settings(BaseSettings):
     max_decoded_mb: float = Field(
         256.0, gt=0, description="largest decode of pixel data, MiB (rows x columns x frames x samples x bytes, "
         "from the header): a larger image is not analysed and never decoded")
+    decode_in_child: bool = Field(True, description="decode the picked slices in a child process with a memory "
+                                  "limit, so that a decoder running out of memory cannot take the gateway down")
+    decode_memory_mb: float = Field(3072.0, gt=0, description="what the decoding child may use beyond its "
+                                    "start-up size, MiB")
     max_decode_interruptions: int = Field(
         2, ge=1, description="times decoding an episode's images may be interrupted by a dying worker (out of "
         "memory, killed) before the episode ends failed instead of taking the worker down again")

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.index import Delivery, DeliveryKey, DeliveryState, EpisodeState, Index
@@ -39,9 +38,6 @@ from model.imaging import (
     ImageDecodeError,
     NotAnImageError,
     PreparedImage,
-    prepare_frames,
-    prepare_image,
-    read_header,
 )
 from model.refine import RefinePolicy, refine_findings
 from model.result import AnalysisResult, Finding
@@ -58,6 +54,7 @@ from reporting.hl7_oru import (
 )
 from reporting.lineage import supersede
 from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_outputs
+from workers.decode_child import isolated_decoder, prepare_slices
 from workers.delivery import DICOM, HL7
 from workers.gate import GateRules, gate
 from workers.manifest import StudyManifest
@@ -66,6 +63,7 @@ from workers.prepare import manifest_path
 from worklist.bridge import register_draft
 
 log = logging.getLogger(__name__)
+Decoder = Callable[[Path, Sequence[SliceRef], int], list[PreparedImage]]
 
 REPORT_TASK_ID = "report"
 DICOM_KINDS = ("sr", "narrative", "gsps")  # the outbox outputs a DICOM delivery sends
@@ -112,11 +110,13 @@ def model_input_size(spec: str) -> int:
 
 # --- prepare ------------------------------------------------------------------------------------------------
 def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, policy: SlicePolicy | None = None,
-                  *, dtype: ArrayDType = "float16", max_new_tokens: int | None = None) -> InferenceRequest:
+                  *, dtype: ArrayDType = "float16", max_new_tokens: int | None = None,
+                  decode: Decoder = prepare_slices) -> InferenceRequest:
     """The model inputs of a prepared episode: the slices the slice policy picks (images, or frames of a multi-frame
     image: only those frames are read from its file), each with a grounding task, and the report task on the first
     series (its image, or the study view of its analysed slices: a CT projection or a montage). Pixels travel as
-    *dtype*; *max_new_tokens* replaces the per-task budgets (REPORT_TOKENS, TASK_TOKENS) when given."""
+    *dtype*; *max_new_tokens* replaces the per-task budgets (REPORT_TOKENS, TASK_TOKENS) when given. *decode* reads
+    the picked slices of one instance (in this process, or an :class:`~workers.decode_child.IsolatedDecoder`)."""
     policy = policy or SlicePolicy()
     chosen, _ = plan_study(manifest, policy)
     per_instance: dict[tuple[str, str], list[SliceRef]] = {}  # (series, SOP Instance UID) -> its picked slices
@@ -128,7 +128,7 @@ def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, pol
     for (series_uid, sop_uid), picks in per_instance.items():
         what = f"instance {sop_uid}" + (f" ({len(picks)} frame(s))" if picks[0].frame_number is not None else "")
         try:
-            prepared = _prepare_slices(spool_dir / picks[0].instance.path, picks, model_size)
+            prepared = decode(spool_dir / picks[0].instance.path, picks, model_size)
         except (ImageDecodeError, NotAnImageError) as exc:
             log.warning("%s is not analysed: %s", what, exc)
             reasons.append(str(exc))
@@ -168,14 +168,6 @@ def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, pol
                             model_size=model_size, images=images, tasks=tasks)
 
 
-def _prepare_slices(path: Path, picks: Sequence[SliceRef], model_size: int) -> list[PreparedImage]:
-    """The model inputs of the picked slices of one instance: a single-frame image read whole, the picked frames of
-    a multi-frame image read one by one from its file (a large enhanced series is never held whole)."""
-    if picks[0].frame_number is None:
-        return [prepare_image(dcmread(path), model_size)]
-    return prepare_frames(path, read_header(path), [picked.frame_index for picked in picks], model_size)
-
-
 def prepare_request(settings: Settings, study_uid: str, episode_id: int) -> InferenceRequest:
     """Read the episode's manifest (written by workers/prepare.py), pass it through the analysis gate
     (workers/gate.py; :class:`NotAnalysedError` when nothing passes), build its inference request and keep a copy
@@ -194,7 +186,9 @@ def prepare_request(settings: Settings, study_uid: str, episode_id: int) -> Infe
             raise StageError(f"decoding the images was interrupted {interrupted} time(s) without finishing: the "
                              "worker died while decoding them (out of memory?); not tried again")
         index.record_task_run(DECODE_RUN, study_uid, episode_id, "started", time.time())
-        request = build_request(settings.spool_dir, decision.manifest, model_input_size(settings.model))
+        decode = isolated_decoder(settings.decode_memory_mb) if settings.decode_in_child else prepare_slices
+        request = build_request(settings.spool_dir, decision.manifest, model_input_size(settings.model),
+                                decode=decode)
         write_atomic(request_path(settings.home, study_uid, episode_id), request.to_json())
         index.record_task_run(DECODE_RUN, study_uid, episode_id, "built", time.time())
     finally:
