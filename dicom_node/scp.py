@@ -10,9 +10,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from core.settings import Settings
 from dicom_node import handlers
 from dicom_node.receive import InstanceReceiver
-from raddraft.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from core.settings import Settings
 from model.analyze import analyze_series, run_task
 from model.embedded import LoadedModel
 from raddraft.model_socket import (
@@ -24,7 +25,6 @@ from raddraft.model_socket import (
     normalize_model_spec,
     socket_path,
 )
-from raddraft.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from model.result import AnalysisResult, Finding
+from core.manifest import InstanceEntry, SeriesEntry, StudyManifest
+from core.result import AnalysisResult, Finding
 from reporting.uids import OutputKind, output_uid
-from workers.manifest import InstanceEntry, SeriesEntry, StudyManifest
 
 MANUFACTURER = "raddraft"
 DEVICE_SERIAL_NUMBER = "0"  # software device: no hardware serial number (GSPS General Equipment needs a value)

@@ -30,7 +30,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
-from model.result import AnalysisResult
+from core.manifest import StudyManifest
+from core.result import AnalysisResult
 from reporting.context import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
@@ -43,7 +44,6 @@ from reporting.context import (
 from reporting.overlay import finding_caption, frame_values, full_range_window
 from reporting.sr import processing_equipment
 from reporting.uids import OutputKind, output_uid
-from workers.manifest import StudyManifest
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedSRStorage
 from pydicom.valuerep import DT
 
-from model.result import AnalysisResult, DraftReport
+from core.manifest import StudyManifest
+from core.result import AnalysisResult, DraftReport
 from reporting import codes as rcodes
 from reporting.context import (
     DEVICE_SERIAL_NUMBER,
@@ -29,7 +30,6 @@ from reporting.context import (
 )
 from reporting.sr import device_observer_context, processing_equipment
 from reporting.uids import OutputKind, output_uid
-from workers.manifest import StudyManifest
 
 logger = logging.getLogger(__name__)
 

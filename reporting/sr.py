@@ -30,7 +30,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage
 from pydicom.valuerep import DT
 
-from model.result import AnalysisResult, ModelIdentity
+from core.manifest import SeriesEntry, StudyManifest
+from core.result import AnalysisResult, ModelIdentity
 from reporting import codes as rcodes
 from reporting.context import (
     DEVICE_SERIAL_NUMBER,
@@ -45,7 +46,6 @@ from reporting.context import (
     tracking_uid,
 )
 from reporting.uids import OutputKind, device_uid, output_uid
-from workers.manifest import SeriesEntry, StudyManifest
 
 logger = logging.getLogger(__name__)
 

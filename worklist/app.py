@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from model.result import AnalysisResult, DraftReport
+from core.manifest import StudyManifest
+from core.result import AnalysisResult, DraftReport
 from reporting.outputs import episode_problems
-from workers.manifest import StudyManifest
 from worklist import auth
 from worklist.bridge import Bridge, ModelUnavailableError
 from worklist.correction import apply_correction

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raddraft.settings import Settings
+from core.settings import Settings
 from workers.celery_app import configure, publish
 from workers.deadletter import replay
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from core.settings import Settings
 from raddraft.http import OpsServer
-from raddraft.settings import Settings
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     worker = app.Worker(queues=[args.queues], pool_cls=pool, concurrency=concurrency, without_gossip=True,
                         without_mingle=True, loglevel=settings.log_level, hostname=f"raddraft-{args.queues}@%h")
     ops = None
-    if args.http_port is not None:  # the counters this worker records (raddraft/metrics.py) live in this process
+    if args.http_port is not None:  # the counters this worker records (core/metrics.py) live in this process
         if not 0 <= args.http_port <= 65535:
             raise SystemExit(f"raddraft worker: --http-port {args.http_port} is not a TCP port (0-65535)")
         ops = OpsServer(settings.model_copy(update={"http_port": args.http_port}),
