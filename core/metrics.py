@@ -10,7 +10,7 @@ node's index: this module imports no stage package), the queue depths from the b
 Who records: the DICOM receiver (every arrival: ``stored``, ``duplicate``, ``replaced``, ``rejected``), the
 Celery task signals of workers/tasks.py (every task's wall time, by the name after ``raddraft.``), the pipeline's
 and the worklist's deliveries (every attempt, ``ok`` or ``failed``). Counters live in the process that records
-them: ``raddraft serve`` serves its ``/metrics`` on the worklist port (``raddraft.http``), with the embedded
+them: ``raddraft serve`` serves its ``/metrics`` on the worklist port (``core.http``), with the embedded
 broker its in-process workers' counts included. A separate ``raddraft worker`` process (Redis) records into its
 own registry and serves it with ``--http-port``.
 """

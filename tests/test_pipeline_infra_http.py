@@ -16,9 +16,9 @@ from kombu import Connection
 from peers import RedisServer
 
 from core import metrics
+from core.http import OpsServer
 from core.settings import Settings
 from dicom_node.index import Index, InstanceRecord, episode_state_counts
-from raddraft.http import OpsServer
 
 
 def get(server: OpsServer, path: str, method: str = "GET") -> tuple[int, str, bytes]:

@@ -1,15 +1,15 @@
 """``raddraft worker --queues io|gpu``: a production Celery worker (gpu: one process, one model, a thread per
 message up to ``inference_batch_size`` so that queued studies are answered in one forward pass; ``solo`` at 1).
 A gpu worker also answers ``raddraft analyze`` of the same home with its model (raddraft/model_socket.py).
-``--http-port`` serves the worker's own ``/healthz`` and ``/metrics`` (raddraft/http.py)."""
+``--http-port`` serves the worker's own ``/healthz`` and ``/metrics`` (core/http.py)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
+from core.http import OpsServer
 from core.settings import Settings
-from raddraft.http import OpsServer
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure
 
 log = logging.getLogger(__name__)
