@@ -9,10 +9,12 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest -q
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 
 bench-ingest: setup
 	.venv/bin/python bench/ingest.py

@@ -77,8 +77,8 @@ def upload_all(orthanc: Orthanc, files: list[Path]) -> tuple[dict[str, dict[str,
 
 
 def status(home: Path) -> dict[str, Any]:
+    from core.settings import Settings  # noqa: PLC0415
     from raddraft.commands.status import collect  # noqa: PLC0415 (after the environment is set)
-    from raddraft.settings import Settings  # noqa: PLC0415
 
     return collect(Settings(home=home))
 

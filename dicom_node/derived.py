@@ -7,7 +7,7 @@ the outputs) starts no new analysis; the gate keeps any that sit in a study out 
 
 An object is derived when
 
-* raddraft wrote it: its Manufacturer (0008,0070) is :data:`reporting.context.MANUFACTURER` (SR, narrative and
+* raddraft wrote it: its Manufacturer (0008,0070) is :data:`core.identity.MANUFACTURER` (SR, narrative and
   presentation states carry it in their General Equipment module); or
 * its SOP class is a Structured Report Document storage class (``1.2.840.10008.5.1.4.1.1.88.x``, Key Object
   Selection Document 88.59 included, and the two ophthalmic SR-based reports outside that arc; PS3.4 B.5) or a
@@ -25,7 +25,7 @@ from pydicom.uid import (
     SpectaclePrescriptionReportStorage,
 )
 
-from reporting.context import MANUFACTURER
+from core.identity import MANUFACTURER
 
 SR_DOCUMENT_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # every SR Document storage SOP class
 SR_BASED_REPORTS = frozenset({SpectaclePrescriptionReportStorage, MacularGridThicknessAndVolumeReportStorage})

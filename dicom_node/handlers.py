@@ -7,9 +7,9 @@ import socket
 
 from pynetdicom.events import Event
 
+from core.settings import PeerSpec
 from dicom_node.receive import IncomingInstance, InstanceReceiver, RejectedContext
 from dicom_node.statuses import EchoStatus, RejectReason, RejectResult, RejectSource
-from raddraft.settings import PeerSpec
 
 log = logging.getLogger(__name__)
 

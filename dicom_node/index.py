@@ -21,33 +21,16 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from core.states import DeliveryState, EpisodeState
+
 log = logging.getLogger(__name__)
-
-
-class EpisodeState(StrEnum):
-    RECEIVING = "receiving"
-    READY = "ready"
-    QUEUED = "queued"
-    PREPARING = "preparing"
-    PREPARED = "prepared"  # manifest written, inference requested: at or in the gpu stage
-    REPORTED = "reported"
-    DELIVERED = "delivered"
-    NOT_ANALYSED = "not-analysed"  # an end state: the analysis gate (workers/gate.py) let nothing through
-    FAILED = "failed"
-
-
-class DeliveryState(StrEnum):
-    PENDING = "pending"
-    DONE = "done"
-    DEAD = "dead"
-    SKIPPED = "skipped"  # nothing of this kind was built for the episode (the reason is in last_error)
-
 
 # An episode in one of these states blocks the hand-off of the next episode of the same study: the next one starts
 # once this one's outputs are in the outbox (reported), so that its report can supersede them.
@@ -660,3 +643,19 @@ class Index:
                 (study_uid, episode_id),
             ).fetchall()
         return [(row["task"], row["outcome"]) for row in rows if task is None or row["task"] == task]
+
+
+def episode_state_counts(index_path: Path) -> Callable[[], Mapping[str, int]]:
+    """A source of ``{episode state: number of episodes}`` read from the index at *index_path* at each call (the
+    studies-by-state gauge of core/metrics.py); {} before the index exists."""
+
+    def count() -> Mapping[str, int]:
+        if not index_path.is_file():
+            return {}
+        index = Index(index_path)
+        try:
+            return Tally(str(episode.state) for episode in index.episodes())
+        finally:
+            index.close()
+
+    return count

@@ -25,12 +25,13 @@ from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.uid import UID
 from pydicom.valuerep import AMBIGUOUS_VR, VR
 
+from core import metrics
+from core.layout import InvalidUIDError, validate_uid
 from dicom_node.derived import DerivedKind, derived_kind
 from dicom_node.index import Arrival, Index, InstanceRecord, NodeCounter
 from dicom_node.inflate import InflatedTooLargeError, check_inflated_size
-from dicom_node.spool import InvalidUIDError, Placement, Spool, StagedFile, validate_uid
+from dicom_node.spool import Placement, Spool, StagedFile
 from dicom_node.statuses import StoreStatus
-from raddraft import metrics
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from core.settings import Settings
 from dicom_node import handlers
 from dicom_node.receive import InstanceReceiver
 from dicom_node.transport import GuardedAssociationServer, TransportLimits, start_server
-from raddraft.settings import Settings
 
 log = logging.getLogger(__name__)
 

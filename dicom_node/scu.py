@@ -33,7 +33,7 @@ from pynetdicom import AE, Association, build_context, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from raddraft.settings import Destination
+from core.settings import Destination
 
 log = logging.getLogger(__name__)
 

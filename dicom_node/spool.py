@@ -10,34 +10,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raddraft.jsonio import fsync_directory
+from core.jsonio import fsync_directory
+from core.layout import validate_uid
 
 log = logging.getLogger(__name__)
-
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-UID_MAX_LENGTH = 64
-
-
-class InvalidUIDError(ValueError):
-    """A UID that cannot name a spool path (bad characters or too long)."""
-
-
-def validate_uid(value: object, attribute: str) -> str:
-    """Return *value* if it is a DICOM UID usable in a path, else raise :class:`InvalidUIDError` naming it."""
-    if not isinstance(value, str) or not value:
-        raise InvalidUIDError(f"{attribute} is missing or empty")
-    if len(value) > UID_MAX_LENGTH:
-        raise InvalidUIDError(f"{attribute} is {len(value)} characters long; a UID has at most {UID_MAX_LENGTH}")
-    if not UID_PATTERN.match(value):
-        raise InvalidUIDError(f"{attribute} {value!r} must be digits separated by single dots")
-    return value
-
 
 @dataclass(frozen=True)
 class StagedFile:

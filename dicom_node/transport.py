@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from core.settings import PeerSpec
 from dicom_node.statuses import RejectReason, RejectResult, RejectSource
-from raddraft.settings import PeerSpec
 
 if TYPE_CHECKING:
     from pynetdicom import AE

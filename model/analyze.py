@@ -4,7 +4,7 @@ queued path, workers/pipeline.py, assembles the same result from a batched respo
 One :func:`analyze_series` call makes ONE batched ``generate`` call: row 0 is the report request on the study
 view (:func:`model.examples.study_view`: the image, a CT projection or a montage), rows 1… are the
 ``[grounding]`` request on each analysed image. The grounded answers are parsed with the never-raising parser,
-each ``<p>label</p> {box}`` becomes a :class:`~model.result.Finding` with its box mapped from the 0–100 grid
+each ``<p>label</p> {box}`` becomes a :class:`~core.result.Finding` with its box mapped from the 0–100 grid
 back to source pixels through the image's letterbox transform; boxes that fall wholly in the letterbox padding
 are dropped. The boxes of focal lesions (CT and radiograph nodules and masses) are then snapped to the lesion in
 the source pixels by :func:`model.refine.refine_findings` (a grid unit is 2.6–8 px, too coarse for a small
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
+from core.result import DraftReport, Finding
 from model import prompts
 from model.examples import TASKS, laterality_of, study_view
 from model.imaging import Letterbox, PreparedImage, prepare_image
 from model.minigpt import MiniGPTMed
 from model.refine import RefinePolicy, refine_findings
-from model.result import DraftReport, Finding
 from model.slices import SlicePolicy, SlicePosition, merge_findings
 
 logger = logging.getLogger(__name__)

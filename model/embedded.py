@@ -19,11 +19,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.result import ModelIdentity
 from model import weights
 from model.config import PRESETS
 from model.minigpt import MiniGPTMed
 from model.refine import REFINEMENT
-from model.result import ModelIdentity
 from model.slices import SLICE_MERGE
 
 logger = logging.getLogger(__name__)

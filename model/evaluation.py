@@ -39,12 +39,12 @@ import torch
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from core.result import Finding
 from model import prompts
 from model.analyze import analyze_series
 from model.examples import study_view
 from model.imaging import prepare_image
 from model.minigpt import MiniGPTMed
-from model.result import Finding
 from model.slices import SlicePolicy, iou, select_indices
 
 logger = logging.getLogger(__name__)

@@ -66,7 +66,7 @@ def _fill(template: str, finding: DrawnFinding, **extra: str) -> str:
 
 def write_report(rng: np.random.Generator, modality: str, findings: Sequence[DrawnFinding],
                  ctr: float | None = None) -> str:
-    """FINDINGS and IMPRESSION, as ``model.result.DraftReport.text`` lays them out."""
+    """FINDINGS and IMPRESSION, as ``core.result.DraftReport.text`` lays them out."""
     if modality in ("CR", "DX"):
         body, impression = _radiograph_report(rng, findings, ctr)
     elif modality == "CT":

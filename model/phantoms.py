@@ -28,10 +28,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from core.jsonio import write_atomic
 from model.phantom_anatomy import RADIOGRAPH_LABELS, DrawnFinding, Rendering, render_radiograph
 from model.phantom_sections import render_brain_mr, render_chest_ct
 from model.phantom_text import make_qa, write_report
-from raddraft.jsonio import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from core.result import Finding
 from model.imaging import decode_frame, display_values, frame_header
-from model.result import Finding
 from model.slices import finding_slice, iou, slice_key
 
 logger = logging.getLogger(__name__)

@@ -37,8 +37,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from model.result import Finding
-from workers.manifest import InstanceEntry, SeriesEntry, StudyManifest
+from core.manifest import InstanceEntry, SeriesEntry, StudyManifest
+from core.result import Finding
 
 SLICE_MERGE = "key-slice-v2"  # named in the model identity (v1: the largest box; v2: + surrounded lesions)
 

@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from core.jsonio import write_atomic
 from model.config import MiniGPTConfig, get_preset
 from model.examples import Example, corpus_texts, prepare_phantom, sample_examples
 from model.minigpt import IGNORE_INDEX, MiniGPTMed
 from model.patch_probe import PatchProbe
 from model.phantoms import MODALITIES, MODALITY_WEIGHTS, generate_study, study_rng
 from model.tokenizer import build_tokenizer
-from raddraft.jsonio import write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from core.jsonio import write_atomic
 from model.config import LLMConfig, MiniGPTConfig, VisionConfig
 from model.eva_vit import interpolate_pos_embed
-from raddraft.jsonio import write_atomic
 
 logger = logging.getLogger(__name__)
 

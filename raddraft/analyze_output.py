@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from core.settings import Settings
 from model.analyze import analyze_series, run_task
 from model.embedded import LoadedModel
 from raddraft.model_socket import (
@@ -24,7 +25,7 @@ from raddraft.model_socket import (
     normalize_model_spec,
     socket_path,
 )
-from raddraft.settings import Settings
+from workers.inference import get_model
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ def socket_handler(settings: Settings) -> Handler:
     served = normalize_model_spec(settings.model)
 
     def handle(request: AnalyzeRequest, data: bytes) -> AnalyzeReply:
-        from workers.inference import get_model  # noqa: PLC0415 - workers.inference imports this module's users
-
         if request.model != served:
             raise AnalyzeError("model", f"this gateway serves model {served!r}, not {request.model!r}")
         try:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from core.logsetup import configure_logging
+from core.settings import load_settings
 from raddraft import __version__
-from raddraft.logsetup import configure_logging
-from raddraft.settings import load_settings
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The one mapping table from model vocabulary to coded concepts (SNOMED CT, DICOM, LOINC).
 
-Every label the model emits (see model/result.py ``Finding.label``) is looked up here; an unknown label maps
+Every label the model emits (see core/result.py ``Finding.label``) is looked up here; an unknown label maps
 to the generic SNOMED CT "Finding" concept and keeps its text (``FindingCode.text``) so nothing is lost.
 Codes come from pydicom's code dictionary where it has them (``codes.SCT.*``); the few it lacks are written
 out with their SNOMED CT identifiers (SCTID) and fully specified meanings.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from model.result import DraftReport, Laterality
+from core.result import DraftReport, Laterality
 
 # --- finding types ------------------------------------------------------------------------------------------
 # Not in pydicom's dictionary (or present there only under a different concept):

@@ -10,25 +10,13 @@ from __future__ import annotations
 import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from model.result import AnalysisResult, Finding
+from core.manifest import InstanceEntry, SeriesEntry, StudyManifest
+from core.result import AnalysisResult, Finding
 from reporting.uids import OutputKind, output_uid
-from workers.manifest import InstanceEntry, SeriesEntry, StudyManifest
-
-MANUFACTURER = "raddraft"
-DEVICE_SERIAL_NUMBER = "0"  # software device: no hardware serial number (GSPS General Equipment needs a value)
-
-
-def software_version() -> str:
-    """Version of the installed raddraft distribution (the software that writes the objects)."""
-    try:
-        return version("raddraft")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0+unknown"
 
 
 def tracking_uid(result: AnalysisResult, index: int) -> UID:

@@ -30,20 +30,13 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
-from model.result import AnalysisResult
-from reporting.context import (
-    DEVICE_SERIAL_NUMBER,
-    MANUFACTURER,
-    LocatedFinding,
-    ReportInputs,
-    box_polyline,
-    software_version,
-    tracking_uid,
-)
+from core.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, software_version
+from core.manifest import StudyManifest
+from core.result import AnalysisResult
+from reporting.context import LocatedFinding, ReportInputs, box_polyline, tracking_uid
 from reporting.overlay import finding_caption, frame_values, full_range_window
 from reporting.sr import processing_equipment
 from reporting.uids import OutputKind, output_uid
-from workers.manifest import StudyManifest
 
 logger = logging.getLogger(__name__)
 

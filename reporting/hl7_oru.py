@@ -42,10 +42,10 @@ from enum import StrEnum
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Group, Message
 
-from model.result import AnalysisResult, Finding
-from raddraft.settings import Settings
+from core.manifest import StudyManifest
+from core.result import AnalysisResult, Finding
+from core.settings import Settings
 from reporting import codes as rcodes
-from workers.manifest import StudyManifest
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from model.result import AnalysisResult, DocumentReference, Finding
+from core.layout import study_outbox_dir
+from core.result import AnalysisResult, DocumentReference, Finding
 from reporting import codes as rcodes
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,11 @@ def _read_findings(path: Path) -> list[PriorFinding]:
 
 def prior_report(outbox_dir: Path, study_uid: str, episode_id: int) -> PriorReport | None:
     """The report of the latest earlier episode of *study_uid* that has a findings SR in the outbox, or None."""
-    folder = outbox_dir / study_uid
-    if not study_uid or "/" in study_uid or study_uid.startswith(".") or not folder.is_dir():
+    try:
+        folder = study_outbox_dir(outbox_dir, study_uid)
+    except ValueError:  # a UID that cannot name a folder has no earlier report
+        return None
+    if not folder.is_dir():
         return None
     earlier = sorted((int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()
                       and int(p.name) < episode_id), reverse=True)

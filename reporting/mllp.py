@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import hl7
 
-from raddraft.settings import HL7Destination, Settings
+from core.settings import HL7Destination, Settings
 
 logger = logging.getLogger(__name__)
 

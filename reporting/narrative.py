@@ -17,19 +17,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedSRStorage
 from pydicom.valuerep import DT
 
-from model.result import AnalysisResult, DraftReport
+from core.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, software_version
+from core.manifest import StudyManifest
+from core.result import AnalysisResult, DraftReport
 from reporting import codes as rcodes
-from reporting.context import (
-    DEVICE_SERIAL_NUMBER,
-    MANUFACTURER,
-    ReportInputs,
-    Signoff,
-    software_version,
-    superseded_documents,
-)
+from reporting.context import ReportInputs, Signoff, superseded_documents
 from reporting.sr import device_observer_context, processing_equipment
 from reporting.uids import OutputKind, output_uid
-from workers.manifest import StudyManifest
 
 logger = logging.getLogger(__name__)
 

@@ -21,16 +21,17 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
-from model.result import AnalysisResult
-from raddraft.jsonio import write_atomic
+from core.jsonio import write_atomic
+from core.layout import episode_dir, outputs_name
+from core.manifest import StudyManifest
+from core.result import AnalysisResult
 from reporting.context import ReportInputs, Signoff
 from reporting.gsps import build_presentation_state_set
 from reporting.narrative import build_narrative_sr
-from reporting.outputs import OutputProblem, outputs_name, read_problems
+from reporting.outputs import OutputProblem, read_problems
 from reporting.overlay import findings_json, render_overlay
 from reporting.sources import conform
 from reporting.sr import build_findings_sr
-from workers.manifest import StudyManifest
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +44,12 @@ class OutboxEntry:
 
 
 OUTPUT_KINDS = ("sr", "narrative", "gsps", "overlay", "findings", "hl7")
-__all__ = ["OUTPUT_KINDS", "OutboxEntry", "OutboxError", "OutputProblem", "dicom_bytes", "episode_dir",
-           "read_problems", "read_sources", "write_outbox", "write_outputs"]
+__all__ = ["OUTPUT_KINDS", "OutboxEntry", "OutboxError", "OutputProblem", "dicom_bytes", "read_problems",
+           "read_sources", "write_outbox", "write_outputs"]
 
 
 class OutboxError(ValueError):
     """An output required by the caller (a signed report needs its SR and narrative) could not be built."""
-
-
-def episode_dir(outbox_dir: Path, study_uid: str, episode_id: int) -> Path:
-    if not study_uid or "/" in study_uid or study_uid.startswith("."):
-        raise ValueError(f"study UID {study_uid!r} cannot name an outbox folder")
-    return outbox_dir / study_uid / str(episode_id)
 
 
 def read_sources(spool_dir: Path, manifest: StudyManifest) -> list[Dataset]:

@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.layout import episode_dir, outputs_name
+
 
 @dataclass(frozen=True)
 class OutputProblem:
@@ -18,10 +20,6 @@ class OutputProblem:
     kind: str
     state: str  # "failed" | "skipped"
     reason: str
-
-
-def outputs_name(signed: bool) -> str:
-    return "outputs_final.json" if signed else "outputs.json"
 
 
 def read_problems(folder: Path, signed: bool = False) -> list[OutputProblem]:
@@ -35,6 +33,8 @@ def read_problems(folder: Path, signed: bool = False) -> list[OutputProblem]:
 
 def episode_problems(outbox_dir: Path, study_uid: str, episode_id: int) -> list[OutputProblem]:
     """:func:`read_problems` of an episode's draft set (``<outbox>/<study>/<episode>/``)."""
-    if not study_uid or "/" in study_uid or study_uid.startswith("."):
+    try:
+        folder = episode_dir(outbox_dir, study_uid, episode_id)
+    except ValueError:  # a UID that cannot name a folder has no outputs
         return []
-    return read_problems(outbox_dir / study_uid / str(episode_id))
+    return read_problems(folder)

@@ -30,22 +30,20 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage
 from pydicom.valuerep import DT
 
-from model.result import AnalysisResult, ModelIdentity
+from core.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, software_version
+from core.manifest import SeriesEntry, StudyManifest
+from core.result import AnalysisResult, ModelIdentity
 from reporting import codes as rcodes
 from reporting.context import (
-    DEVICE_SERIAL_NUMBER,
-    MANUFACTURER,
     AnalysedImage,
     LocatedFinding,
     ReportInputs,
     Signoff,
     box_polyline,
-    software_version,
     superseded_documents,
     tracking_uid,
 )
 from reporting.uids import OutputKind, device_uid, output_uid
-from workers.manifest import SeriesEntry, StudyManifest
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
+from core.manifest import InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
+from core.result import AnalysisResult, DraftReport, Finding, ModelIdentity
 from reporting.hl7_oru import HL7Endpoints
-from workers.manifest import InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 ENDPOINTS = HL7Endpoints("RADDRAFT", "RAD^DEPT", "RIS", "HOSP&1")

@@ -23,11 +23,11 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from core.settings import Settings, load_settings
 from dicom_node.index import Index
 from dicom_node.receive import InstanceReceiver
 from dicom_node.scp import DicomNode
 from dicom_node.spool import Spool
-from raddraft.settings import Settings, load_settings
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SCU_AE = "NODETEST"

@@ -23,8 +23,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
-from workers.manifest import InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
+from core.manifest import InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
+from core.result import AnalysisResult, DraftReport, Finding, ModelIdentity
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # shipped files only: no network
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"

@@ -29,7 +29,7 @@ from e2e_helpers import (
 from peers import wait_for
 from pydicom.uid import generate_uid
 
-from dicom_node.index import DeliveryState
+from core.states import DeliveryState
 from workers.celery_app import GPU_QUEUE
 
 pytestmark = pytest.mark.slow

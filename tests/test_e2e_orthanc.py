@@ -34,7 +34,8 @@ from e2e_helpers import (
 from mllp_listener import MLLPListener
 from peers import wait_for
 
-from dicom_node.index import DeliveryState, EpisodeState, Index
+from core.states import DeliveryState, EpisodeState
+from dicom_node.index import Index
 
 pytestmark = pytest.mark.slow
 ANALYSIS_TIMEOUT_S = 150

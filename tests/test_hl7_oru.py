@@ -8,9 +8,10 @@ from hl7_samples import ENDPOINTS, MESSAGE_TIME, STUDY_UID, make_manifest, make_
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
+from core.manifest import StudyManifest
+from core.result import AnalysisResult, Finding
+from core.settings import Settings
 from model.examples import MODALITY_LABELS
-from model.result import AnalysisResult, Finding
-from raddraft.settings import Settings
 from reporting import codes as rcodes
 from reporting.hl7_oru import (
     FILLER_NAMESPACE,
@@ -25,7 +26,6 @@ from reporting.hl7_oru import (
     oru_r01_from_settings,
     text_lines,
 )
-from workers.manifest import StudyManifest
 
 ODD_TEXT = "a|b^c&d~e\\f \\F\\ literal"
 

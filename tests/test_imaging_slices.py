@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from core.manifest import FrameEntry, InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
+from core.result import Finding
 from model.phantoms import generate_study, study_rng
-from model.result import Finding
 from model.slices import SlicePolicy, SlicePosition, merge_findings, plan_study, select_indices, slice_key
-from workers.manifest import FrameEntry, InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
 
 
 def test_selection_is_evenly_spaced_and_capped():

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
+from core.result import Finding
 from model.imaging import display_values
 from model.phantoms import generate_study, study_rng
 from model.refine import RefinePolicy, components, ct_component, follow_slices, hounsfield, refine_findings
-from model.result import Finding
 from model.slices import iou
 
 

@@ -21,6 +21,7 @@ from e2e_helpers import MODEL, REPO, base_env, gateway, worker
 from node_helpers import wait_for
 from train_helpers import tiny_model
 
+from core.settings import load_settings
 from model.phantoms import write_studies
 from raddraft.analyze_output import socket_handler, start_model_socket
 from raddraft.cli import main
@@ -34,7 +35,6 @@ from raddraft.model_socket import (
     request_analysis,
     socket_path,
 )
-from raddraft.settings import load_settings
 
 # a client process that reports whether it imported torch (the JSON goes to the file named by argv[1])
 CLIENT = ("import json, sys\n"

@@ -21,8 +21,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, generate_uid
 from reporting_dicom_helpers import cr_findings, cr_study, result_for
 
+from core.states import EpisodeState
 from dicom_node.derived import DerivedKind, derived_kind
-from dicom_node.index import NO_EPISODE, EpisodeState
+from dicom_node.index import NO_EPISODE
 from reporting.context import Signoff
 from reporting.gsps import build_presentation_states
 from reporting.narrative import build_narrative_sr

@@ -15,14 +15,16 @@ import redis
 from node_helpers import free_port, make_ct, node_settings, redis_server, running_node, wait_for
 from pydicom.uid import generate_uid
 
+from core.layout import manifest_path
+from core.manifest import StudyManifest
+from core.states import EpisodeState
 from dicom_node.episodes import HandoffDispatcher
-from dicom_node.index import IN_FLIGHT_STATES, EpisodeState, Index, InstanceRecord
+from dicom_node.index import IN_FLIGHT_STATES, Index, InstanceRecord
 from dicom_node.statuses import StoreStatus
 from raddraft.commands import status
 from workers.celery_app import IO_QUEUE, PREPARE_TASK, configure, publish_prepare
 from workers.inprocess import InProcessWorker
-from workers.manifest import StudyManifest
-from workers.prepare import manifest_path, prepare_episode
+from workers.prepare import prepare_episode
 
 
 def send(node, datasets):

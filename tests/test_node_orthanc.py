@@ -15,12 +15,12 @@ import pytest
 from node_helpers import PYDICOM_TEST_FILES, node_settings, running_node, wait_for
 from pydicom.uid import generate_uid
 
+from core.layout import manifest_path
+from core.manifest import StudyManifest
+from core.states import EpisodeState
 from dicom_node.episodes import HandoffDispatcher
-from dicom_node.index import EpisodeState
 from workers.celery_app import IO_QUEUE, configure, publish_prepare
 from workers.inprocess import InProcessWorker
-from workers.manifest import StudyManifest
-from workers.prepare import manifest_path
 
 MODALITY = "raddraft"
 PADDING = 0xFFFCFFFC  # Data Set Trailing Padding

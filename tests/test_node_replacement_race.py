@@ -16,7 +16,8 @@ import pydicom
 from node_helpers import make_ct, node_settings, running_node, write_ct
 from pydicom.uid import generate_uid
 
-from dicom_node.index import EpisodeState, NodeCounter
+from core.states import EpisodeState
+from dicom_node.index import NodeCounter
 from dicom_node.statuses import StoreStatus
 from workers.prepare import prepare_episode
 

@@ -28,9 +28,9 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom.dsutils import encode
 
+from core import metrics
 from dicom_node.index import NodeCounter
 from dicom_node.statuses import StoreStatus
-from raddraft import metrics
 
 
 @pytest.fixture

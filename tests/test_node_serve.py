@@ -16,10 +16,11 @@ import pydicom
 from node_helpers import PYDICOM_TEST_FILES, SCU_AE, Serve, make_ct, wait_for
 from pydicom.uid import generate_uid
 
-from dicom_node.index import EpisodeState, Index
+from core.layout import manifest_path
+from core.manifest import StudyManifest
+from core.states import EpisodeState
+from dicom_node.index import Index
 from dicom_node.statuses import StoreStatus
-from workers.manifest import StudyManifest
-from workers.prepare import manifest_path
 
 # distinct SOP Instance UIDs, and the storescu option proposing each file's own transfer syntax
 DCMTK_FILES = {"CT_small.dcm": "-xe", "MR_small_jpeg_ls_lossless.dcm": "-xt", "JPEG2000.dcm": "-xw",

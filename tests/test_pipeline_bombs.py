@@ -18,12 +18,13 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 from test_pipeline_gate import _prepared
 
+from core.layout import manifest_path
 from dicom_node.index import Index
 from model import decoders
 from model.imaging import ImageDecodeError, decode_frame
 from reporting.overlay import frame_values
 from workers import pipeline
-from workers.prepare import build_manifest, manifest_path
+from workers.prepare import build_manifest
 from worklist.render import render_png
 
 SIDE = 30000

@@ -20,13 +20,14 @@ import pydicom
 import pytest
 from test_pipeline_gate import _prepared
 
-from dicom_node.index import EpisodeState, Index
+from core.states import EpisodeState
+from dicom_node.index import Index
 from workers import pipeline
 from workers.tasks import _end_before_analysis
 
 CHILD = """
 import sys
-from raddraft.settings import Settings
+from core.settings import Settings
 from workers import pipeline
 pipeline.prepare_request(Settings(home=sys.argv[1]), sys.argv[2], 1)
 """

@@ -12,8 +12,9 @@ import pydicom
 import pytest
 from node_helpers import PYDICOM_TEST_FILES
 
-from dicom_node.index import EpisodeState, Index, InstanceRecord
-from raddraft.settings import Settings
+from core.settings import Settings
+from core.states import EpisodeState
+from dicom_node.index import Index, InstanceRecord
 from reporting.sources import conform
 from workers import pipeline
 from workers.gate import GateRules, gate

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from raddraft.settings import Settings, load_settings
+from core.settings import Settings, load_settings
 
 COMPOSE = Path(__file__).resolve().parent.parent / "compose"
 

@@ -15,10 +15,10 @@ from e2e_helpers import sample
 from kombu import Connection
 from peers import RedisServer
 
-from dicom_node.index import Index, InstanceRecord
-from raddraft import metrics
-from raddraft.http import OpsServer
-from raddraft.settings import Settings
+from core import metrics
+from core.http import OpsServer
+from core.settings import Settings
+from dicom_node.index import Index, InstanceRecord, episode_state_counts
 
 
 def get(server: OpsServer, path: str, method: str = "GET") -> tuple[int, str, bytes]:
@@ -65,7 +65,7 @@ def home(tmp_path: Path) -> Path:
 @pytest.fixture
 def server(home: Path) -> Iterator[OpsServer]:
     settings = make_settings(home)
-    metrics.configure(settings)
+    metrics.configure(settings, episode_state_counts(settings.index_path))
     with OpsServer(settings, details=True) as running:
         yield running
     metrics.set_study_state_source(None)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from pipeline_infra_helpers import TINY, request, tiny_model_folder
 
+from core.settings import Settings
 from model.embedded import LoadedModel
-from raddraft.settings import Settings
 from workers import inference
 
 

@@ -12,9 +12,9 @@ from kombu.serialization import dumps, loads
 from pipeline_infra_helpers import request
 from pydantic import ValidationError
 
+from core.result import ModelIdentity
 from model.imaging import prepare_image
 from model.phantoms import generate_studies
-from model.result import ModelIdentity
 from workers.payload import (
     ArrayBlob,
     InferenceRequest,

@@ -10,14 +10,14 @@ import pytest
 from pipeline_infra_helpers import TINY, tiny_model
 from pydicom import dcmread
 
+from core.manifest import StudyManifest
+from core.result import ModelIdentity
 from dicom_node.index import InstanceRecord
 from model.analyze import analyze_series
 from model.embedded import LoadedModel
 from model.phantoms import PhantomStudy, generate_studies, generate_study, study_rng
-from model.result import ModelIdentity
 from model.slices import iou
 from workers import inference, pipeline
-from workers.manifest import StudyManifest
 from workers.payload import InferenceRequest, InferenceResponse, TaskOutput
 from workers.prepare import build_manifest
 

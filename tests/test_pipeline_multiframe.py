@@ -32,17 +32,17 @@ from reporting_dicom_helpers import (
 )
 from test_pipeline_gate import spool_file
 
+from core.manifest import StudyManifest
+from core.result import AnalysisResult, ModelIdentity
+from core.settings import Settings
 from dicom_node.index import InstanceRecord
 from model.embedded import LoadedModel
 from model.imaging import display_values
 from model.refine import hounsfield
-from model.result import AnalysisResult, ModelIdentity
-from raddraft.settings import Settings
 from reporting.hl7_oru import ResultStatus, oru_r01_from_settings
 from reporting.outbox import OutboxEntry, read_sources, write_outputs
 from workers import inference, pipeline
 from workers.gate import GateRules, gate
-from workers.manifest import StudyManifest
 from workers.payload import InferenceRequest, InferenceResponse, TaskOutput
 from workers.prepare import build_manifest
 

@@ -18,7 +18,7 @@ import redis
 from e2e_helpers import DurableRedis
 from kombu import Connection
 
-from raddraft.settings import Settings
+from core.settings import Settings
 from workers.celery_app import configure, unacked_mutex_expire
 from workers.redis_transport import TRANSPORT
 

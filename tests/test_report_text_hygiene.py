@@ -11,9 +11,9 @@ import pytest
 from hl7_samples import ENDPOINTS, MESSAGE_TIME, make_manifest, make_result
 from reporting_dicom_helpers import cr_study, dciodvfy, result_for
 
+from core.result import DraftReport
 from model.analyze import NO_REPORT_TEXT, split_report
 from model.prompts import parse_grounded, strip_markup
-from model.result import DraftReport
 from reporting.codes import report_states_normal
 from reporting.hl7_oru import ResultStatus, build_oru_r01
 from reporting.narrative import build_narrative_sr

@@ -21,7 +21,7 @@ from reporting_dicom_helpers import (
     shipped_study,
 )
 
-from model.result import Finding
+from core.result import Finding
 from reporting.context import ReportInputs
 from reporting.gsps import build_presentation_states
 from reporting.overlay import BOX_COLOR, findings_document, render_overlay

@@ -20,11 +20,12 @@ import pytest
 from peers import Orthanc
 from reporting_dicom_helpers import Study, cr_findings, cr_study, result_for
 
+from core.layout import episode_dir
+from core.settings import Settings, load_settings
 from dicom_node.scu import Outcome, send_instances
-from raddraft.settings import Settings, load_settings
 from reporting.context import Signoff
 from reporting.hl7_oru import HL7Endpoints, ResultStatus, build_oru_r01
-from reporting.outbox import OutboxEntry, episode_dir, write_outbox
+from reporting.outbox import OutboxEntry, write_outbox
 
 SIGNOFF = Signoff("Curie^Marie", "General Hospital Radiology", datetime(2024, 5, 6, 9, 30, tzinfo=UTC))
 DICOM_KINDS = ("sr", "narrative", "gsps")

@@ -11,17 +11,10 @@ import pytest
 from PIL import Image
 from reporting_dicom_helpers import Study, cr_findings, cr_study, result_for
 
-from model.result import Finding
+from core.layout import episode_dir
+from core.result import Finding
 from reporting.context import Signoff
-from reporting.outbox import (
-    OutboxError,
-    OutputProblem,
-    episode_dir,
-    read_problems,
-    read_sources,
-    write_outbox,
-    write_outputs,
-)
+from reporting.outbox import OutboxError, OutputProblem, read_problems, read_sources, write_outbox, write_outputs
 
 # Opaque to the outbox: the ORU^R01 bytes come from reporting/hl7_oru.py.
 HL7 = b"MSH|^~\\&|RADDRAFT|RADDRAFT|RIS|HOSPITAL|20240506070809||ORU^R01|1|P|2.5.1\rOBR|1||||||||||||||||||||||||P\r"

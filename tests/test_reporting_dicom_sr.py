@@ -29,7 +29,7 @@ from reporting_dicom_helpers import (
     shipped_study,
 )
 
-from model.result import AnalysisResult, DraftReport, Finding
+from core.result import AnalysisResult, DraftReport, Finding
 from reporting.context import Signoff
 from reporting.narrative import build_narrative_sr
 from reporting.sr import NO_FINDING_IDENTIFIER, NOT_LOCALIZED_IDENTIFIER, build_findings_sr

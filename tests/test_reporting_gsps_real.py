@@ -31,7 +31,7 @@ from reporting_dicom_helpers import (
     write_source,
 )
 
-from model.result import Finding
+from core.result import Finding
 from reporting.gsps import (
     CT_DEFAULT_WINDOW,
     OVERLAY_LAYER,

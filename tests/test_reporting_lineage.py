@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 from reporting_dicom_helpers import cr_findings, cr_study, dciodvfy, dsrdump, load, manifest_for, result_for
 
-from model.result import Finding
+from core.result import Finding
 from reporting.context import Signoff
 from reporting.lineage import (
     MATCH_IOU,

@@ -22,6 +22,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AllStoragePresentationContexts
 
+from core.settings import Destination
 from dicom_node.scu import (
     MAX_CONTEXTS_PER_ASSOCIATION,
     AssociationRejectedError,
@@ -30,7 +31,6 @@ from dicom_node.scu import (
     prepare,
     send_instances,
 )
-from raddraft.settings import Destination
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 # One file per transfer syntax family, compressed ones included.

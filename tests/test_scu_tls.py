@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from peers import StoreSCP
 
+from core.settings import Destination
 from dicom_node.scu import PeerUnreachableError, send_instances
-from raddraft.settings import Destination
 
 CT = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 

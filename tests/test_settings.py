@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from raddraft.settings import Destination, HL7Destination, PeerSpec, load_settings
+from core.settings import Destination, HL7Destination, PeerSpec, load_settings
 
 
 @pytest.fixture(autouse=True)

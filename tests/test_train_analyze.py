@@ -6,6 +6,7 @@ import pytest
 from pydicom import dcmread
 from train_helpers import tiny_model
 
+from core.result import DraftReport
 from model.analyze import (
     NO_REPORT_TEXT,
     analyze_series,
@@ -18,7 +19,6 @@ from model.embedded import EMBEDDED_DIR, embedded_available, export, load_model
 from model.evaluation import extract_labels, f1, iou, label_counts
 from model.imaging import Letterbox
 from model.phantoms import generate_study, study_rng, write_studies
-from model.result import DraftReport
 from raddraft.cli import main
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 from train_helpers import tiny_model
 
+from core.result import Finding
 from model.evaluation import (
     TruthFinding,
     evaluate_folder,
@@ -16,7 +17,6 @@ from model.evaluation import (
     normalise_answer,
 )
 from model.phantoms import generate_studies, write_studies
-from model.result import Finding
 from raddraft.cli import main
 
 TRUTH = [TruthFinding("nodule", "1.1", (10.0, 10.0, 30.0, 30.0)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.result import DraftReport
+from core.result import DraftReport
 from worklist.correction import Edit, apply_correction, parse_request
 
 NORMAL = DraftReport(

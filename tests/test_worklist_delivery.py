@@ -18,8 +18,8 @@ from worklist_helpers import (  # noqa: F401 - fixture
     write_draft,
 )
 
+from core import metrics
 from dicom_node.episodes import BrokerUnavailableError
-from raddraft import metrics
 from workers.delivery import PermanentDeliveryError, TransientDeliveryError
 from worklist import auth
 from worklist.bridge import Bridge

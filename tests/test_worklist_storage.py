@@ -9,7 +9,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError
 from worklist_helpers import database_url_fixture, settings_for, write_draft  # noqa: F401 - fixture
 
-from workers.manifest import StudyInfo
+from core.manifest import StudyInfo
 from worklist import auth
 from worklist.bridge import Bridge, age_in_years
 from worklist.storage import Decision, Priority, ReportVersion, Store, StudyState, UserExistsError

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from worklist_helpers import Client, database_url_fixture, settings_for, write_draft  # noqa: F401 - fixture
 
-from raddraft.http import respond
+from core.http import respond
 from worklist import auth
 from worklist.app import WorklistApp
 from worklist.bridge import Bridge

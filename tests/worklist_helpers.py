@@ -24,10 +24,10 @@ import pydicom
 import pytest
 from peers import Orthanc
 
+from core.result import AnalysisResult, DraftReport, Finding, ModelIdentity
+from core.settings import Settings, load_settings
 from dicom_node.index import InstanceRecord
 from model.phantoms import PhantomStudy, generate_study, study_rng
-from model.result import AnalysisResult, DraftReport, Finding, ModelIdentity
-from raddraft.settings import Settings, load_settings
 from workers.prepare import build_manifest
 from worklist.server import RunningServer
 

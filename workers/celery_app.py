@@ -1,7 +1,7 @@
 """The Celery application of raddraft: every Celery setting in one place, static routes to the io and gpu queues.
 
 ``app`` is module-level so ``celery -A workers.celery_app worker`` works; :func:`configure` binds it to a
-:class:`~raddraft.settings.Settings` (the broker is ``settings.effective_broker_url``: the embedded
+:class:`~core.settings.Settings` (the broker is ``settings.effective_broker_url``: the embedded
 ``sqla+sqlite`` broker in ``home`` by default, or ``redis://`` in production). Tasks are idempotent, so they
 are acknowledged late and re-queued when a worker dies.
 """
@@ -14,9 +14,9 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from core.settings import Settings, load_settings
 from dicom_node.episodes import BrokerUnavailableError
 from model import decoders
-from raddraft.settings import Settings, load_settings
 from workers import redis_transport
 
 log = logging.getLogger(__name__)

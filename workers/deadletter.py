@@ -16,8 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dicom_node.index import DeadLetter, DeliveryKey, DeliveryState, EpisodeState, Index
-from raddraft.settings import Settings
+from core.layout import manifest_path
+from core.settings import Settings
+from core.states import DeliveryState, EpisodeState
+from dicom_node.index import DeadLetter, DeliveryKey, Index
 from workers.celery_app import (
     DELIVER_DICOM_TASK,
     DELIVER_HL7_TASK,
@@ -26,7 +28,6 @@ from workers.celery_app import (
     REPORT_TASK,
 )
 from workers.delivery import DICOM, HL7
-from workers.prepare import manifest_path
 from worklist.bridge import register_failure
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,8 @@ import re
 from enum import StrEnum
 from pathlib import Path
 
+from core.layout import episode_dir
+from core.settings import Destination, HL7Destination, Settings
 from dicom_node.scu import (
     AssociationFailedError,
     AssociationRejectedError,
@@ -24,9 +26,7 @@ from dicom_node.scu import (
     SendSummary,
     send_instances,
 )
-from raddraft.settings import Destination, HL7Destination, Settings
 from reporting.mllp import Ack, MLLPError, deliver
-from reporting.outbox import episode_dir
 
 log = logging.getLogger(__name__)
 

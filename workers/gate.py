@@ -32,10 +32,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from core.manifest import InstanceEntry, SeriesEntry, StudyManifest
+from core.settings import Settings
 from dicom_node.derived import DerivedKind, derived_kind
 from model import decoders
-from raddraft.settings import Settings
-from workers.manifest import InstanceEntry, SeriesEntry, StudyManifest
 
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC Image Storage and the multi-frame SC classes

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from core.settings import Settings
 from model.embedded import LoadedModel, load_model
-from raddraft.settings import Settings
 from workers.payload import InferenceRequest, InferenceResponse, TaskOutput
 
 log = logging.getLogger(__name__)

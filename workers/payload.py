@@ -20,9 +20,9 @@ from typing import Any, Literal, Self
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.result import ModelIdentity
 from model.imaging import Letterbox
 from model.prompts import IMAGE_PLACEHOLDER
-from model.result import ModelIdentity
 
 PAYLOAD_SCHEMA_VERSION = 1
 MAX_NEW_TOKENS = 1024

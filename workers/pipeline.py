@@ -28,7 +28,13 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from dicom_node.index import Delivery, DeliveryKey, DeliveryState, EpisodeState, Index
+from core.jsonio import write_atomic
+from core.layout import analysis_path, manifest_path, request_path
+from core.manifest import StudyManifest
+from core.result import AnalysisResult, Finding
+from core.settings import Settings
+from core.states import DeliveryState, EpisodeState
+from dicom_node.index import Delivery, DeliveryKey, Index
 from model import prompts
 from model.analyze import REPORT_TOKENS, TASK_TOKENS, findings_from_answer, split_report
 from model.config import PRESETS, MiniGPTConfig
@@ -40,11 +46,8 @@ from model.imaging import (
     PreparedImage,
 )
 from model.refine import RefinePolicy, refine_findings
-from model.result import AnalysisResult, Finding
 from model.slices import SlicePolicy, SlicePosition, SliceRef, merge_findings, plan_study, slice_key
 from model.weights import CONFIG_FILE
-from raddraft.jsonio import write_atomic
-from raddraft.settings import Settings
 from reporting.hl7_oru import (
     MAX_CONTROL_ID_LENGTH,
     HL7BuildError,
@@ -57,9 +60,7 @@ from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_out
 from workers.decode_child import isolated_decoder, prepare_slices
 from workers.delivery import DICOM, HL7
 from workers.gate import GateRules, gate
-from workers.manifest import StudyManifest
 from workers.payload import ArrayDType, InferenceRequest, InferenceResponse, ModelImage, ModelTask
-from workers.prepare import manifest_path
 from worklist.bridge import register_draft
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,6 @@ class StageError(ValueError):
 
 class NotAnalysedError(StageError):
     """The analysis gate let no instance of the episode through: an end state, not a failure."""
-
-
-def analysis_path(home: Path, study_uid: str, episode_id: int) -> Path:
-    return manifest_path(home, study_uid, episode_id).with_name("analysis.json")
-
-
-def request_path(home: Path, study_uid: str, episode_id: int) -> Path:
-    """Where the prepare stage keeps the request it sent (the report stage maps boxes back with it)."""
-    return manifest_path(home, study_uid, episode_id).with_name("request.json")
 
 
 def model_input_size(spec: str) -> int:

@@ -19,11 +19,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from dicom_node.index import EpisodeState, Index, InstanceRecord
-from dicom_node.spool import validate_uid
+from core.layout import manifest_path
+from core.manifest import FrameEntry, InstanceEntry, Orientation, SeriesEntry, StudyInfo, StudyManifest
+from core.settings import Settings
+from core.states import EpisodeState
+from dicom_node.index import Index, InstanceRecord
 from model.imaging import frame_header
-from raddraft.settings import Settings
-from workers.manifest import FrameEntry, InstanceEntry, Orientation, SeriesEntry, StudyInfo, StudyManifest
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,6 @@ TASK_NAME = "prepare"
 CLAIM_STALE_AFTER_S = 600.0  # a claim older than this is from a dead worker and may be taken over
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 AXIS_ALIGNED_COSINE = 0.9  # |normal · axis| above this (within ~25°) names the plane; below it is oblique
-
-
-def manifest_path(home: Path, study_uid: str, episode_id: int) -> Path:
-    validate_uid(study_uid, "study UID")
-    return home / "work" / study_uid / str(episode_id) / "manifest.json"
 
 
 NO_INSTANCE_LEFT = "not analysed: no instance left: each was re-sent under another study"

@@ -21,10 +21,12 @@ from billiard.einfo import ExceptionInfo
 from celery import Task
 from celery.signals import task_postrun, task_prerun
 
+from core import metrics
+from core.layout import manifest_path
+from core.settings import Destination, HL7Destination, Settings
+from core.states import DeliveryState, EpisodeState
 from dicom_node.episodes import BrokerUnavailableError
-from dicom_node.index import DeliveryKey, DeliveryState, EpisodeState, Index
-from raddraft import metrics
-from raddraft.settings import Destination, HL7Destination, Settings
+from dicom_node.index import DeliveryKey, Index
 from workers import deadletter, delivery, pipeline
 from workers.batching import MicroBatcher
 from workers.celery_app import (
@@ -41,7 +43,7 @@ from workers.celery_app import (
 )
 from workers.inference import infer as run_inference
 from workers.payload import InferenceRequest, InferenceResponse
-from workers.prepare import manifest_path, prepare_episode
+from workers.prepare import prepare_episode
 from worklist.bridge import register_failure
 
 log = logging.getLogger(__name__)

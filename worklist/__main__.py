@@ -9,8 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
-from raddraft.logsetup import configure_logging
-from raddraft.settings import load_settings
+from core.logsetup import configure_logging
+from core.settings import load_settings
 from workers.celery_app import configure
 from worklist.service import WorklistService
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from model.minigpt import MiniGPTMed
+from workers.inference import get_model
 
 ASK_MAX_NEW_TOKENS = 100  # MiniGPT-Med's budget for box answers
 
@@ -46,8 +47,6 @@ class SharedModelAnswerer:
         return self._image_size
 
     def answer(self, pixels: np.ndarray, instruction: str) -> str:
-        from workers.inference import get_model  # noqa: PLC0415 (workers.inference imports this package's users)
-
         with self._lock:
             if self._answerer is None:
                 self._answerer = MiniGPTAnswerer(get_model(self._spec, self._device).model)

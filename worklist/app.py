@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from model.result import AnalysisResult, DraftReport
+from core.manifest import StudyManifest
+from core.result import AnalysisResult, DraftReport
 from reporting.outputs import episode_problems
-from workers.manifest import StudyManifest
 from worklist import auth
 from worklist.bridge import Bridge, ModelUnavailableError
 from worklist.correction import apply_correction
@@ -45,7 +45,7 @@ LOGIN_FAILED = "Wrong user name or password."
 
 
 class OpsReply(Protocol):
-    """What ``raddraft.http.respond`` returns."""
+    """What ``core.http.respond`` returns."""
 
     status: HTTPStatus
     content_type: str
@@ -71,7 +71,7 @@ class WorklistApp:
 
     def __init__(self, bridge: Bridge, *, secure_cookies: bool = False, refresh_ms: int = DEFAULT_REFRESH_MS,
                  ops: OpsResponder | None = None) -> None:
-        """*ops* answers ``/healthz`` and ``/metrics`` (``raddraft.http.respond``) so one port serves both; its
+        """*ops* answers ``/healthz`` and ``/metrics`` (``core.http.respond``) so one port serves both; its
         third argument says whether the request has an admin's session (``/healthz`` details)."""
         self.bridge = bridge
         self.ops = ops

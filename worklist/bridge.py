@@ -24,11 +24,11 @@ from typing import Literal, Protocol
 import numpy as np
 from pydicom import dcmread
 
+from core.manifest import StudyInfo, StudyManifest
+from core.result import AnalysisResult
+from core.settings import Settings
 from model.imaging import prepare_image
 from model.prompts import parse_grounded, refer_instruction, vqa_instruction
-from model.result import AnalysisResult
-from raddraft.settings import Settings
-from workers.manifest import StudyInfo, StudyManifest
 from worklist.signing import SignedReport, sign_study
 from worklist.storage import Priority, Store, StudyState, User
 

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model.result import DraftReport
+from core.result import DraftReport
 
 # label -> pattern of the words that mention it in report prose
 VOCABULARY: dict[str, str] = {

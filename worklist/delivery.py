@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from core import metrics
+from core.settings import Destination, HL7Destination, Settings
 from dicom_node.episodes import BrokerUnavailableError
-from raddraft import metrics
-from raddraft.settings import Destination, HL7Destination, Settings
 from reporting.outputs import read_problems
 from workers.delivery import (
     DICOM,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 
+from core.http import respond
+from core.settings import Settings
 from dicom_node.episodes import BrokerUnavailableError
-from raddraft.http import respond
-from raddraft.settings import Settings
 from worklist.app import DEFAULT_REFRESH_MS, WorklistApp
 from worklist.bridge import Bridge, QuestionModel
 from worklist.delivery import Publisher, SignedDeliveryQueue, celery_publish

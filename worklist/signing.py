@@ -21,9 +21,11 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import UID
 
-from model.result import AnalysisResult, DraftReport
-from raddraft.jsonio import write_atomic
-from raddraft.settings import Settings
+from core.jsonio import write_atomic
+from core.layout import episode_dir
+from core.manifest import StudyManifest
+from core.result import AnalysisResult, DraftReport
+from core.settings import Settings
 from reporting.context import Signoff
 from reporting.hl7_oru import (
     HL7BuildError,
@@ -33,8 +35,7 @@ from reporting.hl7_oru import (
     build_oru_r01,
     new_control_id,
 )
-from reporting.outbox import OutboxEntry, OutputProblem, dicom_bytes, episode_dir, read_sources, write_outbox
-from workers.manifest import StudyManifest
+from reporting.outbox import OutboxEntry, OutputProblem, dicom_bytes, read_sources, write_outbox
 from worklist.storage import Decision, ReportVersion, Store, Study, StudyState, User
 
 logger = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateColumn
 
-from raddraft.settings import Settings
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from core.settings import Settings
 from raddraft.model_socket import (
     TASK_CHOICES,
     AnalyzeReply,
@@ -26,7 +27,6 @@ from raddraft.model_socket import (
     request_analysis,
     socket_path,
 )
-from raddraft.settings import Settings
 
 log = logging.getLogger(__name__)
 

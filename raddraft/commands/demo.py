@@ -21,12 +21,13 @@ import threading
 import time
 from pathlib import Path
 
-from dicom_node.index import EpisodeState, Index
+from core.layout import analysis_path, episode_dir
+from core.settings import Destination, Settings
+from core.states import EpisodeState
+from dicom_node.index import Index
 from dicom_node.scu import send_instances
 from model.phantoms import write_studies
 from raddraft.model_socket import socket_path
-from raddraft.settings import Destination, Settings
-from reporting.outbox import episode_dir
 
 DEMO_MODALITIES = ("CR", "CT", "MR")
 START_TIMEOUT_S = 120.0
@@ -102,7 +103,7 @@ def _print_study(out: object, home: Path, modality: str, study_uid: str, state: 
     write = out.write  # type: ignore[attr-defined]
     folder = episode_dir(home / "outbox", study_uid, 1)
     write(f"\n=== {modality} study {study_uid}: {state}\n")
-    analysis = home / "work" / study_uid / "1" / "analysis.json"
+    analysis = analysis_path(home, study_uid, 1)
     if not analysis.is_file():
         write("  no analysis (see 'raddraft status' for the error)\n")
         return

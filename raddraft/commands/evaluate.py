@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from raddraft.jsonio import write_atomic
-from raddraft.settings import Settings
+from core.jsonio import write_atomic
+from core.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

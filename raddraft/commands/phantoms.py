@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from core.settings import Settings
 from model.phantoms import MODALITIES, write_studies
-from raddraft.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

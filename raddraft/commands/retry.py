@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raddraft.settings import Settings
+from core.settings import Settings
+from dicom_node.index import Index
 from workers.celery_app import configure, publish
 from workers.deadletter import replay
 
@@ -43,8 +44,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _stranded(settings: Settings) -> int:
-    from dicom_node.index import Index  # noqa: PLC0415 - the pipeline imports the model stack
-    from workers.tasks import republish_stranded  # noqa: PLC0415
+    from workers.tasks import republish_stranded  # noqa: PLC0415 - the pipeline imports the model stack (torch)
 
     index = Index(settings.index_path)
     try:

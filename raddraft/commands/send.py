@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from core.settings import Destination, Settings, validate_ae_title
 from dicom_node.scu import InstanceResult, Outcome, SendError, prepare, send_instances
-from raddraft.settings import Destination, Settings, validate_ae_title
 
 log = logging.getLogger(__name__)
 

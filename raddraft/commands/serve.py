@@ -18,13 +18,13 @@ import signal
 import threading
 from types import FrameType
 
+from core.settings import Settings
 from dicom_node.episodes import HandoffDispatcher
 from dicom_node.index import Index
 from dicom_node.receive import InstanceReceiver
 from dicom_node.scp import DicomNode
 from dicom_node.spool import Spool
 from raddraft.model_socket import ModelSocketServer
-from raddraft.settings import Settings
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure, publish_prepare
 from workers.inprocess import InProcessWorker
 from worklist.bridge import QuestionModel

@@ -13,8 +13,8 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from core.settings import Settings
 from dicom_node.index import Index, NodeCounter
-from raddraft.settings import Settings
 from reporting.outputs import episode_problems
 
 STORED_WITHOUT_ANALYSIS = "stored_without_analysis"  # AI/derived objects: stored, no episode (dicom_node/derived.py)

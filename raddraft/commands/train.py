@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from raddraft.settings import Settings
+from core.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from raddraft.settings import Settings
+from core.settings import Settings
 from worklist.auth import Role, check_username, hash_password
 from worklist.storage import Store, UserExistsError
 

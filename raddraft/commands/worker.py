@@ -1,15 +1,15 @@
 """``raddraft worker --queues io|gpu``: a production Celery worker (gpu: one process, one model, a thread per
 message up to ``inference_batch_size`` so that queued studies are answered in one forward pass; ``solo`` at 1).
 A gpu worker also answers ``raddraft analyze`` of the same home with its model (raddraft/model_socket.py).
-``--http-port`` serves the worker's own ``/healthz`` and ``/metrics`` (raddraft/http.py)."""
+``--http-port`` serves the worker's own ``/healthz`` and ``/metrics`` (core/http.py)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from raddraft.http import OpsServer
-from raddraft.settings import Settings
+from core.http import OpsServer
+from core.settings import Settings
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     worker = app.Worker(queues=[args.queues], pool_cls=pool, concurrency=concurrency, without_gossip=True,
                         without_mingle=True, loglevel=settings.log_level, hostname=f"raddraft-{args.queues}@%h")
     ops = None
-    if args.http_port is not None:  # the counters this worker records (raddraft/metrics.py) live in this process
+    if args.http_port is not None:  # the counters this worker records (core/metrics.py) live in this process
         if not 0 <= args.http_port <= 65535:
             raise SystemExit(f"raddraft worker: --http-port {args.http_port} is not a TCP port (0-65535)")
         ops = OpsServer(settings.model_copy(update={"http_port": args.http_port}),

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from raddraft.jsonio import write_atomic
+from core.jsonio import write_atomic
 
 Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
 

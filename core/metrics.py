@@ -3,13 +3,14 @@
 Other modules record events with three calls: :func:`record_instance` (a DICOM instance arrived, by outcome),
 :func:`observe_task` (a pipeline task took so many seconds) and :func:`record_delivery` (a DICOM or HL7
 delivery succeeded or failed). Two gauges are read at scrape time through hooks: studies by episode state and
-the broker's queue depths. :func:`configure` installs default hooks built from the settings (the node's index
-and the broker); :func:`set_study_state_source` / :func:`set_queue_depth_source` replace them.
+the broker's queue depths. :func:`configure` installs both: the episode states from a source the caller gives (the
+node's index: this module imports no stage package), the queue depths from the broker of the settings;
+:func:`set_study_state_source` / :func:`set_queue_depth_source` replace them.
 
 Who records: the DICOM receiver (every arrival: ``stored``, ``duplicate``, ``replaced``, ``rejected``), the
 Celery task signals of workers/tasks.py (every task's wall time, by the name after ``raddraft.``), the pipeline's
 and the worklist's deliveries (every attempt, ``ok`` or ``failed``). Counters live in the process that records
-them: ``raddraft serve`` serves its ``/metrics`` on the worklist port (``raddraft.http``), with the embedded
+them: ``raddraft serve`` serves its ``/metrics`` on the worklist port (``core.http``), with the embedded
 broker its in-process workers' counts included. A separate ``raddraft worker`` process (Redis) records into its
 own registry and serves it with ``--http-port``.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal
 
@@ -27,9 +27,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dicom_node.index import EpisodeState, Index
-from raddraft import probes
-from raddraft.settings import Settings
+from core import probes
+from core.settings import Settings
+from core.states import EpisodeState
 
 log = logging.getLogger(__name__)
 
@@ -132,30 +132,16 @@ def set_queue_depth_source(source: DepthSource | None) -> None:
         _GAUGES.depths = source
 
 
-def index_state_counts(settings: Settings) -> StateSource:
-    """Episodes by state from the node's index (``dicom_node.index.Index.episodes``); {} before it exists."""
-
-    def count() -> Mapping[str, int]:
-        if not settings.index_path.is_file():
-            return {}
-        index = Index(settings.index_path)
-        try:
-            return Tally(str(episode.state) for episode in index.episodes())
-        finally:
-            index.close()
-
-    return count
-
-
 def broker_depths(settings: Settings, queues: Sequence[str] = QUEUES,
                   timeout: float = probes.DEFAULT_TIMEOUT_S) -> DepthSource:
     """Queue depths read from the broker with a short timeout."""
     return lambda: probes.queue_depths(settings.effective_broker_url, queues, timeout)
 
 
-def configure(settings: Settings) -> None:
-    """Default hooks for a node process: episode states from its index, queue depths from its broker."""
-    set_study_state_source(index_state_counts(settings))
+def configure(settings: Settings, study_states: StateSource) -> None:
+    """The hooks of a node process: episode states from *study_states* (the node's index:
+    ``dicom_node.index.episode_state_counts``), queue depths from its broker."""
+    set_study_state_source(study_states)
     set_queue_depth_source(broker_depths(settings))
 
 

@@ -1,7 +1,7 @@
 """Short, bounded checks of what a raddraft process depends on: the index, the broker, the disk.
 
 Each probe either returns its measurement or raises :class:`ProbeError` with a message naming what failed
-(never a password: broker URLs are redacted). ``/healthz`` and ``/metrics`` (``raddraft.http``) use them.
+(never a password: broker URLs are redacted). ``/healthz`` and ``/metrics`` (``core.http``) use them.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raddraft.jsonio import write_atomic
+from core.jsonio import write_atomic
 
 Laterality = Literal["left", "right", "bilateral"]
 

@@ -5,7 +5,7 @@
 *details* (an admin's session on the worklist port) the document adds ``"ok": bool, "checks": {name: {"ok":
 bool, "detail": str, …}}``. Checks: the index is readable (read-only, never created), the broker answers within
 a short timeout, free disk space in ``home`` is above ``min_free_disk_mb``. ``/metrics`` is
-:mod:`raddraft.metrics` in the Prometheus text format.
+:mod:`core.metrics` in the Prometheus text format.
 
 :func:`respond` is the whole application as a function of the path, so another server (the worklist's WSGI
 app) can route the two paths to it instead of opening a second port.
@@ -24,8 +24,8 @@ from typing import Any, Self
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from raddraft import metrics, probes
-from raddraft.settings import Settings
+from core import metrics, probes
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

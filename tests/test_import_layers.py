@@ -1,0 +1,66 @@
+"""The layers contract of pyproject.toml ([tool.importlinter], issue 18) holds on this tree and breaks on a
+back-arrow: each case copies the packages' Python files to a temporary folder, adds one import that runs up the
+layers (or into the tests) and expects ``lint-imports`` to fail naming it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("core", "dicom_node", "model", "reporting", "workers", "worklist", "raddraft", "bench", "tests")
+LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", LINT_IMPORTS, "--no-cache", "--no-logo"], cwd=root, check=False,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def sources_only(folder: str, names: list[str]) -> list[str]:
+    """copytree's ignore: every file but the Python ones, and the bytecode caches."""
+    return [n for n in names if n == "__pycache__" or (not n.endswith(".py") and not (Path(folder) / n).is_dir())]
+
+
+@pytest.fixture(scope="module")
+def copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("house")
+    shutil.copy(REPO / "pyproject.toml", root)
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, root / package, ignore=sources_only)
+    return root
+
+
+def test_the_contract_holds_on_this_tree() -> None:
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(("module", "line", "message"), [
+    ("model/slices.py", "import workers.gate", "model is not allowed to import workers"),
+    ("model/weights.py", "import raddraft.cli", "model is not allowed to import raddraft"),
+    ("reporting/sr.py", "import workers.prepare", "reporting is not allowed to import workers"),
+    ("dicom_node/derived.py", "import reporting.context", "dicom_node is not allowed to import reporting"),
+    ("dicom_node/spool.py", "import model.imaging", "dicom_node is not allowed to import model"),
+    ("core/metrics.py", "import dicom_node.index", "core is not allowed to import dicom_node"),
+    ("worklist/service.py", "import raddraft.cli", "worklist is not allowed to import raddraft"),
+    # a new arrow from workers to the worklist: only the three known ones are ignored
+    ("workers/delivery.py", "import worklist.storage", "workers is not allowed to import worklist"),
+    ("workers/gate.py", "import tests.peers", "workers.gate -> tests.peers"),
+])
+def test_a_back_arrow_breaks_the_contract(copy: Path, module: str, line: str, message: str) -> None:
+    path = copy / module
+    original = path.read_text(encoding="utf-8")
+    path.write_text(f"{original}\n{line}  # a back-arrow\n", encoding="utf-8")
+    try:
+        result = lint_imports(copy)
+    finally:
+        path.write_text(original, encoding="utf-8")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert message in result.stdout and "1 broken" in result.stdout, result.stdout
