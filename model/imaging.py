@@ -28,7 +28,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -173,15 +173,7 @@ def decode_frame(ds: Dataset, frame: int = 0) -> tuple[np.ndarray, str]:
     """
     _require_image(ds)
     syntax = _transfer_syntax(ds)
-    try:
-        decoder = get_decoder(syntax)
-    except NotImplementedError as exc:
-        raise ImageDecodeError(f"transfer syntax {syntax} ({syntax.name}) has no pixel data decoder in pydicom"
-                               ) from exc
-    if not decoder.is_available:
-        missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
-        raise ImageDecodeError(f"transfer syntax {syntax} ({syntax.name}) needs a plugin that is not installed: "
-                               f"{missing}")
+    decoder = _decoder_for(syntax)
     try:
         frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError) as exc:
@@ -308,15 +300,7 @@ def prepare_frames(path: Path, header: Dataset, frames: Sequence[int], model_siz
     at *path*, whose data set :func:`read_header` read; each frame is read from the file and decoded on its own."""
     _require_image(header)
     syntax = _transfer_syntax(header)
-    try:
-        decoder = get_decoder(syntax)
-    except NotImplementedError as exc:
-        raise ImageDecodeError(f"transfer syntax {syntax} ({syntax.name}) has no pixel data decoder in pydicom"
-                               ) from exc
-    if not decoder.is_available:
-        missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
-        raise ImageDecodeError(f"transfer syntax {syntax} ({syntax.name}) needs a plugin that is not installed: "
-                               f"{missing}")
+    _decoder_for(syntax)  # a syntax without an installed decoder is refused before any frame is read
     count = int(header.get("NumberOfFrames") or 1)
     outside = sorted(f for f in frames if not 0 <= f < count)
     if outside:
@@ -365,6 +349,20 @@ def _require_image(ds: Dataset) -> None:
     if "PixelData" not in ds:
         raise ImageDecodeError(f"SOP class {sop_class} ({sop_class.name or 'unknown'}) stores float pixel data, "
                                "which is not supported")
+
+
+def _decoder_for(syntax: UID) -> Any:
+    """pydicom's decoder of *syntax*, or :class:`ImageDecodeError` saying why there is none."""
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise ImageDecodeError(f"transfer syntax {syntax} ({syntax.name}) has no pixel data decoder in pydicom"
+                               ) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        raise ImageDecodeError(f"transfer syntax {syntax} ({syntax.name}) needs a plugin that is not installed: "
+                               f"{missing}")
+    return decoder
 
 
 def _transfer_syntax(ds: Dataset) -> UID:

@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from core.layout import study_outbox_dir
 from core.result import AnalysisResult, DocumentReference, Finding
+from model.slices import iou
 from reporting import codes as rcodes
 
 logger = logging.getLogger(__name__)
@@ -109,16 +110,6 @@ def prior_report(outbox_dir: Path, study_uid: str, episode_id: int) -> PriorRepo
     return None
 
 
-def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    overlap = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - overlap
-    return overlap / union
-
-
 def label_code(label: str) -> str:
     """What "the same finding type" compares: the code of a coded label, the normalized text of an uncoded one."""
     coded = rcodes.lookup_finding(label)
@@ -135,7 +126,7 @@ def match_findings(findings: list[Finding], prior: list[PriorFinding]) -> dict[i
             if (old.sop_instance_uid, old.frame_number, old.code) != (finding.sop_instance_uid,
                                                                       finding.frame_number, code):
                 continue
-            overlap = box_iou(finding.box, old.box)
+            overlap = iou(finding.box, old.box)
             if overlap >= MATCH_IOU:
                 pairs.append((overlap, n, m))
     matched: dict[int, str] = {}

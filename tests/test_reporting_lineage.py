@@ -12,11 +12,11 @@ import pydicom
 from reporting_dicom_helpers import cr_findings, cr_study, dciodvfy, dsrdump, load, manifest_for, result_for
 
 from core.result import Finding
+from model.slices import iou
 from reporting.context import Signoff
 from reporting.lineage import (
     MATCH_IOU,
     PriorFinding,
-    box_iou,
     label_code,
     match_findings,
     prior_report,
@@ -119,4 +119,4 @@ def test_matching_is_one_to_one_on_the_same_image_type_and_overlap():
     other_frame = a.model_copy(update={"frame_number": 2})
     assert match_findings([other_image, other_type, other_frame], old) == {}
     far = Finding(label="nodule", sop_instance_uid="1.2.3", box=(6.0, 6.0, 16.0, 16.0))
-    assert box_iou(far.box, old[0].box) < MATCH_IOU and match_findings([far], old) == {}
+    assert iou(far.box, old[0].box) < MATCH_IOU and match_findings([far], old) == {}
