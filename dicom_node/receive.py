@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 INSTANCE_LOCK_STRIPES = 64  # instances whose UIDs hash alike share a lock: bounded memory, rare contention
-# the outcome label of raddraft_instances_received (raddraft/metrics.py); refusals are "rejected"
+# the outcome label of raddraft_instances_received (core/metrics.py); refusals are "rejected"
 ARRIVAL_OUTCOMES = {Arrival.NEW: "stored", Arrival.DUPLICATE: "duplicate", Arrival.REPLACED: "replaced"}
 
 
