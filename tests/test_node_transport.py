@@ -83,8 +83,9 @@ def test_thirty_stalling_strangers_leave_room_for_an_allowed_peer(tmp_path, capl
             print(f"\nechoscu from an allowed peer served in {elapsed:.3f} s while 30 strangers stall")
             assert elapsed < 5.0  # echoscu's own start-up included; 0.3 s on an idle machine
             assert echo(node.port) < 3.0
-            # the strangers over the limits were closed at accept, the others at the request deadline
-            closed = [closed_within(sock, settings.association_request_timeout_s + 2 - (time.monotonic() - start))
+            # the strangers over the limits were closed at accept, the others at the request deadline (3 s); 4 s of
+            # slack for a loaded CI machine, still well under the 10 s network timeout that would close them too
+            closed = [closed_within(sock, settings.association_request_timeout_s + 4 - (time.monotonic() - start))
                       for sock in strangers]
             print(f"all 30 strangers closed by the node after {time.monotonic() - start:.2f} s")
             assert all(closed)
