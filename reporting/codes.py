@@ -15,6 +15,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from core.result import DraftReport, Laterality
+from model.sentences import states_normal
 
 # --- finding types ------------------------------------------------------------------------------------------
 # Not in pydicom's dictionary (or present there only under a different concept):
@@ -170,42 +171,11 @@ def procedure_code(modality: str) -> Code:
     return _PROCEDURE_BY_MODALITY.get(modality.strip().upper(), IMAGING_PROCEDURE)
 
 
-# --- does the report text state a normal study? -------------------------------------------------------------
-# A deliberately simple, conservative test (a NegEx-like rule, not a language model): a finding word counts as
-# denied only when a negation cue comes before it in the same clause. A wrong "normal" contradicts the
-# narrative, a wrong "not normal" only leaves the SR neutral, so every doubt answers "not normal".
-_NORMAL_PHRASES = re.compile(
-    r"\bno\s+(?:acute|active)\b|\bno\s+(?:\w+\s+){0,2}abnormalit(?:y|ies)\b|\bnormal\b|\bunremarkable\b"
-    r"|\bwithin\s+normal\s+limits\b|\bclear\s+lungs?\b|\blungs?\s+(?:are|is)\s+(?:\w+\s+)?clear\b",
-    re.IGNORECASE)
-_FINDING_WORDS = re.compile(
-    r"\b(?:effusion|pneumothora|consolidat|opacit|infiltrat|atelecta|o?edema|cardiomegal|enlarge|nodul|mass"
-    r"|tumou?r|lesion|pneumoni|fractur|emphysem|fibros|scar|thicken|calcif|granulom|hernia|collapse|congesti"
-    r"|widen|blunt|abnormal|adenopath|metasta|ha?emorrhag|bleed|infarct|obstruct|dilat|pneumoperitone"
-    r"|aneurysm|dissection|embol|thromb|cyst|stenos|deformit|haziness|density|densities|free\s+air)\w*",
-    re.IGNORECASE)
-_NEGATION_CUE = re.compile(r"\b(?:no|not|without|negative\s+for|free\s+of|absence\s+of|neither|nor)\b",
-                           re.IGNORECASE)
-# Look like negations but state or keep a finding: "no change in the effusion", "cannot be excluded".
-_PSEUDO_NEGATION = re.compile(
-    r"\bno\s+(?:\w+\s+)?(?:change|increase|decrease|improvement|worsening|resolution)\b"
-    r"|\bnot\s+(?:be\s+)?(?:excluded?|ruled?\s+out|changed|improved|resolved|normal|clear)\b",
-    re.IGNORECASE)
-_CLAUSE_END = re.compile(
-    r"[.;:!?\n]|\b(?:but|however|although|though|except|apart\s+from|aside\s+from|which|with|there\s+(?:is|are))\b",
-    re.IGNORECASE)
-
-
-def _states_a_finding(clause: str) -> bool:
-    if _PSEUDO_NEGATION.search(clause):
-        return True
-    return any(not _NEGATION_CUE.search(clause, 0, word.start()) for word in _FINDING_WORDS.finditer(clause))
-
-
 def report_states_normal(report: DraftReport) -> bool:
     """True when the report text says the study is normal, so a findings SR without boxes may say "No abnormality".
 
-    The rule, on FINDINGS and IMPRESSION together:
+    The rule (:func:`model.sentences.states_normal`, the sentence reading the grounding uses too), on FINDINGS
+    and IMPRESSION together:
 
     * some normal-study phrasing occurs: "no acute …", "no (…) abnormality", "normal", "unremarkable",
       "within normal limits", "clear lungs", "the lungs are clear";
@@ -218,8 +188,4 @@ def report_states_normal(report: DraftReport) -> bool:
     "No pleural effusion or pneumothorax. Lungs are clear." is normal; "Right pleural effusion." is not, nor is
     a text with no normal phrasing at all ("The study is limited.").
     """
-    text = f"{report.findings}\n{report.impression}"
-    if not _NORMAL_PHRASES.search(text):
-        return False
-    clauses = _CLAUSE_END.split(text)
-    return not any(_states_a_finding(clause) for clause in clauses)
+    return states_normal(report)
