@@ -11,6 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from core.jsonio import write_atomic
 
 Laterality = Literal["left", "right", "bilateral"]
+Polarity = Literal["positive", "negative", "normal", "neutral"]
+# a positive sentence is grounded (a box supports it) or text_only (no image evidence found); negative,
+# normal and neutral sentences are statements that need no box
+SentenceStatus = Literal["grounded", "text_only", "statement"]
+FindingStatus = Literal["grounded", "box_only"]  # box_only: no sentence of the report states it
+FindingSource = Literal["grounding", "refer", "detection"]  # the model task that drew the box
 
 
 class _Strict(BaseModel):
@@ -29,6 +35,12 @@ class Finding(_Strict):
     description: str = ""
     tracking_uid: str | None = Field(None, description="the tracking UID of the same lesion in the study's "
                                      "previous report, when it was matched (reporting/lineage.py)")
+    source: FindingSource = Field("grounding", description="the task that drew the box: the grounding pass, or "
+                                  "a follow-up question on a sentence that had no box (model/grounding.py)")
+    sentences: list[int] = Field(default_factory=list, description="indices into report.sentences of the "
+                                 "sentences this box supports")
+    status: FindingStatus | None = Field(None, description="grounded, box_only (no sentence states it); None "
+                                         "in results written before drafts were grounded")
 
     @model_validator(mode="after")
     def _box_is_ordered(self) -> Finding:
@@ -46,9 +58,37 @@ class ModelIdentity(_Strict):
     parameters: dict[str, str] = Field(default_factory=dict)
 
 
+class ReportSentence(_Strict):
+    """One sentence of the draft and what it states, linked to the findings that support it."""
+
+    section: Literal["findings", "impression"]
+    text: str = Field(min_length=1)
+    polarity: Polarity
+    labels: list[str] = Field(default_factory=list, description="the finding labels it states (positive only)")
+    laterality: Laterality | None = None
+    site: str | None = None
+    findings: list[int] = Field(default_factory=list, description="indices into the result's findings")
+    status: SentenceStatus
+
+
+class Consistency(_Strict):
+    """How far the draft's text and boxes agree: counts of grounded and text-only positive sentences and of
+    box-only findings. ``flagged`` when anything is not grounded."""
+
+    grounded: int = Field(ge=0)
+    text_only: int = Field(ge=0)
+    box_only: int = Field(ge=0)
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.text_only or self.box_only)
+
+
 class DraftReport(_Strict):
     findings: str
     impression: str
+    sentences: list[ReportSentence] = Field(default_factory=list, description="the sentences of findings and "
+                                            "impression, in order; empty in results written before grounding")
 
     @property
     def text(self) -> str:
@@ -81,6 +121,8 @@ class AnalysisResult(_Strict):
     created_at: datetime
     supersedes: list[DocumentReference] = Field(
         default_factory=list, description="the previous episode's report documents these outputs replace")
+    consistency: Consistency | None = Field(None, description="text/box agreement of the grounded draft; None "
+                                            "in results written before drafts were grounded")
 
     @model_validator(mode="after")
     def _frames_are_of_analysed_instances(self) -> AnalysisResult:
@@ -90,6 +132,17 @@ class AnalysisResult(_Strict):
             if not frames or min(frames) < 1:
                 raise ValueError(f"analysed_frames of SOP Instance UID {uid} must be 1-based frame numbers, got "
                                  f"{frames}")
+        sentences = self.report.sentences
+        for number, sentence in enumerate(sentences):
+            for index in sentence.findings:
+                if not 0 <= index < len(self.findings) or number not in self.findings[index].sentences:
+                    raise ValueError(f"sentence {number} names finding {index}, which does not exist or does not "
+                                     "name the sentence back")
+        for number, finding in enumerate(self.findings):
+            for index in finding.sentences:
+                if not 0 <= index < len(sentences) or number not in sentences[index].findings:
+                    raise ValueError(f"finding {number} names sentence {index}, which does not exist or does not "
+                                     "name the finding back")
         return self
 
     def write(self, path: Path) -> None:
