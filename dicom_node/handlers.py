@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from pathlib import Path
+from typing import Any
 
 from pynetdicom.events import Event
 
@@ -84,11 +86,15 @@ def handle_echo(event: Event) -> int:
 
 
 def handle_store(event: Event, receiver: InstanceReceiver) -> int:
-    """EVT_C_STORE: persist the dataset exactly as received (file meta + encoded bytes) and answer its status."""
+    """EVT_C_STORE: persist the dataset exactly as received (file meta + encoded bytes) and answer its status.
+
+    With chunked receive on (:func:`dicom_node.scp.build_ae`) pynetdicom has written the request to a file
+    (preamble, the file meta it builds from the request and context, the data set as received) and removes it
+    after this handler returns; otherwise the same bytes are in memory."""
     context = event.context
     requestor = event.assoc.requestor
     incoming = IncomingInstance(
-        data=event.encoded_dataset(include_meta=True),
+        data=_received(event),
         abstract_syntax=str(context.abstract_syntax),
         affected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
         transfer_syntax_uid=str(context.transfer_syntax),
@@ -96,3 +102,47 @@ def handle_store(event: Event, receiver: InstanceReceiver) -> int:
         peer_address=requestor.address,
     )
     return int(receiver.receive(incoming))
+
+
+def _received(event: Event) -> bytes | Path:
+    """The path of the file pynetdicom received the C-STORE data set to, else the encoded file in memory."""
+    try:
+        path = event.dataset_path  # None (or AttributeError) when chunked receive is off
+    except AttributeError:
+        path = None
+    return Path(path) if path is not None else event.encoded_dataset(include_meta=True)
+
+
+def handle_conn_close(event: Event) -> None:
+    """EVT_CONN_CLOSE: remove the file of a C-STORE data set that was still being received.
+
+    pynetdicom removes the file of a complete request after the C-STORE handler; when the connection drops (or
+    is aborted) mid-data-set, the partial file is left in the temporary directory. See
+    :func:`discard_partial_receive`."""
+    discard_partial_receive(event.assoc)
+
+
+def discard_partial_receive(assoc: Any) -> None:
+    """Close and remove the partial chunked-receive file of *assoc*'s message in progress, if it has one.
+
+    pynetdicom has no public way to reach that file: its DIMSE provider's message in progress (``dimse.message``)
+    holds it as ``_data_set_file``/``_data_set_path`` (pynetdicom 2.x/3.x). Read defensively: should a later
+    pynetdicom rename them, this does nothing (and tests/test_node_memory.py fails on the leftover file).
+    """
+    dimse = getattr(assoc, "dimse", None)
+    message = getattr(dimse, "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    path = getattr(message, "_data_set_path", None)
+    if handle is None or path is None:
+        return
+    try:
+        handle.close()
+    except OSError as exc:
+        log.warning("could not close a partial received file: %s", exc)
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not remove the partial received file %s: %s", path, exc)
+        return
+    log.info("connection from %s closed mid-data-set: its partial received file was removed",
+             getattr(getattr(assoc, "requestor", None), "address", "?"))

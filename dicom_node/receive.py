@@ -1,8 +1,11 @@
 """Accept one received instance: check it, write it durably to the spool and record it in the index.
 
 Network-free so every branch is testable directly; :mod:`dicom_node.handlers` maps a C-STORE event onto
-:meth:`InstanceReceiver.receive` and returns the status it gives. Success is returned only after the file is
-fsynced under its final name and its index row is committed; on any failure neither remains.
+:meth:`InstanceReceiver.receive` and returns the status it gives. The instance is either bytes in memory or the
+path of the file pynetdicom received it to (chunked receive, :func:`dicom_node.scp.build_ae`); a file is
+checked, hashed and staged in bounded pieces and read with its large values deferred (never loaded whole).
+Success is returned only after the file is fsynced under its final name and its index row is committed; on any
+failure neither remains.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.charset import default_encoding
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_deferred_data_element
 from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.uid import UID
 from pydicom.valuerep import AMBIGUOUS_VR, VR
@@ -30,12 +34,14 @@ from core.layout import InvalidUIDError, validate_uid
 from dicom_node.derived import DerivedKind, derived_kind
 from dicom_node.index import Arrival, Index, InstanceRecord, NodeCounter
 from dicom_node.inflate import InflatedTooLargeError, check_inflated_size
-from dicom_node.spool import Placement, Spool, StagedFile
+from dicom_node.spool import Placement, Spool, StagedFile, content_sha256, content_size
 from dicom_node.statuses import StoreStatus
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+# values larger than this are not loaded when a received file is read (pydicom's defer_size): the pixel data
+DEFER_SIZE = MIB
 INSTANCE_LOCK_STRIPES = 64  # instances whose UIDs hash alike share a lock: bounded memory, rare contention
 # the outcome label of raddraft_instances_received (core/metrics.py); refusals are "rejected"
 ARRIVAL_OUTCOMES = {Arrival.NEW: "stored", Arrival.DUPLICATE: "duplicate", Arrival.REPLACED: "replaced"}
@@ -43,9 +49,12 @@ ARRIVAL_OUTCOMES = {Arrival.NEW: "stored", Arrival.DUPLICATE: "duplicate", Arriv
 
 @dataclass(frozen=True)
 class IncomingInstance:
-    """A C-STORE request as received: the encoded file (preamble, file meta, dataset) and its context."""
+    """A C-STORE request as received: the encoded file (preamble, file meta, dataset) and its context.
 
-    data: bytes
+    *data*: the encoded file in memory, or the path of the file holding it (left in place: its owner, pynetdicom,
+    removes it after the C-STORE handler returns)."""
+
+    data: bytes | Path
     abstract_syntax: str
     affected_sop_instance_uid: str
     transfer_syntax_uid: str
@@ -135,7 +144,10 @@ class InstanceReceiver:
 
     def _receive(self, incoming: IncomingInstance) -> str:
         """Persist *incoming*; its outcome (``stored``, ``duplicate``, ``replaced``) or :class:`RefusedError`."""
-        size = len(incoming.data)
+        try:
+            size = content_size(incoming.data)
+        except OSError as exc:
+            raise RefusedError(StoreStatus.OUT_OF_RESOURCES, f"cannot read the received file: {exc}") from exc
         if size > self.max_instance_bytes:
             raise RefusedError(StoreStatus.OUT_OF_RESOURCES,
                                f"instance is {size / MIB:.1f} MiB; max_instance_mb is {self.max_instance_bytes / MIB}")
@@ -145,7 +157,9 @@ class InstanceReceiver:
             raise RefusedError(StoreStatus.OUT_OF_RESOURCES, str(exc)) from exc
         except ValueError as exc:
             raise RefusedError(StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be decoded: {exc}") from exc
-        identity = self._identify(incoming)
+        except OSError as exc:
+            raise RefusedError(StoreStatus.OUT_OF_RESOURCES, f"cannot read the received file: {exc}") from exc
+        identity = self._identify(incoming, size)
         try:
             free = self.spool.free_bytes()
         except OSError as exc:
@@ -160,12 +174,20 @@ class InstanceReceiver:
             raise RefusedError(StoreStatus.OUT_OF_RESOURCES, f"cannot persist the instance: {exc}") from exc
 
     @staticmethod
-    def _identify(incoming: IncomingInstance) -> _Identity:
-        """Parse the dataset and check its identifiers against the request."""
+    def _identify(incoming: IncomingInstance, size: int) -> _Identity:
+        """Parse the dataset (of *size* bytes with preamble and file meta) and check its identifiers against the
+        request. A received file is read with values over :data:`DEFER_SIZE` deferred (not loaded)."""
         try:
-            dataset = dcmread(BytesIO(incoming.data))
-            check_structure(dataset, len(incoming.data), UID(incoming.transfer_syntax_uid))
-            decode_all(dataset)
+            syntax = UID(incoming.transfer_syntax_uid)
+            if isinstance(incoming.data, Path):
+                # a deflated data set is inflated whole by pydicom (its size was checked above): the offsets of
+                # deferred values would be offsets in the inflated stream, not in the file, so none are deferred
+                dataset = dcmread(incoming.data, defer_size=None if syntax.is_deflated else DEFER_SIZE)
+                source: Path | None = incoming.data
+            else:
+                dataset, source = dcmread(BytesIO(incoming.data)), None
+            check_structure(dataset, size, syntax)
+            decode_all(dataset, source=source)
             sop_class_uid = dataset.get("SOPClassUID")
             sop_instance_uid = dataset.get("SOPInstanceUID")
             study_uid = dataset.get("StudyInstanceUID")
@@ -200,7 +222,7 @@ class InstanceReceiver:
                  incoming.calling_ae, incoming.peer_address)
 
     def _persist(self, incoming: IncomingInstance, identity: _Identity) -> str:
-        digest = hashlib.sha256(incoming.data).hexdigest()
+        digest = content_sha256(incoming.data)
         final = self.spool.instance_path(identity.study_uid, identity.series_uid, identity.sop_instance_uid)
         stored = self.index.instance(identity.sop_instance_uid)
         if stored is not None and stored.sha256 == digest and final.is_file():
@@ -271,49 +293,78 @@ SPECIFIC_CHARACTER_SET = 0x00080005
 def check_structure(dataset: Dataset, data_length: int, transfer_syntax: UID) -> None:
     """Raise ``ValueError`` for a stream pydicom only warns about: wrong VR encoding, truncated or trailing bytes.
 
-    Must run before the elements are converted (it inspects the raw elements' lengths and offsets).
+    Must run before the elements are converted (it inspects the raw elements' lengths and offsets). *data_length*:
+    the bytes received (preamble and file meta included). A deferred element (read with ``defer_size``: its value
+    is ``None``, pydicom skipped over it) must lie wholly within them.
     """
     end: int | None = None
     for tag in dataset.keys():  # noqa: SIM118 -- iterating a Dataset itself would convert the raw elements
-        raw = dataset.get_item(tag)
+        raw = dataset.get_item(tag, keep_deferred=True)
         if not isinstance(raw, RawDataElement):
             end = None
             continue
         if raw.is_implicit_VR != transfer_syntax.is_implicit_VR:
             raise ValueError(f"element {tag} is not encoded in {'im' if transfer_syntax.is_implicit_VR else 'ex'}"
                              f"plicit VR as transfer syntax {transfer_syntax.name} requires")
-        if raw.length == UNDEFINED_LENGTH or not isinstance(raw.value, bytes):
+        if raw.length == UNDEFINED_LENGTH:
             end = None
             continue
-        if len(raw.value) != raw.length:
-            raise ValueError(f"element {tag} is truncated: {len(raw.value)} of {raw.length} bytes present")
+        if raw.value is None and raw.length > 0:  # deferred: compare with what was received
+            present = max(0, min(raw.length, data_length - raw.value_tell))
+        elif isinstance(raw.value, bytes):
+            present = len(raw.value)
+        else:
+            end = None
+            continue
+        if present != raw.length:
+            raise ValueError(f"element {tag} is truncated: {present} of {raw.length} bytes present")
         end = raw.value_tell + raw.length
     if end is not None and not transfer_syntax.is_deflated and end != data_length:
         raise ValueError(f"the data set ends at byte {end} but {data_length} bytes were received "
                          "(truncated element header or trailing bytes)")
 
 
-def decode_all(dataset: Dataset, ancestors: tuple[Dataset, ...] = ()) -> None:
+def decode_all(dataset: Dataset, ancestors: tuple[Dataset, ...] = (), *, source: Path | None = None) -> None:
     """Convert every element (and sequence item) so malformed values fail here, not in a later stage.
 
     The conversions pydicom applies on access (:func:`convert_raw_data_element`, then the ambiguous-VR
     correction), without storing the converted elements back into *dataset*: storing is half the cost of
     iterating a dataset, and the converted values are not needed (a few identifiers are read afterwards).
     *dataset* comes from :func:`dcmread` (its ``original_character_set`` is the one to decode with).
+
+    *source*: the file *dataset* was read from with ``defer_size``. A deferred value of a bulk binary VR
+    (:data:`BULK_VRS`: pixel data and the like, which conversion leaves as bytes) stays unread; any other
+    deferred value (a long text, a sequence with a defined length) is read from *source* and converted.
     """
     lineage = [dataset, *ancestors]
     encoding = dataset.original_character_set
     for tag in dataset.keys():  # noqa: SIM118 -- iterating a Dataset itself would convert and store every element
-        held = dataset.get_item(tag)
+        held = dataset.get_item(tag, keep_deferred=True)
         if not isinstance(held, RawDataElement):
             element = held
         else:
-            # Specific Character Set itself is read in the default encoding, as Dataset.__getitem__ does
-            element = convert_raw_data_element(
-                held, encoding=default_encoding if tag == SPECIFIC_CHARACTER_SET else encoding, ds=dataset
-            )
-            if element.VR in AMBIGUOUS_VR:
-                element = correct_ambiguous_vr_element(element, dataset, held.is_little_endian, lineage)
+            element = _convert(held, dataset, encoding, lineage)
+            if held.value is None and held.length > 0 and element.VR not in BULK_VRS:
+                if source is None:
+                    raise ValueError(f"element {tag} was deferred but the file it was read from is not known")
+                element = _convert(read_deferred_data_element(open, str(source), None, held), dataset, encoding,
+                                   lineage)
         if element.VR == VR.SQ:
             for child in element.value:
-                decode_all(child, tuple(lineage))
+                decode_all(child, tuple(lineage), source=source)
+
+
+# VRs whose values conversion leaves as they are (bytes): a deferred one need not be read to be checked
+BULK_VRS = frozenset({VR.OB, VR.OD, VR.OF, VR.OL, VR.OV, VR.OW})
+
+
+def _convert(held: RawDataElement, dataset: Dataset, encoding: str | list[str], lineage: list[Dataset]
+             ) -> DataElement:
+    """The element pydicom's access would make of *held*: converted, then its ambiguous VR resolved."""
+    # Specific Character Set itself is read in the default encoding, as Dataset.__getitem__ does
+    element = convert_raw_data_element(
+        held, encoding=default_encoding if held.tag == SPECIFIC_CHARACTER_SET else encoding, ds=dataset
+    )
+    if element.VR in AMBIGUOUS_VR:
+        element = correct_ambiguous_vr_element(element, dataset, held.is_little_endian, lineage)
+    return element

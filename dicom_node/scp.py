@@ -6,7 +6,7 @@ import logging
 import ssl
 
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from core.settings import Settings
@@ -24,7 +24,18 @@ TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, *(ts for ts in ALL_TRANSFER_SYNTAXE
 
 
 def build_ae(settings: Settings) -> AE:
-    """An AE that accepts every storage SOP class pynetdicom knows, in every transfer syntax, and Verification."""
+    """An AE that accepts every storage SOP class pynetdicom knows, in every transfer syntax, and Verification.
+
+    Turns on pynetdicom's chunked receive (a process-global setting)."""
+    # Chunked receive: pynetdicom writes each C-STORE data set to a file as its PDUs arrive (preamble, file meta
+    # built from the request, the data set as received) instead of holding it in memory, so memory per instance
+    # no longer grows with its size (issue 17). This is pynetdicom's documented _config module and a
+    # PROCESS-GLOBAL switch: it applies to every AE in this process that receives a C-STORE, not only this one.
+    # The file goes to tempfile.gettempdir() (pynetdicom has no setting for its directory: set TMPDIR of the
+    # node's process to a disk-backed directory, ideally on the spool's file system, where staging then
+    # hard-links instead of copying); pynetdicom removes it after the C-STORE handler, and
+    # handlers.handle_conn_close removes the partial file of a connection that drops mid-data-set.
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.network_timeout = settings.network_timeout_s
@@ -88,6 +99,7 @@ class DicomNode:
     def start(self) -> tuple[str, int]:
         event_handlers = [
             (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
+            (evt.EVT_CONN_CLOSE, handlers.handle_conn_close),
             (evt.EVT_DATA_SENT, handlers.handle_data_sent),
             (evt.EVT_REQUESTED, handlers.handle_requested, [list(self.settings.allowed_peers)]),
             (evt.EVT_ACCEPTED, handlers.handle_accepted, [self.receiver]),
@@ -113,4 +125,5 @@ class DicomNode:
         server.shutdown()
         for assoc in server.active_associations:
             assoc.abort()
+            handlers.discard_partial_receive(assoc)
         log.info("DICOM node %s stopped", self.settings.ae_title)

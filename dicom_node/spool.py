@@ -3,6 +3,10 @@
 A file is first *staged* (written to ``spool/tmp`` and fsynced), then *placed* (renamed over its final path and
 the directory fsynced). A placement can be rolled back until it is committed, so the caller can make the file and
 its index row appear together or not at all. Paths are built only from UIDs that pass :func:`validate_uid`.
+
+An instance received to a file (pynetdicom's chunked receive, see :func:`dicom_node.scp.build_ae`) is staged by
+a hard link into ``spool/tmp`` when that file lies on the spool's file system (no copy), else by a copy in
+pieces of :data:`PIECE` bytes; either way the staged file is fsynced before it is placed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +24,21 @@ from core.jsonio import fsync_directory
 from core.layout import validate_uid
 
 log = logging.getLogger(__name__)
+
+PIECE = 1024 * 1024  # bytes read at a time when hashing or copying a received file
+
+
+def content_sha256(source: bytes | Path) -> str:
+    """The SHA-256 of *source* (bytes, or a file read in pieces) as hex."""
+    if isinstance(source, Path):
+        with source.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    return hashlib.sha256(source).hexdigest()
+
+
+def content_size(source: bytes | Path) -> int:
+    """The size of *source* in bytes (of the file, for a path)."""
+    return source.stat().st_size if isinstance(source, Path) else len(source)
 
 @dataclass(frozen=True)
 class StagedFile:
@@ -100,19 +120,59 @@ class Spool:
             probe = probe.parent
         return shutil.disk_usage(probe).free
 
-    def stage(self, data: bytes, sha256: str | None = None) -> StagedFile:
-        """Write *data* to a new file in ``spool/tmp`` and fsync it (*sha256*: its digest, if already known)."""
+    def stage(self, source: bytes | Path, sha256: str | None = None) -> StagedFile:
+        """Put *source* (bytes, or the path of a received file) as a new file in ``spool/tmp`` and fsync it
+        (*sha256*: its digest, if already known). A file is hard-linked when it lies on the spool's file system,
+        else copied in pieces; it is left where it is either way (its owner removes it)."""
+        if isinstance(source, Path):
+            return self._stage_file(source, sha256)
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                handle.write(source)
                 handle.flush()
                 os.fsync(handle.fileno())
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
-        digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
-        return StagedFile(path=Path(name), sha256=digest, size=len(data))
+        digest = sha256 if sha256 is not None else hashlib.sha256(source).hexdigest()
+        return StagedFile(path=Path(name), sha256=digest, size=len(source))
+
+    def _stage_file(self, source: Path, sha256: str | None) -> StagedFile:
+        staged = self._link(source) or self._copy(source)
+        try:
+            fd = os.open(staged, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            digest = sha256 if sha256 is not None else content_sha256(staged)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return StagedFile(path=staged, sha256=digest, size=size)
+
+    def _link(self, source: Path) -> Path | None:
+        """A hard link to *source* in ``spool/tmp``, or None when the file systems differ (or links fail)."""
+        target = self.tmp_dir / f"tmp{uuid.uuid4().hex}.part"
+        try:
+            os.link(source, target)
+        except OSError as exc:  # EXDEV (another file system), EPERM/ENOTSUP (no hard links there), ...
+            log.debug("cannot hard-link the received file into %s (%s); copying it", self.tmp_dir, exc)
+            return None
+        return target
+
+    def _copy(self, source: Path) -> Path:
+        """A copy of *source* in ``spool/tmp``, written in pieces of :data:`PIECE` bytes."""
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle, source.open("rb") as original:
+                shutil.copyfileobj(original, handle, PIECE)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return Path(name)
 
     def discard(self, staged: StagedFile) -> None:
         staged.path.unlink(missing_ok=True)
