@@ -63,6 +63,10 @@ def test_rejecting_the_only_box_of_a_sentence_makes_it_text_only_and_undecided(d
     assert impression.status == "grounded" and impression.findings == (1, 2)  # still shown by the right nodules
     assert grounded.finding_status(0) is None and 0 not in grounded.finding_sentences
     assert (grounded.consistency.text_only, grounded.consistency.box_only) == (2, 1)
+    all_rejected = _ground(draft, rejected={0, 1, 2})
+    assert [s.describe() for s in all_rejected.undecided][-2:] == [
+        "FINDINGS sentence 6 ('Mild cardiomegaly.')",
+        "IMPRESSION sentence 1 ('Three left and right pulmonary nodules, the largest 17 mm.')"]
 
 
 def test_removing_sentences_unlinks_their_boxes(draft):
@@ -254,6 +258,11 @@ def test_rejecting_a_box_or_editing_and_removing_sentences_over_http(grounded_we
     assert study["findings"][3]["status"] == "grounded"
     assert study["consistency"] == {"grounded": 4, "text_only": 0, "box_only": 0, "flagged": False,
                                     "undecided": 0}
+    recommendation = study["sentences"][-1]
+    assert (recommendation["section"], recommendation["position"]) == ("impression", 1)
+    assert client.post_json(f"/api/studies/{entry}/sentences/{recommendation['index']}",
+                            {"action": "remove", "expect": recommendation["text"]})[0] == 200
+    assert store.get_study(entry).draft_impression == "Three left and right pulmonary nodules, the largest 17 mm."
     actions = [e.action for e in store.audit_entries(entry)]
     assert "sentence-removed" in actions and "sentence-edited" in actions
 

@@ -447,9 +447,8 @@ class WorklistApp:
             replacement = "" if action == "remove" else " ".join(_text(body, "text").split())
             if action == "edit" and not replacement:
                 raise HTTPError(HTTPStatus.BAD_REQUEST, "text must not be empty: remove the sentence instead")
-            local = sum(s.section == sentence.section for s in grounded.sentences[:number])
             texts = {"findings": study.draft_findings, "impression": study.draft_impression}
-            texts[sentence.section] = replace_sentence(texts[sentence.section], local, replacement)
+            texts[sentence.section] = replace_sentence(texts[sentence.section], sentence.position, replacement)
             if len(texts[sentence.section]) > MAX_TEXT:
                 raise HTTPError(HTTPStatus.BAD_REQUEST, f"{sentence.section} must be at most {MAX_TEXT} characters")
             self.store.save_draft_text(study.id, texts["findings"], texts["impression"], now, claimant=username)
@@ -457,7 +456,7 @@ class WorklistApp:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "action must be 'accept', 'edit' or 'remove'")
         verb = {"accept": "accepted", "edit": "edited", "remove": "removed"}[action]
         self.store.audit(username, f"sentence-{verb}", study.id,
-                         f"{sentence.section} sentence {number + 1} ({sentence.status})", now)
+                         f"{sentence.section} sentence {sentence.position + 1} ({sentence.status})", now)
         return Response.json({"index": number, "action": action})
 
     def api_report(self, request: Request) -> Response:
@@ -588,6 +587,7 @@ def _sentence_json(sentence: GroundedSentence) -> dict[str, Any]:
     return {"index": sentence.index, "section": sentence.section, "text": sentence.text,
             "polarity": sentence.polarity, "labels": list(sentence.labels), "laterality": sentence.laterality,
             "site": sentence.site, "findings": list(sentence.findings), "status": sentence.status,
+            "position": sentence.position,
             "origin": sentence.origin, "accepted": sentence.accepted, "needs_decision": sentence.needs_decision}
 
 

@@ -64,6 +64,8 @@ class GroundedSentence:
     status: Literal["grounded", "text_only", "statement"]
     origin: Literal["ai", "radiologist"]
     accepted: bool  # the radiologist accepted it as stated
+    position: int = 0  # 0-based place in its section
+
 
     @property
     def needs_decision(self) -> bool:
@@ -72,7 +74,7 @@ class GroundedSentence:
 
     def describe(self) -> str:
         """How an error message names the sentence (clinical text, no patient identifier)."""
-        return f"{self.section.upper()} sentence {self.index + 1} ({self.text!r})"
+        return f"{self.section.upper()} sentence {self.position + 1} ({self.text!r})"
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,8 @@ def ground_draft(ai_report: DraftReport, ai_findings: Sequence[Finding], finding
         sentences.append(GroundedSentence(
             index=number, section=read.section, text=read.text, polarity=source.polarity,
             labels=tuple(source.labels), laterality=source.laterality, site=source.site, findings=links,
-            status=status, origin="ai" if original is not None else "radiologist", accepted=key in accepted))
+            status=status, origin="ai" if original is not None else "radiologist", accepted=key in accepted,
+            position=sum(s.section == read.section for s in sentences)))
     return GroundedDraft(sentences, backlinks, rejected)
 
 
