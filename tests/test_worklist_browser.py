@@ -240,6 +240,8 @@ def test_grounded_draft_sentences_boxes_and_decisions_in_chromium(grounded_serve
             page.fill("input[name=password]", "radium-226")
             page.click("button[type=submit]")
             expect(page).to_have_url(server.url + "/")
+            expect(page.locator("#worklist tbody tr").get_by_test_id("ai-disagreement")).to_have_text(
+                "AI text/boxes disagree")
             page.goto(f"{server.url}/studies/{entry}")
             sentences = page.locator("#sentences .sentence")
             expect(sentences).to_have_count(8)

@@ -201,6 +201,8 @@ def _document(client: Client, entry: int) -> dict:
 
 def test_signing_over_http_waits_for_a_decision_on_each_statement_without_image_evidence(grounded_web):
     client, store, entry = grounded_web
+    (row,) = json.loads(client.request("GET", "/api/studies")[1])["studies"]
+    assert row["ai_disagreement"] == {"text_only": 1, "box_only": 1}  # the worklist row says so too
     study = _document(client, entry)
     assert study["grounded"] and study["consistency"] == {"grounded": 4, "text_only": 1, "box_only": 1,
                                                           "flagged": True, "undecided": 1}
@@ -269,6 +271,7 @@ def test_rejecting_a_box_or_editing_and_removing_sentences_over_http(grounded_we
 
 def test_a_draft_written_before_grounding_has_no_sentences_to_review(web_old):
     client, entry = web_old
+    assert json.loads(client.request("GET", "/api/studies")[1])["studies"][0]["ai_disagreement"] is None
     study = _document(client, entry)
     assert (study["grounded"], study["sentences"], study["consistency"]) == (False, [], None)
     assert [f["status"] for f in study["findings"]] == [None, None, None]

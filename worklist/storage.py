@@ -144,6 +144,10 @@ studies = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # the radiologist reading an entry in review: only they edit and sign it until another one takes it over
     Column("claimed_by", String(64), nullable=True),
+    # how far the AI draft's text and boxes disagree (AnalysisResult.consistency): statements without image
+    # evidence and boxes not in the text; NULL for a draft written before grounding (or no draft)
+    Column("ai_text_only", Integer, nullable=True),
+    Column("ai_box_only", Integer, nullable=True),
     UniqueConstraint("study_uid", "episode_id", name="uq_worklist_study_episode"),
 )
 
@@ -289,6 +293,8 @@ class Study:
     received_at: datetime
     updated_at: datetime
     claimed_by: str | None = None
+    ai_text_only: int | None = None  # the AI draft's statements without image evidence (None: not grounded)
+    ai_box_only: int | None = None  # the AI draft's boxes no sentence states
 
     @property
     def claimant(self) -> str | None:
@@ -300,7 +306,9 @@ class Study:
         return {"id": self.id, "state": self.state.value, "modality": self.modality, "accession": self.accession,
                 "description": self.description, "age_years": self.age_years, "priority": self.priority.value,
                 "received_at": self.received_at.isoformat(), "updated_at": self.updated_at.isoformat(),
-                "error": self.error, "claimed_by": self.claimant}
+                "error": self.error, "claimed_by": self.claimant,
+                "ai_disagreement": None if self.ai_text_only is None else {
+                    "text_only": self.ai_text_only, "box_only": self.ai_box_only or 0}}
 
 
 @dataclass(frozen=True)
@@ -523,13 +531,15 @@ class Store:
 
     def upsert_study(self, *, study_uid: str, episode_id: int, manifest_path: str, result_path: str | None,
                      state: StudyState, modality: str, accession: str, description: str, age_years: int | None,
-                     priority: Priority, draft_findings: str, draft_impression: str, error: str, now: datetime
-                     ) -> tuple[int, bool]:
-        """Insert the entry of a study episode, or refresh it while unsigned; (id, True if it changed)."""
+                     priority: Priority, draft_findings: str, draft_impression: str, error: str, now: datetime,
+                     ai_text_only: int | None = None, ai_box_only: int | None = None) -> tuple[int, bool]:
+        """Insert the entry of a study episode, or refresh it while unsigned; (id, True if it changed).
+        *ai_text_only*, *ai_box_only*: the draft's consistency counts (None: a draft written before grounding)."""
         values = dict(manifest_path=manifest_path, result_path=result_path, state=state.value, modality=modality,
                       accession=accession, description=description, age_years=age_years, priority=priority.value,
                       priority_rank=PRIORITY_RANK[priority], draft_findings=draft_findings,
-                      draft_impression=draft_impression, error=error, updated_at=now)
+                      draft_impression=draft_impression, error=error, updated_at=now, ai_text_only=ai_text_only,
+                      ai_box_only=ai_box_only)
         with self._tx() as conn:
             row = conn.execute(select(studies.c.id, studies.c.state, studies.c.manifest_path,
                                       studies.c.result_path).where(
@@ -869,5 +879,6 @@ def _study(row: Any) -> Study:
         accession=row["accession"], description=row["description"], age_years=row["age_years"],
         priority=Priority(row["priority"]), draft_findings=row["draft_findings"],
         draft_impression=row["draft_impression"], error=row["error"], received_at=_utc(row["received_at"]),
-        updated_at=_utc(row["updated_at"]), claimed_by=row["claimed_by"],
+        updated_at=_utc(row["updated_at"]), claimed_by=row["claimed_by"], ai_text_only=row["ai_text_only"],
+        ai_box_only=row["ai_box_only"],
     )
