@@ -9,6 +9,7 @@ from it) and a real MLLP listener (the ORU with OBR-25 = F). Screenshots of both
 from __future__ import annotations
 
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,17 +18,21 @@ import pytest
 from mllp_listener import MLLPListener
 from peers import wait_for
 from playwright.sync_api import expect, sync_playwright
-from worklist_helpers import ONE_FINDING_CR, orthanc_instance, settings_for, write_draft
+from worklist_helpers import ONE_FINDING_CR, THREE_NODULES_CT, orthanc_instance, settings_for, write_draft
 
 import worklist.tasks  # noqa: F401 - registers the signed-delivery tasks with the worker
+from core.result import AnalysisResult, Finding
 from model.embedded import load_model
 from workers.celery_app import IO_QUEUE, configure
 from workers.inprocess import InProcessWorker
 from worklist import auth
 from worklist.answerer import MiniGPTAnswerer
+from worklist.app import WorklistApp
+from worklist.bridge import Bridge
+from worklist.server import RunningServer
 from worklist.service import WorklistService
 from worklist.signing import SignedReport
-from worklist.storage import DeliveryState
+from worklist.storage import DeliveryState, Store
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -197,3 +202,111 @@ def test_review_edit_and_sign_in_chromium(served, orthanc, screenshots):
     for action in ("view", "finding-rejected", "finding-accepted", "correct", "edit-report", "sign",
                    "delivered-dicom", "delivered-hl7"):
         assert action in actions
+
+
+# a statement no box shows, written as HTML: the page must show it as text and run nothing
+HOSTILE_STATEMENT = 'Mild cardiomegaly <img src=x onerror="window.pwned=1">.'
+
+
+@pytest.fixture
+def grounded_served(tmp_path):
+    """A worklist (no model, no destination) with a grounded CT draft: three nodules on two of four sections,
+    a text-only statement and a box-only left pneumothorax on the first section."""
+    settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'worklist.sqlite'}")
+    store = Store.from_settings(settings)
+    try:
+        store.add_user("curie", "radiologist", auth.hash_password("radium-226"), full_name="Curie^Marie",
+                       organization="Institut du Radium", now=datetime.now(UTC))
+        bridge = Bridge(settings, store)
+        draft = write_draft(settings, THREE_NODULES_CT, modality="CT", accession="ACC-CT", grounded=True,
+                            extra_text=HOSTILE_STATEMENT,
+                            extra_boxes=(Finding(label="pneumothorax", sop_instance_uid="", laterality="left",
+                                                 box=(10.0, 10.0, 40.0, 40.0)),))
+        entry = bridge.register_draft(draft.manifest_path, draft.result_path)
+        with RunningServer(WorklistApp(bridge)) as server:
+            yield server, store, entry
+    finally:
+        store.close()
+
+
+def test_grounded_draft_sentences_boxes_and_decisions_in_chromium(grounded_served, screenshots):
+    server, store, entry = grounded_served
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(server.url + "/login")
+            page.fill("input[name=username]", "curie")
+            page.fill("input[name=password]", "radium-226")
+            page.click("button[type=submit]")
+            expect(page).to_have_url(server.url + "/")
+            expect(page.locator("#worklist tbody tr").get_by_test_id("ai-disagreement")).to_have_text(
+                "AI text/boxes disagree")
+            page.goto(f"{server.url}/studies/{entry}")
+            sentences = page.locator("#sentences .sentence")
+            expect(sentences).to_have_count(8)
+            doc = page.request.get(f"{server.url}/api/studies/{entry}").json()
+            image_of = [f["image"] for f in doc["findings"]]
+            # the nodules on two sections, neither the first one shown
+            assert image_of[0] == image_of[2] != image_of[1] == image_of[3] and 0 not in image_of
+            banner = page.get_by_test_id("grounding-banner")
+            expect(banner).to_have_text("AI text and boxes disagree: 1 statement(s) without image evidence, 1 box(es) "
+                                        "not in the text · 1 statement(s) to accept, edit or remove before signing")
+            hostile = sentences.nth(5)
+            expect(hostile).to_have_text(HOSTILE_STATEMENT)  # shown as text ...
+            expect(hostile).to_have_class(re.compile(r"\btext_only\b"))
+            assert page.evaluate("window.pwned") is None  # ... and nothing of it ran
+            expect(page.locator("#sentences img")).to_have_count(0)
+            expect(page.get_by_test_id("not-localized")).to_have_count(1)
+            expect(page.locator("#sentences [data-testid=not-localized]")).to_have_text(["not localized by the AI"])
+            expect(page.get_by_test_id("box-only")).to_have_text(["localized, not in the text"])
+            expect(page.locator("#findings li").nth(3).get_by_test_id("box-only")).to_have_count(1)
+
+            # a sentence shows its box, on its section
+            expect(page.locator("#image-select")).to_have_value("0")
+            sentences.nth(0).click()
+            expect(page.locator("#image-select")).to_have_value(str(image_of[0]))
+            expect(page.locator('#overlay g.box[data-index="0"]')).to_have_class(re.compile(r"\bselected\b"))
+            expect(page.locator('#overlay g.box[data-index="2"]')).not_to_have_class(re.compile(r"\bselected\b"))
+            expect(sentences.nth(0)).to_have_class(re.compile(r"\bselected\b"))
+            # a box shows its sentences: the right nodule is stated twice in FINDINGS and once in IMPRESSION
+            page.locator('#overlay g.box[data-index="2"] rect').click()
+            selected = page.locator("#sentences .sentence.selected")
+            expect(selected).to_have_count(3)
+            assert [int(i) for i in selected.evaluate_all("els => els.map(e => e.dataset.index)")] == [1, 2, 6]
+            expect(page.locator('#overlay g.box[data-index="2"]')).to_have_class(re.compile(r"\bselected\b"))
+            page.screenshot(path=str(screenshots / "study_grounded.png"), full_page=True)
+
+            # rejecting the left nodule's only box leaves its sentence without image evidence: a decision more
+            findings = page.locator("#findings li")
+            findings.nth(0).get_by_role("button", name="Reject").click()
+            decisions = page.get_by_test_id("sentence-decision")
+            expect(decisions).to_have_count(2)
+            expect(sentences.nth(0)).to_have_class(re.compile(r"\btext_only\b"))
+            for index in (1, 2, 3):
+                findings.nth(index).get_by_role("button", name="Accept").click()
+                expect(findings.nth(index)).to_have_class(re.compile(r"\baccepted\b"))
+            page.click("#sign")
+            expect(page.locator("#sign-status")).to_contain_text(
+                "Not signed: 2 AI statement(s) without image evidence still need a decision: FINDINGS sentence 1 ")
+            decisions.nth(0).get_by_role("button", name="Remove").click()
+            expect(decisions).to_have_count(1)
+            expect(sentences).to_have_count(7)
+            expect(page.locator("#report-findings")).not_to_have_value(re.compile("left upper lobe"))
+            decisions.nth(0).get_by_role("button", name="Accept as stated").click()
+            expect(decisions.nth(0)).to_contain_text("accepted as stated")
+            expect(banner).not_to_contain_text("before signing")
+            page.click("#sign")
+            expect(page.locator("#sign-status")).to_have_text("Signed version 1 (F)")
+            expect(page.locator("#state-badge")).to_have_text("signed")
+            assert page.evaluate("window.pwned") is None
+        finally:
+            browser.close()
+
+    signed = AnalysisResult.read(Path(store.versions(entry)[0].output_dir) / "result_final.json")
+    assert [f.label for f in signed.findings] == ["nodule", "nodule", "pneumothorax"]
+    assert [s.text for s in signed.report.sentences if s.status == "text_only"] == [HOSTILE_STATEMENT]
+    assert not any("left upper lobe" in s.text for s in signed.report.sentences)
+    assert (signed.consistency.grounded, signed.consistency.text_only, signed.consistency.box_only) == (3, 1, 1)
+    actions = [e.action for e in store.audit_entries(entry)]
+    assert "sentence-removed" in actions and "sentence-accepted" in actions

@@ -27,6 +27,7 @@ from peers import Orthanc
 from core.result import AnalysisResult, DraftReport, Finding, ModelIdentity
 from core.settings import Settings, load_settings
 from dicom_node.index import InstanceRecord
+from model.grounding import link
 from model.phantoms import PhantomStudy, generate_study, study_rng
 from workers.prepare import build_manifest
 from worklist.server import RunningServer
@@ -35,6 +36,8 @@ POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # (seed, index) of a CR phantom with three findings: left nodule, left consolidation, right nodule
 THREE_FINDINGS_CR = (5, 4)
 ONE_FINDING_CR = (5, 5)
+# (seed, index) of a CT phantom of four sections with three nodules: left (section 2), right (sections 1 and 2)
+THREE_NODULES_CT = (5, 4)
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,13 @@ def orthanc_instance(orthanc: Orthanc, sop_instance_uid: str) -> pydicom.Dataset
 
 
 def write_draft(settings: Settings, which: tuple[int, int] = THREE_FINDINGS_CR, episode_id: int = 1,
-                accession: str | None = None) -> DraftOnDisk:
-    """A phantom CR study in ``settings.spool_dir``, its manifest (workers.prepare) and a preliminary result
-    whose findings and report are the phantom's ground truth (what a perfect model would have drafted)."""
-    phantom = generate_study(study_rng(*which), "CR")
+                accession: str | None = None, *, modality: str = "CR", grounded: bool = False,
+                extra_text: str = "", extra_boxes: tuple[Finding, ...] = ()) -> DraftOnDisk:
+    """A phantom study (CR unless *modality*) in ``settings.spool_dir``, its manifest (workers.prepare) and a
+    preliminary result whose findings and report are the phantom's ground truth (what a perfect model would have
+    drafted). *grounded*: the draft is linked (model.grounding.link) as a grounded draft is, after *extra_text*
+    is appended to FINDINGS and *extra_boxes* (``sop_instance_uid`` "" means the first image) to the findings."""
+    phantom = generate_study(study_rng(*which), modality)
     records = []
     for ds in phantom.datasets:
         if accession is not None:
@@ -84,15 +90,22 @@ def write_draft(settings: Settings, which: tuple[int, int] = THREE_FINDINGS_CR, 
     manifest_path = work / "manifest.json"
     manifest.write(manifest_path)
     findings_text, impression_text = phantom.report.split("IMPRESSION:")
+    report = DraftReport(findings=" ".join(filter(None, (findings_text.replace("FINDINGS:", "").strip(),
+                                                         extra_text))),
+                         impression=impression_text.strip())
+    findings = [Finding(label=f.label, sop_instance_uid=f.sop_instance_uid, box=tuple(map(float, f.box)),
+                        laterality=f.laterality, site=f.site) for f in phantom.findings]
+    first_image = str(phantom.datasets[0].SOPInstanceUID)
+    findings += [b.model_copy(update={"sop_instance_uid": b.sop_instance_uid or first_image}) for b in extra_boxes]
+    consistency = None
+    if grounded:
+        report, findings, consistency = link(report, findings)
     result = AnalysisResult(
         study_instance_uid=phantom.study_uid, episode_id=episode_id,
         model=ModelIdentity(name="raddraft-small", version="0.1.0-test"),
-        report=DraftReport(findings=findings_text.replace("FINDINGS:", "").strip(),
-                           impression=impression_text.strip()),
-        findings=[Finding(label=f.label, sop_instance_uid=f.sop_instance_uid, box=tuple(map(float, f.box)),
-                          laterality=f.laterality, site=f.site) for f in phantom.findings],
+        report=report, findings=findings,
         analysed_instances=[str(ds.SOPInstanceUID) for ds in phantom.datasets],
-        created_at=datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
+        created_at=datetime(2024, 5, 1, 12, 0, tzinfo=UTC), consistency=consistency,
     )
     result_path = work / "result.json"
     result.write(result_path)

@@ -25,6 +25,7 @@ from reporting.outputs import episode_problems
 from worklist import auth
 from worklist.bridge import Bridge, ModelUnavailableError
 from worklist.correction import apply_correction
+from worklist.grounding import GroundedDraft, GroundedSentence, ground_draft, is_grounded, normalized, replace_sentence
 from worklist.render import PngCache
 from worklist.signing import SignConflictError, SignError
 from worklist.storage import Decision, SessionInfo, Study, StudyClaimedError, StudyNotFoundError, StudyState
@@ -88,6 +89,7 @@ class WorklistApp:
             ("GET", "/studies/{study_id}", self.study_page), ("GET", "/api/studies/{study_id}", self.api_study),
             ("GET", "/studies/{study_id}/images/{image_id}.png", self.image_png),
             ("POST", "/api/studies/{study_id}/findings/{finding_id}", self.api_finding),
+            ("POST", "/api/studies/{study_id}/sentences/{sentence_id}", self.api_sentence),
             ("POST", "/api/studies/{study_id}/report", self.api_report),
             ("POST", "/api/studies/{study_id}/correct", self.api_correct),
             ("POST", "/api/studies/{study_id}/ask", self.api_ask),
@@ -279,6 +281,7 @@ class WorklistApp:
         images = self._images(study)
         image_index = {(img.sop_instance_uid, img.frame_number): n for n, img in enumerate(images)}
         reviews = self.store.finding_reviews(study.id)
+        grounded = self._grounded(study, result)
         findings = []
         for index, finding in enumerate(result.findings if result else []):
             review = reviews.get(index)
@@ -288,6 +291,9 @@ class WorklistApp:
                 "box": list(finding.box), "laterality": finding.laterality, "site": finding.site,
                 "description": finding.description,
                 "image": image_index.get((finding.sop_instance_uid, finding.frame_number)),
+                "source": finding.source,
+                "status": grounded.finding_status(index) if grounded else None,
+                "sentences": grounded.finding_sentences.get(index, []) if grounded else [],
             })
         info = manifest.study
         versions = self.store.versions(study.id)
@@ -305,6 +311,9 @@ class WorklistApp:
                         "birth_date": info.patient_birth_date},
             "study_date": info.study_date,
             "report": {"findings": study.draft_findings, "impression": study.draft_impression},
+            "grounded": grounded is not None,
+            "sentences": [_sentence_json(s) for s in grounded.sentences] if grounded else [],
+            "consistency": _consistency_json(grounded) if grounded else None,
             "findings": findings,
             "images": [{"index": n, "rows": img.rows, "columns": img.columns, "frame_number": img.frame_number,
                         "url": f"/studies/{study.id}/images/{n}.png"} for n, img in enumerate(images)],
@@ -321,6 +330,17 @@ class WorklistApp:
             "can_ask": self.bridge.model is not None and study.result_path is not None and radiologist,
             "preliminary": study.state is not StudyState.SIGNED,
         }
+
+    def _grounded(self, study: Study, result: AnalysisResult | None) -> GroundedDraft | None:
+        """The current draft's sentences linked to its findings; None for a draft written before grounding."""
+        if result is None or not is_grounded(result.report):
+            return None
+        reviews = self.store.finding_reviews(study.id)
+        accepted = {key for key, decision in self.store.sentence_reviews(study.id).items()
+                    if decision is Decision.ACCEPTED}
+        return ground_draft(result.report, result.findings, study.draft_findings, study.draft_impression,
+                            rejected={i for i, r in reviews.items() if r.decision is Decision.REJECTED},
+                            labels={i: r.label for i, r in reviews.items()}, accepted=accepted)
 
     def _images(self, study: Study) -> list[ImageRef]:
         """The images a reader needs: every image with a finding or analysed by the model, in manifest order."""
@@ -397,6 +417,47 @@ class WorklistApp:
         self.store.audit(session.user.username, f"finding-{decision.value}", study.id,
                          f"finding {index + 1}{relabel}", self._now())
         return Response.json({"index": index, "decision": decision.value, "label": label})
+
+    def api_sentence(self, request: Request) -> Response:
+        """Decide on one sentence of a grounded draft: ``accept`` it as stated, ``edit`` it (``text``: the new
+        wording) or ``remove`` it. ``expect``: the sentence as the page showed it (a changed draft is refused)."""
+        session, study, body = self._editable_study(request)
+        number = int(request.params["sentence_id"])
+        result = AnalysisResult.read(Path(study.result_path)) if study.result_path else None
+        grounded = self._grounded(study, result)
+        if grounded is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"entry {study.id} has no grounded draft: its sentences are not "
+                                                  "reviewed one by one")
+        if not 0 <= number < len(grounded.sentences):
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"sentence {number + 1} does not exist for entry {study.id}")
+        sentence = grounded.sentences[number]
+        expected = body.get("expect")
+        if not isinstance(expected, str) or normalized(expected) != normalized(sentence.text):
+            raise HTTPError(HTTPStatus.CONFLICT, f"sentence {number + 1} of entry {study.id} is no longer the one "
+                                                 "shown (the draft changed): reload the page")
+        action = body.get("action")
+        username, now = session.user.username, self._now()
+        if action == "accept":
+            if sentence.status != "text_only":
+                raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, f"sentence {number + 1} is {sentence.status}: only a "
+                                "statement without image evidence (text_only) is accepted as stated")
+            self.store.set_sentence_review(study.id, sentence.section, sentence.text, Decision.ACCEPTED,
+                                           username=username, now=now, claimant=username)
+        elif action in ("edit", "remove"):
+            replacement = "" if action == "remove" else " ".join(_text(body, "text").split())
+            if action == "edit" and not replacement:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "text must not be empty: remove the sentence instead")
+            texts = {"findings": study.draft_findings, "impression": study.draft_impression}
+            texts[sentence.section] = replace_sentence(texts[sentence.section], sentence.position, replacement)
+            if len(texts[sentence.section]) > MAX_TEXT:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, f"{sentence.section} must be at most {MAX_TEXT} characters")
+            self.store.save_draft_text(study.id, texts["findings"], texts["impression"], now, claimant=username)
+        else:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "action must be 'accept', 'edit' or 'remove'")
+        verb = {"accept": "accepted", "edit": "edited", "remove": "removed"}[action]
+        self.store.audit(username, f"sentence-{verb}", study.id,
+                         f"{sentence.section} sentence {sentence.position + 1} ({sentence.status})", now)
+        return Response.json({"index": number, "action": action})
 
     def api_report(self, request: Request) -> Response:
         session, study, body = self._editable_study(request)
@@ -520,3 +581,17 @@ def _text(body: dict[str, Any], key: str) -> str:
     if len(value) > MAX_TEXT:
         raise HTTPError(HTTPStatus.BAD_REQUEST, f"{key} must be at most {MAX_TEXT} characters")
     return value.replace("\r\n", "\n").strip()
+
+
+def _sentence_json(sentence: GroundedSentence) -> dict[str, Any]:
+    return {"index": sentence.index, "section": sentence.section, "text": sentence.text,
+            "polarity": sentence.polarity, "labels": list(sentence.labels), "laterality": sentence.laterality,
+            "site": sentence.site, "findings": list(sentence.findings), "status": sentence.status,
+            "position": sentence.position,
+            "origin": sentence.origin, "accepted": sentence.accepted, "needs_decision": sentence.needs_decision}
+
+
+def _consistency_json(grounded: GroundedDraft) -> dict[str, Any]:
+    counts = grounded.consistency
+    return {"grounded": counts.grounded, "text_only": counts.text_only, "box_only": counts.box_only,
+            "flagged": counts.flagged, "undecided": len(grounded.undecided)}

@@ -25,7 +25,7 @@ import numpy as np
 from pydicom import dcmread
 
 from core.manifest import StudyInfo, StudyManifest
-from core.result import AnalysisResult
+from core.result import AnalysisResult, Consistency
 from core.settings import Settings
 from model.imaging import prepare_image
 from model.prompts import parse_grounded, refer_instruction, vqa_instruction
@@ -103,7 +103,8 @@ class Bridge:
             raise ValueError(f"result {result_path} has status {result.status!r}; a draft must be 'preliminary'")
         entry_id, changed = self._upsert(manifest, manifest_path, result_path, state=StudyState.DRAFT_READY,
                                          priority=priority, findings=result.report.findings,
-                                         impression=result.report.impression, error="")
+                                         impression=result.report.impression, error="",
+                                         consistency=result.consistency)
         if changed:
             self.store.audit("pipeline", "draft-registered", entry_id, f"episode {manifest.episode_id}, "
                              f"{len(result.findings)} finding(s)", self.clock())
@@ -120,7 +121,8 @@ class Bridge:
         return entry_id
 
     def _upsert(self, manifest: StudyManifest, manifest_path: Path, result_path: Path | None, *, state: StudyState,
-                priority: Priority, findings: str, impression: str, error: str) -> tuple[int, bool]:
+                priority: Priority, findings: str, impression: str, error: str,
+                consistency: Consistency | None = None) -> tuple[int, bool]:
         info = manifest.study
         return self.store.upsert_study(
             study_uid=manifest.study_instance_uid, episode_id=manifest.episode_id,
@@ -128,7 +130,9 @@ class Bridge:
             result_path=str(result_path.resolve()) if result_path else None, state=state,
             modality="/".join(manifest.modalities), accession=info.accession_number, description=info.study_description,
             age_years=age_in_years(info), priority=Priority(priority), draft_findings=findings,
-            draft_impression=impression, error=error, now=self.clock())
+            draft_impression=impression, error=error, now=self.clock(),
+            ai_text_only=consistency.text_only if consistency else None,
+            ai_box_only=consistency.box_only if consistency else None)
 
     # ------------------------------------------------------------------ questions to the model
 

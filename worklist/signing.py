@@ -1,6 +1,8 @@
 """Signing a reviewed draft: the final SR, narrative, GSPS and ORU, written to the outbox, and the signed version.
 
-The final result holds the radiologist's text and only the accepted findings (with edited labels). The first
+The final result holds the radiologist's text and only the accepted findings (with edited labels); for a
+grounded draft also the sentences of that text linked to those findings (worklist/grounding.py), which the SR
+and the ORU are built from. The first
 signature writes the final set of ``reporting/outbox.py`` beside the draft (``sr_final.dcm`` …, ORU with
 OBR-25 = F). An amendment of a signed report writes a complete new final set to
 ``<episode folder>/amendment_<n>/`` with new SOP Instance UIDs, each SR naming the previous signed version as
@@ -24,7 +26,7 @@ from pydicom.uid import UID
 from core.jsonio import write_atomic
 from core.layout import episode_dir
 from core.manifest import StudyManifest
-from core.result import AnalysisResult, DraftReport
+from core.result import AnalysisResult, DraftReport, Finding
 from core.settings import Settings
 from reporting.context import Signoff
 from reporting.hl7_oru import (
@@ -36,6 +38,7 @@ from reporting.hl7_oru import (
     new_control_id,
 )
 from reporting.outbox import OutboxEntry, OutputProblem, dicom_bytes, read_sources, write_outbox
+from worklist.grounding import final_structure, ground_draft, is_grounded
 from worklist.storage import Decision, ReportVersion, Store, Study, StudyState, User
 
 logger = logging.getLogger(__name__)
@@ -74,21 +77,46 @@ class SignedReport:
         return [entry.path for entry in self.files if entry.kind in ("sr", "narrative", "gsps")]
 
 
-def final_result(draft: AnalysisResult, study: Study, reviews: dict[int, tuple[Decision, str]]) -> AnalysisResult:
-    """The signed result: the edited text and the accepted findings (relabelled), status final."""
-    kept = []
+def final_result(draft: AnalysisResult, study: Study, reviews: dict[int, tuple[Decision, str]],
+                 sentence_reviews: dict[tuple[str, str], Decision] | None = None) -> AnalysisResult:
+    """The signed result: the edited text and the accepted findings (relabelled), status final.
+
+    A grounded draft (``draft.report.sentences``) also carries the radiologist's version of its structure: the
+    sentences of the edited text linked to the accepted findings (worklist/grounding.py), and its consistency;
+    an AI statement without image evidence that was neither accepted (*sentence_reviews*), edited nor removed
+    refuses the signature, like a pending finding. A draft written before grounding is signed as before."""
+    kept: list[Finding] = []
+    kept_indices: list[int] = []
+    labels: dict[int, str] = {}
     for index, finding in enumerate(draft.findings):
         decision, label = reviews.get(index, (Decision.PENDING, finding.label))
+        labels[index] = label
         if decision is Decision.PENDING:
             raise SignError(f"finding {index + 1} ({finding.label!r}) is still pending: accept or reject every "
                             "finding before signing")
         if decision is Decision.ACCEPTED:
             kept.append(finding.model_copy(update={"label": label}) if label != finding.label else finding)
+            kept_indices.append(index)
     findings_text, impression_text = study.draft_findings.strip(), study.draft_impression.strip()
     if not findings_text and not impression_text:
         raise SignError("the report has neither FINDINGS nor IMPRESSION text: write the report before signing")
-    return draft.model_copy(update={"report": DraftReport(findings=findings_text, impression=impression_text),
-                                    "findings": kept, "status": "final"})
+    report = DraftReport(findings=findings_text, impression=impression_text)
+    if not is_grounded(draft.report):
+        return draft.model_copy(update={"report": report, "findings": kept, "status": "final"})
+    accepted = {key for key, decision in (sentence_reviews or {}).items() if decision is Decision.ACCEPTED}
+    grounded = ground_draft(draft.report, draft.findings, findings_text, impression_text,
+                            rejected={i for i in range(len(draft.findings)) if i not in kept_indices},
+                            labels=labels, accepted=accepted)
+    undecided = grounded.undecided
+    if undecided:
+        raise SignError(f"{len(undecided)} AI statement(s) without image evidence still need a decision: "
+                        + "; ".join(s.describe() for s in undecided)
+                        + ": accept each as stated, edit it or remove it before signing")
+    sentences, linked, consistency = final_structure(grounded, kept, kept_indices)
+    final = draft.model_copy(update={"report": report.model_copy(update={"sentences": sentences}),
+                                     "findings": linked, "status": "final", "consistency": consistency})
+    # model_copy does not validate: the links must check both ways for readers of result_final.json
+    return AnalysisResult.model_validate_json(final.model_dump_json())
 
 
 def sign_study(store: Store, settings: Settings, study_id: int, user: User, now: datetime) -> SignedReport:
@@ -104,7 +132,7 @@ def sign_study(store: Store, settings: Settings, study_id: int, user: User, now:
     manifest = StudyManifest.read(Path(study.manifest_path))
     draft = AnalysisResult.read(Path(study.result_path))
     reviews = {i: (r.decision, r.label) for i, r in store.finding_reviews(study_id).items()}
-    result = final_result(draft, study, reviews)
+    result = final_result(draft, study, reviews, store.sentence_reviews(study_id))
     previous = store.versions(study_id)
     version = len(previous) + 1
     status = ResultStatus.FINAL if version == 1 else ResultStatus.CORRECTED

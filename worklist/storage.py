@@ -1,5 +1,5 @@
-"""The worklist database: users, sessions, studies, finding decisions, signed report versions, their deliveries
-and the audit log.
+"""The worklist database: users, sessions, studies, finding and sentence decisions, signed report versions, their
+deliveries and the audit log.
 
 SQLAlchemy Core on SQLite (default: ``<home>/worklist.sqlite``, WAL) or PostgreSQL (``RADDRAFT_DATABASE_URL``
 ``postgresql://…``, driven by psycopg 3). A signed report version is insert-only: a database trigger refuses
@@ -48,6 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateColumn
 
 from core.settings import Settings
+from worklist.grounding import normalized, sentence_digest
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,10 @@ studies = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # the radiologist reading an entry in review: only they edit and sign it until another one takes it over
     Column("claimed_by", String(64), nullable=True),
+    # how far the AI draft's text and boxes disagree (AnalysisResult.consistency): statements without image
+    # evidence and boxes not in the text; NULL for a draft written before grounding (or no draft)
+    Column("ai_text_only", Integer, nullable=True),
+    Column("ai_box_only", Integer, nullable=True),
     UniqueConstraint("study_uid", "episode_id", name="uq_worklist_study_episode"),
 )
 
@@ -152,6 +157,19 @@ finding_reviews = Table(
     Column("finding_index", Integer, primary_key=True),
     Column("decision", String(16), nullable=False),
     Column("label", String(128), nullable=False),
+    Column("updated_by", String(64), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# the radiologist's decision on one sentence of the draft, by its section and wording (a changed sentence is a
+# new one): "accepted" as stated (worklist/grounding.py: an AI statement without image evidence needs one)
+sentence_reviews = Table(
+    "worklist_sentence_reviews", metadata,
+    Column("study_id", Integer, ForeignKey("worklist_studies.id"), primary_key=True),
+    Column("section", String(16), primary_key=True),
+    Column("digest", String(64), primary_key=True),  # sha256 of section and normalized text
+    Column("text", Text, nullable=False),
+    Column("decision", String(16), nullable=False),
     Column("updated_by", String(64), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
@@ -275,6 +293,8 @@ class Study:
     received_at: datetime
     updated_at: datetime
     claimed_by: str | None = None
+    ai_text_only: int | None = None  # the AI draft's statements without image evidence (None: not grounded)
+    ai_box_only: int | None = None  # the AI draft's boxes no sentence states
 
     @property
     def claimant(self) -> str | None:
@@ -286,7 +306,9 @@ class Study:
         return {"id": self.id, "state": self.state.value, "modality": self.modality, "accession": self.accession,
                 "description": self.description, "age_years": self.age_years, "priority": self.priority.value,
                 "received_at": self.received_at.isoformat(), "updated_at": self.updated_at.isoformat(),
-                "error": self.error, "claimed_by": self.claimant}
+                "error": self.error, "claimed_by": self.claimant,
+                "ai_disagreement": None if self.ai_text_only is None else {
+                    "text_only": self.ai_text_only, "box_only": self.ai_box_only or 0}}
 
 
 @dataclass(frozen=True)
@@ -509,13 +531,15 @@ class Store:
 
     def upsert_study(self, *, study_uid: str, episode_id: int, manifest_path: str, result_path: str | None,
                      state: StudyState, modality: str, accession: str, description: str, age_years: int | None,
-                     priority: Priority, draft_findings: str, draft_impression: str, error: str, now: datetime
-                     ) -> tuple[int, bool]:
-        """Insert the entry of a study episode, or refresh it while unsigned; (id, True if it changed)."""
+                     priority: Priority, draft_findings: str, draft_impression: str, error: str, now: datetime,
+                     ai_text_only: int | None = None, ai_box_only: int | None = None) -> tuple[int, bool]:
+        """Insert the entry of a study episode, or refresh it while unsigned; (id, True if it changed).
+        *ai_text_only*, *ai_box_only*: the draft's consistency counts (None: a draft written before grounding)."""
         values = dict(manifest_path=manifest_path, result_path=result_path, state=state.value, modality=modality,
                       accession=accession, description=description, age_years=age_years, priority=priority.value,
                       priority_rank=PRIORITY_RANK[priority], draft_findings=draft_findings,
-                      draft_impression=draft_impression, error=error, updated_at=now)
+                      draft_impression=draft_impression, error=error, updated_at=now, ai_text_only=ai_text_only,
+                      ai_box_only=ai_box_only)
         with self._tx() as conn:
             row = conn.execute(select(studies.c.id, studies.c.state, studies.c.manifest_path,
                                       studies.c.result_path).where(
@@ -538,6 +562,7 @@ class Store:
                 return int(row.id), False  # the same draft registered again (a retried task)
             conn.execute(update(studies).where(studies.c.id == row.id).values(**values))
             conn.execute(sql_delete(finding_reviews).where(finding_reviews.c.study_id == row.id))
+            conn.execute(sql_delete(sentence_reviews).where(sentence_reviews.c.study_id == row.id))
             return int(row.id), True
 
     def _supersede_earlier(self, conn: Connection, study_uid: str, episode_id: int, now: datetime) -> None:
@@ -665,17 +690,21 @@ class Store:
             raise PermissionError(f"worklist entry {study_id} is signed or failed: its draft text cannot be edited; "
                                   "amend it to make a new version")
 
+    @staticmethod
+    def _check_reviewable(conn: Connection, study_id: int, claimant: str | None, what: str) -> None:
+        """Refuse a review of *what* unless the entry is a draft or in review (by *claimant*, when given)."""
+        row = conn.execute(select(studies.c.state, studies.c.claimed_by).where(studies.c.id == study_id)).first()
+        state = row.state if row else None
+        if state not in (StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value):
+            raise PermissionError(f"worklist entry {study_id} is {state}: {what} can be reviewed only in a draft or "
+                                  "a report under review")
+        if claimant is not None and state == StudyState.IN_REVIEW.value and row.claimed_by not in (None, claimant):
+            raise StudyClaimedError(study_id, str(row.claimed_by))
+
     def set_finding_review(self, study_id: int, index: int, decision: Decision, *, label: str, username: str,
                            now: datetime, claimant: str | None = None) -> None:
         with self._tx() as conn:
-            row = conn.execute(select(studies.c.state, studies.c.claimed_by)
-                               .where(studies.c.id == study_id)).first()
-            state = row.state if row else None
-            if state not in (StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value):
-                raise PermissionError(f"worklist entry {study_id} is {state}: findings can be reviewed only in a "
-                                      "draft or a report under review")
-            if claimant is not None and state == StudyState.IN_REVIEW.value and row.claimed_by not in (None, claimant):
-                raise StudyClaimedError(study_id, str(row.claimed_by))
+            self._check_reviewable(conn, study_id, claimant, "findings")
             conn.execute(sql_delete(finding_reviews).where(finding_reviews.c.study_id == study_id,
                                                            finding_reviews.c.finding_index == index))
             conn.execute(insert(finding_reviews).values(study_id=study_id, finding_index=index,
@@ -688,6 +717,27 @@ class Store:
             rows = conn.execute(select(finding_reviews).where(finding_reviews.c.study_id == study_id)).mappings()
             return {row["finding_index"]: FindingReview(row["finding_index"], Decision(row["decision"]),
                                                         row["label"], row["updated_by"]) for row in rows}
+
+    def set_sentence_review(self, study_id: int, section: str, text: str, decision: Decision, *, username: str,
+                            now: datetime, claimant: str | None = None) -> None:
+        """Record the decision on the sentence *text* of *section* (``pending`` forgets it)."""
+        digest, wording = sentence_digest(section, text), normalized(text)
+        with self._tx() as conn:
+            self._check_reviewable(conn, study_id, claimant, "sentences")
+            conn.execute(sql_delete(sentence_reviews).where(sentence_reviews.c.study_id == study_id,
+                                                            sentence_reviews.c.section == section,
+                                                            sentence_reviews.c.digest == digest))
+            if decision is not Decision.PENDING:
+                conn.execute(insert(sentence_reviews).values(study_id=study_id, section=section, digest=digest,
+                                                             text=wording, decision=decision.value,
+                                                             updated_by=username, updated_at=now))
+            conn.execute(update(studies).where(studies.c.id == study_id).values(updated_at=now))
+
+    def sentence_reviews(self, study_id: int) -> dict[tuple[str, str], Decision]:
+        """The sentence decisions of an entry by (section, normalized text)."""
+        with self._tx() as conn:
+            rows = conn.execute(select(sentence_reviews).where(sentence_reviews.c.study_id == study_id)).mappings()
+            return {(row["section"], row["text"]): Decision(row["decision"]) for row in rows}
 
     # ------------------------------------------------------------------ signed versions
 
@@ -829,5 +879,6 @@ def _study(row: Any) -> Study:
         accession=row["accession"], description=row["description"], age_years=row["age_years"],
         priority=Priority(row["priority"]), draft_findings=row["draft_findings"],
         draft_impression=row["draft_impression"], error=row["error"], received_at=_utc(row["received_at"]),
-        updated_at=_utc(row["updated_at"]), claimed_by=row["claimed_by"],
+        updated_at=_utc(row["updated_at"]), claimed_by=row["claimed_by"], ai_text_only=row["ai_text_only"],
+        ai_box_only=row["ai_box_only"],
     )

@@ -1,5 +1,7 @@
 "use strict";
-// Study view: image with SVG boxes (toggle, zoom), findings review, report editor, questions, signing.
+// Study view: image with SVG boxes (toggle, zoom), findings review, the grounded draft's sentences (click a
+// sentence: its boxes; click a box: its sentences; decide the statements without image evidence), report editor,
+// questions, signing. Everything is put in the page with textContent (no HTML from data).
 (() => {
   const root = document.getElementById("study");
   const studyId = root.dataset.studyId;
@@ -10,6 +12,7 @@
   let imageIndex = 0;
   let zoom = 1;
   let answerBoxes = [];
+  let selected = null;  // {kind: "sentence" | "finding", index}: what the reader clicked last
 
   async function api(path, body) {
     const init = { credentials: "same-origin", headers: {} };
@@ -53,9 +56,160 @@
     $("amend").hidden = !doc.can_amend;
     $("ask-form").querySelector("button").disabled = !doc.can_ask;
     if (!doc.can_ask) $("ask-answer").textContent = "The model is not connected: questions are unavailable.";
+    $("sentences-stale").hidden = true;
+    if (selected && selected.kind === "sentence" && !(doc.sentences || [])[selected.index]) selected = null;
+    renderBanner();
     renderImages();
     renderFindings();
+    renderSentences();
     renderVersions();
+    highlight();
+  }
+
+  function renderBanner() {
+    const c = doc.consistency;
+    const banner = $("grounding-banner");
+    banner.hidden = !(c && c.flagged);
+    banner.textContent = c && c.flagged ? "AI text and boxes disagree: " + c.text_only
+      + " statement(s) without image evidence, " + c.box_only + " box(es) not in the text"
+      + (c.undecided ? " · " + c.undecided + " statement(s) to accept, edit or remove before signing" : "") : "";
+  }
+
+  function goToImage(index) {
+    if (index === null || index === undefined || index === imageIndex) return;
+    imageIndex = index;
+    $("image-select").value = imageIndex;
+    showImage();
+  }
+
+  function selectSentence(s) {
+    selected = { kind: "sentence", index: s.index };
+    const first = s.findings.map((i) => doc.findings[i]).find((f) => f && f.image !== null);
+    if (first) goToImage(first.image);
+    highlight();
+  }
+
+  function selectFinding(f) {
+    selected = { kind: "finding", index: f.index };
+    goToImage(f.image);
+    highlight();
+    const sentence = document.querySelector("#sentences .sentence.selected");
+    if (sentence) sentence.scrollIntoView({ block: "nearest" });
+  }
+
+  // the selected sentence and its boxes, or the selected box and its sentences
+  function highlight() {
+    let sentences = new Set();
+    let findings = new Set();
+    if (selected && selected.kind === "sentence" && doc.sentences[selected.index]) {
+      sentences = new Set([selected.index]);
+      findings = new Set(doc.sentences[selected.index].findings);
+    } else if (selected && selected.kind === "finding" && doc.findings[selected.index]) {
+      findings = new Set([selected.index]);
+      sentences = new Set(doc.findings[selected.index].sentences);
+    }
+    for (const el of document.querySelectorAll("#sentences .sentence")) {
+      el.classList.toggle("selected", sentences.has(Number(el.dataset.index)));
+    }
+    for (const el of document.querySelectorAll("#overlay g.box.finding, #findings li[data-index]")) {
+      el.classList.toggle("selected", findings.has(Number(el.dataset.index)));
+    }
+  }
+
+  function flag(text, testid) {
+    const el = document.createElement("span");
+    el.className = "flag";
+    el.dataset.testid = testid;
+    el.textContent = text;
+    return el;
+  }
+
+  function renderSentences() {
+    const sentences = doc.sentences || [];
+    $("sentences-card").hidden = !doc.grounded;
+    const holder = $("sentences");
+    holder.replaceChildren();
+    const decisions = $("sentence-decisions");
+    decisions.replaceChildren();
+    if (!doc.grounded) return;
+    for (const section of ["findings", "impression"]) {
+      const p = document.createElement("p");
+      p.className = "sentences";
+      p.dataset.section = section;
+      const head = document.createElement("span");
+      head.className = "section";
+      head.textContent = section.toUpperCase() + ":";
+      p.appendChild(head);
+      for (const s of sentences.filter((x) => x.section === section)) {
+        const span = document.createElement("span");
+        span.className = "sentence " + s.status + (s.needs_decision ? " undecided" : "");
+        span.dataset.index = s.index;
+        span.dataset.findings = s.findings.join(" ");
+        span.dataset.status = s.status;
+        span.dataset.testid = "sentence";
+        span.textContent = s.text;
+        span.title = s.status === "grounded" ? "shown by finding(s) " + s.findings.map((i) => i + 1).join(", ")
+          : s.status === "text_only" ? "no box shows this statement" : "a statement that needs no box";
+        span.addEventListener("click", () => selectSentence(s));
+        p.append(span);
+        if (s.status === "text_only") p.append(flag("not localized by the AI", "not-localized"));
+        p.append(" ");
+      }
+      holder.appendChild(p);
+    }
+    for (const s of sentences.filter((x) => x.status === "text_only" && x.origin === "ai")) {
+      decisions.appendChild(decisionItem(s));
+    }
+  }
+
+  // accept as stated, edit or remove one AI statement that no box shows
+  function decisionItem(s) {
+    const li = document.createElement("li");
+    li.dataset.index = s.index;
+    li.dataset.testid = "sentence-decision";
+    const quote = document.createElement("span");
+    quote.className = "quote";
+    quote.textContent = s.text;
+    const state = document.createElement("div");
+    state.className = "where";
+    state.textContent = s.accepted ? "accepted as stated" : "not localized by the AI: accept, edit or remove it";
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    const accept = document.createElement("button");
+    accept.textContent = "Accept as stated";
+    accept.className = s.accepted ? "on" : "";
+    const input = document.createElement("input");
+    input.value = s.text;
+    input.setAttribute("aria-label", "Wording of " + s.section + " sentence " + (s.position + 1));
+    const edit = document.createElement("button");
+    edit.textContent = "Save wording";
+    const remove = document.createElement("button");
+    remove.textContent = "Remove";
+    for (const el of [accept, input, edit, remove]) el.disabled = !doc.editable;
+    accept.onclick = () => decide(s, { action: "accept" });
+    edit.onclick = () => decide(s, { action: "edit", text: input.value });
+    remove.onclick = () => decide(s, { action: "remove" });
+    actions.append(accept, input, edit, remove);
+    li.append(quote, state, actions);
+    li.addEventListener("click", (event) => { if (event.target === quote) selectSentence(s); });
+    return li;
+  }
+
+  async function decide(s, body) {
+    try {
+      await api("/api/studies/" + studyId + "/sentences/" + s.index, { ...body, expect: s.text });
+      $("sentence-status").textContent = s.section.toUpperCase() + " sentence " + (s.position + 1) + ": "
+        + { accept: "accepted as stated", edit: "reworded", remove: "removed" }[body.action];
+      await load();
+    } catch (err) { $("sentence-status").textContent = "Sentence not saved: " + err.message; }
+  }
+
+  function markStale() {
+    if (!doc || !doc.grounded) return;
+    const dirty = $("report-findings").value !== doc.report.findings
+      || $("report-impression").value !== doc.report.impression;
+    $("sentences-stale").hidden = !dirty;
+    for (const el of $("sentence-decisions").querySelectorAll("button, input")) el.disabled = dirty || !doc.editable;
   }
 
   function renderImages() {
@@ -109,11 +263,17 @@
     const fontSize = Math.max(10, Math.round(Math.max(img.columns, img.rows) / 40));
     for (const f of doc.findings) {
       if (f.image !== imageIndex) continue;
-      svg.appendChild(box(f.box, f.decision, (f.index + 1) + " " + f.label + (f.decision === "rejected" ? " ✗" : ""), fontSize));
+      const g = box(f.box, "finding " + f.decision + (f.status ? " " + f.status : ""),
+        (f.index + 1) + " " + f.label + (f.decision === "rejected" ? " ✗" : ""), fontSize);
+      g.dataset.index = f.index;
+      g.dataset.testid = "box";
+      g.addEventListener("click", () => selectFinding(f));
+      svg.appendChild(g);
     }
     for (const b of answerBoxes) {
       if (b.image === imageIndex) svg.appendChild(box(b.box, "answer", b.caption, fontSize));
     }
+    if (doc.sentences) highlight();
   }
 
   function setZoom(value) {
@@ -147,7 +307,9 @@
       label.textContent = f.label;
       const where = document.createElement("div");
       where.className = "where";
-      where.textContent = [f.laterality, f.site, f.decision, f.label !== f.model_label ? "model: " + f.model_label : ""]
+      where.textContent = [f.laterality, f.site, f.decision, f.label !== f.model_label ? "model: " + f.model_label : "",
+        f.source === "refer" ? "found by a follow-up question" : "",
+        f.status === "grounded" ? "stated in " + f.sentences.length + " sentence(s)" : ""]
         .filter(Boolean).join(" · ");
       const actions = document.createElement("div");
       actions.className = "actions";
@@ -170,7 +332,10 @@
       reject.onclick = () => review(f, "rejected", f.label);
       rename.onclick = () => review(f, f.decision === "pending" ? "accepted" : f.decision, input.value);
       actions.append(accept, reject, input, rename);
-      li.append(label, where, actions);
+      li.append(label);
+      if (f.status === "box_only") li.append(flag("localized, not in the text", "box-only"));
+      li.append(where, actions);
+      if (doc.grounded) label.addEventListener("click", () => selectFinding(f));
       li.addEventListener("mouseenter", () => { if (f.image !== null && f.image !== imageIndex) { imageIndex = f.image; $("image-select").value = imageIndex; showImage(); } });
       list.appendChild(li);
     }
@@ -213,6 +378,7 @@
     try {
       await api("/api/studies/" + studyId + "/report", reportText());
       $("report-status").textContent = "Draft saved " + new Date().toLocaleTimeString();
+      if (doc.grounded) await load();
     } catch (err) { $("report-status").textContent = "Not saved: " + err.message; }
   };
 
@@ -224,6 +390,7 @@
       $("report-findings").value = data.findings;
       $("report-impression").value = data.impression;
       $("correct-status").textContent = "Corrected: " + data.edits.join("; ");
+      if (doc.grounded) await load();
     } catch (err) { $("correct-status").textContent = err.message; }
   };
 
@@ -269,6 +436,9 @@
       await load();
     } catch (err) { $("sign-status").textContent = "Not taken over: " + err.message; }
   };
+
+  $("report-findings").addEventListener("input", markStale);
+  $("report-impression").addEventListener("input", markStale);
 
   $("image-select").onchange = () => { imageIndex = Number($("image-select").value); showImage(); fit(); };
   $("toggle-boxes").onchange = drawBoxes;

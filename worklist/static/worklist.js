@@ -50,7 +50,17 @@
       tr.dataset.testid = "study-row";
       if (known && !known.has(s.id)) tr.classList.add("new");
       tr.appendChild(cell(s.priority, s.priority));
-      tr.appendChild(cell(s.claimed_by ? s.state + " by " + s.claimed_by : s.state, "s-" + s.state.replace(" ", "-")));
+      const state = cell(s.claimed_by ? s.state + " by " + s.claimed_by : s.state, "s-" + s.state.replace(" ", "-"));
+      const ai = s.ai_disagreement;
+      if (ai && (ai.text_only || ai.box_only)) {  // the AI draft's text and boxes disagree: say so on the row
+        const flag = document.createElement("span");
+        flag.className = "pill disagree";
+        flag.dataset.testid = "ai-disagreement";
+        flag.textContent = "AI text/boxes disagree";
+        flag.title = ai.text_only + " statement(s) without image evidence, " + ai.box_only + " box(es) not in the text";
+        state.append(" ", flag);
+      }
+      tr.appendChild(state);
       tr.appendChild(cell(s.modality));
       tr.appendChild(cell(s.accession));
       tr.appendChild(cell(s.description || ""));
