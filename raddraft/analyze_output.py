@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from core.result import Consistency, DraftReport, Finding
 from core.settings import Settings
-from model.analyze import analyze_series, run_task
+from model.analyze import SeriesAnalysis, analyze_series, run_task
 from model.embedded import LoadedModel
 from raddraft.model_socket import (
     AnalyzeError,
@@ -38,10 +40,7 @@ def describe(loaded: LoadedModel, ds: Dataset, task: str | None, prompt: str | N
     identity = loaded.identity.model_dump()
     if task is None:
         analysis = analyze_series(loaded.model, [ds])
-        payload: dict[str, object] = {
-            "model": identity, "status": "preliminary", "report": analysis.report.model_dump(),
-            "findings": [f.model_dump() for f in analysis.findings], "raw_outputs": analysis.raw_outputs,
-            "seconds": round(analysis.seconds, 3)}
+        payload = analysis_payload(identity, analysis)
         text = (f"PRELIMINARY (AI draft, not signed) — {loaded.identity.name} {loaded.identity.version}\n"
                 f"{analysis.report.text}\n\nFINDINGS WITH BOXES (source pixels x1, y1, x2, y2):\n"
                 + ("".join(f"  {f.laterality or '':5} {f.label:18} {tuple(round(v, 1) for v in f.box)}\n"
@@ -54,6 +53,28 @@ def describe(loaded: LoadedModel, ds: Dataset, task: str | None, prompt: str | N
     text = f"{answer.instruction}\n{answer.text}\n" + "".join(
         f"  {f.label}: {tuple(round(v, 1) for v in f.box)}\n" for f in answer.findings)
     return AnalyzeReply(ok=True, payload=payload, text=text)
+
+
+def consistency_of(report: DraftReport, findings: Sequence[Finding]) -> Consistency | None:
+    """The counts of a grounded analysis, from the statuses model.grounding.link gave its sentences and findings;
+    None when it was not grounded (no sentence and no finding carries a status)."""
+    if not report.sentences and all(finding.status is None for finding in findings):
+        return None
+    return Consistency(grounded=sum(s.status == "grounded" for s in report.sentences),
+                       text_only=sum(s.status == "text_only" for s in report.sentences),
+                       box_only=sum(finding.status == "box_only" for finding in findings))
+
+
+def analysis_payload(identity: dict[str, object], analysis: SeriesAnalysis) -> dict[str, object]:
+    """The JSON of ``raddraft analyze --json`` for a full analysis: the report with its sentences (section, text,
+    polarity, labels, laterality, site, findings, status), the findings with their sentences, status and source,
+    and ``consistency`` (grounded, text_only, box_only, flagged; null for an analysis that was not grounded)."""
+    consistency = consistency_of(analysis.report, analysis.findings)
+    return {
+        "model": identity, "status": "preliminary", "report": analysis.report.model_dump(),
+        "findings": [f.model_dump() for f in analysis.findings],
+        "consistency": None if consistency is None else {**consistency.model_dump(), "flagged": consistency.flagged},
+        "raw_outputs": analysis.raw_outputs, "seconds": round(analysis.seconds, 3)}
 
 
 def socket_handler(settings: Settings) -> Handler:

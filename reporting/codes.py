@@ -121,6 +121,16 @@ _PROCEDURE_BY_MODALITY: dict[str, Code] = {
     "PT": PET_PROCEDURE,
 }
 
+# --- consistency of a grounded draft (issue 19) --------------------------------------------------------------
+# Neither DICOM (PS3.16), SNOMED CT nor LOINC has a concept for "the AI's text states this finding but it drew no
+# box" or the converse, so raddraft defines two under a private coding scheme designator (PS3.3 8.2: "99" +
+# the organization), registered in every SR that uses them (Coding Scheme Identification Sequence). Each names a
+# TID 1500 qualitative evaluation (row 13) whose value is the finding type of the label (FINDING_CODES).
+RADDRAFT_SCHEME = "99RADDRAFT"
+RADDRAFT_SCHEME_NAME = "raddraft local codes"
+NOT_LOCALIZED_FINDING = Code("RD001", RADDRAFT_SCHEME, "Stated finding not localized by the AI")
+NOT_STATED_FINDING = Code("RD002", RADDRAFT_SCHEME, "Localized finding not stated in the draft text")
+
 # --- narrative report (TID 2000 Basic Diagnostic Imaging Report) --------------------------------------------
 DIAGNOSTIC_IMAGING_REPORT = codes.LN.DiagnosticImagingReport  # 18748-4, CID 7000
 FINDINGS_SECTION = codes.DCM.Findings  # 121070, CID 7001

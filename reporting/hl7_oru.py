@@ -12,6 +12,13 @@ Layout of the message (segments separated by ``\\r``, UTF-8, MSH-18 ``UNICODE UT
     OBX  CWE  121071^Finding^DCM, sub-ID 3, 4, ...: one per finding, the label coded with the one table of
               reporting/codes.py (SNOMED CT; generic "Finding" for an unknown label), the label with its site
               and laterality in CWE-9 (original text); NTE after it for each line of the finding's description
+    OBX  TX   AI-CONSISTENCY^AI text and image consistency^99RADDRAFT, sub-ID after the findings' (grounded
+              drafts where anything is not grounded): "AI consistency: N of M stated findings localized; K boxes
+              not stated in the text", then "Localized by the AI, not stated in the draft text: <label> (<side>)"
+
+A grounded preliminary draft (reporting/consistency.py) also has " [not localized by the AI]" after each
+findings/impression sentence no box supports, and an NTE "Localized by the AI, not stated in the draft text"
+under each finding no sentence states. A result written before grounding, or signed, has neither.
 
 OBR-25 and every OBX-11 carry the same result status: P for the AI draft, F after a radiologist signed, C for a
 correction. Free text is escaped here (``\\E\\ \\F\\ \\S\\ \\T\\ \\R\\``) before hl7apy sees it; hl7apy only escapes
@@ -46,6 +53,7 @@ from core.manifest import StudyManifest
 from core.result import AnalysisResult, Finding
 from core.settings import Settings
 from reporting import codes as rcodes
+from reporting.consistency import draft_grounding
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +65,10 @@ STUDY_UID_OBSERVATION = ("110180", "Study Instance UID", "DCM")
 FINDINGS_TEXT_OBSERVATION = ("59776-5", "Procedure findings", "LN")
 IMPRESSION_TEXT_OBSERVATION = ("19005-8", "Radiology Imaging study [Impression] (narrative)", "LN")
 FINDING_OBSERVATION = ("121071", "Finding", "DCM")
+# A local code (HL7 table 0396 "99zzz": a locally defined coding system, the designator raddraft's SR uses too):
+# neither LOINC nor DICOM has a concept for the agreement of an AI draft's text with its boxes.
+CONSISTENCY_OBSERVATION = ("AI-CONSISTENCY", "AI text and image consistency", rcodes.RADDRAFT_SCHEME)
+BOX_ONLY_NOTE = "Localized by the AI, not stated in the draft text"
 
 _SEX_TO_HL7 = {"M": "M", "F": "F", "O": "O", "": "U"}  # DICOM (0010,0040) -> HL7 table 0001
 _ORDER_STATUS = {"P": "A", "F": "CM", "C": "CM"}  # ORC-5, HL7 table 0038: A = some results available
@@ -250,17 +262,28 @@ def build_oru_r01(
 
     observations = _Observations(order, status)
     observations.add("ST", STUDY_UID_OBSERVATION, "", escape(manifest.study_instance_uid, "study_instance_uid"))
-    for line in text_lines(result.report.findings, "report findings line"):
+    grounding = draft_grounding(result)
+    findings_text = grounding.annotated("findings") if grounding else result.report.findings
+    impression_text = grounding.annotated("impression") if grounding else result.report.impression
+    for line in text_lines(findings_text, "report findings line"):
         observations.add("TX", FINDINGS_TEXT_OBSERVATION, "1", line)
-    for line in text_lines(result.report.impression, "report impression line"):
+    for line in text_lines(impression_text, "report impression line"):
         observations.add("TX", IMPRESSION_TEXT_OBSERVATION, "2", line)
     for number, finding in enumerate(result.findings, start=1):
         group = observations.add("CWE", FINDING_OBSERVATION, str(2 + number),
                                  _finding_value(manifest, finding, number))
-        for index, line in enumerate(text_lines(finding.description, f"description of finding {number}"), start=1):
+        notes = text_lines(finding.description, f"description of finding {number}")
+        if grounding is not None and finding.status == "box_only":
+            notes.append(escape(BOX_ONLY_NOTE, "consistency note"))
+        for index, line in enumerate(notes, start=1):
             nte = group.add_segment("NTE")
             nte.nte_1 = str(index)
             nte.nte_3 = line
+    if grounding is not None and grounding.flagged:
+        sub_id = str(3 + len(result.findings))
+        for line in [grounding.summary(), *grounding.box_only_lines()]:
+            for value in text_lines(line, "consistency line"):
+                observations.add("TX", CONSISTENCY_OBSERVATION, sub_id, value)
 
     text = message.to_er7() + "\r"  # every segment, the last included, ends with a carriage return
     logger.debug("built ORU^R01 %s (%s) for study %s: %d OBX", control_id, status.value,

@@ -2,9 +2,10 @@
 
 TID 1500 takes no free text, so the model's prose goes into a Basic Diagnostic Imaging Report: a
 "Diagnostic Imaging Report" container whose observer is the algorithm (DEVICE), with a "Findings" section
-holding a "Finding" TEXT item and an "Impressions" section holding an "Impression" TEXT item. Same study as
-the images, its own series; the same flag rules as the findings SR (draft PRELIMINARY/UNVERIFIED, final
-FINAL/VERIFIED with the draft as predecessor).
+holding a "Finding" TEXT item and an "Impressions" section holding an "Impression" TEXT item; a grounded
+draft marks what the AI did not localize and lists what it localized but the text does not state
+(:func:`section_texts`). Same study as the images, its own series; the same flag rules as the findings SR
+(draft PRELIMINARY/UNVERIFIED, final FINAL/VERIFIED with the draft as predecessor).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from core.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, software_version
 from core.manifest import StudyManifest
 from core.result import AnalysisResult, DraftReport
 from reporting import codes as rcodes
+from reporting.consistency import draft_grounding
 from reporting.context import ReportInputs, Signoff, superseded_documents
 from reporting.sr import device_observer_context, processing_equipment
 from reporting.uids import OutputKind, output_uid
@@ -34,26 +36,44 @@ FINAL_INSTANCE_NUMBER = 2
 _LANGUAGE = hd.sr.CodedConcept(value="en-US", scheme_designator="RFC5646", meaning="English (United States)")
 
 
-def _section(heading: hd.sr.CodedConcept, item_name: hd.sr.CodedConcept, text: str) -> hd.sr.ContainerContentItem:
+def _section(heading: hd.sr.CodedConcept, item_name: hd.sr.CodedConcept, *texts: str) -> hd.sr.ContainerContentItem:
     section = hd.sr.ContainerContentItem(name=heading, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     section.ContentSequence = hd.sr.ContentSequence([
         hd.sr.TextContentItem(name=item_name, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for text in texts
     ])
     return section
 
 
+def section_texts(report: DraftReport, result: AnalysisResult) -> tuple[list[str], list[str]]:
+    """The "Finding" texts of the Findings section and the "Impression" texts of the Impressions section.
+
+    A grounded preliminary draft (reporting/consistency.py) has " [not localized by the AI]" after each sentence
+    no box supports; when anything is not grounded the Findings section also holds one "Localized by the AI, not
+    stated in the draft text: <label> (<side>)" per box-only finding and the study-level "AI consistency: ..."
+    line, each a Finding of its own. Any other result: the report's two texts, as they are."""
+    grounding = draft_grounding(result) if report == result.report else None
+    if grounding is None:
+        findings, impression = report.findings.strip(), report.impression.strip()
+        return ([findings] if findings else []), ([impression] if impression else [])
+    findings, impression = grounding.annotated("findings").strip(), grounding.annotated("impression").strip()
+    extra = [*grounding.box_only_lines(), grounding.summary()] if grounding.flagged else []
+    return ([findings] if findings else []) + extra, ([impression] if impression else [])
+
+
 def build_report_content(report: DraftReport, result: AnalysisResult) -> hd.sr.ContainerContentItem:
     """The TID 2000 content tree; a section whose text is empty is left out, a report with no text refused."""
-    sections = []
-    if report.findings.strip():
-        sections.append(_section(hd.sr.CodedConcept.from_code(rcodes.FINDINGS_SECTION),
-                                 hd.sr.CodedConcept.from_code(rcodes.FINDING_TEXT), report.findings.strip()))
-    if report.impression.strip():
-        sections.append(_section(hd.sr.CodedConcept.from_code(rcodes.IMPRESSIONS_SECTION),
-                                 hd.sr.CodedConcept.from_code(rcodes.IMPRESSION_TEXT), report.impression.strip()))
-    if not sections:
+    if not report.findings.strip() and not report.impression.strip():
         raise ValueError("DraftReport.findings and DraftReport.impression are both empty: a narrative report needs "
                          "text in at least one of them")
+    findings, impression = section_texts(report, result)
+    sections = []
+    if findings:
+        sections.append(_section(hd.sr.CodedConcept.from_code(rcodes.FINDINGS_SECTION),
+                                 hd.sr.CodedConcept.from_code(rcodes.FINDING_TEXT), *findings))
+    if impression:
+        sections.append(_section(hd.sr.CodedConcept.from_code(rcodes.IMPRESSIONS_SECTION),
+                                 hd.sr.CodedConcept.from_code(rcodes.IMPRESSION_TEXT), *impression))
     root = hd.sr.ContainerContentItem(
         name=hd.sr.CodedConcept.from_code(rcodes.DIAGNOSTIC_IMAGING_REPORT),
         is_content_continuous=False,

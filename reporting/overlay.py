@@ -16,6 +16,7 @@ from pydicom.pixels import apply_modality_lut, pixel_array
 from model import decoders
 from model.imaging import frame_header
 from reporting import codes as rcodes
+from reporting.consistency import NOT_IN_TEXT, draft_grounding
 from reporting.context import LocatedFinding, ReportInputs, box_polyline, tracking_uid
 
 FINDINGS_SCHEMA_VERSION = 1
@@ -24,9 +25,13 @@ BANNER_COLOR = (255, 64, 64)
 
 
 def finding_caption(located: LocatedFinding, signed: bool) -> str:
-    """Text shown next to a box, e.g. ``1 left pneumothorax (AI, preliminary)``."""
+    """Text shown next to a box, e.g. ``1 left pneumothorax (AI, preliminary)``; a box of a grounded draft that
+    no sentence states says so: ``2 right nodule (not in text) (AI, preliminary)`` (reporting/consistency.py;
+    the signed labels are the radiologist's accepted findings and carry no draft consistency)."""
     coded = rcodes.lookup_finding(located.finding.label)
     words = " ".join(w for w in (located.finding.laterality or "", coded.display.lower()) if w)
+    if not signed and located.finding.status == "box_only":
+        words += f" {NOT_IN_TEXT}"
     return f"{located.index + 1} {words} ({'AI, signed' if signed else 'AI, preliminary'})"
 
 
@@ -119,7 +124,7 @@ def findings_document(inputs: ReportInputs, overlays: dict[str, str], signed: bo
             "tracking_uid": str(tracking_uid(result, located.index)),
             "overlay": overlays.get(finding.sop_instance_uid),
         })
-    return {
+    document: dict[str, Any] = {
         "schema_version": FINDINGS_SCHEMA_VERSION,
         "study_instance_uid": result.study_instance_uid,
         "episode_id": result.episode_id,
@@ -130,6 +135,14 @@ def findings_document(inputs: ReportInputs, overlays: dict[str, str], signed: bo
         "findings": findings,
         "created_at": result.created_at.isoformat(),
     }
+    grounding = None if signed else draft_grounding(result)
+    if grounding is not None:  # keys added only for a grounded draft: older documents stay as they were
+        for entry in findings:
+            finding = result.findings[entry["index"]]
+            entry.update(status=finding.status, source=finding.source, sentences=list(finding.sentences))
+        document["report"]["sentences"] = [sentence.model_dump(mode="json") for sentence in result.report.sentences]
+        document["consistency"] = {**grounding.consistency.model_dump(), "flagged": grounding.flagged}
+    return document
 
 
 def findings_json(inputs: ReportInputs, overlays: dict[str, str], signed: bool = False) -> bytes:

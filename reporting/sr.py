@@ -14,6 +14,11 @@ series naming it (number, description when it has one, modality) and how many of
 Both are built from the attributes that are there: an empty or absent Type 2/3 attribute (series number,
 description, frame of reference) leaves its item out, never the document.
 
+Grounded drafts (issue 19, reporting/consistency.py): the same Qualitative Evaluations container records which
+stated findings the AI did not localize (coded, 99RADDRAFT RD001), which boxes the text does not state (RD002,
+and "(not stated in the draft text)" in the group's tracking identifier), which sentences state each box, and a
+study-level count (:func:`consistency_evaluations`). A result written before grounding, or signed, has none.
+
 Draft: COMPLETE / UNVERIFIED / PRELIMINARY. Final (after a radiologist signs): VERIFIED / FINAL, with the
 verifying observer and organization, and the draft referenced as its predecessor.
 """
@@ -25,8 +30,10 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
 from pydicom.valuerep import DT
 
@@ -34,6 +41,7 @@ from core.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, software_version
 from core.manifest import SeriesEntry, StudyManifest
 from core.result import AnalysisResult, ModelIdentity
 from reporting import codes as rcodes
+from reporting.consistency import NOT_LOCALIZED, NOT_STATED, DraftGrounding, draft_grounding, finding_words, is_box_only
 from reporting.context import (
     AnalysedImage,
     LocatedFinding,
@@ -115,6 +123,8 @@ def _finding_group(
         logger.debug("finding %d: laterality %s kept as text only (no finding site to qualify)", located.index,
                      finding.laterality)
     words = " ".join(w for w in (finding.laterality or "", finding.label.strip()) if w)
+    if is_box_only(result, located.index):
+        words += f" ({NOT_STATED})"
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(result, located.index),
@@ -126,6 +136,12 @@ def _finding_group(
         finding_sites=finding_sites,
     )
 
+
+# The private scheme of the consistency codes (reporting/codes.py RD001, RD002), registered in the SR that uses them.
+def raddraft_coding_scheme() -> CodingSchemeIdentificationItem:
+    """The Coding Scheme Identification item of 99RADDRAFT (a new one per document)."""
+    return CodingSchemeIdentificationItem(designator=rcodes.RADDRAFT_SCHEME, name=rcodes.RADDRAFT_SCHEME_NAME,
+                                          responsible_organization=MANUFACTURER)
 
 NO_FINDING_IDENTIFIER = "No localized finding"
 NOT_LOCALIZED_IDENTIFIER = "No localized finding: the AI drew no box; the report text is in the narrative report"
@@ -175,12 +191,20 @@ def build_measurement_report(inputs: ReportInputs) -> hd.sr.MeasurementReport:
         title=codes.cid7021.ImagingMeasurementReport,
     )
     analysed = inputs.analysed_images()
+    content = report[0].ContentSequence
+    evaluations: hd.sr.ContainerContentItem | None = None
     if analysed:
-        content = report[0].ContentSequence
         measurements = next(n for n, item in enumerate(content)
                             if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value)
         content.insert(measurements, image_library(analysed))  # TID 1500 row 5, before row 6
-        content.append(analysed_series_texts(inputs.manifest, analysed))  # row 12
+        evaluations = analysed_series_texts(inputs.manifest, analysed)  # row 12
+    grounding = draft_grounding(inputs.result)
+    if grounding is not None:
+        if evaluations is None:
+            evaluations = _qualitative_evaluations()
+        evaluations.ContentSequence.extend(consistency_evaluations(grounding))
+    if evaluations is not None:
+        content.append(evaluations)
     return report
 
 
@@ -241,14 +265,65 @@ def analysed_series_texts(manifest: StudyManifest, analysed: Sequence[tuple[Seri
                           ) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12: Qualitative Evaluations holding one Comment per analysed series
     (:func:`analysed_series_text`)."""
-    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
-                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    container.ContentSequence = hd.sr.ContentSequence()
+    container = _qualitative_evaluations()
     for series, members in analysed:
         container.ContentSequence.append(hd.sr.TextContentItem(
             name=codes.DCM.Comment, value=analysed_series_text(series, members),
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return container
+
+
+def _qualitative_evaluations() -> hd.sr.ContainerContentItem:
+    """An empty TID 1500 row 12 Qualitative Evaluations container."""
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence()
+    return container
+
+
+def _coded_evaluation(name: Code, label: str | None) -> hd.sr.CodeContentItem:
+    """TID 1500 row 13: *name* = the finding type of *label* (generic "Finding" without one). The side is in the
+    Comment that follows: row 13b's concept modifiers (CID 210) are not in PixelMed's context groups."""
+    finding_type = rcodes.lookup_finding(label).finding_type if label else rcodes.GENERIC_FINDING
+    return hd.sr.CodeContentItem(name=name, value=finding_type, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def _comment(text: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=codes.DCM.Comment, value=text,
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def consistency_evaluations(grounding: DraftGrounding) -> list[hd.sr.ContentItem]:
+    """The grounding of the draft as TID 1500 qualitative evaluations (rows 13 and 14), after the analysed series.
+
+    PixelMed's TID 1410 (the edition its validator holds) has no qualitative-evaluation rows, so a finding's
+    consistency is not written into its measurement group; each evaluation names the group by its tracking
+    identifier ("Finding 2") instead, and the group of a box-only finding says "(not stated in the draft text)"
+    in its tracking identifier. In order:
+
+    * per text-only sentence, per label it states: CODE "Stated finding not localized by the AI" (RD001,
+      99RADDRAFT) = the label's finding type; then a Comment quoting the sentence;
+    * per grounded finding: a Comment naming it and quoting the sentences that state it;
+    * per box-only finding: CODE "Localized finding not stated in the draft text" (RD002, 99RADDRAFT) = its
+      finding type; then a Comment naming it (its label and side);
+    * the study-level Comment "AI consistency: N of M stated findings localized; K boxes not stated in the text".
+    """
+    result = grounding.result
+    items: list[hd.sr.ContentItem] = []
+    for _, sentence in grounding.text_only_sentences():
+        for label in sentence.labels or [None]:
+            items.append(_coded_evaluation(rcodes.NOT_LOCALIZED_FINDING, label))
+        items.append(_comment(f'Stated in the draft text, {NOT_LOCALIZED}: "{sentence.text}"'))
+    for index, finding in enumerate(result.findings):
+        if finding.status == "grounded":
+            quoted = " ".join(f'"{result.report.sentences[n].text}"' for n in finding.sentences)
+            items.append(_comment(f"Finding {index + 1}, {finding_words(finding)}, is stated in the draft text: "
+                                  f"{quoted}"))
+    for index, finding in grounding.box_only_findings():
+        items.append(_coded_evaluation(rcodes.NOT_STATED_FINDING, finding.label))
+        items.append(_comment(f"Finding {index + 1}, {finding_words(finding)}: localized by the AI, {NOT_STATED}"))
+    items.append(_comment(grounding.summary()))
+    return items
 
 
 def analysed_series_text(series: SeriesEntry, members: Sequence[AnalysedImage]) -> str:
@@ -313,6 +388,7 @@ def build_findings_sr(
         content_time=content_at.time(),
         series_date=created.date(),
         series_time=created.time(),
+        coding_schemes=[raddraft_coding_scheme()] if draft_grounding(result) is not None else None,
     )
     if signoff is not None:  # highdicom stamps "now"; the signature time makes a rebuilt final identical
         sr.VerifyingObserverSequence[0].VerificationDateTime = DT(signoff.signed_at)

@@ -25,6 +25,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 
 from core.manifest import InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
 from core.result import AnalysisResult, DraftReport, Finding, ModelIdentity
+from model.grounding import link
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # shipped files only: no network
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -284,6 +285,16 @@ def result_for(study: Study, findings: list[Finding], analysed: list[str] | None
         analysed_instances=analysed if analysed is not None else [i.sop_instance_uid for _, i in
                                                                    study.manifest.instances()],
         created_at=CREATED_AT,
+    )
+
+
+def grounded_result(study: Study, report: DraftReport, findings: list[Finding]) -> AnalysisResult:
+    """A result of *report* and *findings* linked by model.grounding.link, as the analysis writes it (issue 19)."""
+    linked_report, linked, consistency = link(report, findings)
+    return AnalysisResult(
+        study_instance_uid=study.manifest.study_instance_uid, episode_id=study.manifest.episode_id, model=MODEL,
+        report=linked_report, findings=linked, consistency=consistency,
+        analysed_instances=[i.sop_instance_uid for _, i in study.manifest.instances()], created_at=CREATED_AT,
     )
 
 
