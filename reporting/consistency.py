@@ -5,9 +5,11 @@ filled in by :func:`model.grounding.link`) tells which positive sentences a box 
 have no image evidence (``text_only``) and which boxes no sentence states (``box_only``). The SR, narrative
 SR, ORU, GSPS and PNG overlay all read it from here; nothing downstream reads the report text again.
 
-The annotations describe the AI's draft: they appear on outputs of a *preliminary* result that was grounded.
-A result written before grounding (``consistency`` None) and a signed result (the radiologist's text and the
-findings they accepted) get none, so their outputs are what they were before grounding.
+The annotations appear on the outputs of every grounded result: the preliminary draft, and the signed version,
+which carries the radiologist's sentences linked to the boxes they accepted (worklist/grounding.py) -- a
+statement the radiologist accepted without image evidence stays "not localized by the AI" in the signed SR
+and ORU, which is true. A result written before grounding (``consistency`` None, no sentences) gets none, so
+its outputs are what they were before grounding.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ BOX_ONLY_PREFIX = "Localized by the AI, not stated in the draft text: "
 
 @dataclass(frozen=True)
 class DraftGrounding:
-    """The grounding of one preliminary draft, as the outputs need it."""
+    """The grounding of one result (draft or signed version), as the outputs need it."""
 
     result: AnalysisResult
     consistency: Consistency
@@ -84,8 +86,8 @@ class DraftGrounding:
 
 
 def draft_grounding(result: AnalysisResult) -> DraftGrounding | None:
-    """The grounding the outputs of *result* show, or None: a result written before grounding, or signed."""
-    if result.consistency is None or result.status != "preliminary":
+    """The grounding the outputs of *result* show, or None for a result written before grounding."""
+    if result.consistency is None or not result.report.sentences:
         return None
     return DraftGrounding(result=result, consistency=result.consistency)
 
@@ -97,5 +99,5 @@ def finding_words(finding: Finding) -> str:
 
 
 def is_box_only(result: AnalysisResult, index: int) -> bool:
-    """Whether finding *index* is a box of a grounded preliminary draft that no sentence states."""
+    """Whether finding *index* is a box of a grounded result that no sentence states."""
     return draft_grounding(result) is not None and result.findings[index].status == "box_only"

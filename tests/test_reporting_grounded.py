@@ -244,18 +244,24 @@ def test_findings_json_carries_the_grounding(cr: Study, results: dict[str, Analy
     assert [s["status"] for s in document["report"]["sentences"]] == ["grounded", "grounded", "grounded"]
 
 
-def test_a_signed_result_carries_no_draft_consistency(cr: Study, results: dict[str, AnalysisResult]) -> None:
-    """The consistency describes the AI draft; the signed text and accepted findings are the radiologist's."""
-    draft = build_oru_r01(cr.manifest, results["text_only"], ResultStatus.PRELIMINARY, endpoints=ENDPOINTS,
-                          control_id="G2", message_time=MESSAGE_TIME).decode("utf-8")
-    assert "not localized" in draft and "AI-CONSISTENCY" in draft
+def test_a_signed_version_carries_its_own_structure_and_one_without_sentences_none(
+        cr: Study, results: dict[str, AnalysisResult]) -> None:
+    """A signed grounded version (worklist/grounding.py: the radiologist's sentences linked to the accepted boxes)
+    keeps the marks of the statements accepted without image evidence; a signed result without sentences (a
+    draft written before grounding) gets none."""
     signed = results["text_only"].model_copy(update={"status": "final"})
     data = build_oru_r01(cr.manifest, signed, ResultStatus.FINAL, endpoints=ENDPOINTS, control_id="G2",
                          message_time=MESSAGE_TIME).decode("utf-8")
+    assert "not localized" in data and "AI-CONSISTENCY" in data
+    plain = signed.model_copy(update={"report": signed.report.model_copy(update={"sentences": []}),
+                                      "findings": [f.model_copy(update={"sentences": [], "status": None})
+                                                   for f in signed.findings]})
+    data = build_oru_r01(cr.manifest, plain, ResultStatus.FINAL, endpoints=ENDPOINTS, control_id="G2",
+                         message_time=MESSAGE_TIME).decode("utf-8")
     assert "not localized" not in data and "AI-CONSISTENCY" not in data
-    content = build_narrative_sr(cr.manifest, signed, cr.sources)
+    content = build_narrative_sr(cr.manifest, plain, cr.sources)
     assert "not localized" not in str(content.ContentSequence)
-    sr = build_findings_sr(cr.manifest, signed, cr.sources)
+    sr = build_findings_sr(cr.manifest, plain, cr.sources)
     assert "CodingSchemeIdentificationSequence" not in sr
     assert codes.DCM.Comment.value in str(sr.ContentSequence)  # the analysed series comment, and nothing else
     assert "AI consistency" not in str(sr.ContentSequence)
