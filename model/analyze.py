@@ -1,16 +1,30 @@
-"""Analysis of one image or one series in this process: a draft report and localized findings (the gateway's
-queued path, workers/pipeline.py, assembles the same result from a batched response).
+"""The analysis of a study, one path for every caller: build the requests → run them as one batch → assemble.
 
-One :func:`analyze_series` call makes ONE batched ``generate`` call: row 0 is the report request on the study
-view (:func:`model.examples.study_view`: the image, a CT projection or a montage), rows 1… are the
-``[grounding]`` request on each analysed image. The grounded answers are parsed with the never-raising parser,
-each ``<p>label</p> {box}`` becomes a :class:`~core.result.Finding` with its box mapped from the 0–100 grid
-back to source pixels through the image's letterbox transform; boxes that fall wholly in the letterbox padding
-are dropped. The boxes of focal lesions (CT and radiograph nodules and masses) are then snapped to the lesion in
-the source pixels by :func:`model.refine.refine_findings` (a grid unit is 2.6–8 px, too coarse for a small
-nodule). Findings of neighbouring slices of a CT/MR series are merged by :func:`model.slices.merge_findings`.
-The report text is cleaned of model markup (:func:`model.prompts.strip_markup`) and split at ``FINDINGS:`` /
-``IMPRESSION:``. Everything returned is preliminary until a radiologist signs it.
+``raddraft analyze`` (in its own process or on a gateway's model socket), the pipeline (workers/pipeline.py, its
+gpu queue in between) and the evaluation (model/evaluation.py) all go through these three steps:
+
+1. :func:`build_request` — the model inputs of a study as one :class:`~model.payload.InferenceRequest`, from the
+   prepared slices of each series (:class:`SeriesSlices`; the pipeline decodes the slices the slice policy picks
+   (:mod:`model.slices`), ``raddraft analyze`` and the evaluation prepare the images they are given:
+   :func:`series_of`). Task ``report`` is the report instruction on the first series' study view
+   (:func:`model.imaging.study_view`: the image, a CT projection or a montage); each slice gets one task
+   ``grounding:<slice key>``, the ``[grounding]`` instruction on that slice.
+2. a runner answers it: :func:`run_batch` here, on the model in this process (ONE greedy ``generate`` call over
+   every task row of every request it is given); in the pipeline the gpu worker runs the same function
+   (workers/inference.py); a gateway's model socket answers ``raddraft analyze`` with it too.
+3. :func:`assemble` — the :class:`~core.result.AnalysisResult` of the answers. The texts are cleaned of control
+   characters (they go into DICOM and HL7 text); each grounded answer is parsed with the never-raising parser
+   and each ``<p>label</p> {box}`` becomes a :class:`~core.result.Finding` with its box mapped from the 0–100 grid
+   back to source pixels through the slice's letterbox transform (:func:`findings_from_answer`; boxes wholly in
+   the letterbox padding are dropped). The boxes of focal lesions (CT and radiograph nodules and masses) are
+   snapped to the lesion in the source pixels by :func:`model.refine.refine_findings` (a grid unit is 2.6–8 px,
+   too coarse for a small nodule) when the study's instances are given; findings of neighbouring slices of a
+   series are merged by :func:`model.slices.merge_findings`. The report text is cleaned of model markup
+   (:func:`model.prompts.strip_markup`) and split at ``FINDINGS:`` / ``IMPRESSION:`` (:func:`split_report`).
+
+:func:`analyze_series` is the three steps on the model in this process; :func:`run_task` is one single task on one
+image (``raddraft analyze --task``), through the same request and runner. Everything returned is preliminary until
+a radiologist signs it.
 """
 
 from __future__ import annotations
@@ -19,48 +33,171 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
-from core.result import DraftReport, Finding
+from core.result import AnalysisResult, DraftReport, Finding
 from model import prompts
-from model.examples import TASKS, laterality_of, study_view
-from model.imaging import Letterbox, PreparedImage, prepare_image
-from model.minigpt import MiniGPTMed
+from model.embedded import LoadedModel
+from model.imaging import Letterbox, PreparedImage, prepare_image, study_view
+from model.payload import ArrayDType, InferenceRequest, InferenceResponse, ModelImage, ModelTask, TaskOutput
+from model.prompts import GridBox
 from model.refine import RefinePolicy, refine_findings
-from model.slices import SlicePolicy, SlicePosition, merge_findings
+from model.slices import SlicePolicy, SlicePosition, merge_findings, slice_key
 
 logger = logging.getLogger(__name__)
 
-REPORT_TOKENS = 200  # new tokens of the batched call (the report is the longest answer)
-TASK_TOKENS = 100  # new tokens of a single box/VQA task
+REPORT_TOKENS = 200  # new tokens of the report task (the report is the longest answer)
+TASK_TOKENS = 100  # new tokens of a grounding task and of a single box/VQA task
+REPORT_TASK_ID = "report"
+GROUNDING_PREFIX = "grounding:"  # + the slice key: the task id of a slice's grounding task
 NO_REPORT_TEXT = "The AI model produced no report text for this study; it needs a report by a radiologist."
+IN_PROCESS_DTYPE: ArrayDType = "float32"  # pixels that never leave the process are not rounded to float16
 _SECTION = re.compile(r"(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE)
+# Model text is free text: control characters (other than the whitespace split_report already folds) cannot go
+# into DICOM or HL7 text, so they are replaced by a space before the result is built.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
+
+class AnalysisError(ValueError):
+    """A response that does not answer its request, or a request that is not an analysis; retrying cannot help."""
+
+
+# --- 1. build the requests ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AnalysedSlice:
+    """One slice the model reads: an image, or one frame of a multi-frame image, prepared for the model."""
+
+    sop_instance_uid: str
+    image: PreparedImage
+    frame: int = 0  # 0-based frame index, as model.imaging.prepare_image takes it
+    number_of_frames: int = 1  # frames of the source image: a finding on an image of several names its frame
+
+    @property
+    def frame_number(self) -> int | None:
+        """The 1-based frame of a multi-frame source image; None for a single-frame image."""
+        return self.frame + 1 if self.number_of_frames > 1 else None
+
+    @property
+    def key(self) -> str:
+        return slice_key(self.sop_instance_uid, self.frame_number)
 
 
 @dataclass(frozen=True)
-class SeriesAnalysis:
-    """What the model said about one series (or one radiograph)."""
+class SeriesSlices:
+    """The analysed slices of one series, in slice order."""
 
-    report: DraftReport
-    report_text: str
-    findings: list[Finding]
-    analysed_instances: list[str]
-    raw_outputs: dict[str, str] = field(default_factory=dict)  # "report", "grounding:<SOP Instance UID>"
-    seconds: float = 0.0
-    model_findings: list[Finding] = field(default_factory=list)  # the model's own boxes (merged, not refined)
+    series_instance_uid: str
+    modality: str
+    slices: Sequence[AnalysedSlice]
 
 
-@dataclass(frozen=True)
-class TaskAnswer:
-    task: str
-    instruction: str
-    text: str
-    findings: list[Finding]
+def series_of(datasets: Sequence[Dataset], model_size: int) -> SeriesSlices:
+    """The images of one series as given (spatial order; a radiograph: one image), each read at its first frame."""
+    if not datasets:
+        raise ValueError("an analysis needs at least one image")
+    slices = [AnalysedSlice(str(ds.SOPInstanceUID), prepare_image(ds, model_size),
+                            number_of_frames=_frames_of(ds)) for ds in datasets]
+    first = datasets[0]
+    return SeriesSlices(str(first.get("SeriesInstanceUID", "")), str(first.get("Modality", "")), slices)
+
+
+def _frames_of(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def build_request(request_id: str, study_instance_uid: str, episode_id: int, series: Sequence[SeriesSlices],
+                  model_size: int, *, dtype: ArrayDType = "float16", max_new_tokens: int | None = None
+                  ) -> InferenceRequest:
+    """The request of one study (see the module docstring). Images are keyed ``<series UID>/<slice key>``, a study
+    view ``overview/<series UID>``. Pixels travel as *dtype*; *max_new_tokens* replaces the per-task budgets
+    (:data:`REPORT_TOKENS`, :data:`TASK_TOKENS`) when given."""
+    if not series or not all(one.slices for one in series):
+        raise ValueError("an analysis needs at least one slice in every series")
+    images: list[ModelImage] = []
+    tasks: list[ModelTask] = []
+    for number, one in enumerate(series):
+        uid, slices = one.series_instance_uid, one.slices
+        if number == 0:
+            if len(slices) == 1:
+                report_image = f"{uid}/{slices[0].key}"
+            else:
+                report_image = f"overview/{uid}"
+                view = study_view([s.image for s in slices], one.modality, model_size)
+                images.append(ModelImage.build(report_image, view, dtype=dtype))
+            tasks.append(ModelTask(task_id=REPORT_TASK_ID, image=report_image, task="report",
+                                   instruction=prompts.report_instruction(),
+                                   max_new_tokens=max_new_tokens or REPORT_TOKENS))
+        for picked in slices:
+            key = f"{uid}/{picked.key}"
+            images.append(ModelImage.build(key, picked.image.pixels, sop_instance_uid=picked.sop_instance_uid,
+                                           frame=picked.frame, number_of_frames=picked.number_of_frames,
+                                           transform=picked.image.transform, dtype=dtype))
+            tasks.append(ModelTask(task_id=GROUNDING_PREFIX + picked.key, image=key, task="grounding",
+                                   instruction=prompts.grounding_instruction(),
+                                   max_new_tokens=max_new_tokens or TASK_TOKENS))
+    return InferenceRequest(request_id=request_id, study_instance_uid=study_instance_uid, episode_id=episode_id,
+                            model_size=model_size, images=images, tasks=tasks)
+
+
+# --- 2. run a batch -----------------------------------------------------------------------------------------
+def run_batch(loaded: LoadedModel, requests: Sequence[InferenceRequest]) -> list[InferenceResponse]:
+    """Answer every task of every request with one greedy generate call; responses in request order.
+
+    Greedy decoding of a row does not depend on the other rows (left padding + attention mask), so each row is cut
+    to its own ``max_new_tokens`` and a batch gives the texts each request would get alone."""
+    if not requests:
+        return []
+    model = loaded.model
+    size = model.config.vision.image_size
+    ids = [r.request_id for r in requests]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"request ids in one batch must be unique, repeated: {repeated}")
+    images: list[np.ndarray] = []
+    instructions: list[str] = []
+    limits: list[int] = []
+    for request in requests:
+        if request.model_size != size:
+            raise ValueError(f"request {request.request_id}: model_size {request.model_size} does not match the "
+                             f"model's vision.image_size {size}")
+        decoded = {image.key: image.array() for image in request.images}
+        for task in request.tasks:
+            images.append(decoded[task.image])
+            instructions.append(task.instruction)
+            limits.append(task.max_new_tokens)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        batch = torch.from_numpy(np.stack(images))  # (R, 3, S, S)
+        rows = model.generate_ids(batch, instructions, max_new_tokens=max(limits))
+    seconds = time.perf_counter() - started
+    texts = [model.tokenizer.decode(row[:limit], skip_special_tokens=True).strip()
+             for row, limit in zip(rows, limits, strict=True)]
+    logger.info("generated %d row(s) for %d request(s) in %.2f s", len(rows), len(requests), seconds)
+    responses: list[InferenceResponse] = []
+    position = 0
+    for request in requests:
+        outputs = [TaskOutput(task_id=task.task_id, text=texts[position + i]) for i, task in enumerate(request.tasks)]
+        position += len(request.tasks)
+        responses.append(InferenceResponse(
+            request_id=request.request_id, study_instance_uid=request.study_instance_uid,
+            episode_id=request.episode_id, model=loaded.identity, outputs=outputs, batch_rows=len(rows),
+            seconds=seconds,
+        ))
+    return responses
+
+
+# --- 3. assemble the result ---------------------------------------------------------------------------------
+def clean_text(text: str) -> str:
+    """Model text without control characters (each becomes a space)."""
+    return _CONTROL.sub(" ", text)
 
 
 def split_report(text: str) -> DraftReport:
@@ -68,9 +205,9 @@ def split_report(text: str) -> DraftReport:
 
     The text is cleaned first (:func:`model.prompts.strip_markup`), so every consumer of the draft (the narrative
     SR, the ORU, the worklist) gets prose without box markup. Boxes the model wrote into its report are dropped,
-    not made into findings: the report request is answered on the study view (:func:`model.examples.study_view`), which
-    may be a CT projection or a montage of several images rather than one analysed instance, so its grid cannot
-    be mapped back to a source image. The localized findings come from the ``[grounding]`` answers on each
+    not made into findings: the report request is answered on the study view (:func:`model.imaging.study_view`),
+    which may be a CT projection or a montage of several images rather than one analysed instance, so its grid
+    cannot be mapped back to a source image. The localized findings come from the ``[grounding]`` answers on each
     analysed image (:func:`findings_from_answer`); the raw report text is kept in the result's ``raw_outputs``.
 
     Model text with nothing in either section (an empty answer, headers alone, or markup alone) becomes
@@ -93,6 +230,14 @@ def split_report(text: str) -> DraftReport:
         logger.warning("the model produced no report text; the draft says so")
         return DraftReport(findings="", impression=NO_REPORT_TEXT)
     return report
+
+
+def laterality_of(label: str, box: GridBox) -> str | None:
+    """The patient's side of a lateral finding from its box: image left (low x) is the patient's right."""
+    if label not in prompts.LATERAL_LABELS:
+        return None
+    centre = (box.x1 + box.x2) / 2
+    return "right" if centre < prompts.BOX_GRID / 2 else "left"
 
 
 def findings_from_answer(text: str, transform: Letterbox, sop_instance_uid: str, default_label: str | None = None
@@ -119,39 +264,139 @@ def findings_from_answer(text: str, transform: Letterbox, sop_instance_uid: str,
     return findings
 
 
-def _images(prepared: Sequence[PreparedImage]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([p.pixels for p in prepared]))  # (N, 3, S, S)
+def assemble(request: InferenceRequest, response: InferenceResponse, policy: SlicePolicy | None = None, *,
+             sources: Sequence[Dataset] = (), refine: RefinePolicy | None = None) -> AnalysisResult:
+    """The analysis result of *response* to *request* (module docstring, step 3). Focal-lesion boxes are refined on
+    the *sources* (the study's instances; a series whose instances are not all among them keeps the model's boxes);
+    ``refine=RefinePolicy(enabled=False)`` keeps the model's boxes everywhere."""
+    policy = policy or SlicePolicy()
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    if (response.request_id, response.study_instance_uid, response.episode_id) != (
+            request.request_id, request.study_instance_uid, request.episode_id):
+        raise AnalysisError(f"response {response.request_id} (study {response.study_instance_uid} episode "
+                            f"{response.episode_id}) does not answer request {request.request_id}")
+    texts = {task_id: clean_text(text) for task_id, text in response.texts().items()}
+    missing = [task.task_id for task in request.tasks if task.task_id not in texts]
+    if missing:
+        raise AnalysisError(f"response {response.request_id} has no output for task(s) {', '.join(missing)}")
+    report_text = texts.get(REPORT_TASK_ID, "")
+    per_series: dict[str, list[Finding]] = {}
+    members: dict[str, list[tuple[str, int | None]]] = {}  # series -> its analysed slices in slice order
+    positions: dict[str, SlicePosition] = {}
+    analysed: dict[str, list[int]] = {}  # SOP Instance UID -> the frames read of a multi-frame image
+    for task in request.tasks:
+        if task.task != "grounding":
+            continue
+        image = request.image(task.image)
+        if image.sop_instance_uid is None or image.transform is None:
+            raise AnalysisError(f"grounding task {task.task_id} must refer to an instance image, not {image.key}")
+        uid, frame_number = image.sop_instance_uid, _frame_number(image, by_uid)
+        frames = analysed.setdefault(uid, [])
+        if frame_number is not None and frame_number not in frames:
+            frames.append(frame_number)
+        series_key = image.key.split("/", 1)[0]  # instance images are keyed "<series UID>/<slice key>"
+        found = findings_from_answer(texts[task.task_id], image.transform.to_letterbox(), uid)
+        if frame_number is not None:
+            found = [finding.model_copy(update={"frame_number": frame_number}) for finding in found]
+        per_series.setdefault(series_key, []).extend(found)
+        slices = members.setdefault(series_key, [])
+        positions[slice_key(uid, frame_number)] = SlicePosition(series_key, len(slices))
+        slices.append((uid, frame_number))
+    findings: list[Finding] = []
+    for series_key, found in per_series.items():
+        slices = members[series_key]
+        if all(uid in by_uid for uid, _ in slices):
+            findings.extend(refine_findings(found, [by_uid[uid] for uid, _ in slices], policy=refine,
+                                            frames=[number for _, number in slices]))
+            continue
+        if sources:
+            logger.warning("series %s: not every analysed instance is among the sources; its boxes stay "
+                           "unrefined", series_key)
+        findings.extend(found)
+    merged = [m.finding for m in merge_findings(findings, positions, policy)]
+    return AnalysisResult(
+        study_instance_uid=request.study_instance_uid, episode_id=request.episode_id, model=response.model,
+        report=split_report(report_text),
+        findings=merged, analysed_instances=list(analysed),
+        analysed_frames={uid: sorted(frames) for uid, frames in analysed.items() if frames},
+        raw_outputs=texts, status="preliminary", created_at=datetime.now(UTC),
+    )
 
 
-def analyze_series(model: MiniGPTMed, datasets: Sequence[Dataset], policy: SlicePolicy | None = None,
-                   *, max_new_tokens: int = REPORT_TOKENS, refine: RefinePolicy | None = None) -> SeriesAnalysis:
-    """Report + findings of one series given in spatial order (a radiograph: one dataset)."""
+def _frame_number(image: ModelImage, sources: dict[str, Dataset]) -> int | None:
+    """The 1-based frame *image* was read from when its source image has several frames (the SR SCOORD and the GSPS
+    must name it), else None. A request written before images carried their frame count read frame index
+    ``image.frame`` of a multi-frame source as well: the source (when among *sources*) tells."""
+    if image.frame_number is not None:
+        return image.frame_number
+    source = sources.get(image.sop_instance_uid or "")
+    if source is None:
+        return None
+    return image.frame + 1 if _frames_of(source) > 1 else None
+
+
+# --- the three steps in this process ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SeriesAnalysis:
+    """The analysis of one series (or one radiograph) in this process: the result and what the evaluation needs."""
+
+    result: AnalysisResult
+    seconds: float  # build + run + assemble
+    model_findings: list[Finding]  # the model's own boxes (merged, not refined)
+
+    @property
+    def report(self) -> DraftReport:
+        return self.result.report
+
+    @property
+    def report_text(self) -> str:
+        return self.result.raw_outputs.get(REPORT_TASK_ID, "")
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.result.findings
+
+    @property
+    def analysed_instances(self) -> list[str]:
+        return self.result.analysed_instances
+
+    @property
+    def raw_outputs(self) -> dict[str, str]:
+        """``report`` and ``grounding:<slice key>``: the model's text per task."""
+        return self.result.raw_outputs
+
+
+def local_request(datasets: Sequence[Dataset], model_size: int, *, max_new_tokens: int | None = None
+                  ) -> InferenceRequest:
+    """The request of the images of one series analysed in this process (:func:`series_of`; pixels in float32)."""
+    series = series_of(datasets, model_size)
+    study_uid = str(datasets[0].get("StudyInstanceUID", "")) or "unknown"
+    return build_request(f"local-{study_uid}", study_uid, 0, [series], model_size, dtype=IN_PROCESS_DTYPE,
+                         max_new_tokens=max_new_tokens)
+
+
+def analyze_series(loaded: LoadedModel, datasets: Sequence[Dataset], policy: SlicePolicy | None = None,
+                   *, max_new_tokens: int | None = None, refine: RefinePolicy | None = None) -> SeriesAnalysis:
+    """Report + findings of one series given in spatial order (a radiograph: one dataset): build → run → assemble."""
     if not datasets:
         raise ValueError("analyze_series needs at least one image")
     started = time.perf_counter()
-    policy = policy or SlicePolicy()
-    size = model.config.vision.image_size
-    prepared = [prepare_image(ds, size) for ds in datasets]
-    uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    view = study_view(prepared, str(datasets[0].get("Modality", "")), size)
-    images = torch.cat([torch.from_numpy(view)[None], _images(prepared)])  # (1 + N, 3, S, S)
-    instructions = [prompts.report_instruction()] + [prompts.grounding_instruction()] * len(prepared)
-    texts = model.generate(images, instructions, max_new_tokens=max_new_tokens)
-    raw = {"report": texts[0]}
-    findings: list[Finding] = []
-    for uid, image, text in zip(uids, prepared, texts[1:], strict=True):
-        raw[f"grounding:{uid}"] = text
-        findings.extend(findings_from_answer(text, image.transform, uid))
-    unrefined = findings
-    findings = refine_findings(findings, datasets, [p.display for p in prepared], refine)
-    if len(datasets) > 1:
-        series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
-        positions = {uid: SlicePosition(series_uid, rank) for rank, uid in enumerate(uids)}
-        findings = [m.finding for m in merge_findings(findings, positions, policy)]
-        unrefined = [m.finding for m in merge_findings(unrefined, positions, policy)]
+    request = local_request(datasets, loaded.model.config.vision.image_size, max_new_tokens=max_new_tokens)
+    [response] = run_batch(loaded, [request])
+    result = assemble(request, response, policy, sources=datasets, refine=refine)
+    unrefined = assemble(request, response, policy, refine=RefinePolicy(enabled=False)).findings
     seconds = time.perf_counter() - started
-    logger.debug("analysed %d image(s) in %.2f s: %d finding(s)", len(datasets), seconds, len(findings))
-    return SeriesAnalysis(split_report(texts[0]), texts[0], findings, uids, raw, seconds, unrefined)
+    logger.debug("analysed %d image(s) in %.2f s: %d finding(s)", len(datasets), seconds, len(result.findings))
+    return SeriesAnalysis(result, seconds, unrefined)
+
+
+# --- a single task ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskAnswer:
+    task: str
+    instruction: str
+    text: str
+    findings: list[Finding]
 
 
 def task_instruction(task: str, prompt: str | None, transform: Letterbox) -> str:
@@ -178,16 +423,24 @@ def task_instruction(task: str, prompt: str | None, transform: Letterbox) -> str
             raise ValueError(f"identify prompt {prompt!r} must have 4 numbers x1,y1,x2,y2")
         x1, y1, x2, y2 = transform.source_to_grid(box)
         return prompts.identify_instruction(prompts.GridBox(x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)))
-    raise ValueError(f"task {task!r} must be one of {', '.join(TASKS)}")
+    raise ValueError(f"task {task!r} must be one of {', '.join(prompts.TASKS)}")
 
 
-def run_task(model: MiniGPTMed, ds: Dataset, task: str, prompt: str | None = None) -> TaskAnswer:
+def run_task(loaded: LoadedModel, ds: Dataset, task: str, prompt: str | None = None) -> TaskAnswer:
     """One task on one image, e.g. ``[detection] nodule``; box answers come back as source-pixel findings."""
-    image = prepare_image(ds, model.config.vision.image_size)
+    image = prepare_image(ds, loaded.model.config.vision.image_size)
     instruction = task_instruction(task, prompt, image.transform)
-    tokens = REPORT_TOKENS if task == "report" else TASK_TOKENS
-    text = model.generate(_images([image]), [instruction], max_new_tokens=tokens)[0]
+    uid = str(ds.SOPInstanceUID)
+    request = InferenceRequest(
+        request_id=f"task-{uid}", study_instance_uid=str(ds.get("StudyInstanceUID", "")) or "unknown", episode_id=0,
+        model_size=image.transform.model_size,
+        images=[ModelImage.build(uid, image.pixels, sop_instance_uid=uid, transform=image.transform,
+                                 dtype=IN_PROCESS_DTYPE)],
+        tasks=[ModelTask(task_id=task, image=uid, task=task, instruction=instruction,
+                         max_new_tokens=REPORT_TOKENS if task == "report" else TASK_TOKENS)])
+    [response] = run_batch(loaded, [request])
+    text = response.texts()[task]
     default = prompt if task == "detection" else None
     found = [] if task in ("report", "vqa", "identify") else refine_findings(
-        findings_from_answer(text, image.transform, str(ds.SOPInstanceUID), default), [ds], [image.display])
+        findings_from_answer(text, image.transform, uid, default), [ds], [image.display])
     return TaskAnswer(task, instruction, text, found)

@@ -42,8 +42,8 @@ from pydicom.dataset import Dataset
 from core.result import Finding
 from model import prompts
 from model.analyze import analyze_series
-from model.examples import study_view
-from model.imaging import prepare_image
+from model.embedded import LoadedModel
+from model.imaging import prepare_image, study_view
 from model.minigpt import MiniGPTMed
 from model.slices import SlicePolicy, iou, select_indices
 
@@ -195,7 +195,7 @@ def _study_counts(findings: Sequence[Finding], truth: Sequence[TruthFinding], mo
     return counts, ious
 
 
-def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None,
+def evaluate_folder(loaded: LoadedModel, folder: Path, *, limit: int | None = None,
                     policy: SlicePolicy | None = None) -> dict[str, Any]:
     """Every metric of the module docstring on the phantom *folder* (the first *limit* studies)."""
     policy = policy or SlicePolicy()
@@ -212,7 +212,7 @@ def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None
     for number, (study, paths) in enumerate(studies, start=1):
         all_datasets = [dcmread(p) for p in paths]
         datasets = [all_datasets[i] for i in select_indices(len(all_datasets), policy.max_per_series)]
-        analysis = analyze_series(model, datasets, policy)
+        analysis = analyze_series(loaded, datasets, policy)
         truth = [TruthFinding(f["label"], f["sop_instance_uid"], tuple(float(v) for v in f["box"]))
                  for f in study["findings"]]
         counts, study_ious = _study_counts(analysis.findings, truth, study["modality"], by_label)
@@ -221,7 +221,7 @@ def evaluate_folder(model: MiniGPTMed, folder: Path, *, limit: int | None = None
         model_totals.update(_study_counts(analysis.model_findings, truth, study["modality"], model_by_label)[0])
         predicted_labels.append(extract_labels(analysis.report_text, study["modality"]))
         truth_labels.append({f["label"] for f in study["findings"]})
-        answers = answer_questions(model, datasets, [q["question"] for q in study["qa"]])
+        answers = answer_questions(loaded.model, datasets, [q["question"] for q in study["qa"]])
         for qa, answer in zip(study["qa"], answers, strict=True):
             vqa_total += 1
             vqa_right += normalise_answer(answer) == normalise_answer(qa["answer"])

@@ -4,11 +4,11 @@ What the model reads (the same in training, analysis and evaluation):
 
 * each image of a study, prepared by :func:`model.imaging.prepare_image` (window, letterbox, CLIP normalisation);
   box tasks run per image, boxes are on the 0–100 grid of that image's letterboxed square;
-* a study-level *view* for the report and VQA (:func:`study_view`): the single image of a radiograph; for a chest
-  CT series the maximum-intensity projection of the analysed slices (as a radiologist slabs a chest CT to find
-  nodules: a nodule of any slice stays a bright spot at full resolution, so it can be seen, counted and sided);
-  for an MR series (or slices of different sizes) a montage of the analysed slices (``ceil(sqrt(n))`` columns,
-  each slice letterboxed into its tile, head first).
+* a study-level *view* for the report and VQA (:func:`model.imaging.study_view`): the single image of a
+  radiograph, the maximum-intensity projection of a CT series' analysed slices, or a montage of an MR series'.
+
+This module is training only: production (the analysis, the pipeline, the CLI) never imports it or the phantom
+generator it draws from (the ``phantoms and training`` contract of pyproject.toml).
 
 Tasks and answers (box text as in :mod:`model.prompts`):
 
@@ -28,19 +28,16 @@ vqa            ``[vqa] <question>``                             the short answer
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from model import prompts
-from model.imaging import Letterbox, PreparedImage, letterbox, normalise, prepare_image
-from model.phantom_anatomy import CT_LABELS, LATERAL_LABELS, MR_LABELS, RADIOGRAPH_LABELS
+from model.imaging import Letterbox, prepare_image, projects, study_view
 from model.phantoms import PhantomStudy
-from model.prompts import GridBox
+from model.prompts import CT_LABELS, MR_LABELS, RADIOGRAPH_LABELS, TASKS, GridBox
 
-TASKS = ("report", "detection", "refer", "identify", "grounding", "vqa")
 NO_BOX_ANSWER = "none"  # [detection] answer when the label is absent
 NORMAL_GROUNDING = "no abnormality"  # [grounding] answer for an image without findings
 MODALITY_LABELS: dict[str, tuple[str, ...]] = {"CR": RADIOGRAPH_LABELS, "DX": RADIOGRAPH_LABELS, "CT": CT_LABELS,
@@ -92,41 +89,6 @@ def grid_box(transform: Letterbox, box: Sequence[float]) -> GridBox:
     return GridBox(x1, y1, max(x2, x1 + 1), max(y2, y1 + 1))
 
 
-def overview(displays: Sequence[np.ndarray], model_size: int) -> np.ndarray:
-    """(3, S, S) model input showing every display image: itself when one, else a montage of tiles."""
-    if not displays:
-        raise ValueError("overview needs at least one image")
-    columns = math.ceil(math.sqrt(len(displays)))
-    rows = math.ceil(len(displays) / columns)
-    tile = model_size // max(columns, rows)
-    square = np.zeros((model_size, model_size), dtype=np.float32)
-    top = (model_size - rows * tile) // 2
-    left = (model_size - columns * tile) // 2
-    for i, display in enumerate(displays):
-        small, _ = letterbox(display, tile)
-        r, c = divmod(i, columns)
-        square[top + r * tile: top + (r + 1) * tile, left + c * tile: left + (c + 1) * tile] = small
-    return normalise(square)
-
-
-def projects(modality: str | None, prepared: Sequence[PreparedImage]) -> bool:
-    """Whether the study view of these slices is their maximum-intensity projection (CT slices of one size)."""
-    return modality == "CT" and len(prepared) > 1 and len({p.display.shape for p in prepared}) == 1
-
-
-def study_view(prepared: Sequence[PreparedImage], modality: str | None, model_size: int) -> np.ndarray:
-    """(3, S, S) report/VQA input of one series (see the module docstring): the image itself, the CT
-    maximum-intensity projection, or a montage."""
-    if not prepared:
-        raise ValueError("study_view needs at least one image")
-    if len(prepared) == 1:
-        return prepared[0].pixels
-    if projects(modality, prepared):
-        square, _ = letterbox(np.max(np.stack([p.display for p in prepared]), axis=0), model_size)
-        return normalise(square)
-    return overview([p.display for p in prepared], model_size)
-
-
 def prepare_phantom(study: PhantomStudy, model_size: int) -> PreparedStudy:
     """Prepare every image of *study* as analysis would, and map its boxes onto the model grid: a radiograph's
     truth findings, or every visible lesion section of a CT/MR series (``Rendering.drawn``), slice by slice."""
@@ -136,14 +98,6 @@ def prepare_phantom(study: PhantomStudy, model_size: int) -> PreparedStudy:
     view = study_view(prepared, study.modality, model_size)
     return PreparedStudy(study.modality, [p.pixels for p in prepared], view, findings, study.report, study.qa,
                          view_shows_boxes=len(prepared) == 1 or projects(study.modality, prepared))
-
-
-def laterality_of(label: str, box: GridBox) -> str | None:
-    """The patient's side of a lateral finding from its box: image left (low x) is the patient's right."""
-    if label not in LATERAL_LABELS:
-        return None
-    centre = (box.x1 + box.x2) / 2
-    return "right" if centre < prompts.BOX_GRID / 2 else "left"
 
 
 def grounded_answer(findings: Sequence[GridFinding]) -> str:

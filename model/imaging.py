@@ -20,11 +20,18 @@ The :class:`Letterbox` transform is kept with the tensor so that a box on the mo
 source pixels and back again. Source-pixel coordinates are DICOM image coordinates: x = column, y = row, the
 top-left corner of the top-left pixel is (0, 0) and its centre is (0.5, 0.5), so a box that tightly holds the
 pixels of columns a..b and rows c..d is (a, c, b + 1, d + 1).
+
+The report (and VQA) input of a series is its *study view* (:func:`study_view`), the same in training, analysis
+and evaluation: the single image of a radiograph; for a chest CT series the maximum-intensity projection of the
+analysed slices (as a radiologist slabs a chest CT to find nodules: a nodule of any slice stays a bright spot at
+full resolution, so it can be seen, counted and sided); for an MR series (or slices of different sizes) a montage
+of the analysed slices (``ceil(sqrt(n))`` columns, each slice letterboxed into its tile, head first).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +293,41 @@ def prepare_image(
 ) -> PreparedImage:
     """Decode, window and letterbox one frame of *ds* for a model with a ``model_size`` square input."""
     return prepare_display(display_values(ds, frame, window=window), model_size)
+
+
+def overview(displays: Sequence[np.ndarray], model_size: int) -> np.ndarray:
+    """(3, S, S) model input showing every display image: itself when one, else a montage of tiles."""
+    if not displays:
+        raise ValueError("overview needs at least one image")
+    columns = math.ceil(math.sqrt(len(displays)))
+    rows = math.ceil(len(displays) / columns)
+    tile = model_size // max(columns, rows)
+    square = np.zeros((model_size, model_size), dtype=np.float32)
+    top = (model_size - rows * tile) // 2
+    left = (model_size - columns * tile) // 2
+    for i, display in enumerate(displays):
+        small, _ = letterbox(display, tile)
+        r, c = divmod(i, columns)
+        square[top + r * tile: top + (r + 1) * tile, left + c * tile: left + (c + 1) * tile] = small
+    return normalise(square)
+
+
+def projects(modality: str | None, prepared: Sequence[PreparedImage]) -> bool:
+    """Whether the study view of these slices is their maximum-intensity projection (CT slices of one size)."""
+    return modality == "CT" and len(prepared) > 1 and len({p.display.shape for p in prepared}) == 1
+
+
+def study_view(prepared: Sequence[PreparedImage], modality: str | None, model_size: int) -> np.ndarray:
+    """(3, S, S) report/VQA input of one series (see the module docstring): the image itself, the CT
+    maximum-intensity projection, or a montage."""
+    if not prepared:
+        raise ValueError("study_view needs at least one image")
+    if len(prepared) == 1:
+        return prepared[0].pixels
+    if projects(modality, prepared):
+        square, _ = letterbox(np.max(np.stack([p.display for p in prepared]), axis=0), model_size)
+        return normalise(square)
+    return overview([p.display for p in prepared], model_size)
 
 
 def read_header(path: Path) -> Dataset:

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.phantom_anatomy import CT_LABELS, MR_LABELS, RADIOGRAPH_LABELS
-from model.prompts import BOX_GRID, GridBox
+from model.prompts import BOX_GRID, CT_LABELS, MR_LABELS, RADIOGRAPH_LABELS, GridBox
 
 PROBE_LABELS: tuple[str, ...] = tuple(dict.fromkeys((*RADIOGRAPH_LABELS, *CT_LABELS, *MR_LABELS)))
 MIN_COVER = 0.25  # fraction of a patch a box must cover to mark it

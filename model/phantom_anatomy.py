@@ -18,10 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-RADIOGRAPH_LABELS = ("nodule", "mass", "pleural effusion", "pneumothorax", "consolidation", "cardiomegaly")
-CT_LABELS = ("nodule",)
-MR_LABELS = ("tumor", "edema")
-LATERAL_LABELS = frozenset({"nodule", "mass", "pleural effusion", "pneumothorax", "consolidation", "tumor", "edema"})
+from model.prompts import RADIOGRAPH_LABELS
 
 NORMAL_CTR = (0.38, 0.47)
 ENLARGED_CTR = (0.56, 0.66)

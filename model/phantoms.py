@@ -29,9 +29,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from core.jsonio import write_atomic
-from model.phantom_anatomy import RADIOGRAPH_LABELS, DrawnFinding, Rendering, render_radiograph
+from model.phantom_anatomy import DrawnFinding, Rendering, render_radiograph
 from model.phantom_sections import render_brain_mr, render_chest_ct
 from model.phantom_text import make_qa, write_report
+from model.prompts import RADIOGRAPH_LABELS
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,13 @@ IMAGE_SEGMENT = f"<Img>{IMAGE_PLACEHOLDER}</Img>"
 # MiniGPT-Med's MIMIC-CXR report instruction (first of its pool; the evaluation picks from the same pool).
 REPORT_INSTRUCTION = "Describe this image in detail"
 GROUNDING_INSTRUCTION = "[grounding] describe this image in detail"
+TASKS = ("report", "detection", "refer", "identify", "grounding", "vqa")  # what the model is taught to do
+
+# The model's vocabulary: the labels it is taught per modality family, and those that have a side.
+RADIOGRAPH_LABELS = ("nodule", "mass", "pleural effusion", "pneumothorax", "consolidation", "cardiomegaly")
+CT_LABELS = ("nodule",)
+MR_LABELS = ("tumor", "edema")
+LATERAL_LABELS = frozenset({"nodule", "mass", "pleural effusion", "pneumothorax", "consolidation", "tumor", "edema"})
 
 
 @dataclass(frozen=True)

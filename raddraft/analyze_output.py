@@ -1,7 +1,8 @@
 """What ``raddraft analyze`` prints for one dataset, the same whether the command loaded the model itself or a
 gateway answered on its model socket (:mod:`raddraft.model_socket`); and the gateway's side of that socket.
 
-Imports the model stack (torch): only the process that runs the model imports this module.
+Both go through the one analysis path, :mod:`model.analyze` (build the request → run it → assemble), as the
+pipeline does. Imports the model stack (torch): only the process that runs the model imports this module.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def describe(loaded: LoadedModel, ds: Dataset, task: str | None, prompt: str | N
     """
     identity = loaded.identity.model_dump()
     if task is None:
-        analysis = analyze_series(loaded.model, [ds])
+        analysis = analyze_series(loaded, [ds])
         payload = analysis_payload(identity, analysis)
         text = (f"PRELIMINARY (AI draft, not signed) — {loaded.identity.name} {loaded.identity.version}\n"
                 f"{analysis.report.text}\n\nFINDINGS WITH BOXES (source pixels x1, y1, x2, y2):\n"
@@ -47,7 +48,7 @@ def describe(loaded: LoadedModel, ds: Dataset, task: str | None, prompt: str | N
                            for f in analysis.findings) or "  none\n")
                 + f"({analysis.seconds:.2f} s)\n")
         return AnalyzeReply(ok=True, payload=payload, text=text)
-    answer = run_task(loaded.model, ds, task, prompt)
+    answer = run_task(loaded, ds, task, prompt)
     payload = {"model": identity, "status": "preliminary", "task": answer.task, "instruction": answer.instruction,
                "answer": answer.text, "findings": [f.model_dump() for f in answer.findings]}
     text = f"{answer.instruction}\n{answer.text}\n" + "".join(

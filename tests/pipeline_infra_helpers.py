@@ -11,8 +11,8 @@ from model import prompts
 from model.config import RADDRAFT_SMALL, MiniGPTConfig
 from model.imaging import prepare_display
 from model.minigpt import MiniGPTMed
+from model.payload import InferenceRequest, ModelImage, ModelTask
 from model.tokenizer import build_tokenizer
-from workers.payload import InferenceRequest, ModelImage, ModelTask
 
 TINY: MiniGPTConfig = RADDRAFT_SMALL.replace(
     name="pipeline-tiny",

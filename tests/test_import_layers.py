@@ -1,6 +1,6 @@
-"""The layers contract of pyproject.toml ([tool.importlinter], issue 18) holds on this tree and breaks on a
-back-arrow: each case copies the packages' Python files to a temporary folder, adds one import that runs up the
-layers (or into the tests) and expects ``lint-imports`` to fail naming it."""
+"""The contracts of pyproject.toml ([tool.importlinter], issue 18) hold on this tree and break on a back-arrow: each
+case copies the packages' Python files to a temporary folder, adds one import that runs up the layers (or into the
+tests, or from production into the phantoms or the training) and expects ``lint-imports`` to fail naming it."""
 
 from __future__ import annotations
 
@@ -53,6 +53,11 @@ def test_the_contract_holds_on_this_tree() -> None:
     # a new arrow from workers to the worklist: only the three known ones are ignored
     ("workers/delivery.py", "import worklist.storage", "workers is not allowed to import worklist"),
     ("workers/gate.py", "import tests.peers", "workers.gate -> tests.peers"),
+    # production never imports the phantom generator or the training code (workers/pipeline.py once did)
+    ("workers/pipeline.py", "import model.examples", "workers.pipeline -> model.examples"),
+    ("model/imaging.py", "import model.phantoms", "model.imaging is not allowed to import model.phantoms"),
+    ("raddraft/analyze_output.py", "import model.training",
+     "raddraft.analyze_output is not allowed to import model.training"),
 ])
 def test_a_back_arrow_breaks_the_contract(copy: Path, module: str, line: str, message: str) -> None:
     path = copy / module

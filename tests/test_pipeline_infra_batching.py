@@ -10,9 +10,10 @@ import pytest
 from pipeline_infra_helpers import TINY, tiny_model
 from test_pipeline_infra_request import IDENTITY, spool_study
 
+from model import analyze
 from model.embedded import LoadedModel
 from model.phantoms import generate_studies
-from workers import inference, pipeline
+from workers import pipeline
 from workers.batching import MicroBatcher
 
 
@@ -53,7 +54,7 @@ def recording(loaded: LoadedModel, sizes: list[int]):
 
     def run(batch):
         sizes.append(len(batch))
-        return inference.run_batch(loaded, batch)
+        return analyze.run_batch(loaded, batch)
 
     return run
 
@@ -64,7 +65,7 @@ def test_queued_requests_share_one_forward_pass_and_get_their_own_answers(loaded
     answers = submit_all(MicroBatcher(recording(loaded, calls), max_batch=4, window_s=0.5), requests)
     assert calls == [3]
     for request, answer in zip(requests, answers, strict=True):
-        [alone] = inference.run_batch(loaded, [request])
+        [alone] = analyze.run_batch(loaded, [request])
         assert answer.request_id == request.request_id
         assert answer.texts() == alone.texts()
         assert answer.batch_rows == sum(len(r.tasks) for r in requests)

@@ -9,6 +9,7 @@ import torch
 from pipeline_infra_helpers import TINY, request, tiny_model_folder
 
 from core.settings import Settings
+from model import analyze
 from model.embedded import LoadedModel
 from workers import inference
 
@@ -45,9 +46,9 @@ def test_batch_of_two_requests_gives_the_texts_of_each_alone(loaded: LoadedModel
         return generate(images, instructions, max_new_tokens)
 
     monkeypatch.setattr(loaded.model, "generate_ids", counting)
-    together = inference.run_batch(loaded, [a, b])
+    together = analyze.run_batch(loaded, [a, b])
     assert calls == [5]  # ONE generate call: 3 rows of a + 2 rows of b
-    alone = inference.run_batch(loaded, [a]) + inference.run_batch(loaded, [b])
+    alone = analyze.run_batch(loaded, [a]) + analyze.run_batch(loaded, [b])
     assert [r.texts() for r in together] == [r.texts() for r in alone]
     assert [r.request_id for r in together] == [a.request_id, b.request_id]
     assert together[0].batch_rows == 5 and alone[0].batch_rows == 3
@@ -62,10 +63,10 @@ def test_batch_of_two_requests_gives_the_texts_of_each_alone(loaded: LoadedModel
 
 def test_batch_rejects_a_wrong_image_size_and_repeated_ids(loaded: LoadedModel) -> None:
     with pytest.raises(ValueError, match=r"model_size 28 does not match the model's vision\.image_size 56"):
-        inference.run_batch(loaded, [request("1.2.3", [1], size=28)])
+        analyze.run_batch(loaded, [request("1.2.3", [1], size=28)])
     with pytest.raises(ValueError, match="request ids in one batch must be unique"):
-        inference.run_batch(loaded, [request("1.2.3", [1]), request("1.2.3", [2])])
-    assert inference.run_batch(loaded, []) == []
+        analyze.run_batch(loaded, [request("1.2.3", [1]), request("1.2.3", [2])])
+    assert analyze.run_batch(loaded, []) == []
 
 
 def test_infer_uses_settings_model_and_threads(model_folder: Path, tmp_path: Path) -> None:

@@ -14,8 +14,7 @@ from pydantic import ValidationError
 
 from core.result import ModelIdentity
 from model.imaging import prepare_image
-from model.phantoms import generate_studies
-from workers.payload import (
+from model.payload import (
     ArrayBlob,
     InferenceRequest,
     InferenceResponse,
@@ -25,6 +24,7 @@ from workers.payload import (
     TaskOutput,
     TransformSpec,
 )
+from model.phantoms import generate_studies
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])

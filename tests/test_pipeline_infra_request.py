@@ -13,12 +13,13 @@ from pydicom import dcmread
 from core.manifest import StudyManifest
 from core.result import ModelIdentity
 from dicom_node.index import InstanceRecord
+from model import analyze
 from model.analyze import analyze_series
 from model.embedded import LoadedModel
+from model.payload import InferenceRequest, InferenceResponse, TaskOutput
 from model.phantoms import PhantomStudy, generate_studies, generate_study, study_rng
 from model.slices import iou
-from workers import inference, pipeline
-from workers.payload import InferenceRequest, InferenceResponse, TaskOutput
+from workers import pipeline
 from workers.prepare import build_manifest
 
 TOKENS = 24
@@ -56,16 +57,16 @@ def test_queue_round_trip_equals_in_process_analysis(modality: str, loaded: Load
     assert len([t for t in request.tasks if t.task == "grounding"]) == len(study.datasets)
     if modality != "CR":
         assert any(image.sop_instance_uid is None for image in request.images)  # the study view: CT MIP, MR montage
-    [response] = inference.run_batch(loaded, [request])
+    [response] = analyze.run_batch(loaded, [request])
     [series] = manifest.series
     datasets = [dcmread(tmp_path / instance.path) for instance in series.instances]  # all slices: 4 < 8 per series
-    result = pipeline.analysis_from_response(request, InferenceResponse.from_json(response.to_json()),
+    result = analyze.assemble(request, InferenceResponse.from_json(response.to_json()),
                                              sources=datasets)
-    expected = analyze_series(loaded.model, datasets, max_new_tokens=TOKENS)
+    expected = analyze_series(loaded, datasets, max_new_tokens=TOKENS)
     assert result.report == expected.report
     assert result.findings == expected.findings
     assert result.analysed_instances == expected.analysed_instances
-    assert result.raw_outputs[pipeline.REPORT_TASK_ID] == expected.raw_outputs["report"]
+    assert result.raw_outputs[analyze.REPORT_TASK_ID] == expected.raw_outputs["report"]
     assert result.status == "preliminary" and result.model == IDENTITY
 
 
@@ -75,22 +76,22 @@ def test_boxes_map_back_to_source_pixels(tmp_path: Path) -> None:
     request = pipeline.build_request(tmp_path, manifest, 56)
     uid = str(study.datasets[0].SOPInstanceUID)
     key = f"{manifest.series[0].series_instance_uid}/{uid}"
-    texts = {pipeline.REPORT_TASK_ID: "FINDINGS: Nodule. IMPRESSION: Nodule.",
+    texts = {analyze.REPORT_TASK_ID: "FINDINGS: Nodule. IMPRESSION: Nodule.",
              "grounding:" + uid: "<p>nodule</p> {<10><20><50><60>}"}
     response = InferenceResponse(request_id=request.request_id, study_instance_uid=request.study_instance_uid,
                                  episode_id=1, model=IDENTITY, batch_rows=2, seconds=0.1,
                                  outputs=[TaskOutput(task_id=k, text=v) for k, v in texts.items()])
-    result = pipeline.analysis_from_response(request, response)
+    result = analyze.assemble(request, response)
     transform = request.image(key).transform.to_letterbox()  # type: ignore[union-attr]
     [finding] = result.findings
     assert finding.label == "nodule" and finding.sop_instance_uid == uid
     assert finding.box == pytest.approx(transform.grid_to_source((10, 20, 50, 60)))
     assert result.report.findings == "Nodule." and result.report.impression == "Nodule."
 
-    with pytest.raises(pipeline.StageError, match=r"has no output for task\(s\) grounding:"):
-        pipeline.analysis_from_response(request, response.model_copy(update={"outputs": response.outputs[:1]}))
-    with pytest.raises(pipeline.StageError, match="does not answer request"):
-        pipeline.analysis_from_response(request, response.model_copy(update={"request_id": "other"}))
+    with pytest.raises(analyze.AnalysisError, match=r"has no output for task\(s\) grounding:"):
+        analyze.assemble(request, response.model_copy(update={"outputs": response.outputs[:1]}))
+    with pytest.raises(analyze.AnalysisError, match="does not answer request"):
+        analyze.assemble(request, response.model_copy(update={"request_id": "other"}))
 
 
 def test_nodule_boxes_are_refined_on_the_source_pixels(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -105,18 +106,18 @@ def test_nodule_boxes_are_refined_on_the_source_pixels(tmp_path: Path, caplog: p
     side = truth.box[2] - truth.box[0]
     off = (truth.box[0] + 0.3 * side, truth.box[1] - 0.2 * side, truth.box[2] + 0.3 * side, truth.box[3])
     grid = transform.source_to_grid(off)
-    texts = {pipeline.REPORT_TASK_ID: "FINDINGS: Nodule. IMPRESSION: Nodule.",
+    texts = {analyze.REPORT_TASK_ID: "FINDINGS: Nodule. IMPRESSION: Nodule.",
              "grounding:" + uid: "<p>nodule</p> {" + "".join(f"<{v}>" for v in grid) + "}"}
     response = InferenceResponse(request_id=request.request_id, study_instance_uid=request.study_instance_uid,
                                  episode_id=1, model=IDENTITY, batch_rows=2, seconds=0.1,
                                  outputs=[TaskOutput(task_id=k, text=v) for k, v in texts.items()])
-    [model_box] = pipeline.analysis_from_response(request, response).findings  # no sources: the grid box
+    [model_box] = analyze.assemble(request, response).findings  # no sources: the grid box
     assert model_box.box == pytest.approx(transform.grid_to_source(grid))
-    [refined] = pipeline.analysis_from_response(request, response, sources=study.datasets).findings
+    [refined] = analyze.assemble(request, response, sources=study.datasets).findings
     assert iou(refined.box, truth.box) > max(0.6, iou(model_box.box, truth.box))
     other = next(generate_studies(8, 1, "CR")).datasets
     with caplog.at_level("WARNING"):
-        [kept] = pipeline.analysis_from_response(request, response, sources=other).findings
+        [kept] = analyze.assemble(request, response, sources=other).findings
     assert kept == model_box and "its boxes stay unrefined" in caplog.text
 
 

@@ -36,14 +36,15 @@ from core.manifest import StudyManifest
 from core.result import AnalysisResult, ModelIdentity
 from core.settings import Settings
 from dicom_node.index import InstanceRecord
+from model import analyze
 from model.embedded import LoadedModel
 from model.imaging import display_values
+from model.payload import InferenceRequest, InferenceResponse, TaskOutput
 from model.refine import hounsfield
 from reporting.hl7_oru import ResultStatus, oru_r01_from_settings
 from reporting.outbox import OutboxEntry, read_sources, write_outputs
-from workers import inference, pipeline
+from workers import pipeline
 from workers.gate import GateRules, gate
-from workers.payload import InferenceRequest, InferenceResponse, TaskOutput
 from workers.prepare import build_manifest
 
 IDENTITY = ModelIdentity(name="test", version="test", parameters={})
@@ -74,7 +75,7 @@ def _spool(spool: Path, datasets: dict[str, Dataset]) -> StudyManifest:
 
 def _response(request: InferenceRequest, grounding: dict[str, str]) -> InferenceResponse:
     texts = {task.task_id: grounding.get(task.task_id, "no finding") for task in request.tasks}
-    texts[pipeline.REPORT_TASK_ID] = "FINDINGS: Effusion. IMPRESSION: Effusion."
+    texts[analyze.REPORT_TASK_ID] = "FINDINGS: Effusion. IMPRESSION: Effusion."
     return InferenceResponse(request_id=request.request_id, study_instance_uid=request.study_instance_uid,
                              episode_id=request.episode_id, model=IDENTITY, batch_rows=len(texts), seconds=0.1,
                              outputs=[TaskOutput(task_id=k, text=v) for k, v in texts.items()])
@@ -168,7 +169,7 @@ def test_a_finding_on_frame_k_of_an_enhanced_ct_reaches_the_sr_and_gsps_as_frame
     uid = manifest.series[0].instances[0].sop_instance_uid
     sources = read_sources(spool, manifest)
     response = _response(request, {f"grounding:{uid}:14": "<p>pleural effusion</p> {<20><30><60><70>}"})
-    result = pipeline.analysis_from_response(request, response, sources=sources)
+    result = analyze.assemble(request, response, sources=sources)
     [finding] = result.findings
     assert (finding.sop_instance_uid, finding.frame_number) == (uid, 14)
     assert result.analysed_instances == [uid] and result.analysed_frames == {uid: sorted(PICKED_FRAMES)}
@@ -204,9 +205,9 @@ def test_an_enhanced_mr_goes_through_the_pipeline_with_the_model_in_process(tmp_
     picked = [11 - i for i in (0, 2, 3, 4, 6, 7, 8, 10)]
     assert _frames_read(request) == picked
     loaded = LoadedModel(tiny_model(), ModelIdentity(name=TINY.name, version="test"), trained=False)
-    [response] = inference.run_batch(loaded, [request])
+    [response] = analyze.run_batch(loaded, [request])
     sources = read_sources(spool, manifest)
-    result = pipeline.analysis_from_response(request, response, sources=sources)
+    result = analyze.assemble(request, response, sources=sources)
     uid = manifest.series[0].instances[0].sop_instance_uid
     assert result.analysed_frames == {uid: sorted(picked)}
     assert all(f.sop_instance_uid == uid and f.frame_number in picked for f in result.findings)
@@ -235,7 +236,7 @@ def test_both_frames_of_a_two_frame_mr_are_read_and_a_finding_on_frame_2_names_i
     assert not np.allclose(by_key[f"{series_uid}/{uid}:1"], by_key[f"{series_uid}/{uid}:2"])  # each its own frame
     sources = read_sources(spool, manifest)
     response = _response(request, {f"grounding:{uid}:2": "<p>mass</p> {<20><20><60><60>}"})
-    result = pipeline.analysis_from_response(request, response, sources=sources)
+    result = analyze.assemble(request, response, sources=sources)
     [finding] = result.findings
     assert finding.frame_number == 2
     # a GSPS cannot name a frame of an image whose IOD has no Multi-frame module (highdicom refuses it)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from pydicom import dcmread
-from train_helpers import tiny_model
+from train_helpers import tiny_loaded, tiny_model
 
 from core.result import DraftReport
 from model.analyze import (
@@ -63,7 +63,7 @@ def test_task_instructions_and_their_errors():
 
 
 def test_random_model_gives_a_valid_result_without_crashing():
-    model = tiny_model()
+    model = tiny_loaded()
     study = generate_study(study_rng(21, 0), "CR")
     ds = study.datasets[0]
     analysis = analyze_series(model, [ds], max_new_tokens=24)
@@ -76,7 +76,7 @@ def test_random_model_gives_a_valid_result_without_crashing():
 
 
 def test_random_model_on_a_ct_series_merges_and_keeps_slice_uids():
-    model = tiny_model()
+    model = tiny_loaded()
     study = generate_study(study_rng(22, 0), "CT")
     analysis = analyze_series(model, study.datasets, max_new_tokens=16)
     uids = {str(ds.SOPInstanceUID) for ds in study.datasets}
@@ -86,17 +86,17 @@ def test_random_model_on_a_ct_series_merges_and_keeps_slice_uids():
 
 
 def test_generate_is_called_once_per_series(monkeypatch):
-    model = tiny_model()
+    loaded = tiny_loaded()
     calls = []
-    real = model.generate
+    real = loaded.model.generate_ids
 
-    def counting(images, instructions, max_new_tokens=300):
+    def counting(images, instructions, max_new_tokens=300, **kwargs):
         calls.append(list(instructions))
-        return real(images, instructions, max_new_tokens)
+        return real(images, instructions, max_new_tokens, **kwargs)
 
-    monkeypatch.setattr(model, "generate", counting)
+    monkeypatch.setattr(loaded.model, "generate_ids", counting)
     study = generate_study(study_rng(23, 0), "MR")
-    analyze_series(model, study.datasets, max_new_tokens=8)
+    analyze_series(loaded, study.datasets, max_new_tokens=8)
     assert len(calls) == 1
     assert calls[0][0] == "Describe this image in detail"
     assert calls[0][1:] == ["[grounding] describe this image in detail"] * len(study.datasets)
@@ -146,7 +146,7 @@ def test_shipped_checkpoint_reads_the_image_and_finds_true_boxes_in_source_pixel
     true_boxes, said = 0, []
     for path, study in zip(paths, truth, strict=True):
         ds = dcmread(path)
-        analysis = analyze_series(loaded.model, [ds])
+        analysis = analyze_series(loaded, [ds])
         assert analysis.report.findings and analysis.report.impression
         said.append(extract_labels(analysis.report_text, "CR"))
         for finding in analysis.findings:

@@ -9,17 +9,15 @@ from model import prompts
 from model.examples import (
     NO_BOX_ANSWER,
     NORMAL_GROUNDING,
-    TASKS,
     grid_box,
     make_example,
-    overview,
     prepare_phantom,
     sample_examples,
-    study_view,
 )
-from model.imaging import Letterbox, prepare_display
+from model.imaging import Letterbox, overview, prepare_display, study_view
 from model.phantom_sections import SECTION_MIN_RADIUS_PX
 from model.phantoms import generate_studies, generate_study, study_rng
+from model.prompts import TASKS
 
 SIZE = 224
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from train_helpers import tiny_model
+from train_helpers import tiny_loaded
 
 from core.result import Finding
 from model.evaluation import (
@@ -92,8 +92,8 @@ def test_answers_are_normalised_and_labels_counted():
 
 def test_evaluate_folder_and_command_with_a_random_model(tmp_path, capsys):
     write_studies(tmp_path / "set", seed=41, count=2)
-    model = tiny_model()
-    metrics = evaluate_folder(model, tmp_path / "set")
+    loaded = tiny_loaded()
+    metrics = evaluate_folder(loaded, tmp_path / "set")
     assert metrics["studies"] == 2
     assert 0.0 <= metrics["finding"]["f1"] <= 1.0 and 0.0 <= metrics["vqa_accuracy"] <= 1.0
     assert metrics["vqa_questions"] > 0 and metrics["latency_s"]["mean"] > 0
@@ -111,7 +111,7 @@ def test_evaluate_folder_and_command_with_a_random_model(tmp_path, capsys):
         len(s["findings"]) for s in truth)
     for key in ("tp", "fp", "fn"):
         assert sum(counts[key] for counts in raw["by_label"].values()) == raw[key]
-    model.save_pretrained(tmp_path / "model")
+    loaded.model.save_pretrained(tmp_path / "model")
     assert main(["evaluate", str(tmp_path / "set"), "--model", str(tmp_path / "model"), "--limit", "1",
                  "--out", str(tmp_path / "m.json")]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from core.result import ModelIdentity
 from model.config import MiniGPTConfig, get_preset
+from model.embedded import LoadedModel
 from model.minigpt import MiniGPTMed
 from model.tokenizer import build_tokenizer
 
@@ -20,3 +22,8 @@ TINY: MiniGPTConfig = get_preset("raddraft-small").replace(
 def tiny_model(seed: int = 0) -> MiniGPTMed:
     torch.manual_seed(seed)
     return MiniGPTMed(TINY, build_tokenizer(vocab_size=TINY.llm.vocab_size)).eval()
+
+
+def tiny_loaded(seed: int = 0) -> LoadedModel:
+    """:func:`tiny_model` as the analysis takes a model: with its identity."""
+    return LoadedModel(tiny_model(seed), ModelIdentity(name=TINY.name, version="test"), trained=False)

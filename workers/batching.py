@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from workers.payload import InferenceRequest, InferenceResponse
+from model.payload import InferenceRequest, InferenceResponse
 
 log = logging.getLogger(__name__)
 

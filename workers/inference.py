@@ -1,11 +1,10 @@
 """The gpu queue's work as plain functions: the model loaded once per worker process, and batched generation.
 
 :func:`get_model` loads ``settings.model`` lazily on first use and caches it for the life of the process (a
-lock makes concurrent first calls load it once). :func:`run_batch` answers several queued
-:class:`~workers.payload.InferenceRequest` s with ONE greedy ``generate`` call over every task row of every
-request (typically the report instruction on the study view plus a ``[grounding]`` instruction per image).
-Greedy decoding of a row does not depend on the other rows (left padding + attention mask), so each row is
-cut to its own ``max_new_tokens`` and a batch gives the texts each request would get alone.
+lock makes concurrent first calls load it once). :func:`infer` answers several queued
+:class:`~model.payload.InferenceRequest` s with :func:`model.analyze.run_batch`, the runner of the one analysis
+path: ONE greedy ``generate`` call over every task row of every request (typically the report instruction on the
+study view plus a ``[grounding]`` instruction per image).
 """
 
 from __future__ import annotations
@@ -15,12 +14,12 @@ import threading
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from core.settings import Settings
+from model.analyze import run_batch
 from model.embedded import LoadedModel, load_model
-from workers.payload import InferenceRequest, InferenceResponse, TaskOutput
+from model.payload import InferenceRequest, InferenceResponse
 
 log = logging.getLogger(__name__)
 
@@ -80,49 +79,6 @@ def set_threads(threads: int | None) -> None:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
         log.debug("torch uses %d CPU thread(s)", threads)
-
-
-def run_batch(loaded: LoadedModel, requests: Sequence[InferenceRequest]) -> list[InferenceResponse]:
-    """Answer every task of every request with one greedy generate call; responses in request order."""
-    if not requests:
-        return []
-    model = loaded.model
-    size = model.config.vision.image_size
-    ids = [r.request_id for r in requests]
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
-    if repeated:
-        raise ValueError(f"request ids in one batch must be unique, repeated: {repeated}")
-    images: list[np.ndarray] = []
-    instructions: list[str] = []
-    limits: list[int] = []
-    for request in requests:
-        if request.model_size != size:
-            raise ValueError(f"request {request.request_id}: model_size {request.model_size} does not match the "
-                             f"model's vision.image_size {size}")
-        decoded = {image.key: image.array() for image in request.images}
-        for task in request.tasks:
-            images.append(decoded[task.image])
-            instructions.append(task.instruction)
-            limits.append(task.max_new_tokens)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        batch = torch.from_numpy(np.stack(images))  # (R, 3, S, S)
-        rows = model.generate_ids(batch, instructions, max_new_tokens=max(limits))
-    seconds = time.perf_counter() - started
-    texts = [model.tokenizer.decode(row[:limit], skip_special_tokens=True).strip()
-             for row, limit in zip(rows, limits, strict=True)]
-    log.info("generated %d row(s) for %d request(s) in %.2f s", len(rows), len(requests), seconds)
-    responses: list[InferenceResponse] = []
-    position = 0
-    for request in requests:
-        outputs = [TaskOutput(task_id=task.task_id, text=texts[position + i]) for i, task in enumerate(request.tasks)]
-        position += len(request.tasks)
-        responses.append(InferenceResponse(
-            request_id=request.request_id, study_instance_uid=request.study_instance_uid,
-            episode_id=request.episode_id, model=loaded.identity, outputs=outputs, batch_rows=len(rows),
-            seconds=seconds,
-        ))
-    return responses
 
 
 def infer(settings: Settings, requests: Sequence[InferenceRequest]) -> list[InferenceResponse]:

@@ -8,10 +8,12 @@
 
 Every stage is idempotent. The report stage keeps the first AnalysisResult it wrote for an episode
 (``<home>/work/<study>/<episode>/analysis.json``) and builds the ORU with a control id derived from the
-episode, so a re-run rewrites byte-identical outputs with the same UIDs. Requests carry only the first
-series' report task (the study's report, as in model/analyze.py) plus one grounding task per analysed slice (an
-image, or a frame of a multi-frame image: model/slices.py); a finding on a frame carries its frame number through
-the result to the SR SCOORD and the GSPS.
+episode, so a re-run rewrites byte-identical outputs with the same UIDs. The request and the result are those of
+the one analysis path, :mod:`model.analyze` (``raddraft analyze`` goes through it too): the prepare stage only
+decodes the slices the slice policy picks (an image, or a frame of a multi-frame image: model/slices.py) and hands
+them to :func:`model.analyze.build_request`; the report stage assembles the result with
+:func:`model.analyze.assemble`. A finding on a frame carries its frame number through the result to the SR SCOORD
+and the GSPS.
 """
 
 from __future__ import annotations
@@ -19,34 +21,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-
-from pydicom.dataset import Dataset
 
 from core.jsonio import write_atomic
 from core.layout import analysis_path, manifest_path, request_path
 from core.manifest import StudyManifest
-from core.result import AnalysisResult, Finding
+from core.result import AnalysisResult
 from core.settings import Settings
 from core.states import DeliveryState, EpisodeState
 from dicom_node.index import Delivery, DeliveryKey, Index
-from model import prompts
-from model.analyze import REPORT_TOKENS, TASK_TOKENS, findings_from_answer, split_report
+from model import analyze
 from model.config import PRESETS, MiniGPTConfig
 from model.embedded import EMBEDDED_DIR, MINIGPT_MED_FILES
-from model.examples import study_view
 from model.imaging import (
     ImageDecodeError,
     NotAnImageError,
     PreparedImage,
 )
-from model.refine import RefinePolicy, refine_findings
-from model.slices import SlicePolicy, SlicePosition, SliceRef, merge_findings, plan_study, slice_key
+from model.payload import ArrayDType, InferenceRequest, InferenceResponse
+from model.slices import SlicePolicy, SliceRef, plan_study
 from model.weights import CONFIG_FILE
 from reporting.hl7_oru import (
     MAX_CONTROL_ID_LENGTH,
@@ -60,18 +56,13 @@ from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_out
 from workers.decode_child import isolated_decoder, prepare_slices
 from workers.delivery import DICOM, HL7
 from workers.gate import GateRules, gate
-from workers.payload import ArrayDType, InferenceRequest, InferenceResponse, ModelImage, ModelTask
 from worklist.bridge import register_draft
 
 log = logging.getLogger(__name__)
 Decoder = Callable[[Path, Sequence[SliceRef], int], list[PreparedImage]]
 
-REPORT_TASK_ID = "report"
 DICOM_KINDS = ("sr", "narrative", "gsps")  # the outbox outputs a DICOM delivery sends
 MINIGPT_MED_IMAGE_SIZE = PRESETS["minigpt-med"].vision.image_size
-# Model text is free text: control characters (other than the whitespace split_report already folds) cannot go
-# into DICOM or HL7 text, so they are replaced by a space before the result is built.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class StageError(ValueError):
@@ -104,11 +95,11 @@ def model_input_size(spec: str) -> int:
 def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, policy: SlicePolicy | None = None,
                   *, dtype: ArrayDType = "float16", max_new_tokens: int | None = None,
                   decode: Decoder = prepare_slices) -> InferenceRequest:
-    """The model inputs of a prepared episode: the slices the slice policy picks (images, or frames of a multi-frame
-    image: only those frames are read from its file), each with a grounding task, and the report task on the first
-    series (its image, or the study view of its analysed slices: a CT projection or a montage). Pixels travel as
-    *dtype*; *max_new_tokens* replaces the per-task budgets (REPORT_TOKENS, TASK_TOKENS) when given. *decode* reads
-    the picked slices of one instance (in this process, or an :class:`~workers.decode_child.IsolatedDecoder`)."""
+    """The inference request of a prepared episode (:func:`model.analyze.build_request`) of the slices the slice
+    policy picks (images, or frames of a multi-frame image: only those frames are read from its file). Pixels travel
+    as *dtype*; *max_new_tokens* replaces the per-task budgets when given. *decode* reads the picked slices of one
+    instance (in this process, or an :class:`~workers.decode_child.IsolatedDecoder`); an instance that cannot be
+    decoded is left out, and a :class:`StageError` says when none could be."""
     policy = policy or SlicePolicy()
     chosen, _ = plan_study(manifest, policy)
     per_instance: dict[tuple[str, str], list[SliceRef]] = {}  # (series, SOP Instance UID) -> its picked slices
@@ -133,31 +124,11 @@ def build_request(spool_dir: Path, manifest: StudyManifest, model_size: int, pol
     if not by_series:
         first = f": {reasons[0]}" if reasons else ""
         raise StageError(f"no image of the {len(chosen)} chosen by the slice policy could be decoded{first}")
-    images: list[ModelImage] = []
-    tasks: list[ModelTask] = []
-    for number, (series_uid, members) in enumerate(by_series.items()):
-        if number == 0:
-            if len(members) == 1:
-                report_image = f"{series_uid}/{members[0][0].key}"
-            else:
-                report_image = f"overview/{series_uid}"
-                view = study_view([p for _, p in members], modality[series_uid], model_size)
-                images.append(ModelImage.build(report_image, view, dtype=dtype))
-            tasks.append(ModelTask(task_id=REPORT_TASK_ID, image=report_image, task="report",
-                                   instruction=prompts.report_instruction(),
-                                   max_new_tokens=max_new_tokens or REPORT_TOKENS))
-        for picked, prepared in members:
-            key = f"{series_uid}/{picked.key}"
-            images.append(ModelImage.build(key, prepared.pixels, sop_instance_uid=picked.sop_instance_uid,
-                                           frame=picked.frame_index,
-                                           number_of_frames=picked.instance.number_of_frames,
-                                           transform=prepared.transform, dtype=dtype))
-            tasks.append(ModelTask(task_id=f"grounding:{picked.key}", image=key, task="grounding",
-                                   instruction=prompts.grounding_instruction(),
-                                   max_new_tokens=max_new_tokens or TASK_TOKENS))
-    return InferenceRequest(request_id=f"{manifest.study_instance_uid}-{manifest.episode_id}",
-                            study_instance_uid=manifest.study_instance_uid, episode_id=manifest.episode_id,
-                            model_size=model_size, images=images, tasks=tasks)
+    series = [analyze.SeriesSlices(series_uid, modality[series_uid], [
+        analyze.AnalysedSlice(picked.sop_instance_uid, prepared, picked.frame_index, picked.instance.number_of_frames)
+        for picked, prepared in members]) for series_uid, members in by_series.items()]
+    return analyze.build_request(f"{manifest.study_instance_uid}-{manifest.episode_id}", manifest.study_instance_uid,
+                                 manifest.episode_id, series, model_size, dtype=dtype, max_new_tokens=max_new_tokens)
 
 
 def prepare_request(settings: Settings, study_uid: str, episode_id: int) -> InferenceRequest:
@@ -199,86 +170,6 @@ def decode_interruptions(index: Index, study_uid: str, episode_id: int) -> int:
 
 
 # --- report -------------------------------------------------------------------------------------------------
-def clean_text(text: str) -> str:
-    return _CONTROL.sub(" ", text)
-
-
-def analysis_from_response(request: InferenceRequest, response: InferenceResponse,
-                           policy: SlicePolicy | None = None, *, sources: Sequence[Dataset] = (),
-                           refine: RefinePolicy | None = None) -> AnalysisResult:
-    """Boxes back in source pixels, focal-lesion boxes refined on the *sources* (the study's instances, as
-    :func:`model.analyze.analyze_series` does; a series whose instances are not among them keeps the model's
-    boxes), neighbouring-slice findings merged, the report split into its sections."""
-    policy = policy or SlicePolicy()
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    if (response.request_id, response.study_instance_uid, response.episode_id) != (
-            request.request_id, request.study_instance_uid, request.episode_id):
-        raise StageError(f"response {response.request_id} (study {response.study_instance_uid} episode "
-                         f"{response.episode_id}) does not answer request {request.request_id}")
-    texts = {task_id: clean_text(text) for task_id, text in response.texts().items()}
-    missing = [task.task_id for task in request.tasks if task.task_id not in texts]
-    if missing:
-        raise StageError(f"response {response.request_id} has no output for task(s) {', '.join(missing)}")
-    report_text = texts.get(REPORT_TASK_ID, "")
-    per_series: dict[str, list[Finding]] = {}
-    members: dict[str, list[tuple[str, int | None]]] = {}  # series -> its analysed slices in slice order
-    positions: dict[str, SlicePosition] = {}
-    analysed: dict[str, list[int]] = {}  # SOP Instance UID -> the frames read of a multi-frame image
-    for task in request.tasks:
-        if task.task != "grounding":
-            continue
-        image = request.image(task.image)
-        if image.sop_instance_uid is None or image.transform is None:
-            raise StageError(f"grounding task {task.task_id} must refer to an instance image, not {image.key}")
-        uid, frame_number = image.sop_instance_uid, _frame_number(image, by_uid)
-        frames = analysed.setdefault(uid, [])
-        if frame_number is not None and frame_number not in frames:
-            frames.append(frame_number)
-        series_key = image.key.split("/", 1)[0]  # instance images are keyed "<series UID>/<slice key>"
-        found = findings_from_answer(texts[task.task_id], image.transform.to_letterbox(), uid)
-        if frame_number is not None:
-            found = [finding.model_copy(update={"frame_number": frame_number}) for finding in found]
-        per_series.setdefault(series_key, []).extend(found)
-        slices = members.setdefault(series_key, [])
-        positions[slice_key(uid, frame_number)] = SlicePosition(series_key, len(slices))
-        slices.append((uid, frame_number))
-    findings: list[Finding] = []
-    for series_key, found in per_series.items():
-        slices = members[series_key]
-        if all(uid in by_uid for uid, _ in slices):
-            findings.extend(refine_findings(found, [by_uid[uid] for uid, _ in slices], policy=refine,
-                                            frames=[number for _, number in slices]))
-            continue
-        if sources:
-            log.warning("series %s: not every analysed instance is among the sources; its boxes stay unrefined",
-                        series_key)
-        findings.extend(found)
-    merged = [m.finding for m in merge_findings(findings, positions, policy)]
-    return AnalysisResult(
-        study_instance_uid=request.study_instance_uid, episode_id=request.episode_id, model=response.model,
-        report=split_report(report_text),
-        findings=merged, analysed_instances=list(analysed),
-        analysed_frames={uid: sorted(frames) for uid, frames in analysed.items() if frames},
-        raw_outputs=texts, status="preliminary", created_at=datetime.now(UTC),
-    )
-
-
-def _frame_number(image: ModelImage, sources: dict[str, Dataset]) -> int | None:
-    """The 1-based frame *image* was read from when its source image has several frames (the SR SCOORD and the GSPS
-    must name it), else None. A request written before images carried their frame count read frame index
-    ``image.frame`` of a multi-frame source as well: the source (when among *sources*) tells."""
-    if image.frame_number is not None:
-        return image.frame_number
-    source = sources.get(image.sop_instance_uid or "")
-    if source is None:
-        return None
-    try:
-        frames = int(source.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        frames = 1
-    return image.frame + 1 if frames > 1 else None
-
-
 def control_id(study_uid: str, episode_id: int, status: ResultStatus) -> str:
     """MSH-10 of the episode's ORU: the same for every (re)build of the same message."""
     digest = hashlib.sha256(f"{study_uid}\x1f{episode_id}\x1f{status.value}".encode()).hexdigest()
@@ -317,7 +208,7 @@ def report_episode(settings: Settings, response: InferenceResponse, *,
         else:
             request = InferenceRequest.from_json(request_path(settings.home, study_uid, episode_id).read_bytes())
             # a re-sent study's new report supersedes the last one: predecessor documents, carried tracking UIDs
-            result = supersede(settings.outbox_dir, analysis_from_response(request, response, sources=sources))
+            result = supersede(settings.outbox_dir, analyze.assemble(request, response, sources=sources))
             result.write(saved)
         try:
             message: bytes | OutputProblem = oru_r01_from_settings(

@@ -27,6 +27,7 @@ from core.settings import Destination, HL7Destination, Settings
 from core.states import DeliveryState, EpisodeState
 from dicom_node.episodes import BrokerUnavailableError
 from dicom_node.index import DeliveryKey, Index
+from model.payload import InferenceRequest, InferenceResponse
 from workers import deadletter, delivery, pipeline
 from workers.batching import MicroBatcher
 from workers.celery_app import (
@@ -42,7 +43,6 @@ from workers.celery_app import (
     publish,
 )
 from workers.inference import infer as run_inference
-from workers.payload import InferenceRequest, InferenceResponse
 from workers.prepare import prepare_episode
 from worklist.bridge import register_failure
 

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         set_threads(settings.inference_threads)  # RADDRAFT_INFERENCE_THREADS, as the gpu workers
         loaded = load_model(args.model or settings.model)
-        metrics = evaluate_folder(loaded.model, args.folder, limit=args.limit)
+        metrics = evaluate_folder(loaded, args.folder, limit=args.limit)
     except (ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"raddraft evaluate: {exc}\n")
         return 2

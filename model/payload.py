@@ -1,9 +1,13 @@
-"""What travels through the broker to the gpu queue and back: typed, versioned, JSON-safe.
+"""One batch of model work and its answers: typed, versioned, JSON-safe.
 
-The gpu worker never reads the spool. An :class:`InferenceRequest` carries the prepared model inputs of one
-study episode: each image is the normalised ``(3, S, S)`` model input as float16 bytes (zlib-compressed,
-base64 text), with the letterbox transform that maps its 0–100 grid boxes back to source pixels; the tasks
-name an image and an instruction. The :class:`InferenceResponse` carries the raw model text per task.
+Every analysis builds an :class:`InferenceRequest` (:func:`model.analyze.build_request`), has it answered by a
+runner (the model in this process: :func:`model.analyze.run_batch`; the gpu queue of the pipeline; the model a
+gateway holds) and assembles the result from the :class:`InferenceResponse` (:func:`model.analyze.assemble`).
+In the pipeline they travel through the broker: the gpu worker never reads the spool. An
+:class:`InferenceRequest` carries the prepared model inputs of one study episode: each image is the normalised
+``(3, S, S)`` model input as float16 bytes (zlib-compressed, base64 text; float32 where it never leaves the
+process), with the letterbox transform that maps its 0–100 grid boxes back to source pixels; the tasks name an
+image and an instruction. The :class:`InferenceResponse` carries the raw model text per task.
 
 Both are pydantic models (``extra="forbid"``, frozen) and travel as plain JSON objects (:meth:`to_message` /
 :meth:`from_message`), so Celery's pickle-free ``json`` serializer carries them. Measured on a phantom chest
