@@ -21,6 +21,9 @@ gpu queue in between) and the evaluation (model/evaluation.py) all go through th
    too coarse for a small nodule) when the study's instances are given; findings of neighbouring slices of a
    series are merged by :func:`model.slices.merge_findings`. The report text is cleaned of model markup
    (:func:`model.prompts.strip_markup`) and split at ``FINDINGS:`` / ``IMPRESSION:`` (:func:`split_report`).
+   The draft is then grounded (:mod:`model.grounding`): its sentences are linked with the boxes that support
+   them, and :func:`run_batch` has already asked ``[detection] <label>`` on every slice for each label the report
+   states without a box (grounding after generation; those boxes join with ``source="detection"``).
 
 :func:`analyze_series` is the three steps on the model in this process; :func:`run_task` is one single task on one
 image (``raddraft analyze --task``), through the same request and runner. Everything returned is preliminary until
@@ -43,6 +46,7 @@ from pydicom.dataset import Dataset
 from core.result import AnalysisResult, DraftReport, Finding
 from model import prompts
 from model.embedded import LoadedModel
+from model.grounding import follow_up_labels, link
 from model.imaging import Letterbox, PreparedImage, prepare_image, study_view
 from model.payload import ArrayDType, InferenceRequest, InferenceResponse, ModelImage, ModelTask, TaskOutput
 from model.prompts import GridBox
@@ -55,6 +59,7 @@ REPORT_TOKENS = 200  # new tokens of the report task (the report is the longest 
 TASK_TOKENS = 100  # new tokens of a grounding task and of a single box/VQA task
 REPORT_TASK_ID = "report"
 GROUNDING_PREFIX = "grounding:"  # + the slice key: the task id of a slice's grounding task
+DETECTION_PREFIX = "detection:"  # + "<label>@<slice key>": a follow-up on a sentence without a box
 NO_REPORT_TEXT = "The AI model produced no report text for this study; it needs a report by a radiologist."
 IN_PROCESS_DTYPE: ArrayDType = "float32"  # pixels that never leave the process are not rounded to float16
 _SECTION = re.compile(r"(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE)
@@ -148,50 +153,92 @@ def build_request(request_id: str, study_instance_uid: str, episode_id: int, ser
 
 
 # --- 2. run a batch -----------------------------------------------------------------------------------------
-def run_batch(loaded: LoadedModel, requests: Sequence[InferenceRequest]) -> list[InferenceResponse]:
+def run_batch(loaded: LoadedModel, requests: Sequence[InferenceRequest], *, follow_up: bool = True
+              ) -> list[InferenceResponse]:
     """Answer every task of every request with one greedy generate call; responses in request order.
 
     Greedy decoding of a row does not depend on the other rows (left padding + attention mask), so each row is cut
-    to its own ``max_new_tokens`` and a batch gives the texts each request would get alone."""
+    to its own ``max_new_tokens`` and a batch gives the texts each request would get alone.
+
+    With *follow_up* (grounding after generation, model/grounding.py), a second generate call asks
+    ``[detection] <label>`` on every grounding slice of a request for each label its report states without a
+    box in its grounding answers (:func:`follow_up_tasks`); those answers come back as outputs
+    ``detection:<label>@<slice key>`` of the same response. No label without a box: no second call."""
     if not requests:
         return []
-    model = loaded.model
-    size = model.config.vision.image_size
+    size = loaded.model.config.vision.image_size
     ids = [r.request_id for r in requests]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise ValueError(f"request ids in one batch must be unique, repeated: {repeated}")
-    images: list[np.ndarray] = []
-    instructions: list[str] = []
-    limits: list[int] = []
     for request in requests:
         if request.model_size != size:
             raise ValueError(f"request {request.request_id}: model_size {request.model_size} does not match the "
                              f"model's vision.image_size {size}")
-        decoded = {image.key: image.array() for image in request.images}
-        for task in request.tasks:
-            images.append(decoded[task.image])
-            instructions.append(task.instruction)
-            limits.append(task.max_new_tokens)
+    rows = [(request, task) for request in requests for task in request.tasks]
+    texts, batch_rows, seconds = _generate(loaded, rows)
+    outputs: dict[str, list[TaskOutput]] = {request.request_id: [] for request in requests}
+    for (request, task), text in zip(rows, texts, strict=True):
+        outputs[request.request_id].append(TaskOutput(task_id=task.task_id, text=text))
+    if follow_up:
+        second = [(request, task) for request in requests
+                  for task in follow_up_tasks(request, {o.task_id: o.text for o in outputs[request.request_id]})]
+        if second:
+            more, rows_two, seconds_two = _generate(loaded, second)
+            batch_rows, seconds = batch_rows + rows_two, seconds + seconds_two
+            for (request, task), text in zip(second, more, strict=True):
+                outputs[request.request_id].append(TaskOutput(task_id=task.task_id, text=text))
+    return [InferenceResponse(request_id=request.request_id, study_instance_uid=request.study_instance_uid,
+                              episode_id=request.episode_id, model=loaded.identity,
+                              outputs=outputs[request.request_id], batch_rows=batch_rows, seconds=seconds)
+            for request in requests]
+
+
+def _generate(loaded: LoadedModel, rows: Sequence[tuple[InferenceRequest, ModelTask]]
+              ) -> tuple[list[str], int, float]:
+    """The texts of one greedy generate call over *rows*, its row count and its wall time."""
+    model = loaded.model
+    decoded: dict[tuple[str, str], np.ndarray] = {}
+    images: list[np.ndarray] = []
+    for request, task in rows:
+        key = (request.request_id, task.image)
+        if key not in decoded:
+            decoded[key] = request.image(task.image).array()
+        images.append(decoded[key])
+    limits = [task.max_new_tokens for _, task in rows]
     started = time.perf_counter()
     with torch.inference_mode():
         batch = torch.from_numpy(np.stack(images))  # (R, 3, S, S)
-        rows = model.generate_ids(batch, instructions, max_new_tokens=max(limits))
+        generated = model.generate_ids(batch, [task.instruction for _, task in rows], max_new_tokens=max(limits))
     seconds = time.perf_counter() - started
     texts = [model.tokenizer.decode(row[:limit], skip_special_tokens=True).strip()
-             for row, limit in zip(rows, limits, strict=True)]
-    logger.info("generated %d row(s) for %d request(s) in %.2f s", len(rows), len(requests), seconds)
-    responses: list[InferenceResponse] = []
-    position = 0
-    for request in requests:
-        outputs = [TaskOutput(task_id=task.task_id, text=texts[position + i]) for i, task in enumerate(request.tasks)]
-        position += len(request.tasks)
-        responses.append(InferenceResponse(
-            request_id=request.request_id, study_instance_uid=request.study_instance_uid,
-            episode_id=request.episode_id, model=loaded.identity, outputs=outputs, batch_rows=len(rows),
-            seconds=seconds,
-        ))
-    return responses
+             for row, limit in zip(generated, limits, strict=True)]
+    logger.info("generated %d row(s) for %d request(s) in %.2f s", len(generated),
+                len({request.request_id for request, _ in rows}), seconds)
+    return texts, len(generated), seconds
+
+
+def follow_up_tasks(request: InferenceRequest, texts: dict[str, str]) -> list[ModelTask]:
+    """The ``[detection] <label>`` tasks for the labels the report in *texts* states with no box in the grounding
+    answers (on a compatible side), one per label and grounding slice (model/grounding.py)."""
+    report = split_report(clean_text(texts.get(REPORT_TASK_ID, "")))
+    grounding = [task for task in request.tasks if task.task == "grounding"]
+    boxes: list[Finding] = []
+    for task in grounding:
+        image = request.image(task.image)
+        if image.sop_instance_uid is None or image.transform is None or task.task_id not in texts:
+            continue
+        boxes.extend(findings_from_answer(clean_text(texts[task.task_id]), image.transform.to_letterbox(),
+                                          image.sop_instance_uid))
+    linked, _, _ = link(report, boxes)
+    labels = follow_up_labels(linked)
+    if labels:
+        logger.debug("request %s: %d stated label(s) without a box; asking [detection] on %d slice(s)",
+                     request.request_id, len(labels), len(grounding))
+    return [ModelTask(task_id=f"{DETECTION_PREFIX}{label}@{task.task_id.removeprefix(GROUNDING_PREFIX)}",
+                      image=task.image, task="detection", instruction=prompts.detection_instruction(label),
+                      max_new_tokens=TASK_TOKENS)
+            for label in labels for task in grounding]
 
 
 # --- 3. assemble the result ---------------------------------------------------------------------------------
@@ -265,10 +312,14 @@ def findings_from_answer(text: str, transform: Letterbox, sop_instance_uid: str,
 
 
 def assemble(request: InferenceRequest, response: InferenceResponse, policy: SlicePolicy | None = None, *,
-             sources: Sequence[Dataset] = (), refine: RefinePolicy | None = None) -> AnalysisResult:
+             sources: Sequence[Dataset] = (), refine: RefinePolicy | None = None, follow_ups: bool = True
+             ) -> AnalysisResult:
     """The analysis result of *response* to *request* (module docstring, step 3). Focal-lesion boxes are refined on
     the *sources* (the study's instances; a series whose instances are not all among them keeps the model's boxes);
-    ``refine=RefinePolicy(enabled=False)`` keeps the model's boxes everywhere."""
+    ``refine=RefinePolicy(enabled=False)`` keeps the model's boxes everywhere. The boxes of the follow-up
+    ``detection:`` answers (:func:`run_batch`) join the findings with ``source="detection"`` unless
+    *follow_ups* is False (the evaluation's "before grounding"); the report's sentences are then linked with the
+    findings (:func:`model.grounding.link`)."""
     policy = policy or SlicePolicy()
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if (response.request_id, response.study_instance_uid, response.episode_id) != (
@@ -284,6 +335,7 @@ def assemble(request: InferenceRequest, response: InferenceResponse, policy: Sli
     members: dict[str, list[tuple[str, int | None]]] = {}  # series -> its analysed slices in slice order
     positions: dict[str, SlicePosition] = {}
     analysed: dict[str, list[int]] = {}  # SOP Instance UID -> the frames read of a multi-frame image
+    grounding_slices: dict[str, tuple[ModelImage, str, int | None]] = {}  # slice key -> image, series, frame
     for task in request.tasks:
         if task.task != "grounding":
             continue
@@ -302,6 +354,17 @@ def assemble(request: InferenceRequest, response: InferenceResponse, policy: Sli
         slices = members.setdefault(series_key, [])
         positions[slice_key(uid, frame_number)] = SlicePosition(series_key, len(slices))
         slices.append((uid, frame_number))
+        grounding_slices[task.task_id.removeprefix(GROUNDING_PREFIX)] = (image, series_key, frame_number)
+    for task_id, text in texts.items():
+        if not (follow_ups and task_id.startswith(DETECTION_PREFIX)):
+            continue
+        label, _, key = task_id.removeprefix(DETECTION_PREFIX).rpartition("@")
+        if key not in grounding_slices or not label or grounding_slices[key][0].transform is None:
+            raise AnalysisError(f"response {response.request_id}: follow-up {task_id} names no grounding slice")
+        image, series_key, frame_number = grounding_slices[key]
+        found = [finding.model_copy(update={"label": label, "source": "detection", "frame_number": frame_number})
+                 for finding in findings_from_answer(text, _letterbox(image), str(image.sop_instance_uid), label)]
+        per_series[series_key].extend(found)
     findings: list[Finding] = []
     for series_key, found in per_series.items():
         slices = members[series_key]
@@ -314,13 +377,24 @@ def assemble(request: InferenceRequest, response: InferenceResponse, policy: Sli
                            "unrefined", series_key)
         findings.extend(found)
     merged = [m.finding for m in merge_findings(findings, positions, policy)]
+    report, linked, consistency = link(split_report(report_text), merged)
+    if consistency.flagged:
+        logger.info("study %s episode %d: %d stated finding(s) without a box, %d box(es) not in the text",
+                    request.study_instance_uid, request.episode_id, consistency.text_only, consistency.box_only)
     return AnalysisResult(
         study_instance_uid=request.study_instance_uid, episode_id=request.episode_id, model=response.model,
-        report=split_report(report_text),
-        findings=merged, analysed_instances=list(analysed),
+        report=report, consistency=consistency,
+        findings=linked, analysed_instances=list(analysed),
         analysed_frames={uid: sorted(frames) for uid, frames in analysed.items() if frames},
         raw_outputs=texts, status="preliminary", created_at=datetime.now(UTC),
     )
+
+
+def _letterbox(image: ModelImage) -> Letterbox:
+    """The letterbox transform of an instance image; ``AnalysisError`` for a study view, which has none."""
+    if image.transform is None:
+        raise AnalysisError(f"image {image.key} has no transform: a follow-up must name an instance slice")
+    return image.transform.to_letterbox()
 
 
 def _frame_number(image: ModelImage, sources: dict[str, Dataset]) -> int | None:

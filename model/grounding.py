@@ -6,10 +6,12 @@ label it states (:func:`model.sentences.supports`: same label or a compatible on
 compatible side; the sentence is then ``grounded``, else ``text_only``. A finding no sentence states is
 ``box_only``. Negative, normal and neutral sentences are ``statement``\\ s and need no box.
 
-Grounding after generation (the analysis asks the model again): :func:`follow_up_labels` names the labels of
-the text-only sentences, to be asked as ``[refer] where is <label> ?`` on each analysed image; the boxes
-found that way join the findings with ``source="refer"`` and :func:`link` runs again. Nothing is retrained and
-any model that answers ``[refer]`` (the released MiniGPT-Med weights included) gains the mechanism.
+Grounding after generation (the analysis asks the model again, model/analyze.py): :func:`follow_up_labels`
+names the labels of the text-only sentences, each asked as ``[detection] <label>`` on every analysed slice
+(MiniGPT-Med's detection task answers every box of that class, or none: unlike ``[refer]``, which presumes
+the thing is there, it can say a stated finding is not in the image); the boxes found that way join the
+findings with ``source="detection"`` and :func:`link` runs again. Nothing is retrained and any model that
+answers ``[detection]`` (the released MiniGPT-Med weights included) gains the mechanism.
 """
 
 from __future__ import annotations
@@ -66,13 +68,13 @@ def link(report: DraftReport, findings: Sequence[Finding]) -> tuple[DraftReport,
 
 def follow_up_labels(report: DraftReport) -> list[str]:
     """The labels of the text-only positive sentences of a linked *report*, each once, in order of appearance:
-    what a follow-up ``[refer]`` should look for. A text-only sentence with no label ("a lesion") is asked
-    about with its own words' head: ``lesion``."""
+    what a follow-up question should look for. A text-only sentence with no label ("a lesion", "an opacity")
+    names nothing to look for and stays text-only."""
     labels: list[str] = []
     for sentence in report.sentences:
         if sentence.status != "text_only":
             continue
-        for label in sentence.labels or ["lesion"]:
+        for label in sentence.labels:
             if label not in labels:
                 labels.append(label)
     return labels

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from core.result import Consistency, DraftReport, Finding
 from core.settings import Settings
 from model.analyze import SeriesAnalysis, analyze_series, run_task
 from model.embedded import LoadedModel
@@ -56,21 +54,11 @@ def describe(loaded: LoadedModel, ds: Dataset, task: str | None, prompt: str | N
     return AnalyzeReply(ok=True, payload=payload, text=text)
 
 
-def consistency_of(report: DraftReport, findings: Sequence[Finding]) -> Consistency | None:
-    """The counts of a grounded analysis, from the statuses model.grounding.link gave its sentences and findings;
-    None when it was not grounded (no sentence and no finding carries a status)."""
-    if not report.sentences and all(finding.status is None for finding in findings):
-        return None
-    return Consistency(grounded=sum(s.status == "grounded" for s in report.sentences),
-                       text_only=sum(s.status == "text_only" for s in report.sentences),
-                       box_only=sum(finding.status == "box_only" for finding in findings))
-
-
 def analysis_payload(identity: dict[str, object], analysis: SeriesAnalysis) -> dict[str, object]:
     """The JSON of ``raddraft analyze --json`` for a full analysis: the report with its sentences (section, text,
     polarity, labels, laterality, site, findings, status), the findings with their sentences, status and source,
     and ``consistency`` (grounded, text_only, box_only, flagged; null for an analysis that was not grounded)."""
-    consistency = consistency_of(analysis.report, analysis.findings)
+    consistency = analysis.result.consistency
     return {
         "model": identity, "status": "preliminary", "report": analysis.report.model_dump(),
         "findings": [f.model_dump() for f in analysis.findings],

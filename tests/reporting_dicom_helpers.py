@@ -343,8 +343,10 @@ def scoord_frames(sr: Dataset) -> list[list[int] | None]:
 
 
 def analysed_series_comments(sr: Dataset) -> list[str]:
+    """The "Analysed series …" comments of the SR's qualitative evaluations (not the grounding's comments)."""
     [evaluations] = _named(sr, "Qualitative Evaluations")
-    return [item.TextValue for item in evaluations.ContentSequence if item.ValueType == "TEXT"]
+    return [item.TextValue for item in evaluations.ContentSequence
+            if item.ValueType == "TEXT" and item.TextValue.startswith("Analysed series")]
 
 
 # --- validators ---------------------------------------------------------------------------------------------

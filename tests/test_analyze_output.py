@@ -4,8 +4,9 @@ the grounded draft (issue 19)."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
-from core.result import DraftReport, Finding
+from core.result import AnalysisResult, Consistency, DraftReport, Finding, ModelIdentity
 from model.analyze import SeriesAnalysis
 from model.grounding import link
 from raddraft.analyze_output import analysis_payload
@@ -17,14 +18,18 @@ BOXES = [Finding(label="nodule", sop_instance_uid="1.2.3.4", box=(10.0, 10.0, 40
          Finding(label="pneumothorax", sop_instance_uid="1.2.3.4", box=(50.0, 10.0, 90.0, 40.0), laterality="left")]
 
 
-def analysis(report: DraftReport, findings: list[Finding]) -> SeriesAnalysis:
-    return SeriesAnalysis(report=report, report_text=report.text, findings=findings,
-                          analysed_instances=["1.2.3.4"], raw_outputs={"report": report.text}, seconds=1.23456)
+def analysis(report: DraftReport, findings: list[Finding], consistency: Consistency | None = None
+             ) -> SeriesAnalysis:
+    result = AnalysisResult(study_instance_uid="1.2.3", episode_id=0, model=ModelIdentity(name="m", version="1"),
+                            report=report, findings=findings, analysed_instances=["1.2.3.4"],
+                            raw_outputs={"report": report.text}, created_at=datetime.now(UTC),
+                            consistency=consistency)
+    return SeriesAnalysis(result=result, seconds=1.23456, model_findings=findings)
 
 
 def test_the_json_carries_the_grounded_draft() -> None:
-    linked_report, linked, _ = link(REPORT, BOXES)
-    payload = json.loads(json.dumps(analysis_payload(IDENTITY, analysis(linked_report, linked))))
+    linked_report, linked, consistency = link(REPORT, BOXES)
+    payload = json.loads(json.dumps(analysis_payload(IDENTITY, analysis(linked_report, linked, consistency))))
     assert payload["consistency"] == {"grounded": 2, "text_only": 1, "box_only": 1, "flagged": True}
     sentences = payload["report"]["sentences"]
     assert [(s["section"], s["polarity"], s["labels"], s["findings"], s["status"]) for s in sentences] == [

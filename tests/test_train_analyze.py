@@ -125,7 +125,7 @@ def test_cli_analyze_json_with_a_model_folder(tmp_path, capsys):
     assert main(["analyze", str(paths[0]), "--model", str(tmp_path / "model"), "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["status"] == "preliminary"
-    assert set(payload["report"]) == {"findings", "impression"}
+    assert set(payload["report"]) == {"findings", "impression", "sentences"}
     assert main(["analyze", str(tmp_path / "nope.dcm"), "--model", str(tmp_path / "model")]) == 2
     (tmp_path / "bad.dcm").write_bytes(b"not dicom")
     assert main(["analyze", str(tmp_path / "bad.dcm"), "--model", str(tmp_path / "model")]) == 2
