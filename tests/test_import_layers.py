@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("core", "dicom_node", "model", "reporting", "workers", "worklist", "raddraft", "bench", "tests")
+PACKAGES = ("core", "state", "dicom_node", "model", "reporting", "workers", "worklist", "raddraft", "bench", "tests")
 LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 
