@@ -4,7 +4,7 @@ Other modules record events with three calls: :func:`record_instance` (a DICOM i
 :func:`observe_task` (a pipeline task took so many seconds) and :func:`record_delivery` (a DICOM or HL7
 delivery succeeded or failed). Two gauges are read at scrape time through hooks: studies by episode state and
 the broker's queue depths. :func:`configure` installs both: the episode states from a source the caller gives (the
-node's index: this module imports no stage package), the queue depths from the broker of the settings;
+state store: this module imports no stage package), the queue depths from the broker of the settings;
 :func:`set_study_state_source` / :func:`set_queue_depth_source` replace them.
 
 Who records: the DICOM receiver (every arrival: ``stored``, ``duplicate``, ``replaced``, ``rejected``), the
@@ -139,8 +139,8 @@ def broker_depths(settings: Settings, queues: Sequence[str] = QUEUES,
 
 
 def configure(settings: Settings, study_states: StateSource) -> None:
-    """The hooks of a node process: episode states from *study_states* (the node's index:
-    ``dicom_node.index.episode_state_counts``), queue depths from its broker."""
+    """The hooks of a node process: episode states from *study_states* (the state store:
+    ``state.store.episode_state_counts``), queue depths from its broker."""
     set_study_state_source(study_states)
     set_queue_depth_source(broker_depths(settings))
 

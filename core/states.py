@@ -1,5 +1,5 @@
-"""The state enums that more than one package reads: an episode's (``dicom_node/index.py`` explains the life
-cycle) and a delivery's. The index stores them; the pipeline, the metrics and the commands read them."""
+"""The state enums that more than one package reads: an episode's (``state/store.py`` explains the life
+cycle) and a delivery's. The state store keeps them; the pipeline, the metrics and the commands read them."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from dicom_node.index import Index
+from state.store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,10 @@ class HandoffDispatcher:
     """Runs :meth:`tick` every *poll_seconds* in a daemon thread until :meth:`stop`."""
 
     def __init__(
-        self, index: Index, publish: Publisher, idle_seconds: float, retry_seconds: float, *,
+        self, store: StateStore, publish: Publisher, idle_seconds: float, retry_seconds: float, *,
         poll_seconds: float | None = None, clock: Callable[[], float] = time.time,
     ) -> None:
-        self.index = index
+        self.store = store
         self.publish = publish
         self.idle_seconds = idle_seconds
         self.retry_seconds = retry_seconds
@@ -43,7 +43,7 @@ class HandoffDispatcher:
 
     def recover(self, reset_claimed: bool) -> int:
         """Re-publish episodes a previous run left queued (and, with *reset_claimed*, claimed): tasks are idempotent."""
-        count = self.index.requeue_after_restart(self._clock(), reset_claimed=reset_claimed)
+        count = self.store.requeue_after_restart(self._clock(), reset_claimed=reset_claimed)
         if count:
             log.info("re-publishing %d episode(s) left in flight by a previous run", count)
         return count
@@ -51,24 +51,24 @@ class HandoffDispatcher:
     def tick(self) -> None:
         """One pass: close idle episodes, queue ready ones, publish due outbox entries."""
         now = self._clock()
-        for episode in self.index.close_idle_episodes(now, self.idle_seconds):
+        for episode in self.store.close_idle_episodes(now, self.idle_seconds):
             log.info("study %s episode %d complete: %d instance(s) received, idle for %.1f s",
                      episode.study_instance_uid, episode.episode_id, episode.received, self.idle_seconds)
-        for episode in self.index.queue_ready_episodes(now):
+        for episode in self.store.queue_ready_episodes(now):
             log.debug("study %s episode %d queued for hand-off", episode.study_instance_uid, episode.episode_id)
-        for episode in self.index.due_handoffs(now):
+        for episode in self.store.due_handoffs(now):
             if self._stop.is_set():
                 return
             try:
                 self.publish(episode.study_instance_uid, episode.episode_id, episode.task_id)
             except BrokerUnavailableError as exc:
                 retry_at = self._clock() + self.retry_seconds
-                self.index.mark_publish_failed(episode.study_instance_uid, episode.episode_id, retry_at, str(exc))
+                self.store.mark_publish_failed(episode.study_instance_uid, episode.episode_id, retry_at, str(exc))
                 log.warning("hand-off of study %s episode %d failed (attempt %d), retrying in %.1f s: %s",
                             episode.study_instance_uid, episode.episode_id, episode.attempts + 1,
                             self.retry_seconds, exc)
                 return  # the broker is down: do not hammer it with the rest of the outbox in this pass
-            self.index.mark_published(episode.study_instance_uid, episode.episode_id, self._clock())
+            self.store.mark_published(episode.study_instance_uid, episode.episode_id, self._clock())
             log.info("study %s episode %d handed off as task %s", episode.study_instance_uid,
                      episode.episode_id, episode.task_id)
 

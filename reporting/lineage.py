@@ -1,7 +1,7 @@
 """A new episode of a study supersedes the last one's report: predecessor documents and carried tracking UIDs.
 
 A PACS that sends a study again (more images, a corrected header, the whole study re-sent) opens a new episode
-(dicom_node/index.py). Its outputs must not read as a second, unrelated report of the same study: the new
+(state/store.py). Its outputs must not read as a second, unrelated report of the same study: the new
 findings SR and narrative list the previous episode's current documents in Predecessor Documents Sequence
 (the signed ones when a radiologist signed, else the drafts), and a finding that is the same lesion as one of the
 previous report keeps that finding's tracking UID (TID 1410), so a viewer or a registry follows one lesion across

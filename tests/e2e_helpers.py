@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 import pydicom
 from peers import LOOPBACK, Orthanc, RedisServer, port_is_open, wait_for
 
-from dicom_node.index import Index
 from model.embedded import embedded_available
 from model.phantoms import generate_studies, write_studies
+from state.store import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
 SR_MODALITY = "SR"
@@ -256,20 +256,20 @@ class DurableRedis(RedisServer):
 
 
 def episode_state(home: Path, study_uid: str, episode_id: int = 1) -> str | None:
-    index = Index(home / "index.sqlite")
+    store = StateStore(home / "index.sqlite")
     try:
-        episode = index.episode(study_uid, episode_id)
+        episode = store.episode(study_uid, episode_id)
     finally:
-        index.close()
+        store.close()
     return None if episode is None else str(episode.state)
 
 
 def deliveries(home: Path, study_uid: str, episode_id: int = 1) -> list[Any]:
-    index = Index(home / "index.sqlite")
+    store = StateStore(home / "index.sqlite")
     try:
-        return index.deliveries(study_uid, episode_id)
+        return store.deliveries(study_uid, episode_id)
     finally:
-        index.close()
+        store.close()
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:

@@ -28,6 +28,7 @@ from dicom_node.index import Index
 from dicom_node.receive import InstanceReceiver
 from dicom_node.scp import DicomNode
 from dicom_node.spool import Spool
+from state.store import StateStore
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SCU_AE = "NODETEST"
@@ -64,6 +65,7 @@ def node_settings(home: Path, **overrides: Any) -> Settings:
 class RunningNode:
     settings: Settings
     spool: Spool
+    store: StateStore
     index: Index
     node: DicomNode
 
@@ -88,15 +90,16 @@ def running_node(settings: Settings) -> Iterator[RunningNode]:
     """A raddraft SCP started in-process on a free port (``dicom_port`` 0) with the settings' home."""
     spool = Spool(settings.spool_dir)
     spool.ensure()
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
+    index = Index(store)
     receiver = InstanceReceiver(spool, index, settings.max_instance_mb, settings.min_free_disk_mb)
     node = DicomNode(settings, receiver)
     node.start()
     try:
-        yield RunningNode(settings, spool, index, node)
+        yield RunningNode(settings, spool, store, index, node)
     finally:
         node.stop()
-        index.close()
+        store.close()
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from mllp_listener import MLLPListener
 from peers import wait_for
 
 from core.states import DeliveryState, EpisodeState
-from dicom_node.index import Index
+from state.store import StateStore
 
 pytestmark = pytest.mark.slow
 ANALYSIS_TIMEOUT_S = 150
@@ -67,12 +67,12 @@ def check_study(orthanc, study_id, truth, lesions, listener):
 
 
 def deliveries_done(home, study_uid):
-    index = Index(home / "index.sqlite")
+    store = StateStore(home / "index.sqlite")
     try:
-        episode = index.episode(study_uid, 1)
-        rows = index.deliveries(study_uid, 1)
+        episode = store.episode(study_uid, 1)
+        rows = store.deliveries(study_uid, 1)
     finally:
-        index.close()
+        store.close()
     return (episode is not None and episode.state is EpisodeState.DELIVERED and len(rows) == 2
             and all(r.state is DeliveryState.DONE for r in rows))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("core", "dicom_node", "model", "reporting", "workers", "worklist", "raddraft", "bench", "tests")
+PACKAGES = ("core", "state", "dicom_node", "model", "reporting", "workers", "worklist", "raddraft", "bench", "tests")
 LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 
@@ -49,6 +49,11 @@ def test_the_contract_holds_on_this_tree() -> None:
     ("dicom_node/derived.py", "import reporting.context", "dicom_node is not allowed to import reporting"),
     ("dicom_node/spool.py", "import model.imaging", "dicom_node is not allowed to import model"),
     ("core/metrics.py", "import dicom_node.index", "core is not allowed to import dicom_node"),
+    # the pipeline's state store sits below the node that writes it and above the ground
+    ("state/store.py", "import dicom_node.index", "state is not allowed to import dicom_node"),
+    ("state/database.py", "import workers.tasks", "state is not allowed to import workers"),
+    ("core/states.py", "import state.store", "core is not allowed to import state"),
+    ("model/slices.py", "import state.store", "model.slices -> state.store"),
     ("worklist/service.py", "import raddraft.cli", "worklist is not allowed to import raddraft"),
     # a new arrow from workers to the worklist: only the three known ones are ignored
     ("workers/delivery.py", "import worklist.storage", "workers is not allowed to import worklist"),

@@ -81,7 +81,7 @@ def test_raddraft_outputs_sent_back_alone_or_with_the_whole_study_open_no_episod
     images = sorted((cr.spool / "cr").glob("*.dcm"))
     study = cr.manifest.study_instance_uid
     storescu(node, *images)
-    (episode,) = node.index.episodes()
+    (episode,) = node.store.episodes()
     assert (episode.episode_id, episode.state, episode.received) == (1, EpisodeState.RECEIVING, 2)
 
     # what raddraft built for the study: findings SR, narrative SR, one GSPS (all made by tests' real builders)
@@ -94,7 +94,7 @@ def test_raddraft_outputs_sent_back_alone_or_with_the_whole_study_open_no_episod
               for n, state in enumerate(build_presentation_states(cr.manifest, result, cr.sources)))]
     assert len(ours) == 3
     storescu(node, *ours)  # while the episode is still receiving: stored, but the episode does not grow
-    assert node.index.episodes() == [episode]  # same received count and last arrival: not extended
+    assert node.store.episodes() == [episode]  # same received count and last arrival: not extended
     for path in ours:
         record = node.index.instance(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
         assert record is not None and record.episode_id == NO_EPISODE
@@ -103,13 +103,13 @@ def test_raddraft_outputs_sent_back_alone_or_with_the_whole_study_open_no_episod
     assert sum("stored without analysis: raddraft output (sent back)" in r.getMessage()
                for r in caplog.records) == 3
 
-    node.index.set_state(study, 1, EpisodeState.DELIVERED, 1.0)  # the pipeline delivered them to the PACS
+    node.store.set_state(study, 1, EpisodeState.DELIVERED, 1.0)  # the pipeline delivered them to the PACS
     # the PACS sends back only a new output (the signed SR) ...
     signed = save(build_findings_sr(cr.manifest, result, cr.sources, SIGNOFF), out / "sr_final.dcm")
     storescu(node, signed)
     # ... and later the whole study: the original images (identical) plus every output
     storescu(node, *images, *ours, signed)
-    (after,) = node.index.episodes()
+    (after,) = node.store.episodes()
     assert (after.episode_id, after.state, after.received) == (1, EpisodeState.DELIVERED, 2)
     assert node.index.count_instances() == 6 and node.index.count_instances_without_episode() == 4
 
@@ -130,7 +130,7 @@ def test_an_sr_and_a_key_object_selection_of_other_vendors_are_stored_without_an
     files = [PYDICOM_TEST_FILES / "reportsi.dcm", PYDICOM_TEST_FILES / "test-SR.dcm",
              save(ko, tmp_path / "ko.dcm")]
     storescu(node, *files)
-    assert node.index.episodes() == []
+    assert node.store.episodes() == []
     assert node.index.count_instances() == node.index.count_instances_without_episode() == 3
     datasets = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
     kinds = [derived_kind(str(ds.SOPClassUID), str(ds.get("Manufacturer", ""))) for ds in datasets]

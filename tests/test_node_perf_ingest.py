@@ -22,6 +22,7 @@ from dicom_node.index import Index
 from dicom_node.receive import IncomingInstance, InstanceReceiver, decode_all
 from dicom_node.spool import Spool
 from dicom_node.statuses import StoreStatus
+from state.store import StateStore
 
 DELAYED_ACK_S = 0.040  # Linux's minimum delayed-ACK time, which a Nagle-on client waits for once per instance
 CHARSET_FILES = PYDICOM_TEST_FILES.parent / "charset_files"
@@ -135,13 +136,14 @@ def test_value_that_cannot_be_converted_inside_a_sequence_item_is_refused(tmp_pa
 
     spool = Spool(tmp_path / "spool")
     spool.ensure()
-    index = Index(tmp_path / "index.sqlite")
+    store = StateStore(tmp_path / "index.sqlite")
+    index = Index(store)
     receiver = InstanceReceiver(spool, index, 100, 0)
     incoming = IncomingInstance(data, CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, SCU_AE, "127.0.0.1")
     try:
         assert receiver.receive(incoming) == StoreStatus.CANNOT_UNDERSTAND
         assert index.count_instances() == 0
     finally:
-        index.close()
+        store.close()
     assert list(spool.tmp_dir.iterdir()) == [] and not any(spool.root.rglob("*.dcm"))
     assert any("cannot be decoded" in r.getMessage() and "(0028,0010)" in r.getMessage() for r in caplog.records)

@@ -79,10 +79,10 @@ def test_an_instance_refiled_under_another_study_leaves_the_first_study_with_a_t
             assoc.release()
         assert node.index.instance(sop_uid).study_instance_uid == second
         for study in (first, second):
-            node.index.set_state(study, 1, EpisodeState.QUEUED, 0.0)
+            node.store.set_state(study, 1, EpisodeState.QUEUED, 0.0)
         assert prepare_episode(node.settings, first, 1) is None
-        episode = node.index.episode(first, 1)
+        episode = node.store.episode(first, 1)
         assert episode.state is EpisodeState.NOT_ANALYSED
         assert episode.last_error == "not analysed: no instance left: each was re-sent under another study"
         assert prepare_episode(node.settings, second, 1) is not None
-        assert node.index.episode(second, 1).state is EpisodeState.PREPARED
+        assert node.store.episode(second, 1).state is EpisodeState.PREPARED

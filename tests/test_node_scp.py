@@ -118,7 +118,7 @@ def test_identical_instance_sent_twice_is_stored_once(node):
     assert store(node, ds) == StoreStatus.SUCCESS
     assert node.index.instance(ds.SOPInstanceUID) == first
     assert len(dcm_files(node)) == 1
-    assert node.index.episode(ds.StudyInstanceUID, 1).received == 1
+    assert node.store.episode(ds.StudyInstanceUID, 1).received == 1
 
 
 def test_different_instance_with_same_uid_replaces_the_old_one(node):
@@ -377,7 +377,7 @@ def test_unwritable_study_directory_answers_out_of_resources_and_leaves_nothing(
     assert store(node, ds) == StoreStatus.OUT_OF_RESOURCES
     assert list(node.spool.tmp_dir.iterdir()) == []
     assert node.index.count_instances() == 0
-    assert node.index.episodes() == []
+    assert node.store.episodes() == []
     assert any("cannot persist" in r.getMessage() for r in caplog.records)
 
 

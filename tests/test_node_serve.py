@@ -21,6 +21,7 @@ from core.manifest import StudyManifest
 from core.states import EpisodeState
 from dicom_node.index import Index
 from dicom_node.statuses import StoreStatus
+from state.store import StateStore
 
 # distinct SOP Instance UIDs, and the storescu option proposing each file's own transfer syntax
 DCMTK_FILES = {"CT_small.dcm": "-xe", "MR_small_jpeg_ls_lossless.dcm": "-xt", "JPEG2000.dcm": "-xw",
@@ -43,7 +44,8 @@ def test_dcmtk_echoscu_and_storescu_against_raddraft_serve(tmp_path):
             assert stored.returncode == 0, f"{source.name}: {stored.stderr}"
         finished = time.time()
 
-        index = Index(home / "index.sqlite")
+        store = StateStore(home / "index.sqlite")
+        index = Index(store)
         try:
             for source in sources:
                 original = pydicom.dcmread(source, stop_before_pixels=True)
@@ -59,7 +61,7 @@ def test_dcmtk_echoscu_and_storescu_against_raddraft_serve(tmp_path):
                 assert started - 1 <= record.received_at <= finished + 1
                 assert pydicom.dcmread(home / "spool" / record.path).PixelData == pydicom.dcmread(source).PixelData
         finally:
-            index.close()
+            store.close()
         with sqlite3.connect(home / "index.sqlite") as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -102,22 +104,23 @@ def test_kill_9_between_instances_loses_no_accepted_instance_and_restart_prepare
     finally:
         serve.stop(signal.SIGKILL)
 
-    index = Index(home / "index.sqlite")
+    store = StateStore(home / "index.sqlite")
+    index = Index(store)
     for sop in accepted:
         record = index.instance(sop)
         assert record is not None, sop
         assert hashlib.sha256((home / "spool" / record.path).read_bytes()).hexdigest() == record.sha256
-    index.close()
+    store.close()
 
     restarted = Serve(home, RADDRAFT_STUDY_IDLE_SECONDS="0.5")
     try:
-        index = Index(home / "index.sqlite")
-        wait_for(lambda: (e := index.episode(study, 1)) is not None and e.state == EpisodeState.PREPARED,
+        store = StateStore(home / "index.sqlite")
+        wait_for(lambda: (e := store.episode(study, 1)) is not None and e.state == EpisodeState.PREPARED,
                  timeout=60, what="study prepared after restart")
         manifest = StudyManifest.read(manifest_path(home, study, 1))
         assert [i.sop_instance_uid for i in manifest.series[0].instances] == accepted
-        assert index.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
-        index.close()
+        assert store.task_runs(study, 1, "prepare") == [("prepare", "prepared")]
+        store.close()
     finally:
         code = restarted.stop()
     assert code == 0, "".join(restarted.log)

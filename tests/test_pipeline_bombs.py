@@ -23,6 +23,7 @@ from dicom_node.index import Index
 from model import decoders
 from model.imaging import ImageDecodeError, decode_frame
 from reporting.overlay import frame_values
+from state.store import StateStore
 from workers import pipeline
 from workers.prepare import build_manifest
 from worklist.render import render_png
@@ -56,12 +57,13 @@ def test_a_bomb_is_kept_out_of_the_analysis_from_its_header_alone(tmp_path):
     settings, study = _prepared(tmp_path, ["CT_small.dcm"])
     path = settings.spool_dir / "CT_small.dcm"
     make_bomb(path)
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
+    index = Index(store)
     try:  # the manifest as prepare writes it from the bomb's header
         build_manifest(settings.spool_dir, study, 1, index.instances_for_episode(study, 1)).write(
             manifest_path(settings.home, study, 1))
     finally:
-        index.close()
+        store.close()
     assert path.stat().st_size < 16 * 2**20  # 900 MB of pixels in a 14 MB file
     tracemalloc.start()
     try:

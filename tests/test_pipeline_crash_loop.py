@@ -21,7 +21,7 @@ import pytest
 from test_pipeline_gate import _prepared
 
 from core.states import EpisodeState
-from dicom_node.index import Index
+from state.store import StateStore
 from workers import pipeline
 from workers.tasks import _end_before_analysis
 
@@ -41,11 +41,11 @@ def _enlarge(path: Path, side: int = 4096) -> None:
 
 
 def _runs(settings, study: str) -> list[tuple[str, str]]:
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        return index.task_runs(study, 1)
+        return store.task_runs(study, 1)
     finally:
-        index.close()
+        store.close()
 
 
 def _kill_while_decoding(settings, study: str) -> None:
@@ -77,13 +77,13 @@ def test_a_decode_that_kills_its_worker_twice_ends_failed_and_is_not_run_again(t
     with pytest.raises(pipeline.StageError) as failed:
         pipeline.prepare_request(settings, study, 1)
     _end_before_analysis(settings, study, 1, failed.value)
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        episode = index.episode(study, 1)
+        episode = store.episode(study, 1)
         assert episode.state is EpisodeState.FAILED and "worker died while decoding" in episode.last_error
-        assert not pipeline.stranded_work(index)
+        assert not pipeline.stranded_work(store)
     finally:
-        index.close()
+        store.close()
 
 
 def test_a_finished_decode_is_not_counted_as_an_interruption(tmp_path):

@@ -16,6 +16,7 @@ from core.settings import Settings
 from core.states import EpisodeState
 from dicom_node.index import Index, InstanceRecord
 from reporting.sources import conform
+from state.store import StateStore
 from workers import pipeline
 from workers.gate import GateRules, gate
 from workers.prepare import build_manifest, prepare_episode
@@ -88,17 +89,18 @@ def test_a_localizer_and_our_own_output_are_kept_out(tmp_path):
 def _prepared(tmp_path: Path, names: list[str]) -> tuple[Settings, str]:
     settings = Settings(home=tmp_path / "home")
     settings.spool_dir.mkdir(parents=True)
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
+    index = Index(store)
     try:
         study = ""
         for name in names:
             record = spool_file(settings.spool_dir, name)
             index.record_instance(record, place=lambda: None, is_duplicate=lambda _: False)
             study = record.study_instance_uid
-        episode = index.episodes()[0]
-        index.set_state(study, episode.episode_id, EpisodeState.QUEUED, 0.0)
+        episode = store.episodes()[0]
+        store.set_state(study, episode.episode_id, EpisodeState.QUEUED, 0.0)
     finally:
-        index.close()
+        store.close()
     assert prepare_episode(settings, study, 1) is not None
     return settings, study
 
@@ -108,14 +110,14 @@ def test_an_ecg_ends_not_analysed_and_a_corrupt_image_ends_failed_with_the_decod
     with pytest.raises(pipeline.NotAnalysedError) as not_analysed:
         pipeline.prepare_request(settings, study, 1)
     _end_before_analysis(settings, study, 1, not_analysed.value)
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        episode = index.episode(study, 1)
+        episode = store.episode(study, 1)
         assert episode.state is EpisodeState.NOT_ANALYSED
         assert episode.last_error == "not analysed: 1 not an image (ECG)"
-        assert not pipeline.stranded_work(index)  # a restart does not run it again
+        assert not pipeline.stranded_work(store)  # a restart does not run it again
     finally:
-        index.close()
+        store.close()
 
     settings, study = _prepared(tmp_path / "bad", ["CT_small.dcm"])
     path = settings.spool_dir / "CT_small.dcm"
@@ -126,13 +128,13 @@ def test_an_ecg_ends_not_analysed_and_a_corrupt_image_ends_failed_with_the_decod
     reason = str(failed.value)
     assert reason.startswith("no image of the 1 chosen") and "less than expected" in reason  # the decoder's own reason
     _end_before_analysis(settings, study, 1, failed.value)
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        episode = index.episode(study, 1)
+        episode = store.episode(study, 1)
         assert episode.state is EpisodeState.FAILED and episode.last_error.startswith("prepare: no image")
-        assert not pipeline.stranded_work(index)
+        assert not pipeline.stranded_work(store)
     finally:
-        index.close()
+        store.close()
     store = Store.from_settings(settings)  # the radiologists see why the CT has no draft
     try:
         [entry] = store.list_studies(states=[StudyState.FAILED.value])

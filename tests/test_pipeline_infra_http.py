@@ -18,7 +18,8 @@ from peers import RedisServer
 from core import metrics
 from core.http import OpsServer
 from core.settings import Settings
-from dicom_node.index import Index, InstanceRecord, episode_state_counts
+from dicom_node.index import Index, InstanceRecord
+from state.store import StateStore, episode_state_counts
 
 
 def get(server: OpsServer, path: str, method: str = "GET") -> tuple[int, str, bytes]:
@@ -58,7 +59,9 @@ def publish(broker_url: str, queue: str, count: int) -> None:
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    Index(tmp_path / "index.sqlite").close()  # the node creates its index at start-up
+    store = StateStore(tmp_path / "index.sqlite")  # the node creates its database at start-up
+    Index(store)
+    store.close()
     return tmp_path
 
 
@@ -143,12 +146,13 @@ def test_metrics_has_the_names_and_recorded_values(server: OpsServer, home: Path
     metrics.record_delivery("hl7", ok=False)
     metrics.record_delivery("dicom", ok=True)
     metrics.observe_task("infer", 0.7)
-    index = Index(home / "index.sqlite")
+    store = StateStore(home / "index.sqlite")
+    index = Index(store)
     try:
         add_instance(index, "1.2.3", "1.2.3.1.1")
         add_instance(index, "1.2.4", "1.2.4.1.1")
     finally:
-        index.close()
+        store.close()
     publish(make_settings(home).effective_broker_url, "io", 2)
 
     status, content_type, body = get(server, "/metrics")

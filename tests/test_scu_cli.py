@@ -13,6 +13,7 @@ from node_helpers import Serve
 from peers import Orthanc, free_port
 
 from dicom_node.index import Index
+from state.store import StateStore
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -106,7 +107,8 @@ def test_send_a_folder_of_compressed_instances_to_raddraft_serve(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"{len(names)} ok, 0 warning, 0 failed" in result.stdout
     assert "1 association(s)" in result.stdout  # every needed presentation context in one association
-    index = Index(tmp_path / "node" / "index.sqlite")
+    store = StateStore(tmp_path / "node" / "index.sqlite")
+    index = Index(store)
     try:
         for name in names:
             original = pydicom.dcmread(TEST_FILES / name, stop_before_pixels=True)
@@ -114,4 +116,4 @@ def test_send_a_folder_of_compressed_instances_to_raddraft_serve(tmp_path):
             assert record is not None and record.calling_ae == "CLI", name
             assert record.transfer_syntax_uid == original.file_meta.TransferSyntaxUID, name  # stored as sent
     finally:
-        index.close()
+        store.close()

@@ -19,7 +19,7 @@ from typing import Any
 from core.layout import manifest_path
 from core.settings import Settings
 from core.states import DeliveryState, EpisodeState
-from dicom_node.index import DeadLetter, DeliveryKey, Index
+from state.store import DeadLetter, DeliveryKey, StateStore
 from workers.celery_app import (
     DELIVER_DICOM_TASK,
     DELIVER_HL7_TASK,
@@ -52,24 +52,24 @@ def record(settings: Settings, task_name: str, task_id: str, args: Sequence[Any]
     """Add a dead letter and mark the episode or delivery it concerns; returns the dead letter's id."""
     study_uid, episode_id = episode_of(task_name, args)
     error = error[:MAX_ERROR_CHARS]
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        letter_id = index.add_dead_letter(task_name, task_id, json.dumps(list(args)), study_uid=study_uid,
+        letter_id = store.add_dead_letter(task_name, task_id, json.dumps(list(args)), study_uid=study_uid,
                                           episode_id=episode_id, error=error, retries=retries, now=clock())
         kind = _DELIVERY_KIND.get(task_name)
         if kind is not None:
             key = DeliveryKey(study_uid, episode_id, kind, str(args[2]))
-            if index.delivery(key) is not None:
-                index.finish_delivery(key, DeliveryState.DEAD, clock(), error, attempted=False)
-        elif task_name in (INFER_TASK, REPORT_TASK) and index.episode(study_uid, episode_id) is not None:
+            if store.delivery(key) is not None:
+                store.finish_delivery(key, DeliveryState.DEAD, clock(), error, attempted=False)
+        elif task_name in (INFER_TASK, REPORT_TASK) and store.episode(study_uid, episode_id) is not None:
             stage = task_name.rsplit(".", 1)[-1]
-            index.set_state(study_uid, episode_id, EpisodeState.FAILED, clock(), error=f"{stage}: {error}",
+            store.set_state(study_uid, episode_id, EpisodeState.FAILED, clock(), error=f"{stage}: {error}",
                             task_run=(stage, "dead-lettered"))
             manifest = manifest_path(settings.home, study_uid, episode_id)
             if manifest.is_file():  # the radiologists see the study as failed rather than waiting for a draft
                 register_failure(settings, manifest, f"{stage} failed (dead letter #{letter_id})")
     finally:
-        index.close()
+        store.close()
     log.error("task %s of study %s episode %d dead-lettered as #%d after %d retry(ies): %s", task_id, study_uid,
               episode_id, letter_id, retries, error)
     return letter_id
@@ -89,9 +89,9 @@ def replay(settings: Settings, ids: Sequence[int] | None, publish: Publisher,
            *, clock: Callable[[], float] = time.time) -> list[Replayed]:
     """Re-publish the dead letters *ids* (None: every one not yet re-played). Unknown or already re-played ids
     raise ``KeyError`` before anything is published."""
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        pending = {letter.id: letter for letter in index.dead_letters()}
+        pending = {letter.id: letter for letter in store.dead_letters()}
         chosen = sorted(pending) if ids is None else list(ids)
         unknown = [i for i in chosen if i not in pending]
         if unknown:
@@ -99,23 +99,23 @@ def replay(settings: Settings, ids: Sequence[int] | None, publish: Publisher,
         done = []
         for letter_id in chosen:
             letter = pending[letter_id]
-            _undo_mark(index, letter, clock())
+            _undo_mark(store, letter, clock())
             task_id = f"{letter.task_id.split('~replay', 1)[0]}~replay{letter.id}"
             publish(letter.task, json.loads(letter.args), task_id)
-            index.mark_replayed(letter.id, clock())
+            store.mark_replayed(letter.id, clock())
             log.info("dead letter #%d re-played as task %s", letter.id, task_id)
             done.append(Replayed(letter.id, letter.task, task_id))
         return done
     finally:
-        index.close()
+        store.close()
 
 
-def _undo_mark(index: Index, letter: DeadLetter, now: float) -> None:
+def _undo_mark(store: StateStore, letter: DeadLetter, now: float) -> None:
     kind = _DELIVERY_KIND.get(letter.task)
     if kind is not None:
         args = json.loads(letter.args)
-        index.reopen_delivery(DeliveryKey(letter.study_instance_uid, letter.episode_id, kind, str(args[2])))
+        store.reopen_delivery(DeliveryKey(letter.study_instance_uid, letter.episode_id, kind, str(args[2])))
         return
     target = _REPLAY_STATE.get(letter.task)
     if target is not None:
-        index.advance(letter.study_instance_uid, letter.episode_id, (EpisodeState.FAILED,), target, now)
+        store.advance(letter.study_instance_uid, letter.episode_id, (EpisodeState.FAILED,), target, now)

@@ -32,7 +32,6 @@ from core.manifest import StudyManifest
 from core.result import AnalysisResult
 from core.settings import Settings
 from core.states import DeliveryState, EpisodeState
-from dicom_node.index import Delivery, DeliveryKey, Index
 from model import analyze
 from model.config import PRESETS, MiniGPTConfig
 from model.embedded import EMBEDDED_DIR, MINIGPT_MED_FILES
@@ -53,6 +52,7 @@ from reporting.hl7_oru import (
 )
 from reporting.lineage import supersede
 from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_outputs
+from state.store import Delivery, DeliveryKey, StateStore
 from workers.decode_child import isolated_decoder, prepare_slices
 from workers.delivery import DICOM, HL7
 from workers.gate import GateRules, gate
@@ -142,30 +142,30 @@ def prepare_request(settings: Settings, study_uid: str, episode_id: int) -> Infe
         log.info("study %s episode %d: kept out of the analysis: %s", study_uid, episode_id, kept_out)
     if not decision.analysable:
         raise NotAnalysedError(decision.reason())
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        interrupted = decode_interruptions(index, study_uid, episode_id)
+        interrupted = decode_interruptions(store, study_uid, episode_id)
         if interrupted >= settings.max_decode_interruptions:
             raise StageError(f"decoding the images was interrupted {interrupted} time(s) without finishing: the "
                              "worker died while decoding them (out of memory?); not tried again")
-        index.record_task_run(DECODE_RUN, study_uid, episode_id, "started", time.time())
+        store.record_task_run(DECODE_RUN, study_uid, episode_id, "started", time.time())
         decode = isolated_decoder(settings.decode_memory_mb) if settings.decode_in_child else prepare_slices
         request = build_request(settings.spool_dir, decision.manifest, model_input_size(settings.model),
                                 decode=decode)
         write_atomic(request_path(settings.home, study_uid, episode_id), request.to_json())
-        index.record_task_run(DECODE_RUN, study_uid, episode_id, "built", time.time())
+        store.record_task_run(DECODE_RUN, study_uid, episode_id, "built", time.time())
     finally:
-        index.close()
+        store.close()
     return request
 
 
 DECODE_RUN = "decode"  # task_runs of building the inference request: "started", then "built" unless the worker died
 
 
-def decode_interruptions(index: Index, study_uid: str, episode_id: int) -> int:
+def decode_interruptions(store: StateStore, study_uid: str, episode_id: int) -> int:
     """How often building the episode's request started and never finished: each one a worker that died while
     decoding (a restart or the broker re-delivers the task; without a count it would die again for ever)."""
-    runs = index.task_runs(study_uid, episode_id)
+    runs = store.task_runs(study_uid, episode_id)
     return runs.count((DECODE_RUN, "started")) - runs.count((DECODE_RUN, "built"))
 
 
@@ -190,13 +190,13 @@ def report_episode(settings: Settings, response: InferenceResponse, *,
     """Write the outbox of an analysed episode and its delivery rows; None when the episode is already past this
     stage (a duplicate)."""
     study_uid, episode_id = response.study_instance_uid, response.episode_id
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        episode = index.episode(study_uid, episode_id)
+        episode = store.episode(study_uid, episode_id)
         if episode is None:
             raise StageError(f"episode {episode_id} of study {study_uid} is not in the index")
         if episode.state in (EpisodeState.REPORTED, EpisodeState.DELIVERED):
-            index.record_task_run("report", study_uid, episode_id, "duplicate", clock())
+            store.record_task_run("report", study_uid, episode_id, "duplicate", clock())
             log.info("study %s episode %d is already reported; duplicate ignored", study_uid, episode_id)
             return None
         manifest = StudyManifest.read(manifest_path(settings.home, study_uid, episode_id))
@@ -224,24 +224,24 @@ def report_episode(settings: Settings, response: InferenceResponse, *,
         built = {entry.kind for entry in entries}
         targets = [(DICOM, str(d)) for d in settings.dicom_destinations]
         targets += [(HL7, str(d)) for d in settings.hl7_destinations]
-        rows = index.add_deliveries(study_uid, episode_id, targets, clock())
-        index.advance(study_uid, episode_id, tuple(s for s in EpisodeState if s not in (
+        rows = store.add_deliveries(study_uid, episode_id, targets, clock())
+        store.advance(study_uid, episode_id, tuple(s for s in EpisodeState if s not in (
             EpisodeState.REPORTED, EpisodeState.DELIVERED)), EpisodeState.REPORTED, clock(),
             task_run=("report", "reported"))
-        rows = _skip_unbuilt(index, rows, built, problems, clock)
+        rows = _skip_unbuilt(store, rows, built, problems, clock)
         if not rows:
             log.info("study %s episode %d reported: no destination configured; outputs stay in the outbox",
                      study_uid, episode_id)
         pending = [DeliveryKey(r.study_instance_uid, r.episode_id, r.kind, r.destination) for r in rows
                    if r.state is DeliveryState.PENDING]
     finally:
-        index.close()
+        store.close()
     log.info("study %s episode %d reported: %d finding(s), %d output file(s), %d delivery(ies) to run", study_uid,
              episode_id, len(result.findings), len(entries), len(pending))
     return ReportOutcome(result, entries, problems, pending, reused)
 
 
-def _skip_unbuilt(index: Index, rows: list[Delivery], built: set[str], problems: Sequence[OutputProblem],
+def _skip_unbuilt(store: StateStore, rows: list[Delivery], built: set[str], problems: Sequence[OutputProblem],
                   clock: Callable[[], float]) -> list[Delivery]:
     """Mark ``skipped`` each pending delivery that has nothing to send (no DICOM output, or no ORU), with the
     reason; the episode is delivered once every other delivery is done. Returns the rows as they are now."""
@@ -251,10 +251,10 @@ def _skip_unbuilt(index: Index, rows: list[Delivery], built: set[str], problems:
     for row in rows:
         if row.state is DeliveryState.PENDING and not has.get(row.kind, True):
             key = DeliveryKey(row.study_instance_uid, row.episode_id, row.kind, row.destination)
-            index.finish_delivery(key, DeliveryState.SKIPPED, clock(), reasons[row.kind] or "nothing was built",
+            store.finish_delivery(key, DeliveryState.SKIPPED, clock(), reasons[row.kind] or "nothing was built",
                                   attempted=False)
             log.info("%s skipped: no %s output was built", key, row.kind)
-    return index.deliveries(rows[0].study_instance_uid, rows[0].episode_id) if rows else rows
+    return store.deliveries(rows[0].study_instance_uid, rows[0].episode_id) if rows else rows
 
 
 @dataclass(frozen=True)
@@ -267,16 +267,16 @@ class StrandedWork:
     destination: str | None = None
 
 
-def stranded_work(index: Index) -> list[StrandedWork]:
+def stranded_work(store: StateStore) -> list[StrandedWork]:
     """Work a previous run left between stages: prepared episodes (their infer or report message was lost; the
     prepare stage re-publishes infer) and pending deliveries of reported episodes. Use it only where a lost
     message is possible and no other worker still holds it (the embedded broker with in-process workers)."""
     work: list[StrandedWork] = []
-    for episode in index.episodes():
+    for episode in store.episodes():
         if episode.state is EpisodeState.PREPARED:
             work.append(StrandedWork("prepare", episode.study_instance_uid, episode.episode_id))
         elif episode.state is EpisodeState.REPORTED:
-            for row in index.deliveries(episode.study_instance_uid, episode.episode_id):
+            for row in store.deliveries(episode.study_instance_uid, episode.episode_id):
                 if row.state is DeliveryState.PENDING:
                     work.append(StrandedWork(f"deliver-{row.kind}", row.study_instance_uid, row.episode_id,
                                              row.destination))

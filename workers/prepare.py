@@ -25,6 +25,7 @@ from core.settings import Settings
 from core.states import EpisodeState
 from dicom_node.index import Index, InstanceRecord
 from model.imaging import frame_header
+from state.store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,17 @@ def prepare_episode(
 ) -> Path | None:
     """Claim the episode, write its manifest and mark it prepared; None if another delivery already claimed it."""
     path = manifest_path(settings.home, study_uid, episode_id)
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
+    index = Index(store)
     try:
-        if not index.claim(study_uid, episode_id, clock(), CLAIM_STALE_AFTER_S):
-            index.record_task_run(TASK_NAME, study_uid, episode_id, "duplicate", clock())
+        if not store.claim(study_uid, episode_id, clock(), CLAIM_STALE_AFTER_S):
+            store.record_task_run(TASK_NAME, study_uid, episode_id, "duplicate", clock())
             log.info("study %s episode %d is already claimed or done; duplicate delivery ignored",
                      study_uid, episode_id)
             return None
         records = index.instances_for_episode(study_uid, episode_id)
         if not records:  # each instance arrived again under another Study Instance UID and moved there
-            index.set_state(study_uid, episode_id, EpisodeState.NOT_ANALYSED, clock(), error=NO_INSTANCE_LEFT,
+            store.set_state(study_uid, episode_id, EpisodeState.NOT_ANALYSED, clock(), error=NO_INSTANCE_LEFT,
                             task_run=(TASK_NAME, str(EpisodeState.NOT_ANALYSED)))
             log.info("study %s episode %d ends %s: %s", study_uid, episode_id, EpisodeState.NOT_ANALYSED,
                      NO_INSTANCE_LEFT)
@@ -60,12 +62,12 @@ def prepare_episode(
             manifest = build_manifest(settings.spool_dir, study_uid, episode_id, records)
             manifest.write(path)
         except Exception as exc:
-            index.set_state(study_uid, episode_id, EpisodeState.FAILED, clock(), error=f"prepare: {exc}",
+            store.set_state(study_uid, episode_id, EpisodeState.FAILED, clock(), error=f"prepare: {exc}",
                             task_run=(TASK_NAME, "failed"))
             raise
-        index.set_state(study_uid, episode_id, EpisodeState.PREPARED, clock(), task_run=(TASK_NAME, "prepared"))
+        store.set_state(study_uid, episode_id, EpisodeState.PREPARED, clock(), task_run=(TASK_NAME, "prepared"))
     finally:
-        index.close()
+        store.close()
     log.info("study %s episode %d prepared: %d series, %d instance(s)", study_uid, episode_id,
              len(manifest.series), len(records))
     return path

@@ -26,8 +26,8 @@ from core.layout import manifest_path
 from core.settings import Destination, HL7Destination, Settings
 from core.states import DeliveryState, EpisodeState
 from dicom_node.episodes import BrokerUnavailableError
-from dicom_node.index import DeliveryKey, Index
 from model.payload import InferenceRequest, InferenceResponse
+from state.store import DeliveryKey, StateStore
 from workers import deadletter, delivery, pipeline
 from workers.batching import MicroBatcher
 from workers.celery_app import (
@@ -136,11 +136,11 @@ def prepare(self: PipelineTask, study_uid: str, episode_id: int) -> str | None:
     settings = current_settings()
     path = prepare_episode(settings, study_uid, episode_id)
     if path is None:
-        index = Index(settings.index_path)
+        store = StateStore(settings.index_path)
         try:
-            episode = index.episode(study_uid, episode_id)
+            episode = store.episode(study_uid, episode_id)
         finally:
-            index.close()
+            store.close()
         if episode is None or episode.state is not EpisodeState.PREPARED:
             return None
     try:
@@ -161,12 +161,12 @@ def _end_before_analysis(settings: Settings, study_uid: str, episode_id: int, ex
     not_analysed = isinstance(exc, pipeline.NotAnalysedError)
     state = EpisodeState.NOT_ANALYSED if not_analysed else EpisodeState.FAILED
     reason = str(exc) if not_analysed else f"prepare: {exc}"
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        index.advance(study_uid, episode_id, (EpisodeState.PREPARED,), state, time.time(), error=reason,
+        store.advance(study_uid, episode_id, (EpisodeState.PREPARED,), state, time.time(), error=reason,
                       task_run=("prepare", str(state)))
     finally:
-        index.close()
+        store.close()
     log.info("study %s episode %d ends %s: %s", study_uid, episode_id, state, reason)
     manifest = manifest_path(settings.home, study_uid, episode_id)
     if not not_analysed and manifest.is_file():  # the radiologists see why an image study has no draft
@@ -207,9 +207,9 @@ def report(self: PipelineTask, response_message: dict[str, Any]) -> None:
 
 def _deliver(task: PipelineTask, key: DeliveryKey, send: Any) -> bool:
     settings = current_settings()
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        row = index.delivery(key)
+        row = store.delivery(key)
         if row is None:
             raise pipeline.StageError(f"{key} is not in the index (the report stage did not create it)")
         if row.state is DeliveryState.DONE:
@@ -219,15 +219,15 @@ def _deliver(task: PipelineTask, key: DeliveryKey, send: Any) -> bool:
             send(settings)
         except Exception as exc:
             metrics.record_delivery(key.kind, ok=False)
-            index.note_delivery_error(key, str(exc))  # every attempt is counted; a permanent error is re-raised
+            store.note_delivery_error(key, str(exc))  # every attempt is counted; a permanent error is re-raised
             if isinstance(exc, delivery.TransientDeliveryError):
                 task.retry_transient(exc)
             raise
         metrics.record_delivery(key.kind, ok=True)  # the attempt succeeded, as the worklist's deliveries count
-        index.finish_delivery(key, DeliveryState.DONE, time.time())
+        store.finish_delivery(key, DeliveryState.DONE, time.time())
         return True
     finally:
-        index.close()
+        store.close()
 
 
 @app.task(name=DELIVER_DICOM_TASK, base=PipelineTask, bind=True)
@@ -262,9 +262,9 @@ def republish(work: pipeline.StrandedWork) -> None:
             task_id(work.stage, work.study_uid, work.episode_id, work.destination or ""))
 
 
-def republish_stranded(index: Index) -> list[pipeline.StrandedWork]:
-    """Publish every stage of *index* a previous run or a broker incident left stranded; returns them."""
-    work = pipeline.stranded_work(index)
+def republish_stranded(store: StateStore) -> list[pipeline.StrandedWork]:
+    """Publish every stage of *store* a previous run or a broker incident left stranded; returns them."""
+    work = pipeline.stranded_work(store)
     for item in work:
         republish(item)
     return work

@@ -24,10 +24,10 @@ from pathlib import Path
 from core.layout import analysis_path, episode_dir
 from core.settings import Destination, Settings
 from core.states import EpisodeState
-from dicom_node.index import Index
 from dicom_node.scu import send_instances
 from model.phantoms import write_studies
 from raddraft.model_socket import socket_path
+from state.store import StateStore
 
 DEMO_MODALITIES = ("CR", "CT", "MR")
 START_TIMEOUT_S = 120.0
@@ -87,11 +87,11 @@ def _wait_reported(home: Path, study_uids: list[str]) -> dict[str, str]:
     deadline = time.monotonic() + ANALYSIS_TIMEOUT_S
     done = (EpisodeState.REPORTED, EpisodeState.DELIVERED, EpisodeState.FAILED)
     while True:
-        index = Index(home / "index.sqlite")
+        store = StateStore(home / "index.sqlite")
         try:
-            states = {uid: e.state for uid in study_uids if (e := index.episode(uid, 1)) is not None}
+            states = {uid: e.state for uid in study_uids if (e := store.episode(uid, 1)) is not None}
         finally:
-            index.close()
+            store.close()
         if len(states) == len(study_uids) and all(s in done for s in states.values()):
             return {uid: str(state) for uid, state in states.items()}
         if time.monotonic() > deadline:

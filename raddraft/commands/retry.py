@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from core.settings import Settings
-from dicom_node.index import Index
+from state.store import StateStore
 from workers.celery_app import configure, publish
 from workers.deadletter import replay
 
@@ -46,11 +46,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _stranded(settings: Settings) -> int:
     from workers.tasks import republish_stranded  # noqa: PLC0415 - the pipeline imports the model stack (torch)
 
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
     try:
-        work = republish_stranded(index)
+        work = republish_stranded(store)
     finally:
-        index.close()
+        store.close()
     for item in work:
         target = f" to {item.destination}" if item.destination else ""
         sys.stdout.write(f"published {item.stage} of study {item.study_uid} episode {item.episode_id}{target}\n")

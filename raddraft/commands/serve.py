@@ -25,6 +25,7 @@ from dicom_node.receive import InstanceReceiver
 from dicom_node.scp import DicomNode
 from dicom_node.spool import Spool
 from raddraft.model_socket import ModelSocketServer
+from state.store import StateStore
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure, publish_prepare
 from workers.inprocess import InProcessWorker
 from worklist.bridge import QuestionModel
@@ -52,11 +53,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     spool = Spool(settings.spool_dir)
     spool.ensure()
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
+    index = Index(store)
     app = configure(settings)
     receiver = InstanceReceiver(spool, index, settings.max_instance_mb, settings.min_free_disk_mb)
     node = DicomNode(settings, receiver)
-    dispatcher = HandoffDispatcher(index, publish_prepare, settings.study_idle_seconds,
+    dispatcher = HandoffDispatcher(store, publish_prepare, settings.study_idle_seconds,
                                    settings.handoff_retry_seconds)
     workers: list[InProcessWorker] = []
     in_process = settings.uses_embedded_broker and not args.no_worker
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     dispatcher.recover(reset_claimed=settings.uses_embedded_broker)
     if workers:
-        _republish_stranded(index)
+        _republish_stranded(store)
     model_socket: ModelSocketServer | None = None
     node.start()
     try:
@@ -90,15 +92,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for worker in workers:
             worker.stop()
         worklist.stop()
-        index.close()
+        store.close()
     log.info("raddraft stopped")
     return 0
 
 
-def _republish_stranded(index: Index) -> None:
+def _republish_stranded(store: StateStore) -> None:
     from workers.tasks import republish_stranded  # noqa: PLC0415 - the model stack (torch): only with in-process workers
 
-    work = republish_stranded(index)
+    work = republish_stranded(store)
     if work:
         log.info("published %d stage(s) a previous run left unfinished", len(work))
 

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from core.settings import Settings
 from dicom_node.index import Index, NodeCounter
 from reporting.outputs import episode_problems
+from state.store import StateStore
 
 STORED_WITHOUT_ANALYSIS = "stored_without_analysis"  # AI/derived objects: stored, no episode (dicom_node/derived.py)
 # the line of each count of the DICOM node in the text output
@@ -36,17 +37,18 @@ def collect(settings: Settings) -> dict[str, Any]:
     if not settings.index_path.exists():
         return {"studies": [], "totals": {}, "instances": 0, "deliveries": [], "dead_letters": [],
                 "node": {name: 0 for name in COUNTER_LABELS}, "studies_without_episode": []}
-    index = Index(settings.index_path)
+    store = StateStore(settings.index_path)
+    index = Index(store)
     try:
         counts = index.study_counts()
-        episodes = index.episodes()
+        episodes = store.episodes()
         total_instances = index.count_instances()
-        deliveries = index.deliveries()
-        dead_letters = index.dead_letters()
+        deliveries = store.deliveries()
+        dead_letters = store.dead_letters()
         counters: dict[str, int] = {str(counter): count for counter, count in index.counters().items()}
         counters[STORED_WITHOUT_ANALYSIS] = index.count_instances_without_episode()
     finally:
-        index.close()
+        store.close()
     rows = []
     for episode in episodes:
         instances, series = counts.get(episode.study_instance_uid, (0, 0))
