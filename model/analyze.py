@@ -417,6 +417,7 @@ class SeriesAnalysis:
     result: AnalysisResult
     seconds: float  # build + run + assemble
     model_findings: list[Finding]  # the model's own boxes (merged, not refined)
+    without_follow_up: AnalysisResult | None = None  # the same answers without the follow-up boxes (evaluation)
 
     @property
     def report(self) -> DraftReport:
@@ -461,7 +462,10 @@ def analyze_series(loaded: LoadedModel, datasets: Sequence[Dataset], policy: Sli
     unrefined = assemble(request, response, policy, refine=RefinePolicy(enabled=False)).findings
     seconds = time.perf_counter() - started
     logger.debug("analysed %d image(s) in %.2f s: %d finding(s)", len(datasets), seconds, len(result.findings))
-    return SeriesAnalysis(result, seconds, unrefined)
+    asked = any(task_id.startswith(DETECTION_PREFIX) for task_id in response.texts())
+    without = assemble(request, response, policy, sources=datasets, refine=refine, follow_ups=False) if asked \
+        else result
+    return SeriesAnalysis(result, seconds, unrefined, without)
 
 
 # --- a single task ------------------------------------------------------------------------------------------

@@ -15,6 +15,14 @@ answers every VQA question of the truth in one batched call on the study view.
 * **report label F1** — labels extracted from the generated report text by :func:`extract_labels`, compared with
   the set of truth labels of the study; micro F1 over (study, label) pairs.
 * **latency** — seconds of ``analyze_series`` per study (report + boxes, one generate call), all and by modality.
+* **grounding** (issue 19: text and boxes) — per study, the positive labels the draft's sentences state
+  (:mod:`model.sentences`) against the labels of its boxes (compatible labels agree: "mass" and "tumor"):
+  ``disagree_before`` studies where they differ before grounding after generation (the same answers without the
+  follow-up ``[detection]`` boxes; no flag existed then), ``disagree_after`` after it, and
+  ``disagree_unflagged`` studies where they differ although the draft is not flagged (the target is 0);
+  ``hallucinated`` positive sentences none of whose labels is in the study's truth, ``hallucinated_flagged``
+  those marked text-only (target ≥ 90 %); ``follow_up_boxes`` boxes the follow-up added, ``follow_up_true``
+  those that match a truth finding; ``finding_before_follow_up`` the finding counts without them.
 
 :func:`extract_labels` — a keyword extractor with negation: the text is cut into clauses (at ``.``, ``;``,
 ``:`` and line breaks); a label is present when one of its keywords occurs in a clause and no negation cue
@@ -39,12 +47,13 @@ import torch
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from core.result import Finding
+from core.result import AnalysisResult, Finding
 from model import prompts
 from model.analyze import analyze_series
 from model.embedded import LoadedModel
 from model.imaging import prepare_image, study_view
 from model.minigpt import MiniGPTMed
+from model.sentences import supports
 from model.slices import SlicePolicy, iou, select_indices
 
 logger = logging.getLogger(__name__)
@@ -195,6 +204,35 @@ def _study_counts(findings: Sequence[Finding], truth: Sequence[TruthFinding], mo
     return counts, ious
 
 
+def _disagree(result: AnalysisResult) -> bool:
+    """Whether the positive labels the draft states differ from the labels of its boxes (either way)."""
+    stated = {label for sentence in result.report.sentences if sentence.polarity == "positive"
+              for label in sentence.labels}
+    boxed = {finding.label for finding in result.findings}
+    return (any(not any(supports(label, box) for box in boxed) for label in stated)
+            or any(not any(supports(label, box) for label in stated) for box in boxed))
+
+
+def _grounding_counts(before: AnalysisResult, after: AnalysisResult, truth: Sequence[TruthFinding]
+                      ) -> Counter[str]:
+    """One study's grounding figures (module docstring)."""
+    counts: Counter[str] = Counter()
+    counts["disagree_before"] += _disagree(before)
+    counts["disagree_after"] += _disagree(after)
+    counts["disagree_unflagged"] += _disagree(after) and not (after.consistency and after.consistency.flagged)
+    truth_labels = {f.label for f in truth}
+    for sentence in after.report.sentences:
+        if sentence.polarity == "positive" and sentence.labels and not any(
+                supports(label, truth_label) for label in sentence.labels for truth_label in truth_labels):
+            counts["hallucinated"] += 1
+            counts["hallucinated_flagged"] += sentence.status == "text_only"
+    added = [f for f in after.findings if f.source == "detection"]
+    counts["follow_up_boxes"] += len(added)
+    counts["follow_up_true"] += sum(
+        match_findings([f], [t for t in truth if t.label == f.label]).tp for f in added)
+    return counts
+
+
 def evaluate_folder(loaded: LoadedModel, folder: Path, *, limit: int | None = None,
                     policy: SlicePolicy | None = None) -> dict[str, Any]:
     """Every metric of the module docstring on the phantom *folder* (the first *limit* studies)."""
@@ -209,6 +247,8 @@ def evaluate_folder(loaded: LoadedModel, folder: Path, *, limit: int | None = No
     by_label: defaultdict[str, Counter[str]] = defaultdict(Counter)  # "modality label" -> tp/fp/fn
     model_totals: Counter[str] = Counter()  # the same for the unrefined model boxes
     model_by_label: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    grounding: Counter[str] = Counter()
+    before_totals: Counter[str] = Counter()  # finding tp/fp/fn without the follow-up boxes
     for number, (study, paths) in enumerate(studies, start=1):
         all_datasets = [dcmread(p) for p in paths]
         datasets = [all_datasets[i] for i in select_indices(len(all_datasets), policy.max_per_series)]
@@ -219,6 +259,9 @@ def evaluate_folder(loaded: LoadedModel, folder: Path, *, limit: int | None = No
         totals.update(counts)
         ious.extend(study_ious)
         model_totals.update(_study_counts(analysis.model_findings, truth, study["modality"], model_by_label)[0])
+        before = analysis.without_follow_up or analysis.result
+        grounding.update(_grounding_counts(before, analysis.result, truth))
+        before_totals.update(_study_counts(before.findings, truth, study["modality"], defaultdict(Counter))[0])
         predicted_labels.append(extract_labels(analysis.report_text, study["modality"]))
         truth_labels.append({f["label"] for f in study["findings"]})
         answers = answer_questions(loaded.model, datasets, [q["question"] for q in study["qa"]])
@@ -236,6 +279,14 @@ def evaluate_folder(loaded: LoadedModel, folder: Path, *, limit: int | None = No
                     "by_label": {name: _counts(counts) for name, counts in sorted(by_label.items())}},
         "finding_model_boxes": {**_counts(model_totals),
                                 "by_label": {name: _counts(c) for name, c in sorted(model_by_label.items())}},
+        "finding_before_follow_up": _counts(before_totals),
+        "grounding": {
+            **{key: grounding[key] for key in ("disagree_before", "disagree_after", "disagree_unflagged",
+                                               "hallucinated", "hallucinated_flagged", "follow_up_boxes",
+                                               "follow_up_true")},
+            "hallucinated_flagged_share": (grounding["hallucinated_flagged"] / grounding["hallucinated"]
+                                           if grounding["hallucinated"] else 1.0),
+        },
         "mean_iou": statistics.fmean(ious) if ious else 0.0,
         "vqa_accuracy": vqa_right / vqa_total if vqa_total else 0.0,
         "vqa_questions": vqa_total,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from core.result import Consistency, DraftReport, Finding, ReportSentence
-from model.sentences import StatedSentence, read_report, supports
+from model.sentences import FOCAL_LABELS, StatedSentence, read_report, supports
 
 
 def _same_side(sentence: StatedSentence, finding: Finding) -> bool:
@@ -31,7 +31,7 @@ def _supported_by(sentence: StatedSentence, finding: Finding) -> bool:
     if not _same_side(sentence, finding):
         return False
     if not sentence.labels:  # "a lesion", "an opacity": a finding whose kind the text does not name
-        return True
+        return finding.label.lower() in FOCAL_LABELS
     return any(supports(label, finding.label) for label in sentence.labels)
 
 

@@ -53,7 +53,8 @@ COMPATIBLE_LABELS: dict[str, frozenset[str]] = {
     "pneumonia": frozenset({"consolidation"}),  # an interpretation whose image evidence is the consolidation
 }
 # a positive sentence naming only these words ("lesion", "opacity") states a finding whose label the
-# vocabulary cannot tell; any focal box supports it
+# vocabulary cannot tell; a box of a focal finding (FOCAL_LABELS) supports it, a box of edema or an effusion not
+FOCAL_LABELS = frozenset({"nodule", "mass", "tumor", "consolidation"})
 UNSPECIFIC_WORDS = frozenset({"lesion", "lesions", "opacity", "opacities", "density", "densities", "abnormality"})
 
 _CUE = re.compile("|".join(f"(?P<c{i}>\\b(?:{'|'.join(cues)})\\b)" for i, cues in enumerate(LABEL_CUES.values())),

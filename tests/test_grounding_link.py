@@ -72,3 +72,10 @@ def test_results_written_before_grounding_still_read() -> None:
         for key in ("sentences", "status", "source"):
             del finding[key]
     assert AnalysisResult.model_validate(payload).consistency is None
+
+
+def test_a_sentence_naming_no_kind_is_grounded_by_a_focal_box_only() -> None:
+    report, findings, _ = link(DraftReport(findings="A rim-enhancing 21 mm lesion is seen in the left parietal lobe.",
+                                           impression=""), [box("edema", "left"), box("tumor", "left")])
+    assert report.sentences[0].findings == [1]
+    assert [f.status for f in findings] == ["box_only", "grounded"]

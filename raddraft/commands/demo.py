@@ -25,11 +25,12 @@ from core.layout import analysis_path, episode_dir
 from core.settings import Destination, Settings
 from core.states import EpisodeState
 from dicom_node.scu import send_instances
-from model.phantoms import write_studies
+from model.phantoms import generate_studies, write_studies
 from raddraft.model_socket import socket_path
 from state.store import StateStore
 
 DEMO_MODALITIES = ("CR", "CT", "MR")
+MAX_SEED_TRIES = 50  # seeds tried for a phantom with findings (about one in three is normal)
 START_TIMEOUT_S = 120.0
 ANALYSIS_TIMEOUT_S = 600.0
 
@@ -99,6 +100,16 @@ def _wait_reported(home: Path, study_uids: list[str]) -> dict[str, str]:
         time.sleep(0.5)
 
 
+def _seed_with_findings(start: int, modality: str) -> int:
+    """The first seed from *start* whose phantom study of *modality* has findings: a demo of normal studies
+    shows nothing of the product (boxes, grounded sentences)."""
+    for seed in range(start, start + MAX_SEED_TRIES):
+        [study] = generate_studies(seed, 1, modality)
+        if study.findings:
+            return seed
+    return start
+
+
 def _print_study(out: object, home: Path, modality: str, study_uid: str, state: str) -> None:
     write = out.write  # type: ignore[attr-defined]
     folder = episode_dir(home / "outbox", study_uid, 1)
@@ -109,11 +120,35 @@ def _print_study(out: object, home: Path, modality: str, study_uid: str, state: 
         return
     result = json.loads(analysis.read_text())
     write(f"  DRAFT REPORT (preliminary, model {result['model']['name']} {result['model']['version']}):\n")
-    write(f"    FINDINGS: {result['report']['findings']}\n    IMPRESSION: {result['report']['impression']}\n")
+    sentences = result["report"].get("sentences", [])
+    if not sentences:
+        write(f"    FINDINGS: {result['report']['findings']}\n    IMPRESSION: {result['report']['impression']}\n")
+    for section in ("findings", "impression"):
+        mine = [(n, s) for n, s in enumerate(sentences) if s["section"] == section]
+        if mine:
+            write(f"    {section.upper()}:\n")
+        for _, sentence in mine:
+            boxes = ", ".join(f"box {i + 1}" for i in sentence["findings"])
+            status = {"grounded": f"grounded: {boxes}", "text_only": "TEXT ONLY: not localized by the AI",
+                      "statement": sentence["polarity"]}[sentence["status"]]
+            write(f"      [{status}] {sentence['text']}\n")
+    consistency = result.get("consistency")
+    if consistency:
+        flag = "  << text and boxes disagree: check before signing" if (
+            consistency["text_only"] or consistency["box_only"]) else ""
+        write(f"  consistency: {consistency['grounded']} grounded, {consistency['text_only']} text only, "
+              f"{consistency['box_only']} box only{flag}\n")
     write(f"  {len(result['findings'])} finding(s):\n")
-    for finding in result["findings"]:
+    for number, finding in enumerate(result["findings"], start=1):
         box = ", ".join(f"{v:.0f}" for v in finding["box"])
-        write(f"    {finding['label']} box ({box}) on {finding['sop_instance_uid']}\n")
+        side = f" ({finding['laterality']})" if finding.get("laterality") else ""
+        frame = f" frame {finding['frame_number']}" if finding.get("frame_number") else ""
+        stated = ("localized, NOT IN THE TEXT" if finding.get("status") == "box_only" else
+                  f"stated in sentence(s) {', '.join(str(i + 1) for i in finding.get('sentences', []))}"
+                  if finding.get("sentences") else "")
+        via = " [found by the follow-up question]" if finding.get("source") == "detection" else ""
+        write(f"    box {number}: {finding['label']}{side} ({box}) on {finding['sop_instance_uid']}{frame}"
+              f"{' - ' + stated if stated else ''}{via}\n")
     write(f"  SR:       {folder / 'sr.dcm'}\n  narrative: {folder / 'narrative.dcm'}\n")
     for path in sorted(folder.glob("gsps_*.dcm")):
         write(f"  GSPS:     {path}\n")
@@ -129,7 +164,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     studies: list[tuple[str, str, list[Path]]] = []
     for seed, modality in enumerate(DEMO_MODALITIES, start=1):  # a seed each: distinct studies
         folder = home / "phantoms" / f"{int(time.time())}-{modality}"
-        files = write_studies(folder, seed=int(time.time()) + seed, count=1, modality=modality)
+        files = write_studies(folder, seed=_seed_with_findings(int(time.time()) + 1000 * seed, modality), count=1,
+                              modality=modality)
         truth = json.loads((folder / "truth.json").read_text())["studies"][0]
         studies.append((modality, truth["study_uid"], files))
     out.write(f"wrote {len(studies)} phantom studies under {home / 'phantoms'}\n")
