@@ -42,8 +42,10 @@ def describe(loaded: LoadedModel, ds: Dataset, task: str | None, prompt: str | N
         payload = analysis_payload(identity, analysis)
         text = (f"PRELIMINARY (AI draft, not signed) — {loaded.identity.name} {loaded.identity.version}\n"
                 f"{analysis.report.text}\n\nFINDINGS WITH BOXES (source pixels x1, y1, x2, y2):\n"
-                + ("".join(f"  {f.laterality or '':5} {f.label:18} {tuple(round(v, 1) for v in f.box)}\n"
+                + ("".join(f"  {f.laterality or '':5} {f.label:18} {tuple(round(v, 1) for v in f.box)}"
+                           f"{'  (not in the text)' if f.status == 'box_only' else ''}\n"
                            for f in analysis.findings) or "  none\n")
+                + consistency_text(analysis)
                 + f"({analysis.seconds:.2f} s)\n")
         return AnalyzeReply(ok=True, payload=payload, text=text)
     answer = run_task(loaded, ds, task, prompt)
@@ -52,6 +54,17 @@ def describe(loaded: LoadedModel, ds: Dataset, task: str | None, prompt: str | N
     text = f"{answer.instruction}\n{answer.text}\n" + "".join(
         f"  {f.label}: {tuple(round(v, 1) for v in f.box)}\n" for f in answer.findings)
     return AnalyzeReply(ok=True, payload=payload, text=text)
+
+
+def consistency_text(analysis: SeriesAnalysis) -> str:
+    """``AI consistency: …`` and each statement without image evidence, for the command's text output."""
+    consistency = analysis.result.consistency
+    if consistency is None:
+        return ""
+    lines = [f"AI consistency: {consistency.grounded} stated finding(s) localized, {consistency.text_only} not "
+             f"localized by the AI, {consistency.box_only} box(es) not in the text\n"]
+    lines += [f"  not localized by the AI: {s.text}\n" for s in analysis.report.sentences if s.status == "text_only"]
+    return "".join(lines)
 
 
 def analysis_payload(identity: dict[str, object], analysis: SeriesAnalysis) -> dict[str, object]:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from core.result import AnalysisResult, Consistency, DraftReport, Finding, ModelIdentity
 from model.analyze import SeriesAnalysis
 from model.grounding import link
-from raddraft.analyze_output import analysis_payload
+from raddraft.analyze_output import analysis_payload, consistency_text
 
 IDENTITY: dict[str, object] = {"name": "MiniGPT-Med", "version": "test", "parameters": {}}
 REPORT = DraftReport(findings="Nodule in the right lung. Small right pleural effusion.",
@@ -48,3 +48,12 @@ def test_an_analysis_that_was_not_grounded_says_so() -> None:
     payload = analysis_payload(IDENTITY, analysis(REPORT, BOXES))
     assert payload["consistency"] is None
     assert payload["report"]["sentences"] == [] and payload["findings"][0]["status"] is None
+
+
+def test_the_text_output_names_each_statement_without_image_evidence() -> None:
+    linked_report, linked, consistency = link(REPORT, BOXES)
+    text = consistency_text(analysis(linked_report, linked, consistency))
+    assert text.splitlines() == [
+        "AI consistency: 2 stated finding(s) localized, 1 not localized by the AI, 1 box(es) not in the text",
+        "  not localized by the AI: Small right pleural effusion."]
+    assert consistency_text(analysis(REPORT, BOXES)) == ""
