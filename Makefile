@@ -17,4 +17,4 @@ lint: setup
 	.venv/bin/lint-imports
 
 bench-ingest: setup
-	.venv/bin/python bench/ingest.py
+	.venv/bin/python -m bench.ingest

@@ -36,8 +36,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from peers import stop_process
 from raddraft.model_socket import socket_path
-from tests.peers import stop_process
 
 logger = logging.getLogger("bench.analyze_startup")
 

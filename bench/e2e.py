@@ -12,10 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from e2e_helpers import MODEL, Phantoms, base_env, connect_orthanc, gateway, push_study, wait_for_outputs
 from peers import Orthanc
+from peers.gateway import MODEL, Phantoms, base_env, connect_orthanc, gateway, push_study, wait_for_outputs
 
 
 def main() -> int:

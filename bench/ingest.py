@@ -5,7 +5,7 @@ UIDs) and sends them with the same client and flags to each target: dcmtk ``stor
 association on loopback. Targets: ``raddraft serve --no-worker`` (a subprocess with a temporary home and default
 settings, so every instance is fsynced; the study idle time is raised and the in-process workers are off, so no
 analysis and no model loading compete with the measured ingest),
-dcmtk ``storescp`` and Orthanc (both from ``tests/peers.py``). Every target must have stored all instances,
+dcmtk ``storescp`` and Orthanc (both from ``peers/``). Every target must have stored all instances,
 else the run fails. Prints instances/s per target and the ratios raddraft/storescp and raddraft/Orthanc;
 ``--json`` prints the same as JSON.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from tests.peers import Orthanc, StoreSCP, free_port, stop_process, wait_for
+from peers import Orthanc, StoreSCP, free_port, stop_process, wait_for
 
 log = logging.getLogger("bench.ingest")
 

@@ -26,10 +26,9 @@ from typing import Any
 import pydicom
 import pydicom.data
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' peers import each other so
-from e2e_helpers import base_env, connect_orthanc, gateway
-from mllp_listener import MLLPListener
 from peers import Orthanc, wait_for
+from peers.gateway import base_env, connect_orthanc, gateway
+from peers.mllp import MLLPListener
 
 log = logging.getLogger("bench.real_world")
 BUNDLED = Path(pydicom.data.__file__).resolve().parent / "test_files"

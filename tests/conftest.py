@@ -1,4 +1,4 @@
-"""Fixtures shared by every test file: real peers from ``tests/peers.py``, each in its own temp folder."""
+"""Fixtures shared by every test file: real peers from ``peers/``, each in its own temp folder."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+
 from peers import Orthanc, RedisServer, StoreSCP
 
 

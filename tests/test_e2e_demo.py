@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e_helpers import MODEL, base_env
+
+from peers.gateway import MODEL, base_env
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,11 @@ from contextlib import ExitStack
 import pydicom
 import pytest
 import redis
-from e2e_helpers import (
+from pydicom.uid import generate_uid
+
+from core.states import DeliveryState
+from peers import wait_for
+from peers.gateway import (
     DurableRedis,
     Phantoms,
     base_env,
@@ -26,10 +30,6 @@ from e2e_helpers import (
     wait_for_outputs,
     worker,
 )
-from peers import wait_for
-from pydicom.uid import generate_uid
-
-from core.states import DeliveryState
 from workers.celery_app import GPU_QUEUE
 
 pytestmark = pytest.mark.slow

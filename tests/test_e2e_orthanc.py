@@ -16,7 +16,10 @@ import re
 import urllib.request
 
 import pytest
-from e2e_helpers import (
+
+from core.states import DeliveryState, EpisodeState
+from peers import wait_for
+from peers.gateway import (
     MODEL,
     PR_MODALITY,
     Phantoms,
@@ -31,10 +34,7 @@ from e2e_helpers import (
     wait_for_outputs,
     worker,
 )
-from mllp_listener import MLLPListener
-from peers import wait_for
-
-from core.states import DeliveryState, EpisodeState
+from peers.mllp import MLLPListener
 from state.store import StateStore
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 from hl7_samples import ENDPOINTS, make_manifest, make_result
-from mllp_listener import AckMode, MLLPListener
-from peers import free_port
 
 from core.settings import HL7Destination, Settings, load_settings
+from peers import free_port
+from peers.mllp import AckMode, MLLPListener
 from reporting.hl7_oru import ResultStatus, build_oru_r01, new_control_id, oru_r01_from_settings
 from reporting.mllp import (
     HL7NegativeAck,

@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_helpers import MODEL, REPO, base_env, gateway, worker
 from node_helpers import wait_for
 from train_helpers import tiny_model
 
 from core.settings import load_settings
 from model.phantoms import write_studies
+from peers.gateway import MODEL, REPO, base_env, gateway, worker
 from raddraft.analyze_output import socket_handler, start_model_socket
 from raddraft.cli import main
 from raddraft.model_socket import (

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import sample
 from kombu import Connection
-from peers import RedisServer
 
 from core import metrics
 from core.http import OpsServer
 from core.settings import Settings
 from dicom_node.index import Index, InstanceRecord
+from peers import RedisServer
+from peers.gateway import sample
 from state.store import StateStore, episode_state_counts
 
 

@@ -15,10 +15,10 @@ import time
 
 import pytest
 import redis
-from e2e_helpers import DurableRedis
 from kombu import Connection
 
 from core.settings import Settings
+from peers.gateway import DurableRedis
 from workers.celery_app import configure, unacked_mutex_expire
 from workers.redis_transport import TRANSPORT
 

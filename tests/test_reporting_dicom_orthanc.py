@@ -1,7 +1,7 @@
 """Outputs delivered to a real Orthanc: the outbox under RADDRAFT_HOME, C-STORE with the storage SCU to each of
 RADDRAFT_DICOM_DESTINATIONS, then read back over Orthanc's REST API and compared with what was built.
 
-Orthanc (fixture ``orthanc``, tests/peers.py) holds the source CR study first, as the PACS would; the SR, the
+Orthanc (fixture ``orthanc``, peers/) holds the source CR study first, as the PACS would; the SR, the
 narrative SR and the GSPS must land in that study, each in its own new series, and come back unchanged.
 """
 
@@ -17,12 +17,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from peers import Orthanc
 from reporting_dicom_helpers import Study, cr_findings, cr_study, result_for
 
 from core.layout import episode_dir
 from core.settings import Settings, load_settings
 from dicom_node.scu import Outcome, send_instances
+from peers import Orthanc
 from reporting.context import Signoff
 from reporting.hl7_oru import HL7Endpoints, ResultStatus, build_oru_r01
 from reporting.outbox import OutboxEntry, write_outbox

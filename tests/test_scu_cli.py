@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pydicom
 from node_helpers import Serve
-from peers import Orthanc, free_port
 
 from dicom_node.index import Index
+from peers import Orthanc, free_port
 from state.store import StateStore
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
 from peers import RedisServer, StoreSCP, port_is_open, wait_for
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from peers import Orthanc, StoreSCP, free_port
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     JPEG2000,
@@ -31,6 +30,7 @@ from dicom_node.scu import (
     prepare,
     send_instances,
 )
+from peers import Orthanc, StoreSCP, free_port
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 # One file per transfer syntax family, compressed ones included.

@@ -16,10 +16,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from peers import StoreSCP
 
 from core.settings import Destination
 from dicom_node.scu import PeerUnreachableError, send_instances
+from peers import StoreSCP
 
 CT = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 

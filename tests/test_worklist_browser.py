@@ -15,14 +15,14 @@ from pathlib import Path
 
 import hl7
 import pytest
-from mllp_listener import MLLPListener
-from peers import wait_for
 from playwright.sync_api import expect, sync_playwright
 from worklist_helpers import ONE_FINDING_CR, THREE_NODULES_CT, orthanc_instance, settings_for, write_draft
 
 import worklist.tasks  # noqa: F401 - registers the signed-delivery tasks with the worker
 from core.result import AnalysisResult, Finding
 from model.embedded import load_model
+from peers import wait_for
+from peers.mllp import MLLPListener
 from workers.celery_app import IO_QUEUE, configure
 from workers.inprocess import InProcessWorker
 from worklist import auth

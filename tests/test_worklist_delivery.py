@@ -7,8 +7,6 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from mllp_listener import MLLPListener
-from peers import free_port
 from sqlalchemy.exc import IntegrityError
 from worklist_helpers import (  # noqa: F401 - fixture
     Client,
@@ -20,6 +18,8 @@ from worklist_helpers import (  # noqa: F401 - fixture
 
 from core import metrics
 from dicom_node.episodes import BrokerUnavailableError
+from peers import free_port
+from peers.mllp import MLLPListener
 from workers.delivery import PermanentDeliveryError, TransientDeliveryError
 from worklist import auth
 from worklist.bridge import Bridge

@@ -22,13 +22,13 @@ from urllib.parse import urlencode
 import psycopg
 import pydicom
 import pytest
-from peers import Orthanc
 
 from core.result import AnalysisResult, DraftReport, Finding, ModelIdentity
 from core.settings import Settings, load_settings
 from dicom_node.index import InstanceRecord
 from model.grounding import link
 from model.phantoms import PhantomStudy, generate_study, study_rng
+from peers import Orthanc
 from workers.prepare import build_manifest
 from worklist.server import RunningServer
 

@@ -1,4 +1,4 @@
-"""Helpers of the end-to-end tests: ``raddraft serve`` / ``raddraft worker`` as real processes, phantom studies
+"""Helpers of the end-to-end tests and the benchmarks: ``raddraft serve`` / ``raddraft worker`` as real processes, phantom studies
 pushed from a real Orthanc, and checks of what came back into Orthanc."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pydicom
-from peers import LOOPBACK, Orthanc, RedisServer, port_is_open, wait_for
 
 from model.embedded import embedded_available
 from model.phantoms import generate_studies, write_studies
+from peers import LOOPBACK, Orthanc, RedisServer, port_is_open, wait_for
 from state.store import StateStore
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,9 @@
 
 pytest-free: each peer is a context manager that starts the real program in its own temporary folder, waits
 until it answers, and stops it on exit. ``tests/conftest.py`` turns them into the fixtures ``orthanc``,
-``dcmtk_storescp`` and ``redis_server``; ``bench/ingest.py`` uses them directly.
+``dcmtk_storescp`` and ``redis_server``; the benchmarks (``python -m bench.ingest``) use them directly. A
+package of its own, beside ``tests/`` and ``bench/``, so that neither imports the other; the product imports
+none of them (the import contracts in pyproject.toml).
 """
 
 from __future__ import annotations
