@@ -1,5 +1,5 @@
-"""Helpers of the end-to-end tests and the benchmarks: ``raddraft serve`` / ``raddraft worker`` as real processes, phantom studies
-pushed from a real Orthanc, and checks of what came back into Orthanc."""
+"""Helpers of the end-to-end tests and the benchmarks: ``raddraft serve`` / ``raddraft worker`` as real
+processes, phantom studies pushed from a real Orthanc, and checks of what came back into Orthanc."""
 
 from __future__ import annotations
 
