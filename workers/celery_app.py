@@ -1,6 +1,7 @@
 """The Celery application of raddraft: every Celery setting in one place, static routes to the io and gpu queues.
 
-``app`` is module-level so ``celery -A workers.celery_app worker`` works; :func:`configure` binds it to a
+``app`` is module-level (``raddraft worker`` and ``raddraft serve`` start its workers, adding the worklist's task
+module, which this layer does not name); :func:`configure` binds it to a
 :class:`~core.settings.Settings` (the broker is ``settings.effective_broker_url``: the embedded
 ``sqla+sqlite`` broker in ``home`` by default, or ``redis://`` in production). Tasks are idempotent, so they
 are acknowledged late and re-queued when a worker dies.
