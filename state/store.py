@@ -472,6 +472,14 @@ class StateStore:
             ).fetchall()
         return [(row["task"], row["outcome"]) for row in rows if task is None or row["task"] == task]
 
+    def runs_of(self, tasks: tuple[str, ...]) -> list[tuple[str, str, int, str]]:
+        """(task, study UID, episode id, outcome) of every run of *tasks*, oldest first."""
+        marks = ", ".join("?" for _ in tasks)
+        with self.database.reading() as db:
+            rows = db.execute(
+                f"SELECT task, study_instance_uid, episode_id, outcome FROM task_runs WHERE task IN ({marks}) "
+                "ORDER BY id", tasks).fetchall()
+        return [(row["task"], row["study_instance_uid"], row["episode_id"], row["outcome"]) for row in rows]
 
 
 def episode_state_counts(path: Path) -> Callable[[], Mapping[str, int]]:

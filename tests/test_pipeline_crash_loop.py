@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from test_pipeline_gate import _prepared
+from test_pipeline_gate import _prepared, consumed_here
 
 from core.states import EpisodeState
 from state.store import StateStore
@@ -76,7 +76,8 @@ def test_a_decode_that_kills_its_worker_twice_ends_failed_and_is_not_run_again(t
     assert _runs(settings, study).count((pipeline.DECODE_RUN, "started")) == 2  # no third decode
     with pytest.raises(pipeline.StageError) as failed:
         pipeline.prepare_request(settings, study, 1)
-    _end_before_analysis(settings, study, 1, failed.value)
+    with consumed_here(settings) as publish:  # the failure is announced to the worklist
+        _end_before_analysis(settings, study, 1, failed.value, publish=publish)
     store = StateStore(settings.index_path)
     try:
         episode = store.episode(study, 1)

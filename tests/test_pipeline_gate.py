@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -22,6 +24,28 @@ from workers.gate import GateRules, gate
 from workers.prepare import build_manifest, prepare_episode
 from workers.tasks import _end_before_analysis
 from worklist.storage import Store, StudyState
+from worklist.tasks import run_announcement
+
+
+class ConsumedHere:
+    """A publisher that is the broker and the io worker at once: the worklist's task sent runs here, now."""
+
+    def __init__(self, settings: Settings, worklist: Store) -> None:
+        self.settings, self.worklist = settings, worklist
+        self.sent: list[str] = []
+
+    def __call__(self, task_name: str, args: list[object], task_id: str) -> None:
+        self.sent.append(task_name)
+        run_announcement(self.settings, self.worklist, task_name, list(args))
+
+
+@contextmanager
+def consumed_here(settings: Settings) -> Iterator[ConsumedHere]:
+    worklist = Store.from_settings(settings)
+    try:
+        yield ConsumedHere(settings, worklist)
+    finally:
+        worklist.close()
 
 
 def spool_file(spool: Path, name: str) -> InstanceRecord:
@@ -127,12 +151,14 @@ def test_an_ecg_ends_not_analysed_and_a_corrupt_image_ends_failed_with_the_decod
         pipeline.prepare_request(settings, study, 1)
     reason = str(failed.value)
     assert reason.startswith("no image of the 1 chosen") and "less than expected" in reason  # the decoder's own reason
-    _end_before_analysis(settings, study, 1, failed.value)
+    with consumed_here(settings) as publish:
+        _end_before_analysis(settings, study, 1, failed.value, publish=publish)
+    assert publish.sent == ["worklist.episode_failed"]
     store = StateStore(settings.index_path)
     try:
         episode = store.episode(study, 1)
         assert episode.state is EpisodeState.FAILED and episode.last_error.startswith("prepare: no image")
-        assert not pipeline.stranded_work(store)
+        assert not pipeline.stranded_work(store)  # the announcement was consumed: nothing to send again
     finally:
         store.close()
     store = Store.from_settings(settings)  # the radiologists see why the CT has no draft

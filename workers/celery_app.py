@@ -1,6 +1,7 @@
 """The Celery application of raddraft: every Celery setting in one place, static routes to the io and gpu queues.
 
-``app`` is module-level so ``celery -A workers.celery_app worker`` works; :func:`configure` binds it to a
+``app`` is module-level (``raddraft worker`` and ``raddraft serve`` start its workers, adding the worklist's task
+module, which this layer does not name); :func:`configure` binds it to a
 :class:`~core.settings.Settings` (the broker is ``settings.effective_broker_url``: the embedded
 ``sqla+sqlite`` broker in ``home`` by default, or ``redis://`` in production). Tasks are idempotent, so they
 are acknowledged late and re-queued when a worker dies.
@@ -9,6 +10,7 @@ are acknowledged late and re-queued when a worker dies.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -28,6 +30,10 @@ REPORT_TASK = f"{TASK_PREFIX}report"
 DELIVER_DICOM_TASK = f"{TASK_PREFIX}deliver_dicom"
 DELIVER_HL7_TASK = f"{TASK_PREFIX}deliver_hl7"
 DEAD_LETTER_TASK = f"{TASK_PREFIX}dead_letter"
+# What the pipeline tells the radiologists' worklist (workers/announce.py): tasks the worklist defines
+# (worklist/tasks.py) and the pipeline sends by name, so workers/ never imports worklist/.
+WORKLIST_DRAFT_READY_TASK = "worklist.draft_ready"
+WORKLIST_EPISODE_FAILED_TASK = "worklist.episode_failed"
 
 IO_QUEUE = "io"
 GPU_QUEUE = "gpu"
@@ -38,6 +44,8 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     DELIVER_DICOM_TASK: {"queue": IO_QUEUE},
     DELIVER_HL7_TASK: {"queue": IO_QUEUE},
     DEAD_LETTER_TASK: {"queue": IO_QUEUE},
+    WORKLIST_DRAFT_READY_TASK: {"queue": IO_QUEUE},
+    WORKLIST_EPISODE_FAILED_TASK: {"queue": IO_QUEUE},
     INFER_TASK: {"queue": GPU_QUEUE},
 }
 
@@ -45,7 +53,11 @@ CONNECT_TIMEOUT_S = 2.0  # a dead broker must not block the hand-off dispatcher 
 SOCKET_TIMEOUT_S = 10.0
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
-app = Celery("raddraft", include=["workers.tasks", "worklist.tasks"])  # worklist: deliveries of signed reports
+PIPELINE_TASK_MODULES = ("workers.tasks",)
+
+# The worklist's task modules are added by whoever starts a worker (``configure(settings, task_modules=…)``,
+# raddraft/commands/worker.py and serve.py): this layer does not name the worklist.
+app = Celery("raddraft", include=list(PIPELINE_TASK_MODULES))
 
 _bound: dict[str, Settings] = {}
 
@@ -77,8 +89,12 @@ def _transport(settings: Settings) -> str | None:
     return redis_transport.TRANSPORT if settings.effective_broker_url.startswith("redis://") else None
 
 
-def configure(settings: Settings) -> Celery:
-    """Bind :data:`app` to *settings* (call once per process before publishing or starting a worker)."""
+def configure(settings: Settings, task_modules: Sequence[str] = ()) -> Celery:
+    """Bind :data:`app` to *settings* (call once per process before publishing or starting a worker).
+
+    *task_modules*: modules of tasks defined above this layer (the worklist's) that a worker started from this
+    app imports besides :data:`PIPELINE_TASK_MODULES`; publishing needs none (tasks are sent by name).
+    """
     if settings.uses_embedded_broker:
         settings.home.mkdir(parents=True, exist_ok=True)
     app.conf.update(
@@ -100,6 +116,7 @@ def configure(settings: Settings) -> Celery:
         # the sqlalchemy transport has no fan-out exchanges, which remote control needs
         worker_enable_remote_control=not settings.uses_embedded_broker,
         enable_utc=True,
+        include=[*PIPELINE_TASK_MODULES, *task_modules],
     )
     _bound["settings"] = settings
     decoders.limit_decoded_size(settings.max_decoded_mb)

@@ -3,8 +3,10 @@
 A task lands here after its last retry of a transient error, or at once for a permanent one. Recording also
 marks what the failure means for the episode: a failed ``infer`` or ``report`` makes the episode ``failed``; a
 failed delivery makes that delivery ``dead`` (the episode stays ``reported``); a failed ``prepare`` keeps the
-state workers/prepare.py gave it. Re-playing undoes that mark and publishes the same task with the same
-arguments under a new task id; every stage is idempotent, so a re-played task that finds its work done exits.
+state workers/prepare.py gave it. A failed ``infer`` or ``report`` is announced to the worklist
+(workers/announce.py) so the radiologists see the study failed rather than waiting for a draft. Re-playing undoes
+that mark and publishes the same task with the same arguments under a new task id; every stage is idempotent, so a
+re-played task that finds its work done exits.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 from core.layout import manifest_path
 from core.settings import Settings
 from core.states import DeliveryState, EpisodeState
+from dicom_node.episodes import BrokerUnavailableError
 from state.store import DeadLetter, DeliveryKey, StateStore
+from workers import announce, celery_app
 from workers.celery_app import (
     DELIVER_DICOM_TASK,
     DELIVER_HL7_TASK,
@@ -28,7 +32,6 @@ from workers.celery_app import (
     REPORT_TASK,
 )
 from workers.delivery import DICOM, HL7
-from worklist.bridge import register_failure
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,10 @@ def episode_of(task_name: str, args: Sequence[Any]) -> tuple[str, int]:
 
 
 def record(settings: Settings, task_name: str, task_id: str, args: Sequence[Any], *, error: str, retries: int,
-           clock: Callable[[], float] = time.time) -> int:
-    """Add a dead letter and mark the episode or delivery it concerns; returns the dead letter's id."""
+           clock: Callable[[], float] = time.time, publish: announce.Publisher | None = None) -> int:
+    """Add a dead letter and mark the episode or delivery it concerns; returns the dead letter's id. A failed
+    episode is announced to the worklist with *publish* (default :func:`workers.celery_app.publish`); if the broker
+    refuses, the announcement stays pending and is sent again with the stranded work."""
     study_uid, episode_id = episode_of(task_name, args)
     error = error[:MAX_ERROR_CHARS]
     store = StateStore(settings.index_path)
@@ -67,7 +72,13 @@ def record(settings: Settings, task_name: str, task_id: str, args: Sequence[Any]
                             task_run=(stage, "dead-lettered"))
             manifest = manifest_path(settings.home, study_uid, episode_id)
             if manifest.is_file():  # the radiologists see the study as failed rather than waiting for a draft
-                register_failure(settings, manifest, f"{stage} failed (dead letter #{letter_id})")
+                reason = announce.dead_letter_reason(task_name, letter_id)
+                try:
+                    announce.episode_failed(store, study_uid, episode_id, reason, publish or celery_app.publish,
+                                            now=clock())
+                except BrokerUnavailableError as exc:
+                    log.warning("study %s episode %d: the worklist learns of the failure with the stranded work "
+                                "(broker refused: %s)", study_uid, episode_id, exc)
     finally:
         store.close()
     log.error("task %s of study %s episode %d dead-lettered as #%d after %d retry(ies): %s", task_id, study_uid,

@@ -3,7 +3,7 @@
     prepare (io)  manifest → images chosen by model/slices.py → model inputs (model/imaging.py) → InferenceRequest
     infer (gpu)   InferenceRequest → InferenceResponse (workers/inference.py; no spool, no index)
     report (io)   InferenceResponse → AnalysisResult → SR, narrative SR, GSPS, overlay, ORU in the outbox, and
-                  the draft on the radiologists' worklist (worklist/bridge.py)
+                  the draft announced to the radiologists' worklist (workers/announce.py: a task it consumes)
     deliver (io)  one task per configured destination (workers/delivery.py)
 
 Every stage is idempotent. The report stage keeps the first AnalysisResult it wrote for an episode
@@ -53,10 +53,10 @@ from reporting.hl7_oru import (
 from reporting.lineage import supersede
 from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_outputs
 from state.store import Delivery, DeliveryKey, StateStore
+from workers import announce
 from workers.decode_child import isolated_decoder, prepare_slices
 from workers.delivery import DICOM, HL7
 from workers.gate import GateRules, gate
-from worklist.bridge import register_draft
 
 log = logging.getLogger(__name__)
 Decoder = Callable[[Path, Sequence[SliceRef], int], list[PreparedImage]]
@@ -185,10 +185,11 @@ class ReportOutcome:
     reused: bool  # the analysis of an earlier run of this stage was kept
 
 
-def report_episode(settings: Settings, response: InferenceResponse, *,
+def report_episode(settings: Settings, response: InferenceResponse, *, publish: announce.Publisher,
                    clock: Callable[[], float] = time.time) -> ReportOutcome | None:
-    """Write the outbox of an analysed episode and its delivery rows; None when the episode is already past this
-    stage (a duplicate)."""
+    """Write the outbox of an analysed episode and its delivery rows, and announce the draft to the worklist with
+    *publish* (before the episode is ``reported``: a refused send raises, and the retried stage sends again); None
+    when the episode is already past this stage (a duplicate)."""
     study_uid, episode_id = response.study_instance_uid, response.episode_id
     store = StateStore(settings.index_path)
     try:
@@ -220,7 +221,7 @@ def report_episode(settings: Settings, response: InferenceResponse, *,
                                     manifest.study.redact(str(exc)))
         entries, problems = write_outputs(settings.outbox_dir, manifest, result, sources, message)
         # on the radiologists' worklist (a repeated registration finds the same entry)
-        register_draft(settings, manifest_path(settings.home, study_uid, episode_id), saved)
+        announce.draft_ready(store, study_uid, episode_id, publish, now=clock())
         built = {entry.kind for entry in entries}
         targets = [(DICOM, str(d)) for d in settings.dicom_destinations]
         targets += [(HL7, str(d)) for d in settings.hl7_destinations]
@@ -259,18 +260,21 @@ def _skip_unbuilt(store: StateStore, rows: list[Delivery], built: set[str], prob
 
 @dataclass(frozen=True)
 class StrandedWork:
-    """A stage to publish again after a restart: ``stage`` is ``prepare`` or ``deliver-<kind>``."""
+    """A stage to publish again after a restart: ``stage`` is ``prepare``, ``deliver-<kind>``, or an announcement
+    to the worklist no worklist task consumed (``worklist-draft``, ``worklist-failure`` with its ``reason``)."""
 
     stage: str
     study_uid: str
     episode_id: int
     destination: str | None = None
+    reason: str | None = None
 
 
 def stranded_work(store: StateStore) -> list[StrandedWork]:
     """Work a previous run left between stages: prepared episodes (their infer or report message was lost; the
-    prepare stage re-publishes infer) and pending deliveries of reported episodes. Use it only where a lost
-    message is possible and no other worker still holds it (the embedded broker with in-process workers)."""
+    prepare stage re-publishes infer), pending deliveries of reported episodes, and announcements to the worklist
+    still pending (workers/announce.py). Use it only where a lost message is possible and no other worker still
+    holds it (the embedded broker with in-process workers); a duplicate announcement is harmless."""
     work: list[StrandedWork] = []
     for episode in store.episodes():
         if episode.state is EpisodeState.PREPARED:
@@ -280,4 +284,11 @@ def stranded_work(store: StateStore) -> list[StrandedWork]:
                 if row.state is DeliveryState.PENDING:
                     work.append(StrandedWork(f"deliver-{row.kind}", row.study_instance_uid, row.episode_id,
                                              row.destination))
+    for notice in announce.unconsumed(store):
+        if notice.run == announce.DRAFT_RUN:
+            work.append(StrandedWork(notice.run, notice.study_uid, notice.episode_id))
+            continue
+        reason = announce.failure_reason(store, notice.study_uid, notice.episode_id)
+        if reason is not None:  # still failed: a re-played stage that reported it announces its draft instead
+            work.append(StrandedWork(notice.run, notice.study_uid, notice.episode_id, reason=reason))
     return work

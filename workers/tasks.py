@@ -28,7 +28,7 @@ from core.states import DeliveryState, EpisodeState
 from dicom_node.episodes import BrokerUnavailableError
 from model.payload import InferenceRequest, InferenceResponse
 from state.store import DeliveryKey, StateStore
-from workers import deadletter, delivery, pipeline
+from workers import announce, deadletter, delivery, pipeline
 from workers.batching import MicroBatcher
 from workers.celery_app import (
     DEAD_LETTER_TASK,
@@ -38,13 +38,14 @@ from workers.celery_app import (
     PREPARE_TASK,
     REPORT_TASK,
     TASK_PREFIX,
+    WORKLIST_DRAFT_READY_TASK,
+    WORKLIST_EPISODE_FAILED_TASK,
     app,
     current_settings,
     publish,
 )
 from workers.inference import infer as run_inference
 from workers.prepare import prepare_episode
-from worklist.bridge import register_failure
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,10 @@ def prepare(self: PipelineTask, study_uid: str, episode_id: int) -> str | None:
     try:
         request = pipeline.prepare_request(settings, study_uid, episode_id)
     except pipeline.StageError as exc:  # nothing the model reads, or nothing decodable: an end state, no retry
-        _end_before_analysis(settings, study_uid, episode_id, exc)
+        try:
+            _end_before_analysis(settings, study_uid, episode_id, exc)
+        except BrokerUnavailableError as refused:  # the failure was not announced: the retry announces it
+            self.retry_transient(refused)
         return None if path is None else str(path)
     try:
         publish(INFER_TASK, [request.to_message()], task_id("infer", study_uid, episode_id))
@@ -155,22 +159,26 @@ def prepare(self: PipelineTask, study_uid: str, episode_id: int) -> str | None:
     return None if path is None else str(path)
 
 
-def _end_before_analysis(settings: Settings, study_uid: str, episode_id: int, exc: pipeline.StageError) -> None:
+def _end_before_analysis(settings: Settings, study_uid: str, episode_id: int, exc: pipeline.StageError,
+                         publish: announce.Publisher = publish) -> None:
     """``not-analysed`` (the gate let nothing through) or ``failed`` (no chosen image could be decoded), with the
-    reason in the index: shown by ``raddraft status`` and never re-run at a restart (neither state is stranded)."""
+    reason in the index: shown by ``raddraft status`` and never re-run at a restart (neither state is stranded).
+
+    A failure is announced to the worklist with *publish* first (the radiologists see why an image study has no
+    draft): a refused send raises :class:`BrokerUnavailableError` before the episode ends, so the retried task
+    announces it again."""
     not_analysed = isinstance(exc, pipeline.NotAnalysedError)
     state = EpisodeState.NOT_ANALYSED if not_analysed else EpisodeState.FAILED
     reason = str(exc) if not_analysed else f"prepare: {exc}"
     store = StateStore(settings.index_path)
     try:
+        if not not_analysed and manifest_path(settings.home, study_uid, episode_id).is_file():
+            announce.episode_failed(store, study_uid, episode_id, reason, publish, now=time.time())
         store.advance(study_uid, episode_id, (EpisodeState.PREPARED,), state, time.time(), error=reason,
                       task_run=("prepare", str(state)))
     finally:
         store.close()
     log.info("study %s episode %d ends %s: %s", study_uid, episode_id, state, reason)
-    manifest = manifest_path(settings.home, study_uid, episode_id)
-    if not not_analysed and manifest.is_file():  # the radiologists see why an image study has no draft
-        register_failure(settings, manifest, reason)
 
 
 class InferTask(PipelineTask):
@@ -191,12 +199,13 @@ def infer(self: InferTask, request_message: dict[str, Any]) -> None:
 
 @app.task(name=REPORT_TASK, base=PipelineTask, bind=True)
 def report(self: PipelineTask, response_message: dict[str, Any]) -> None:
-    """Write the outputs to the outbox and publish one delivery task per pending destination."""
+    """Write the outputs to the outbox, announce the draft to the worklist and publish one delivery task per
+    pending destination."""
     response = InferenceResponse.from_message(response_message)
-    outcome = pipeline.report_episode(current_settings(), response)
-    if outcome is None:
-        return
     try:
+        outcome = pipeline.report_episode(current_settings(), response, publish=publish)
+        if outcome is None:
+            return
         for key in outcome.deliveries:
             name = DELIVER_DICOM_TASK if key.kind == delivery.DICOM else DELIVER_HL7_TASK
             publish(name, [key.study_instance_uid, key.episode_id, key.destination],
@@ -252,14 +261,22 @@ def dead_letter(task_name: str, failed_task_id: str, args: list[Any], error: str
     return deadletter.record(current_settings(), task_name, failed_task_id, args, error=error, retries=retries)
 
 
-def republish(work: pipeline.StrandedWork) -> None:
-    """Publish a stage a previous run left stranded (see :func:`workers.pipeline.stranded_work`)."""
+def republish(work: pipeline.StrandedWork, send: announce.Publisher = publish) -> None:
+    """Publish (with *send*) a stage a previous run left stranded (see :func:`workers.pipeline.stranded_work`)."""
     if work.stage == "prepare":
-        publish(PREPARE_TASK, [work.study_uid, work.episode_id], task_id("prepare", work.study_uid, work.episode_id))
+        send(PREPARE_TASK, [work.study_uid, work.episode_id], task_id("prepare", work.study_uid, work.episode_id))
+        return
+    if work.stage == announce.DRAFT_RUN:
+        send(WORKLIST_DRAFT_READY_TASK, [work.study_uid, work.episode_id],
+             task_id(work.stage, work.study_uid, work.episode_id, "again"))
+        return
+    if work.stage == announce.FAILURE_RUN:
+        send(WORKLIST_EPISODE_FAILED_TASK, [work.study_uid, work.episode_id, work.reason or "failed"],
+             task_id(work.stage, work.study_uid, work.episode_id, "again"))
         return
     name = DELIVER_DICOM_TASK if work.stage == f"deliver-{delivery.DICOM}" else DELIVER_HL7_TASK
-    publish(name, [work.study_uid, work.episode_id, work.destination],
-            task_id(work.stage, work.study_uid, work.episode_id, work.destination or ""))
+    send(name, [work.study_uid, work.episode_id, work.destination],
+         task_id(work.stage, work.study_uid, work.episode_id, work.destination or ""))
 
 
 def republish_stranded(store: StateStore) -> list[pipeline.StrandedWork]:

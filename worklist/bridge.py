@@ -3,8 +3,8 @@
 The pipeline connects three things:
 
 * ``Bridge.register_draft(manifest_path, result_path)`` when a draft is ready (``register_failure`` when an
-  episode failed), or the module-level ``register_draft(settings, …)`` / ``register_failure(settings, …)``
-  from a worker process;
+  episode failed): the io tasks ``worklist.draft_ready`` / ``worklist.episode_failed`` (worklist/tasks.py) the
+  pipeline sends (workers/announce.py) call them;
 * a model for questions: any object with ``image_size`` and ``answer(pixels, instruction) -> str``
   (``worklist/answerer.py`` wraps a ``MiniGPTMed``); without one the Ask box says the model is off;
 * ``Bridge.on_sign(callback)``: the callback gets a ``SignedReport`` (every final file, the ORU path, F or C)
@@ -180,23 +180,3 @@ class Bridge:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 self.store.audit(user.username, "delivery-handoff-failed", study_id, str(exc)[:500], self.clock())
         return report, errors
-
-
-def register_draft(settings: Settings, manifest_path: Path, result_path: Path,
-                   priority: Priority = Priority.ROUTINE) -> int:
-    """For a worker process: open the worklist database, register the draft, close."""
-    store = Store.from_settings(settings)
-    try:
-        return Bridge(settings, store).register_draft(manifest_path, result_path, priority)
-    finally:
-        store.close()
-
-
-def register_failure(settings: Settings, manifest_path: Path, error: str,
-                     priority: Priority = Priority.ROUTINE) -> int:
-    """For a worker process: show an episode whose analysis failed for good (no patient data in *error*)."""
-    store = Store.from_settings(settings)
-    try:
-        return Bridge(settings, store).register_failure(manifest_path, error, priority)
-    finally:
-        store.close()

@@ -28,6 +28,7 @@ from raddraft.model_socket import ModelSocketServer
 from state.store import StateStore
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure, publish_prepare
 from workers.inprocess import InProcessWorker
+from worklist import TASK_MODULE as WORKLIST_TASK_MODULE
 from worklist.bridge import QuestionModel
 from worklist.service import WorklistService
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     spool.ensure()
     store = StateStore(settings.index_path)
     index = Index(store)
-    app = configure(settings)
+    app = configure(settings, task_modules=[WORKLIST_TASK_MODULE])  # the in-process worker runs them
     receiver = InstanceReceiver(spool, index, settings.max_instance_mb, settings.min_free_disk_mb)
     node = DicomNode(settings, receiver)
     dispatcher = HandoffDispatcher(store, publish_prepare, settings.study_idle_seconds,

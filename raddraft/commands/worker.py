@@ -11,6 +11,7 @@ import logging
 from core.http import OpsServer
 from core.settings import Settings
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure
+from worklist import TASK_MODULE as WORKLIST_TASK_MODULE
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    app = configure(settings)
+    app = configure(settings, task_modules=[WORKLIST_TASK_MODULE])  # the worklist's tasks run on io workers
     if args.queues == GPU_QUEUE:
         # one process, one model; a thread per message so that queued studies meet in one batch (workers/batching.py)
         if args.concurrency is not None:
