@@ -388,7 +388,9 @@ def build_findings_sr(
         content_time=content_at.time(),
         series_date=created.date(),
         series_time=created.time(),
-        coding_schemes=[raddraft_coding_scheme()] if draft_grounding(result) is not None else None,
+        # the private scheme only where its codes are used: text-only statements (RD001), box-only findings (RD002)
+        coding_schemes=[raddraft_coding_scheme()] if (grounding := draft_grounding(result)) is not None
+        and grounding.flagged else None,
     )
     if signoff is not None:  # highdicom stamps "now"; the signature time makes a rebuilt final identical
         sr.VerifyingObserverSequence[0].VerificationDateTime = DT(signoff.signed_at)

@@ -121,7 +121,7 @@ def test_sr_of_an_all_grounded_draft_links_each_box_to_its_sentences(written: di
         ("Comment", "AI consistency: 3 of 3 stated findings localized; 0 boxes not stated in the text"),
     ]
     ds = pydicom.dcmread(written["sr_grounded"])
-    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99RADDRAFT"
+    assert "CodingSchemeIdentificationSequence" not in ds  # no private code used: the scheme is not declared
     groups = hd.sr.srread(written["sr_grounded"]).content.get_planar_roi_measurement_groups()
     assert [g.tracking_identifier for g in groups] == ["Finding 1: left Pneumothorax", "Finding 2: right nodule"]
 
@@ -134,6 +134,7 @@ def test_sr_records_a_text_only_statement_as_a_coded_evaluation_not_localized(wr
     assert evaluations[-1] == ("Comment", "AI consistency: 3 of 4 stated findings localized; 0 boxes not stated "
                                           "in the text")
     ds = pydicom.dcmread(written["sr_text_only"])
+    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99RADDRAFT"  # declared where used
     [coded] = [item for item in walk(ds.ContentSequence) if item.ValueType == "CODE"
                and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == "99RADDRAFT"]
     name, value = coded.ConceptNameCodeSequence[0], coded.ConceptCodeSequence[0]
