@@ -34,9 +34,10 @@ def test_draft_set_is_written_and_readable(cr: Study, tmp_path: Path) -> None:
     folder = outbox / cr.manifest.study_instance_uid / str(cr.manifest.episode_id)
     assert folder == episode_dir(outbox, cr.manifest.study_instance_uid, cr.manifest.episode_id)
     names = sorted(path.name for path in folder.iterdir())
-    assert names == ["findings.json", "gsps_1.dcm", "narrative.dcm", "oru.hl7", "outputs.json", "overlay_1.png",
-                     "sr.dcm"]
-    assert sorted(entry.path.name for entry in entries) == [name for name in names if name != "outputs.json"]
+    assert names == ["findings.json", "gsps_1.dcm", "narrative.dcm", "oru.hl7", "outbox.json", "outputs.json",
+                     "overlay_1.png", "sr.dcm"]
+    assert sorted(entry.path.name for entry in entries) == [name for name in names
+                                                            if name not in ("outputs.json", "outbox.json")]
     assert json.loads((folder / "outputs.json").read_text()) == {
         "built": ["findings", "gsps", "hl7", "narrative", "overlay", "sr"], "problems": []}
     assert (folder / "oru.hl7").read_bytes() == HL7
