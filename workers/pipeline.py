@@ -220,7 +220,8 @@ def report_episode(settings: Settings, response: InferenceResponse, *,
                                     manifest.study.redact(str(exc)))
         entries, problems = write_outputs(settings.outbox_dir, manifest, result, sources, message)
         # on the radiologists' worklist (a repeated registration finds the same entry)
-        register_draft(settings, manifest_path(settings.home, study_uid, episode_id), saved)
+        register_draft(settings, manifest_path(settings.home, study_uid, episode_id), saved, manifest=manifest,
+                       result=result)  # what this stage holds: neither file is read again
         built = {entry.kind for entry in entries}
         targets = [(DICOM, str(d)) for d in settings.dicom_destinations]
         targets += [(HL7, str(d)) for d in settings.hl7_destinations]
