@@ -27,6 +27,7 @@ from core.states import EpisodeState
 from dicom_node.scu import send_instances
 from model.phantoms import write_studies
 from raddraft.model_socket import socket_path
+from reporting.outputs import read_entries
 from state.store import StateStore
 
 DEMO_MODALITIES = ("CR", "CT", "MR")
@@ -114,12 +115,12 @@ def _print_study(out: object, home: Path, modality: str, study_uid: str, state: 
     for finding in result["findings"]:
         box = ", ".join(f"{v:.0f}" for v in finding["box"])
         write(f"    {finding['label']} box ({box}) on {finding['sop_instance_uid']}\n")
-    write(f"  SR:       {folder / 'sr.dcm'}\n  narrative: {folder / 'narrative.dcm'}\n")
-    for path in sorted(folder.glob("gsps_*.dcm")):
-        write(f"  GSPS:     {path}\n")
-    write(f"  ORU:      {folder / 'oru.hl7'}\n")
-    for path in sorted(folder.glob("overlay_*.png")):
-        write(f"  overlay:  {path}\n")
+    entries = read_entries(folder)  # the draft set as the outbox index lists it
+    for kind, label in (("sr", "SR:      "), ("narrative", "narrative:"), ("gsps", "GSPS:    "), ("hl7", "ORU:     "),
+                        ("overlay", "overlay: ")):
+        for entry in entries:
+            if entry.kind == kind:
+                write(f"  {label} {entry.path}\n")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
