@@ -4,8 +4,10 @@
   that pass :func:`validate_uid`;
 * ``<home>/work/<study>/<episode>/``: what the pipeline keeps of an episode: ``manifest.json`` (the prepare
   stage), ``request.json`` (the request it sent to the gpu stage) and ``analysis.json`` (the model's result);
-* ``<outbox>/<study>/<episode>/``: the episode's outputs (reporting/outbox.py), with ``outputs.json``
-  (``outputs_final.json`` for the signed set) saying what was not built and why.
+* ``<outbox>/<study>/<episode>/``: the episode's outputs (reporting/outbox.py): the draft set, the first signed
+  set beside it and each amendment's set in ``amendment_<n>/``; beside each set its index (``outbox.json``,
+  ``outbox_final.json``: every file written) and ``outputs.json`` (``outputs_final.json``) saying what was not
+  built and why.
 """
 
 from __future__ import annotations
@@ -63,3 +65,17 @@ def episode_dir(outbox_dir: Path, study_uid: str, episode_id: int) -> Path:
 def outputs_name(signed: bool) -> str:
     """The file beside an output set that records what was not built: the draft set's or the signed set's."""
     return "outputs_final.json" if signed else "outputs.json"
+
+
+def version_dir(outbox_dir: Path, study_uid: str, episode_id: int, version: int) -> Path:
+    """The folder of one version's output set: the episode's folder for the draft (0) and the first signature
+    (1), ``amendment_<n>/`` in it for amendment *n*."""
+    if version < 0:
+        raise ValueError(f"version {version} must be >= 0 (0 the draft, n the signed version n)")
+    folder = episode_dir(outbox_dir, study_uid, episode_id)
+    return folder / f"amendment_{version}" if version > 1 else folder
+
+
+def index_name(signed: bool) -> str:
+    """The index of an output set (reporting/outputs.py): every file the set has, as written."""
+    return "outbox_final.json" if signed else "outbox.json"

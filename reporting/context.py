@@ -1,15 +1,18 @@
 """Checked inputs of the DICOM outputs: the manifest, the model result and the source datasets, cross-validated.
 
-Every builder (sr, narrative, gsps, overlay) starts from a ``ReportInputs``: it refuses a result that does
-not belong to the manifest, a finding whose image was not passed in, or a box outside its image, with a
-message naming the finding and the rule, before anything is written.
+Every builder (sr, narrative, gsps, overlay, findings.json) takes a ``ReportInputs``, made once per output set by
+:meth:`ReportInputs.check`: it refuses a result that does not belong to the manifest, a finding whose image was not
+passed in, or a box outside its image, with a message naming the finding and the rule, before anything is built.
+The checked value is immutable (its sources a read-only mapping, its located findings a tuple), so a builder can
+trust it without checking again.
 """
 
 from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -26,6 +29,30 @@ def tracking_uid(result: AnalysisResult, index: int) -> UID:
     if carried:
         return UID(carried)
     return output_uid(result.study_instance_uid, result.episode_id, result.model.version, OutputKind.FINDING, index)
+
+
+def document_reference(sop_class_uid: str, sop_instance_uid: str, study_uid: str, series_uid: str) -> Dataset:
+    """Just enough of a document to list it in Predecessor Documents Sequence."""
+    reference = Dataset()
+    reference.SOPClassUID = sop_class_uid
+    reference.SOPInstanceUID = sop_instance_uid
+    reference.StudyInstanceUID = study_uid
+    reference.SeriesInstanceUID = series_uid
+    return reference
+
+
+def previous_versions(result: AnalysisResult, signoff: Signoff | None, kind: OutputKind, sop_class_uid: str,
+                      series_uid: str) -> list[Dataset]:
+    """What a document of *kind* (``OutputKind.SR`` or ``NARRATIVE``) of this version replaces: a signed one the
+    version before it (the draft for the first signature, the previous signed version for an amendment), every
+    version the previous episode's documents (reporting/lineage.py)."""
+    references = []
+    if signoff is not None:
+        previous = {OutputKind.SR: signoff.previous_sr_uid,
+                    OutputKind.NARRATIVE: signoff.previous_narrative_uid}[kind] if signoff.version > 1 else ""
+        uid = previous or output_uid(result.study_instance_uid, result.episode_id, result.model.version, kind)
+        references.append(document_reference(sop_class_uid, uid, result.study_instance_uid, series_uid))
+    return references + superseded_documents(result, kind.value)
 
 
 def superseded_documents(result: AnalysisResult, kind: str) -> list[Dataset]:
@@ -51,8 +78,15 @@ class Signoff:
     verifying_observer_name: str  # DICOM person name, e.g. "Curie^Marie"
     verifying_organization: str
     signed_at: datetime.datetime
+    version: int = 1  # the signed version: 1 the first signature, n > 1 amendment n (reporting/uids.py)
+    # an amendment's predecessors: the SR and narrative SOP Instance UIDs of the signed version it replaces (empty:
+    # the draft, as for the first signature)
+    previous_sr_uid: str = ""
+    previous_narrative_uid: str = ""
 
     def __post_init__(self) -> None:
+        if self.version < 1:
+            raise ValueError(f"Signoff.version {self.version} must be >= 1 (1 the first signature, n amendment n)")
         if not self.verifying_observer_name.strip():
             raise ValueError("Signoff.verifying_observer_name must not be empty for a verified document")
         if not self.verifying_organization.strip():
@@ -83,11 +117,23 @@ class AnalysedImage:
     frames: tuple[int, ...] = ()
 
 
+_CHECKED = object()  # only ReportInputs.check holds it: a ReportInputs is always a checked one
+
+
 @dataclass(frozen=True)
 class ReportInputs:
+    """The manifest, the result and the sources of one output set, cross-validated by :meth:`check` (the only way
+    to make one): every finding located on its source image, every box inside it."""
+
     manifest: StudyManifest
     result: AnalysisResult
     sources: Mapping[str, Dataset]  # SOP Instance UID -> dataset (pixel data needed only for GSPS/overlay)
+    findings: tuple[LocatedFinding, ...] = ()  # the result's findings, located, in result order
+    _token: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._token is not _CHECKED:
+            raise TypeError("a ReportInputs is made by ReportInputs.check(manifest, result, sources)")
 
     @classmethod
     def check(cls, manifest: StudyManifest, result: AnalysisResult, sources: Sequence[Dataset]) -> ReportInputs:
@@ -110,29 +156,21 @@ class ReportInputs:
             if uid in by_uid:
                 raise ValueError(f"source SOP Instance UID {uid} was passed twice")
             by_uid[uid] = dataset
-        inputs = cls(manifest=manifest, result=result, sources=by_uid)
+        frozen = MappingProxyType(by_uid)
         for uid in result.analysed_instances:
-            inputs._source(uid, "AnalysisResult.analysed_instances")
-        for located in inputs.located_findings():
-            _check_box(located)
-        return inputs
-
-    def _source(self, uid: str, what: str) -> tuple[SeriesEntry, Dataset]:
-        try:
-            series, _ = self.manifest.find_instance(uid)
-        except KeyError as error:
-            raise ValueError(f"{what}: SOP Instance UID {uid} is not in the study manifest") from error
-        if uid not in self.sources:
-            raise ValueError(f"{what}: SOP Instance UID {uid} has no source dataset; pass every referenced "
-                             f"instance in sources")
-        return series, self.sources[uid]
+            _source(manifest, frozen, uid, "AnalysisResult.analysed_instances")
+        located = []
+        for index, finding in enumerate(result.findings):
+            series, image = _source(manifest, frozen, finding.sop_instance_uid,
+                                    f"finding {index} ({finding.label!r})")
+            located.append(LocatedFinding(index=index, finding=finding, image=image, series=series))
+        for each in located:
+            _check_box(each)
+        return cls(manifest=manifest, result=result, sources=frozen, findings=tuple(located), _token=_CHECKED)
 
     def located_findings(self) -> list[LocatedFinding]:
-        located = []
-        for index, finding in enumerate(self.result.findings):
-            series, image = self._source(finding.sop_instance_uid, f"finding {index} ({finding.label!r})")
-            located.append(LocatedFinding(index=index, finding=finding, image=image, series=series))
-        return located
+        """The result's findings, each with its source image and series (located once, by :meth:`check`)."""
+        return list(self.findings)
 
     def evidence(self) -> list[Dataset]:
         """Every source instance, in manifest order (the first one lends the SR its patient/study module)."""
@@ -178,6 +216,18 @@ class ReportInputs:
         for located in self.located_findings():
             groups.setdefault(located.finding.sop_instance_uid, []).append(located)
         return [(self.sources[uid], findings) for uid, findings in groups.items()]
+
+
+def _source(manifest: StudyManifest, sources: Mapping[str, Dataset], uid: str, what: str
+            ) -> tuple[SeriesEntry, Dataset]:
+    try:
+        series, _ = manifest.find_instance(uid)
+    except KeyError as error:
+        raise ValueError(f"{what}: SOP Instance UID {uid} is not in the study manifest") from error
+    if uid not in sources:
+        raise ValueError(f"{what}: SOP Instance UID {uid} has no source dataset; pass every referenced "
+                         f"instance in sources")
+    return series, sources[uid]
 
 
 def _check_box(located: LocatedFinding) -> None:

@@ -31,7 +31,6 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 from core.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, software_version
-from core.manifest import StudyManifest
 from core.result import AnalysisResult
 from reporting.context import LocatedFinding, ReportInputs, box_polyline, tracking_uid
 from reporting.overlay import finding_caption, frame_values, full_range_window
@@ -330,25 +329,23 @@ def _groups(inputs: ReportInputs) -> tuple[list[_StateGroup], list[str]]:
     return list(groups.values()), reasons
 
 
-def build_presentation_state_set(
-    manifest: StudyManifest,
-    result: AnalysisResult,
-    sources: Sequence[Dataset],
-    signed: bool = False,
-) -> tuple[list[hd.SOPClass], list[str]]:
-    """The presentation states of the findings, one per annotated series (per set of its images that can share
-    one), in the order their images first appear among the findings; and the reason for each annotated image
-    that no state fits (it has none: not an error, the outbox records it as skipped).
+def build_presentation_state_set(inputs: ReportInputs, version: int = 0) -> tuple[list[hd.SOPClass], list[str]]:
+    """The presentation states of the findings of report *version* (0 the draft, n signed version n), one per
+    annotated series (per set of its images that can share one), in the order their images first appear among the
+    findings; and the reason for each annotated image that no state fits (it has none: not an error, the outbox
+    records it as skipped).
 
     The source datasets of annotated grayscale images need their pixel data when they carry no VOI window and
     are not CT; the other images of the series are referenced, their pixels never read.
     """
-    inputs = ReportInputs.check(manifest, result, sources)
+    manifest, result = inputs.manifest, inputs.result
+    signed = version > 0
     uid_args = (result.study_instance_uid, result.episode_id, result.model.version)
-    # The signed states say "signed" and hold only the accepted findings: new instances in the same series
-    # (numbered from SIGNED_FIRST_INSTANCE_NUMBER), never the draft's UIDs: a PACS that already holds a UID
-    # keeps (or replaces) that instance, so reusing it would lose the signed labels or the draft.
-    kind, first_number = (OutputKind.GSPS_FINAL, SIGNED_FIRST_INSTANCE_NUMBER) if signed else (OutputKind.GSPS, 1)
+    # A signed version's states say "signed" and hold only the accepted findings: new instances in the same series
+    # (version n numbered from n * 1000 + 1: SIGNED_FIRST_INSTANCE_NUMBER for the first), never the UIDs of another
+    # version: a PACS that already holds a UID keeps (or replaces) that instance, so reusing it would lose the
+    # signed labels or the draft.
+    first_number = 1 + (SIGNED_FIRST_INSTANCE_NUMBER - 1) * version
     groups, reasons = _groups(inputs)
     states: list[hd.SOPClass] = []
     for n, group in enumerate(groups):
@@ -361,7 +358,7 @@ def build_presentation_state_set(
             referenced_images=list(views.values()),
             series_instance_uid=output_uid(*uid_args, OutputKind.GSPS_SERIES),
             series_number=GSPS_SERIES_NUMBER,
-            sop_instance_uid=output_uid(*uid_args, kind, n),
+            sop_instance_uid=output_uid(*uid_args, OutputKind.GSPS, n, version=version),
             instance_number=first_number + n,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=result.model.name,
@@ -406,11 +403,6 @@ def build_presentation_state_set(
     return states, reasons
 
 
-def build_presentation_states(
-    manifest: StudyManifest,
-    result: AnalysisResult,
-    sources: Sequence[Dataset],
-    signed: bool = False,
-) -> list[hd.SOPClass]:
+def build_presentation_states(inputs: ReportInputs, version: int = 0) -> list[hd.SOPClass]:
     """The states of :func:`build_presentation_state_set`, without the reasons of the images that have none."""
-    return build_presentation_state_set(manifest, result, sources, signed)[0]
+    return build_presentation_state_set(inputs, version)[0]

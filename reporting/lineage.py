@@ -9,8 +9,9 @@ the versions. "The same lesion" is deliberately narrow: the same image (and fram
 type (or, uncoded, the same label) and boxes overlapping by at least :data:`MATCH_IOU`; anything else is a new
 lesion with a new UID.
 
-The previous report is read from the outbox (``<outbox>/<study>/<episode>/``, reporting/outbox.py): the SR's
-identifiers from ``sr[_final].dcm`` and the findings from ``findings[_final].json``.
+The previous report is read from the outbox (``<outbox>/<study>/<episode>/``, reporting/outbox.py): the SR's and
+the narrative's identifiers from the set's index (reporting/outputs.py, no DICOM file opened) and the findings from
+the findings document it lists.
 """
 
 from __future__ import annotations
@@ -20,19 +21,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-
 from core.layout import study_outbox_dir
 from core.result import AnalysisResult, DocumentReference, Finding
 from model.slices import iou
 from reporting import codes as rcodes
+from reporting.outputs import OutboxEntry, OutboxIndexError, read_entries
 
 logger = logging.getLogger(__name__)
 
 MATCH_IOU = 0.3
-_DOCUMENTS = (("sr", "sr"), ("narrative", "narrative"))  # (DocumentReference.kind, outbox file stem)
-_IDENTIFIERS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+_DOCUMENTS = ("sr", "narrative")  # the outbox kinds a new report supersedes (DocumentReference.kind)
 
 
 @dataclass(frozen=True)
@@ -54,19 +52,12 @@ class PriorReport:
     findings: list[PriorFinding]
 
 
-def _read_document(path: Path, kind: str, episode_id: int) -> DocumentReference | None:
-    try:
-        dataset = pydicom.dcmread(path, specific_tags=_IDENTIFIERS)
-    except (OSError, InvalidDicomError) as exc:
-        logger.warning("episode %d: the previous %s at %s cannot be read (%s); it is not listed as a predecessor",
-                       episode_id, kind, path.name, type(exc).__name__)
+def _document(entry: OutboxEntry, study_uid: str, episode_id: int) -> DocumentReference | None:
+    if not (entry.sop_class_uid and entry.sop_instance_uid and entry.series_instance_uid):
         return None
-    values = {name: str(dataset.get(name, "")) for name in _IDENTIFIERS}
-    if not all(values.values()):
-        return None
-    return DocumentReference(kind=kind, episode_id=episode_id, study_instance_uid=values["StudyInstanceUID"],
-                             series_instance_uid=values["SeriesInstanceUID"], sop_class_uid=values["SOPClassUID"],
-                             sop_instance_uid=values["SOPInstanceUID"])
+    return DocumentReference(kind=entry.kind, episode_id=episode_id, study_instance_uid=study_uid,
+                             series_instance_uid=entry.series_instance_uid, sop_class_uid=entry.sop_class_uid,
+                             sop_instance_uid=entry.sop_instance_uid)
 
 
 def _read_findings(path: Path) -> list[PriorFinding]:
@@ -99,14 +90,20 @@ def prior_report(outbox_dir: Path, study_uid: str, episode_id: int) -> PriorRepo
                       and int(p.name) < episode_id), reverse=True)
     for previous in earlier:
         episode = folder / str(previous)
-        signed = (episode / "sr_final.dcm").is_file()
-        suffix = "_final" if signed else ""
-        if not (episode / f"sr{suffix}.dcm").is_file():
+        try:
+            entries, signed = read_entries(episode, signed=True), True
+            if not any(entry.kind == "sr" for entry in entries):
+                entries, signed = read_entries(episode), False
+        except (OSError, ValueError, OutboxIndexError) as exc:
+            logger.warning("episode %d: the outbox index of the previous episode %d cannot be read (%s: %s); it "
+                           "is not superseded", episode_id, previous, type(exc).__name__, exc)
             continue
-        documents = [document for kind, stem in _DOCUMENTS
-                     if (episode / f"{stem}{suffix}.dcm").is_file()
-                     and (document := _read_document(episode / f"{stem}{suffix}.dcm", kind, previous)) is not None]
-        return PriorReport(previous, signed, documents, _read_findings(episode / f"findings{suffix}.json"))
+        if not any(entry.kind == "sr" for entry in entries):
+            continue
+        documents = [document for kind in _DOCUMENTS for entry in entries if entry.kind == kind
+                     and (document := _document(entry, study_uid, previous)) is not None]
+        findings = next((entry.path for entry in entries if entry.kind == "findings"), None)
+        return PriorReport(previous, signed, documents, _read_findings(findings) if findings else [])
     return None
 
 

@@ -11,27 +11,23 @@ draft marks what the AI did not localize and lists what it localized but the tex
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import highdicom as hd
-from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedSRStorage
 from pydicom.valuerep import DT
 
 from core.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, software_version
-from core.manifest import StudyManifest
 from core.result import AnalysisResult, DraftReport
 from reporting import codes as rcodes
 from reporting.consistency import draft_grounding
-from reporting.context import ReportInputs, Signoff, superseded_documents
+from reporting.context import ReportInputs, Signoff, previous_versions
 from reporting.sr import device_observer_context, processing_equipment
 from reporting.uids import OutputKind, output_uid
 
 logger = logging.getLogger(__name__)
 
 NARRATIVE_SERIES_NUMBER = 9902
-DRAFT_INSTANCE_NUMBER = 1
-FINAL_INSTANCE_NUMBER = 2
+DRAFT_INSTANCE_NUMBER = 1  # signed version n is instance 1 + n of the series
 
 _LANGUAGE = hd.sr.CodedConcept(value="en-US", scheme_designator="RFC5646", meaning="English (United States)")
 
@@ -87,35 +83,26 @@ def build_report_content(report: DraftReport, result: AnalysisResult) -> hd.sr.C
     return root
 
 
-def build_narrative_sr(
-    manifest: StudyManifest,
-    result: AnalysisResult,
-    sources: Sequence[Dataset],
-    signoff: Signoff | None = None,
-) -> hd.sr.EnhancedSR:
-    """The narrative report SR: the preliminary draft, or with ``signoff`` the verified final version.
+def build_narrative_sr(inputs: ReportInputs, signoff: Signoff | None = None) -> hd.sr.EnhancedSR:
+    """The narrative report SR: the preliminary draft, or with ``signoff`` the verified version ``signoff.version``.
 
-    For the final version pass the result holding the text the radiologist signed (it may differ from the draft).
+    For a signed version pass the inputs of the result holding the text the radiologist signed (it may differ from
+    the draft).
     """
-    inputs = ReportInputs.check(manifest, result, sources)
+    manifest, result = inputs.manifest, inputs.result
     final = signoff is not None
+    version = signoff.version if signoff is not None else 0
     uid_args = (result.study_instance_uid, result.episode_id, result.model.version)
-    draft_uid = output_uid(*uid_args, OutputKind.NARRATIVE_DRAFT)
     series_uid = output_uid(*uid_args, OutputKind.NARRATIVE_SERIES)
     created = result.created_at
     content_at = signoff.signed_at if signoff is not None else created
-    predecessor = Dataset()
-    predecessor.SOPClassUID = EnhancedSRStorage
-    predecessor.SOPInstanceUID = draft_uid
-    predecessor.StudyInstanceUID = manifest.study_instance_uid
-    predecessor.SeriesInstanceUID = series_uid
     sr = hd.sr.EnhancedSR(
         evidence=inputs.evidence(),
         content=build_report_content(result.report, result),
         series_instance_uid=series_uid,
         series_number=NARRATIVE_SERIES_NUMBER,
-        sop_instance_uid=output_uid(*uid_args, OutputKind.NARRATIVE_FINAL) if final else draft_uid,
-        instance_number=FINAL_INSTANCE_NUMBER if final else DRAFT_INSTANCE_NUMBER,
+        sop_instance_uid=output_uid(*uid_args, OutputKind.NARRATIVE, version=version),
+        instance_number=DRAFT_INSTANCE_NUMBER + version,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=final,
@@ -123,7 +110,8 @@ def build_narrative_sr(
         institution_name=manifest.study.institution_name or None,
         verifying_observer_name=signoff.verifying_observer_name if signoff else None,
         verifying_organization=signoff.verifying_organization if signoff else None,
-        previous_versions=([predecessor] if final else []) + superseded_documents(result, "narrative") or None,
+        previous_versions=previous_versions(result, signoff, OutputKind.NARRATIVE, EnhancedSRStorage,
+                                            series_uid) or None,
         contributing_equipment=[processing_equipment(result.model)],
         series_description="AI draft report (signed)" if final else "AI draft report (preliminary)",
         manufacturer_model_name=result.model.name,

@@ -1,12 +1,15 @@
 """Write every output of one study episode to ``<home>/outbox/<study_uid>/<episode>/``, each file atomically.
 
-Draft set: ``sr.dcm``, ``narrative.dcm``, ``gsps_<n>.dcm``, ``overlay_<n>.png``, ``findings.json`` and
-``oru.hl7`` (bytes made by reporting/hl7_oru.py). After a radiologist signs, the final set sits beside it:
-``sr_final.dcm``, ``narrative_final.dcm``, ``gsps_final_<n>.dcm``, ``overlay_final_<n>.png``,
-``findings_final.json`` and ``oru_final.hl7``. Each output is built on its own, in memory: one that cannot be
+Draft set (version 0): ``sr.dcm``, ``narrative.dcm``, ``gsps_<n>.dcm``, ``overlay_<n>.png``, ``findings.json`` and
+``oru.hl7`` (bytes made by reporting/hl7_oru.py). After a radiologist signs, the final set (version 1) sits beside
+it: ``sr_final.dcm``, ``narrative_final.dcm``, ``gsps_final_<n>.dcm``, ``overlay_final_<n>.png``,
+``findings_final.json`` and ``oru_final.hl7``; amendment *n* writes the same names to ``amendment_<n>/``
+(core/layout.py ``version_dir``). Each output is built once, in memory, from inputs checked once
+(:class:`~reporting.context.ReportInputs`) with the UIDs of its version (reporting/uids.py): one that cannot be
 built (an image no presentation state fits, a study without an order number under the skip policy) is recorded
-with its reason in ``outputs.json`` (``outputs_final.json``) and never stops the others. A retry rewrites
-identical UIDs.
+with its reason in ``outputs.json`` (``outputs_final.json``) and never stops the others. The set's index
+(``outbox.json``, ``outbox_final.json``: reporting/outputs.py) is written last and is how every reader finds the
+files. A retry rewrites identical UIDs.
 """
 
 from __future__ import annotations
@@ -15,20 +18,29 @@ import io
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from core.jsonio import write_atomic
-from core.layout import episode_dir, outputs_name
+from core.layout import index_name, outputs_name, version_dir
 from core.manifest import StudyManifest
 from core.result import AnalysisResult
 from reporting.context import ReportInputs, Signoff
 from reporting.gsps import build_presentation_state_set
 from reporting.narrative import build_narrative_sr
-from reporting.outputs import OutputProblem, read_problems
+from reporting.outputs import (
+    OUTPUT_KINDS,
+    OutboxEntry,
+    OutputProblem,
+    entry_of,
+    index_bytes,
+    index_document,
+    read_entries,
+    read_problems,
+)
 from reporting.overlay import findings_json, render_overlay
 from reporting.sources import conform
 from reporting.sr import build_findings_sr
@@ -36,16 +48,8 @@ from reporting.sr import build_findings_sr
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class OutboxEntry:
-    path: Path
-    kind: str  # "sr", "narrative", "gsps", "overlay", "findings", "hl7"
-    sop_instance_uid: str | None = None  # for DICOM files
-
-
-OUTPUT_KINDS = ("sr", "narrative", "gsps", "overlay", "findings", "hl7")
-__all__ = ["OUTPUT_KINDS", "OutboxEntry", "OutboxError", "OutputProblem", "dicom_bytes", "read_problems",
-           "read_sources", "write_outbox", "write_outputs"]
+__all__ = ["OUTPUT_KINDS", "OutboxEntry", "OutboxError", "OutputProblem", "dicom_bytes", "read_entries",
+           "read_problems", "read_sources", "write_outbox", "write_outputs"]
 
 
 class OutboxError(ValueError):
@@ -72,6 +76,13 @@ def dicom_bytes(dataset: Dataset) -> bytes:
     return out.getvalue()
 
 
+def _dicom_file(path: Path, kind: str, dataset: Dataset) -> tuple[OutboxEntry, bytes]:
+    data = dicom_bytes(dataset)
+    return entry_of(path, kind, data, sop_instance_uid=str(dataset.SOPInstanceUID),
+                    sop_class_uid=str(dataset.SOPClassUID),
+                    series_instance_uid=str(dataset.SeriesInstanceUID)), data
+
+
 def write_outputs(
     outbox_dir: Path,
     manifest: StudyManifest,
@@ -81,13 +92,15 @@ def write_outputs(
     *,
     signoff: Signoff | None = None,
 ) -> tuple[list[OutboxEntry], list[OutputProblem]]:
-    """Build every output of the draft set (or, with ``signoff``, the final set) on its own and write those
-    that could be built: one that cannot (its builder raised) is an :class:`OutputProblem` and the others still
-    go. *hl7_message* is the ORU's bytes, or the problem that kept it from being built. The outcome of each
-    output is written to ``outputs.json`` (``outputs_final.json``) beside the files."""
+    """Build every output of the draft set (or, with ``signoff``, the set of signed version ``signoff.version``)
+    on its own and write those that could be built: one that cannot (its builder raised) is an
+    :class:`OutputProblem` and the others still go. *hl7_message* is the ORU's bytes, or the problem that kept it
+    from being built. The outcome of each output is written to ``outputs.json`` (``outputs_final.json``) beside the
+    files, and last the set's index (``outbox.json``, ``outbox_final.json``)."""
     signed = signoff is not None
+    version = signoff.version if signoff is not None else 0
     suffix = "_final" if signed else ""
-    folder = episode_dir(outbox_dir, manifest.study_instance_uid, manifest.episode_id)
+    folder = version_dir(outbox_dir, manifest.study_instance_uid, manifest.episode_id, version)
     files: list[tuple[OutboxEntry, bytes]] = []
     problems: list[OutputProblem] = []
 
@@ -108,20 +121,18 @@ def write_outputs(
         problems.extend(OutputProblem(kind, "failed", reason) for kind in OUTPUT_KINDS if kind != "hl7")
 
     if inputs is not None:
+        checked = inputs
+
         def sr() -> list[tuple[OutboxEntry, bytes]]:
-            dataset = build_findings_sr(manifest, result, sources, signoff)
-            return [(OutboxEntry(folder / f"sr{suffix}.dcm", "sr", str(dataset.SOPInstanceUID)),
-                     dicom_bytes(dataset))]
+            return [_dicom_file(folder / f"sr{suffix}.dcm", "sr", build_findings_sr(checked, signoff))]
 
         def narrative() -> list[tuple[OutboxEntry, bytes]]:
-            dataset = build_narrative_sr(manifest, result, sources, signoff)
-            return [(OutboxEntry(folder / f"narrative{suffix}.dcm", "narrative", str(dataset.SOPInstanceUID)),
-                     dicom_bytes(dataset))]
+            return [_dicom_file(folder / f"narrative{suffix}.dcm", "narrative", build_narrative_sr(checked, signoff))]
 
         def gsps() -> list[tuple[OutboxEntry, bytes]]:
-            states, reasons = build_presentation_state_set(manifest, result, sources, signed)
-            built = [(OutboxEntry(folder / f"gsps{suffix}_{n}.dcm", "gsps", str(state.SOPInstanceUID)),
-                      dicom_bytes(state)) for n, state in enumerate(states, start=1)]
+            states, reasons = build_presentation_state_set(checked, version)
+            built = [_dicom_file(folder / f"gsps{suffix}_{n}.dcm", "gsps", state)
+                     for n, state in enumerate(states, start=1)]
             # An image no presentation state fits (PALETTE COLOR, ...) is skipped by design, the others still go.
             problems.extend(OutputProblem("gsps", "skipped", manifest.study.redact(reason)) for reason in reasons)
             return built
@@ -130,15 +141,16 @@ def write_outputs(
 
         def overlay() -> list[tuple[OutboxEntry, bytes]]:
             built = []
-            for n, (image, findings) in enumerate(inputs.annotated_images(), start=1):
+            for n, (image, findings) in enumerate(checked.annotated_images(), start=1):
                 name = f"overlay{suffix}_{n}.png"
-                built.append((OutboxEntry(folder / name, "overlay"), render_overlay(image, findings, signed)))
+                data = render_overlay(image, findings, signed)
+                built.append((entry_of(folder / name, "overlay", data), data))
                 overlays[str(image.SOPInstanceUID)] = name
             return built
 
         def findings() -> list[tuple[OutboxEntry, bytes]]:
-            return [(OutboxEntry(folder / f"findings{suffix}.json", "findings"),
-                     findings_json(inputs, overlays, signed))]
+            data = findings_json(checked, overlays, signed)
+            return [(entry_of(folder / f"findings{suffix}.json", "findings", data), data)]
 
         for kind, build in (("sr", sr), ("narrative", narrative), ("gsps", gsps), ("overlay", overlay),
                             ("findings", findings)):
@@ -150,17 +162,21 @@ def write_outputs(
         raise ValueError("hl7_message must not be empty: pass the ORU^R01 bytes from reporting.hl7_oru, or the "
                          "OutputProblem that kept it from being built")
     else:
-        files.append((OutboxEntry(folder / f"oru{suffix}.hl7", "hl7"), hl7_message))
+        files.append((entry_of(folder / f"oru{suffix}.hl7", "hl7", hl7_message), hl7_message))
 
     for entry, data in files:
         write_atomic(entry.path, data)
     document = {"built": sorted({entry.kind for entry, _ in files}),
                 "problems": [asdict(problem) for problem in problems]}
     write_atomic(folder / outputs_name(signed), json.dumps(document, indent=2).encode())
+    entries = [entry for entry, _ in files]
+    index = index_document(entries, study_uid=manifest.study_instance_uid, episode_id=manifest.episode_id,
+                           version=version)
+    write_atomic(folder / index_name(signed), index_bytes(index))  # last: a set with an index is complete
     logger.info("wrote %d %s output file(s) for episode %d to the outbox%s", len(files),
                 "final" if signed else "draft", manifest.episode_id,
                 "".join(f"; {p.kind} {p.state}" for p in problems))
-    return [entry for entry, _ in files], problems
+    return entries, problems
 
 
 def write_outbox(

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
-from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
@@ -48,7 +47,7 @@ from reporting.context import (
     ReportInputs,
     Signoff,
     box_polyline,
-    superseded_documents,
+    previous_versions,
     tracking_uid,
 )
 from reporting.uids import OutputKind, device_uid, output_uid
@@ -56,8 +55,7 @@ from reporting.uids import OutputKind, device_uid, output_uid
 logger = logging.getLogger(__name__)
 
 SR_SERIES_NUMBER = 9901
-DRAFT_INSTANCE_NUMBER = 1
-FINAL_INSTANCE_NUMBER = 2
+DRAFT_INSTANCE_NUMBER = 1  # signed version n is instance 1 + n of the series
 
 
 def algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
@@ -349,17 +347,12 @@ def analysed_series_text(series: SeriesEntry, members: Sequence[AnalysedImage]) 
     return f"{name}: {' and '.join(parts)} read"
 
 
-def build_findings_sr(
-    manifest: StudyManifest,
-    result: AnalysisResult,
-    sources: Sequence[Dataset],
-    signoff: Signoff | None = None,
-) -> hd.sr.Comprehensive3DSR:
-    """The findings SR: the preliminary draft, or with ``signoff`` the verified final version."""
-    inputs = ReportInputs.check(manifest, result, sources)
+def build_findings_sr(inputs: ReportInputs, signoff: Signoff | None = None) -> hd.sr.Comprehensive3DSR:
+    """The findings SR: the preliminary draft, or with ``signoff`` the verified version ``signoff.version``."""
+    manifest, result = inputs.manifest, inputs.result
     final = signoff is not None
+    version = signoff.version if signoff is not None else 0
     uid_args = (result.study_instance_uid, result.episode_id, result.model.version)
-    draft_uid = output_uid(*uid_args, OutputKind.SR_DRAFT)
     series_uid = output_uid(*uid_args, OutputKind.SR_SERIES)
     created = result.created_at
     content_at = signoff.signed_at if signoff is not None else created
@@ -368,8 +361,8 @@ def build_findings_sr(
         content=build_measurement_report(inputs),
         series_instance_uid=series_uid,
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=output_uid(*uid_args, OutputKind.SR_FINAL) if final else draft_uid,
-        instance_number=FINAL_INSTANCE_NUMBER if final else DRAFT_INSTANCE_NUMBER,
+        sop_instance_uid=output_uid(*uid_args, OutputKind.SR, version=version),
+        instance_number=DRAFT_INSTANCE_NUMBER + version,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=final,
@@ -377,8 +370,8 @@ def build_findings_sr(
         institution_name=manifest.study.institution_name or None,
         verifying_observer_name=signoff.verifying_observer_name if signoff else None,
         verifying_organization=signoff.verifying_organization if signoff else None,
-        previous_versions=([_draft_reference(inputs, draft_uid, series_uid)] if final else [])
-        + superseded_documents(result, "sr") or None,
+        previous_versions=previous_versions(result, signoff, OutputKind.SR, Comprehensive3DSRStorage,
+                                            series_uid) or None,
         contributing_equipment=[processing_equipment(result.model)],
         series_description="AI findings (signed)" if final else "AI findings (preliminary)",
         manufacturer_model_name=result.model.name,
@@ -398,12 +391,3 @@ def build_findings_sr(
                 len(result.findings), result.episode_id)
     return sr
 
-
-def _draft_reference(inputs: ReportInputs, draft_uid: str, series_uid: str) -> Dataset:
-    """Just enough of the draft to list it in Predecessor Documents Sequence."""
-    reference = Dataset()
-    reference.SOPClassUID = Comprehensive3DSRStorage
-    reference.SOPInstanceUID = draft_uid
-    reference.StudyInstanceUID = inputs.manifest.study_instance_uid
-    reference.SeriesInstanceUID = series_uid
-    return reference

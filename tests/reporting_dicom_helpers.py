@@ -26,6 +26,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 from core.manifest import InstanceEntry, SeriesEntry, StudyInfo, StudyManifest
 from core.result import AnalysisResult, DraftReport, Finding, ModelIdentity
 from model.grounding import link
+from reporting.context import ReportInputs
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # shipped files only: no network
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -45,6 +46,10 @@ class Study:
 
     def by_uid(self, uid: str) -> Dataset:
         return next(ds for ds in self.sources if ds.SOPInstanceUID == uid)
+
+    def inputs(self, result: AnalysisResult, sources: Sequence[Dataset] | None = None) -> ReportInputs:
+        """The checked inputs of *result* on this study (its own sources unless *sources* are given)."""
+        return ReportInputs.check(self.manifest, result, self.sources if sources is None else sources)
 
 
 def make_cr(study_uid: str, series_uid: str, number: int, view: str, rows: int = 800, columns: int = 600) -> Dataset:

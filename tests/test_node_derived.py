@@ -88,10 +88,10 @@ def test_raddraft_outputs_sent_back_alone_or_with_the_whole_study_open_no_episod
     result = result_for(cr, cr_findings(cr))
     out = tmp_path / "outputs"
     out.mkdir()
-    ours = [save(build_findings_sr(cr.manifest, result, cr.sources), out / "sr.dcm"),
-            save(build_narrative_sr(cr.manifest, result, cr.sources), out / "narrative.dcm"),
+    ours = [save(build_findings_sr(cr.inputs(result)), out / "sr.dcm"),
+            save(build_narrative_sr(cr.inputs(result)), out / "narrative.dcm"),
             *(save(state, out / f"gsps_{n}.dcm")
-              for n, state in enumerate(build_presentation_states(cr.manifest, result, cr.sources)))]
+              for n, state in enumerate(build_presentation_states(cr.inputs(result))))]
     assert len(ours) == 3
     storescu(node, *ours)  # while the episode is still receiving: stored, but the episode does not grow
     assert node.store.episodes() == [episode]  # same received count and last arrival: not extended
@@ -105,7 +105,7 @@ def test_raddraft_outputs_sent_back_alone_or_with_the_whole_study_open_no_episod
 
     node.store.set_state(study, 1, EpisodeState.DELIVERED, 1.0)  # the pipeline delivered them to the PACS
     # the PACS sends back only a new output (the signed SR) ...
-    signed = save(build_findings_sr(cr.manifest, result, cr.sources, SIGNOFF), out / "sr_final.dcm")
+    signed = save(build_findings_sr(cr.inputs(result), SIGNOFF), out / "sr_final.dcm")
     storescu(node, signed)
     # ... and later the whole study: the original images (identical) plus every output
     storescu(node, *images, *ours, signed)

@@ -77,7 +77,7 @@ def test_narrative_sr_stores_clean_text(tmp_path: Path) -> None:
     study = cr_study(tmp_path)
     result = result_for(study, []).model_copy(update={"report": split_report(MODEL_REPORT)})
     path = tmp_path / "narrative.dcm"
-    build_narrative_sr(study.manifest, result, study.sources).save_as(path, enforce_file_format=True)
+    build_narrative_sr(study.inputs(result)).save_as(path, enforce_file_format=True)
     ds = pydicom.dcmread(path)
     texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.ContentSequence[0].TextValue
              for item in ds.ContentSequence if item.ValueType == "CONTAINER"}

@@ -82,25 +82,45 @@ def test_procedure_describes_the_imaging_not_the_algorithm() -> None:
 
 def test_output_uids_are_deterministic_valid_and_distinct() -> None:
     args = ("1.2.3.4", 7, "v1")
-    first = output_uid(*args, OutputKind.SR_DRAFT)
-    assert first == output_uid(*args, OutputKind.SR_DRAFT)
+    first = output_uid(*args, OutputKind.SR)
+    assert first == output_uid(*args, OutputKind.SR, version=0)
     assert UID(first).is_valid and first.startswith("2.25.") and len(first) <= 64
     others = {
-        output_uid("1.2.3.4", 8, "v1", OutputKind.SR_DRAFT),
-        output_uid("1.2.3.4", 7, "v2", OutputKind.SR_DRAFT),
-        output_uid("1.2.3.5", 7, "v1", OutputKind.SR_DRAFT),
-        output_uid(*args, OutputKind.SR_FINAL),
+        output_uid("1.2.3.4", 8, "v1", OutputKind.SR),
+        output_uid("1.2.3.4", 7, "v2", OutputKind.SR),
+        output_uid("1.2.3.5", 7, "v1", OutputKind.SR),
+        output_uid(*args, OutputKind.SR, version=1),
+        output_uid(*args, OutputKind.SR, version=2),
+        output_uid(*args, OutputKind.SR, version=3),
+        output_uid(*args, OutputKind.NARRATIVE),
         output_uid(*args, OutputKind.FINDING, 0),
         output_uid(*args, OutputKind.FINDING, 1),
         output_uid(*args, OutputKind.GSPS, 0),
-        output_uid(*args, OutputKind.GSPS_FINAL, 0),
+        output_uid(*args, OutputKind.GSPS, 0, version=1),
+        output_uid(*args, OutputKind.GSPS, 0, version=2),
     }
-    assert first not in others and len(others) == 8
+    assert first not in others and len(others) == 12
     assert device_uid("m", "v1") == device_uid("m", "v1") != device_uid("m", "v2")
+
+
+def test_the_draft_and_first_signed_uids_are_those_of_the_scheme_before_versions() -> None:
+    """Outputs already delivered keep their UIDs: a re-run after the upgrade replaces them in the PACS instead of
+    adding a second report (the values were made by the scheme of SR_DRAFT, SR_FINAL, ... kinds)."""
+    args = ("1.2.3.4", 7, "v1")
+    assert output_uid(*args, OutputKind.SR) == "2.25.335765599272326387866588419181067313204"
+    assert output_uid(*args, OutputKind.SR, version=1) == "2.25.270092418503457070343873299473183496604"
+    assert output_uid(*args, OutputKind.NARRATIVE) == "2.25.124969241716806483857673090256260112154"
+    assert output_uid(*args, OutputKind.NARRATIVE, version=1) == "2.25.17425654063548638548017156457761406249"
+    assert output_uid(*args, OutputKind.GSPS, 0) == "2.25.7675638024544898547109230748961696973"
+    assert output_uid(*args, OutputKind.GSPS, 1, version=1) == "2.25.54690829733261238159146364706384556311"
 
 
 def test_output_uid_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="study_uid must not be empty"):
-        output_uid("", 1, "v", OutputKind.SR_DRAFT)
+        output_uid("", 1, "v", OutputKind.SR)
     with pytest.raises(ValueError, match="index -1 of finding must be >= 0"):
         output_uid("1.2", 1, "v", OutputKind.FINDING, -1)
+    with pytest.raises(ValueError, match="version -1 of sr must be >= 0"):
+        output_uid("1.2", 1, "v", OutputKind.SR, version=-1)
+    with pytest.raises(ValueError, match="sr-series is the same for every version"):
+        output_uid("1.2", 1, "v", OutputKind.SR_SERIES, version=2)

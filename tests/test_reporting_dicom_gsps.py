@@ -41,7 +41,7 @@ def _write(dataset: pydicom.Dataset, path: Path) -> Path:
 def test_one_valid_gsps_per_annotated_image_with_boxes_and_labels(cr: Study, tmp_path: Path) -> None:
     findings = cr_findings(cr)
     result = result_for(cr, findings)
-    states = build_presentation_states(cr.manifest, result, cr.sources)
+    states = build_presentation_states(cr.inputs(result))
     assert len(states) == 1  # all findings are on the PA view; the lateral view has none
     path = _write(states[0], tmp_path / "gsps.dcm")
     assert dciodvfy(path) == []
@@ -76,8 +76,8 @@ def test_one_valid_gsps_per_annotated_image_with_boxes_and_labels(cr: Study, tmp
 
 def test_gsps_uids_are_deterministic(cr: Study) -> None:
     result = result_for(cr, cr_findings(cr))
-    first = build_presentation_states(cr.manifest, result, cr.sources)[0]
-    again = build_presentation_states(cr.manifest, result, cr.sources)[0]
+    first = build_presentation_states(cr.inputs(result))[0]
+    again = build_presentation_states(cr.inputs(result))[0]
     assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
 
 
@@ -86,7 +86,7 @@ def test_voi_window_kept_or_defaulted(tmp_path: Path, name: str, window: tuple[f
     study = shipped_study(tmp_path, name)
     image = study.sources[0]
     result = result_for(study, [Finding(label="tumour", sop_instance_uid=image.SOPInstanceUID, box=(5, 6, 40, 50))])
-    path = _write(build_presentation_states(study.manifest, result, study.sources)[0], tmp_path / "gsps.dcm")
+    path = _write(build_presentation_states(study.inputs(result))[0], tmp_path / "gsps.dcm")
     assert dciodvfy(path) == []
     assert new_dciodvfy_warnings(path, study) == []
     [voi] = pydicom.dcmread(path).SoftcopyVOILUTSequence
@@ -103,7 +103,7 @@ def test_legacy_multiframe_image_gets_a_valid_gsps_on_the_findings_frame(tmp_pat
     assert "SharedFunctionalGroupsSequence" not in image
     finding = Finding(label="mass", sop_instance_uid=image.SOPInstanceUID, frame_number=2, box=(20, 10, 40, 30))
     result = result_for(study, [finding])
-    (state,) = build_presentation_states(study.manifest, result, study.sources)
+    (state,) = build_presentation_states(study.inputs(result))
     assert "SharedFunctionalGroupsSequence" not in image  # the source is left alone
     path = _write(state, tmp_path / "gsps.dcm")
     assert dciodvfy(path) == []
@@ -128,14 +128,14 @@ def test_legacy_multiframe_image_gets_a_valid_gsps_on_the_findings_frame(tmp_pat
 
 def test_signed_gsps_labels_say_signed_in_a_new_instance_of_the_same_series(cr: Study, tmp_path: Path) -> None:
     result = result_for(cr, cr_findings(cr))
-    state = build_presentation_states(cr.manifest, result, cr.sources, signed=True)[0]
+    state = build_presentation_states(cr.inputs(result), version=1)[0]
     texts = [t.UnformattedTextValue for t in state.GraphicAnnotationSequence[0].TextObjectSequence]
     assert all(text.endswith("(AI, signed)") for text in texts)
-    draft = build_presentation_states(cr.manifest, result, cr.sources)[0]
+    draft = build_presentation_states(cr.inputs(result))[0]
     # other content, so another SOP Instance UID: a PACS holding the draft would otherwise keep the draft labels
     assert state.SOPInstanceUID != draft.SOPInstanceUID
     assert state.SOPInstanceUID == output_uid(result.study_instance_uid, result.episode_id, result.model.version,
-                                              OutputKind.GSPS_FINAL, 0)
+                                              OutputKind.GSPS, 0, version=1)
     assert state.SeriesInstanceUID == draft.SeriesInstanceUID
     assert (draft.InstanceNumber, state.InstanceNumber) == (1, 1001)
     path = _write(state, tmp_path / "gsps_final.dcm")
@@ -144,7 +144,7 @@ def test_signed_gsps_labels_say_signed_in_a_new_instance_of_the_same_series(cr: 
 
 
 def test_no_findings_no_gsps(cr: Study) -> None:
-    assert build_presentation_states(cr.manifest, result_for(cr, []), cr.sources) == []
+    assert build_presentation_states(cr.inputs(result_for(cr, []))) == []
 
 
 def test_overlay_png_draws_boxes_in_image_geometry(cr: Study) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,8 +14,18 @@ from reporting_dicom_helpers import Study, cr_findings, cr_study, result_for
 
 from core.layout import episode_dir
 from core.result import Finding
-from reporting.context import Signoff
-from reporting.outbox import OutboxError, OutputProblem, read_problems, read_sources, write_outbox, write_outputs
+from reporting.context import ReportInputs, Signoff
+from reporting.outbox import (
+    OutboxError,
+    OutputProblem,
+    read_entries,
+    read_problems,
+    read_sources,
+    write_outbox,
+    write_outputs,
+)
+from reporting.outputs import OutboxIndexError
+from reporting.uids import OutputKind, output_uid
 
 # Opaque to the outbox: the ORU^R01 bytes come from reporting/hl7_oru.py.
 HL7 = b"MSH|^~\\&|RADDRAFT|RADDRAFT|RIS|HOSPITAL|20240506070809||ORU^R01|1|P|2.5.1\rOBR|1||||||||||||||||||||||||P\r"
@@ -34,9 +45,10 @@ def test_draft_set_is_written_and_readable(cr: Study, tmp_path: Path) -> None:
     folder = outbox / cr.manifest.study_instance_uid / str(cr.manifest.episode_id)
     assert folder == episode_dir(outbox, cr.manifest.study_instance_uid, cr.manifest.episode_id)
     names = sorted(path.name for path in folder.iterdir())
-    assert names == ["findings.json", "gsps_1.dcm", "narrative.dcm", "oru.hl7", "outputs.json", "overlay_1.png",
-                     "sr.dcm"]
-    assert sorted(entry.path.name for entry in entries) == [name for name in names if name != "outputs.json"]
+    assert names == ["findings.json", "gsps_1.dcm", "narrative.dcm", "oru.hl7", "outbox.json", "outputs.json",
+                     "overlay_1.png", "sr.dcm"]
+    assert sorted(entry.path.name for entry in entries) == [name for name in names
+                                                            if name not in ("outputs.json", "outbox.json")]
     assert json.loads((folder / "outputs.json").read_text()) == {
         "built": ["findings", "gsps", "hl7", "narrative", "overlay", "sr"], "problems": []}
     assert (folder / "oru.hl7").read_bytes() == HL7
@@ -122,3 +134,98 @@ def test_missing_spool_file_is_reported(cr: Study) -> None:
     (cr.spool / "cr" / "ll.dcm").unlink()
     with pytest.raises(FileNotFoundError, match=r"missing from the spool: .*ll\.dcm"):
         read_sources(cr.spool, cr.manifest)
+
+
+SIGNOFF = Signoff("Curie^Marie", "General Hospital", datetime(2024, 5, 7, 8, 0, tzinfo=UTC))
+
+
+def test_the_index_lists_every_file_of_the_set_in_delivery_order(cr: Study, tmp_path: Path) -> None:
+    """outbox.json is what the set holds: each file's kind, delivery, DICOM identifiers and hash, read back as the
+    writer returned them; the signed set has its own (outbox_final.json), and an amendment's is version n."""
+    outbox = tmp_path / "outbox"
+    result = result_for(cr, cr_findings(cr))
+    entries, _ = write_outputs(outbox, cr.manifest, result, cr.sources, HL7)
+    folder = episode_dir(outbox, cr.manifest.study_instance_uid, cr.manifest.episode_id)
+    assert read_entries(folder) == entries
+    assert [e.kind for e in entries] == ["sr", "narrative", "gsps", "overlay", "findings", "hl7"]
+    document = json.loads((folder / "outbox.json").read_text())
+    assert (document["format"], document["version"], document["episode_id"]) == (1, 0, cr.manifest.episode_id)
+    assert [(e["name"], e["delivery"]) for e in document["entries"]] == [
+        ("sr.dcm", "dicom"), ("narrative.dcm", "dicom"), ("gsps_1.dcm", "dicom"), ("overlay_1.png", None),
+        ("findings.json", None), ("oru.hl7", "hl7")]
+    for entry in entries:
+        assert entry.sha256 == hashlib.sha256(entry.path.read_bytes()).hexdigest()
+        if entry.delivery == "dicom":
+            header = pydicom.dcmread(entry.path, stop_before_pixels=True)
+            assert (entry.sop_class_uid, entry.sop_instance_uid, entry.series_instance_uid) == (
+                header.SOPClassUID, header.SOPInstanceUID, header.SeriesInstanceUID)
+    assert read_entries(folder, signed=True) == []  # not signed yet
+
+    amended = Signoff(SIGNOFF.verifying_observer_name, SIGNOFF.verifying_organization, SIGNOFF.signed_at,
+                      version=2, previous_sr_uid="1.2.3", previous_narrative_uid="1.2.4")
+    signed, _ = write_outputs(outbox, cr.manifest, result, cr.sources, HL7, signoff=amended)
+    assert {e.path.parent for e in signed} == {folder / "amendment_2"}
+    assert read_entries(folder / "amendment_2", signed=True) == signed
+    assert json.loads((folder / "amendment_2" / "outbox_final.json").read_text())["version"] == 2
+    sr = pydicom.dcmread(signed[0].path)
+    uid_args = (result.study_instance_uid, result.episode_id, result.model.version)
+    assert sr.SOPInstanceUID == sr.file_meta.MediaStorageSOPInstanceUID == output_uid(*uid_args, OutputKind.SR,
+                                                                                      version=2)
+    assert sr.InstanceNumber == 3
+    predecessor = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == "1.2.3"
+
+
+def test_an_outbox_without_an_index_is_migrated_once_from_its_file_names(cr: Study, tmp_path: Path) -> None:
+    """An outbox written before the index: the one legacy reader finds the files by their old names, in delivery
+    order, and writes the index it would have had; a later read is an ordinary one. A stale file a later retry no
+    longer writes (a third GSPS) is in no index once the report stage wrote one."""
+    outbox = tmp_path / "outbox"
+    result = result_for(cr, cr_findings(cr))
+    entries, _ = write_outputs(outbox, cr.manifest, result, cr.sources, HL7)
+    write_outputs(outbox, cr.manifest, result, cr.sources, HL7, signoff=SIGNOFF)
+    folder = entries[0].path.parent
+    final = read_entries(folder, signed=True)
+    for name in ("outbox.json", "outbox_final.json"):
+        (folder / name).unlink()
+
+    assert read_entries(folder) == entries
+    assert read_entries(folder, signed=True) == final
+    migrated = json.loads((folder / "outbox.json").read_text())
+    assert migrated["migrated"] is True and migrated["version"] == 0
+    assert json.loads((folder / "outbox_final.json").read_text())["version"] == 1
+    (folder / "gsps_7.dcm").write_bytes(b"not listed")  # a legacy name: the index, not the name, decides
+    assert read_entries(folder) == entries
+    assert read_entries(tmp_path / "never-written") == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert read_entries(empty) == [] and not (empty / "outbox.json").exists()
+
+    (folder / "outbox.json").write_text(json.dumps({"format": 1, "entries": [{"kind": "sr", "name": "../x.dcm"}]}))
+    with pytest.raises(OutboxIndexError, match="is not a file of its folder"):
+        read_entries(folder)
+
+
+def test_the_inputs_are_checked_once_per_output_set(cr: Study, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ReportInputs.check for the six outputs (it ran once per builder, four times, before)."""
+    calls = []
+    check = ReportInputs.check.__func__
+
+    def counting(cls: type[ReportInputs], *args: object) -> ReportInputs:
+        calls.append(args)
+        return check(cls, *args)
+
+    monkeypatch.setattr(ReportInputs, "check", classmethod(counting))
+    entries, problems = write_outputs(tmp_path / "outbox", cr.manifest, result_for(cr, cr_findings(cr)), cr.sources,
+                                      HL7)
+    assert problems == [] and len(entries) == 6
+    assert len(calls) == 1
+
+
+def test_a_report_inputs_is_only_made_checked(cr: Study) -> None:
+    inputs = cr.inputs(result_for(cr, cr_findings(cr)))
+    with pytest.raises(TypeError, match=r"made by ReportInputs.check"):
+        ReportInputs(manifest=inputs.manifest, result=inputs.result, sources=inputs.sources)
+    with pytest.raises(TypeError):
+        inputs.sources["x"] = inputs.evidence()[0]  # type: ignore[index]

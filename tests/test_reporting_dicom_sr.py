@@ -110,19 +110,18 @@ def written(cr: Study, ct: Study, multiframe: Study, enhanced: Study, sparse: St
     frame_finding = Finding(label="mass", sop_instance_uid=frames_image.SOPInstanceUID, frame_number=2,
                             box=FRAME_BOX)
     objects = {
-        "sr_draft": build_findings_sr(cr.manifest, result, cr.sources),
-        "sr_final": build_findings_sr(cr.manifest, result, cr.sources, SIGNOFF),
+        "sr_draft": build_findings_sr(cr.inputs(result)),
+        "sr_final": build_findings_sr(cr.inputs(result), SIGNOFF),
         "sr_no_findings": build_findings_sr(
-            ct.manifest, result_for(ct, []).model_copy(update={"report": EFFUSION_REPORT}), ct.sources),
+            ct.inputs(result_for(ct, []).model_copy(update={"report": EFFUSION_REPORT}))),
         "sr_no_findings_normal": build_findings_sr(
-            ct.manifest, result_for(ct, []).model_copy(update={"report": NORMAL_REPORT}), ct.sources),
-        "sr_ct": build_findings_sr(ct.manifest, result_for(ct, [ct_finding]), ct.sources),
-        "sr_multiframe": build_findings_sr(multiframe.manifest, result_for(multiframe, [frame_finding]),
-                                           multiframe.sources),
-        "sr_enhanced": build_findings_sr(enhanced.manifest, enhanced_result(enhanced), enhanced.sources),
-        "sr_sparse": build_findings_sr(sparse.manifest, result_for(sparse, []), sparse.sources),
-        "narrative_draft": build_narrative_sr(cr.manifest, result, cr.sources),
-        "narrative_final": build_narrative_sr(cr.manifest, result, cr.sources, SIGNOFF),
+            ct.inputs(result_for(ct, []).model_copy(update={"report": NORMAL_REPORT}))),
+        "sr_ct": build_findings_sr(ct.inputs(result_for(ct, [ct_finding]))),
+        "sr_multiframe": build_findings_sr(multiframe.inputs(result_for(multiframe, [frame_finding]))),
+        "sr_enhanced": build_findings_sr(enhanced.inputs(enhanced_result(enhanced))),
+        "sr_sparse": build_findings_sr(sparse.inputs(result_for(sparse, []))),
+        "narrative_draft": build_narrative_sr(cr.inputs(result)),
+        "narrative_final": build_narrative_sr(cr.inputs(result), SIGNOFF),
     }
     paths = {}
     for name, dataset in objects.items():
@@ -315,15 +314,15 @@ def test_narrative_holds_findings_and_impression_text(written: dict[str, Path]) 
 
 def test_uids_are_deterministic_and_change_with_the_episode(cr: Study, tmp_path: Path) -> None:
     result = result_for(cr, cr_findings(cr))
-    first = build_findings_sr(cr.manifest, result, cr.sources)
-    again = build_findings_sr(cr.manifest, result, cr.sources)
+    first = build_findings_sr(cr.inputs(result))
+    again = build_findings_sr(cr.inputs(result))
     assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
-    narrative = build_narrative_sr(cr.manifest, result, cr.sources)
-    assert narrative.SOPInstanceUID == build_narrative_sr(cr.manifest, result, cr.sources).SOPInstanceUID
+    narrative = build_narrative_sr(cr.inputs(result))
+    assert narrative.SOPInstanceUID == build_narrative_sr(cr.inputs(result)).SOPInstanceUID
     assert narrative.SOPInstanceUID != first.SOPInstanceUID
 
     other = cr_study(tmp_path, episode_id=cr.manifest.episode_id + 1)
-    retried = build_findings_sr(other.manifest, result_for(other, cr_findings(other)), other.sources)
+    retried = build_findings_sr(other.inputs(result_for(other, cr_findings(other))))
     assert retried.SOPInstanceUID != first.SOPInstanceUID
     assert retried.SeriesInstanceUID != first.SeriesInstanceUID
 
@@ -333,7 +332,7 @@ def test_a_box_outside_its_image_is_refused(cr: Study) -> None:
     # 700 is inside the 800 rows but outside the 600 columns: x is the column.
     bad = result_for(cr, [Finding(label="mass", sop_instance_uid=pa, box=(100, 100, 700, 200))])
     with pytest.raises(ValueError, match=r"finding 0 \('mass'\).*x2 <= Columns \(600\)"):
-        build_findings_sr(cr.manifest, bad, cr.sources)
+        build_findings_sr(cr.inputs(bad))
 
 
 def test_a_finding_on_an_image_that_was_not_passed_is_refused(cr: Study) -> None:
@@ -342,13 +341,13 @@ def test_a_finding_on_an_image_that_was_not_passed_is_refused(cr: Study) -> None
     result = result_for(cr, [Finding(label="mass", sop_instance_uid=pa, box=(1, 1, 20, 20))],
                         analysed=[lateral_only[0].SOPInstanceUID])
     with pytest.raises(ValueError, match=rf"finding 0 \('mass'\): SOP Instance UID {pa} has no source dataset"):
-        build_findings_sr(cr.manifest, result, lateral_only)
+        build_findings_sr(cr.inputs(result, lateral_only))
 
 
 def test_a_result_of_another_study_is_refused(cr: Study, tmp_path: Path) -> None:
     ct = shipped_study(tmp_path, "CT_small.dcm")
     with pytest.raises(ValueError, match=r"AnalysisResult\.study_instance_uid .* must equal the manifest's"):
-        build_findings_sr(cr.manifest, result_for(ct, []), cr.sources)
+        build_findings_sr(cr.inputs(result_for(ct, [])))
 
 
 def test_signoff_needs_observer_and_organization() -> None:

@@ -72,7 +72,7 @@ def written(cr: Study, results: dict[str, AnalysisResult], tmp_path_factory: pyt
     for name, result in results.items():
         for kind, build in (("sr", build_findings_sr), ("narrative", build_narrative_sr)):
             paths[f"{kind}_{name}"] = out / f"{kind}_{name}.dcm"
-            build(cr.manifest, result, cr.sources).save_as(paths[f"{kind}_{name}"], enforce_file_format=True)
+            build(cr.inputs(result)).save_as(paths[f"{kind}_{name}"], enforce_file_format=True)
     return paths
 
 
@@ -220,7 +220,7 @@ def test_gsps_and_png_captions_say_not_in_text_for_a_box_only_finding(
     cr: Study, results: dict[str, AnalysisResult], tmp_path: Path,
 ) -> None:
     result = results["box_only"]
-    [state] = build_presentation_states(cr.manifest, result, cr.sources)
+    [state] = build_presentation_states(cr.inputs(result))
     path = tmp_path / "gsps.dcm"
     state.save_as(path, enforce_file_format=True)
     assert dciodvfy(path) == []
@@ -233,7 +233,7 @@ def test_gsps_and_png_captions_say_not_in_text_for_a_box_only_finding(
     png = np.asarray(Image.open(io.BytesIO(render_overlay(cr.by_uid(result.findings[0].sop_instance_uid),
                                                           located))))
     assert png.shape[:2] == (800, 600)
-    [grounded] = build_presentation_states(cr.manifest, results["grounded"], cr.sources)
+    [grounded] = build_presentation_states(cr.inputs(results["grounded"]))
     assert [t.UnformattedTextValue for t in grounded.GraphicAnnotationSequence[0].TextObjectSequence] == texts[:2]
 
 
@@ -260,9 +260,9 @@ def test_a_signed_version_carries_its_own_structure_and_one_without_sentences_no
     data = build_oru_r01(cr.manifest, plain, ResultStatus.FINAL, endpoints=ENDPOINTS, control_id="G2",
                          message_time=MESSAGE_TIME).decode("utf-8")
     assert "not localized" not in data and "AI-CONSISTENCY" not in data
-    content = build_narrative_sr(cr.manifest, plain, cr.sources)
+    content = build_narrative_sr(cr.inputs(plain))
     assert "not localized" not in str(content.ContentSequence)
-    sr = build_findings_sr(cr.manifest, plain, cr.sources)
+    sr = build_findings_sr(cr.inputs(plain))
     assert "CodingSchemeIdentificationSequence" not in sr
     assert codes.DCM.Comment.value in str(sr.ContentSequence)  # the analysed series comment, and nothing else
     assert "AI consistency" not in str(sr.ContentSequence)

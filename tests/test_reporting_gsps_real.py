@@ -79,7 +79,7 @@ def _windowed(image: Dataset, center: float, width: float, frame: int | None = N
 
 
 def _one_state(study: Study, finding: Finding) -> Dataset:
-    states, reasons = build_presentation_state_set(study.manifest, result_for(study, [finding]), study.sources)
+    states, reasons = build_presentation_state_set(study.inputs(result_for(study, [finding])))
     assert reasons == []
     [state] = states
     return state
@@ -152,7 +152,7 @@ def test_one_state_covers_every_slice_of_the_series_that_fits_it(tmp_path: Path)
                 Finding(label="mass", sop_instance_uid=slices[0].SOPInstanceUID, box=(40, 40, 60, 70)),
                 Finding(label="cyst", sop_instance_uid=slices[3].SOPInstanceUID, box=(5, 5, 20, 20))]
     result = result_for(study, findings)
-    states, reasons = build_presentation_state_set(study.manifest, result, study.sources)
+    states, reasons = build_presentation_state_set(study.inputs(result))
     assert reasons == []
     first, other = states  # slices 1-3 (two boxed) and slice 4 (its own rescale)
     [series] = first.ReferencedSeriesSequence
@@ -169,10 +169,10 @@ def test_one_state_covers_every_slice_of_the_series_that_fits_it(tmp_path: Path)
     uid_args = (result.study_instance_uid, result.episode_id, result.model.version)
     assert [s.SOPInstanceUID for s in states] == [output_uid(*uid_args, OutputKind.GSPS, n) for n in (0, 1)]
     assert [s.InstanceNumber for s in states] == [1, 2]
-    again, _ = build_presentation_state_set(study.manifest, result, study.sources)
+    again, _ = build_presentation_state_set(study.inputs(result))
     assert [s.SOPInstanceUID for s in again] == [s.SOPInstanceUID for s in states]  # a retry rewrites them
-    signed = build_presentation_states(study.manifest, result, study.sources, signed=True)
-    assert [s.SOPInstanceUID for s in signed] == [output_uid(*uid_args, OutputKind.GSPS_FINAL, n) for n in (0, 1)]
+    signed = build_presentation_states(study.inputs(result), version=1)
+    assert [s.SOPInstanceUID for s in signed] == [output_uid(*uid_args, OutputKind.GSPS, n, version=1) for n in (0, 1)]
     assert [s.InstanceNumber for s in signed] == [SIGNED_FIRST_INSTANCE_NUMBER, SIGNED_FIRST_INSTANCE_NUMBER + 1]
     assert {s.SeriesInstanceUID for s in signed} == {states[0].SeriesInstanceUID}
 
@@ -283,7 +283,7 @@ def test_a_palette_colour_image_gets_no_state_and_the_reason_is_in_outputs_json(
     study = shipped_study(tmp_path, "examples_palette.dcm")
     image = study.sources[0]
     result = result_for(study, [Finding(label="mass", sop_instance_uid=image.SOPInstanceUID, box=(5, 6, 40, 50))])
-    states, [reason] = build_presentation_state_set(study.manifest, result, study.sources)
+    states, [reason] = build_presentation_state_set(study.inputs(result))
     assert states == []
     assert "PALETTE COLOR" in reason and str(image.SOPInstanceUID) in reason
     entries, problems = write_outputs(tmp_path / "outbox", study.manifest, result, study.sources,

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import hl7
 import pydicom
 import pytest
 from reporting_dicom_helpers import dciodvfy, dsrdump
+from test_pipeline_report_reads import counting_reads
 from worklist_helpers import database_url_fixture, settings_for, write_draft  # noqa: F401 - fixture
 
+from core.layout import index_name
+from reporting.outputs import read_entries
+from reporting.uids import OutputKind, output_uid
 from worklist import auth
 from worklist.bridge import Bridge
 from worklist.signing import SignConflictError, SignedReport, SignError
@@ -89,7 +94,7 @@ def test_sign_writes_the_final_set_without_the_rejected_finding(setup, caplog):
 
 
 def test_amendment_is_a_new_version_with_status_c_and_the_signed_text_stays(setup):
-    bridge, store, radiologist, _, entry = setup
+    bridge, store, radiologist, draft, entry = setup
     for index in range(3):
         store.set_finding_review(entry, index, Decision.ACCEPTED, label="x" if index == 9 else
                                  ["nodule", "consolidation", "nodule"][index], username="curie", now=NOW)
@@ -98,11 +103,24 @@ def test_amendment_is_a_new_version_with_status_c_and_the_signed_text_stays(setu
     first_bytes = first.files[0].path.read_bytes()
     store.set_state(entry, StudyState.IN_REVIEW, NOW, expect=[StudyState.SIGNED])  # what "Amend" does
     store.save_draft_text(entry, "Amended findings.", "Amended impression.", NOW)
-    second, _ = bridge.sign(entry, radiologist)
+    with counting_reads() as reads:
+        second, _ = bridge.sign(entry, radiologist)
     assert second.version == 2 and second.result_status.value == "C"
+    # built once, from the signed result: nothing of the outbox is read back (before: every file was written to a
+    # staging folder, read back, re-stamped with amendment UIDs and written again)
+    spool = bridge.settings.spool_dir.resolve()
+    assert not [path for path in reads if Path(path).is_relative_to(bridge.settings.home)
+                and Path(path).suffix in (".dcm", ".png", ".hl7")
+                and not Path(path).resolve().is_relative_to(spool)], reads
+    assert reads[str(draft.manifest_path.resolve())] <= 1 and reads[str(draft.result_path.resolve())] <= 1
+    assert read_entries(second.output_dir, signed=True) == second.files
+    assert (second.output_dir / index_name(signed=True)).is_file()
     assert second.output_dir.name == "amendment_2" and second.output_dir.parent == first.output_dir
     amended = pydicom.dcmread(next(e.path for e in second.files if e.kind == "sr"))
     assert amended.SOPInstanceUID != first_sr.SOPInstanceUID
+    assert amended.SOPInstanceUID == output_uid(draft.result.study_instance_uid, draft.result.episode_id,
+                                                draft.result.model.version, OutputKind.SR, version=2)
+    assert (first_sr.InstanceNumber, amended.InstanceNumber) == (2, 3)
     assert amended.file_meta.MediaStorageSOPInstanceUID == amended.SOPInstanceUID
     predecessor = amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert predecessor.ReferencedSOPInstanceUID == first_sr.SOPInstanceUID

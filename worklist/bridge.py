@@ -4,7 +4,8 @@ The pipeline connects three things:
 
 * ``Bridge.register_draft(manifest_path, result_path)`` when a draft is ready (``register_failure`` when an
   episode failed): the io tasks ``worklist.draft_ready`` / ``worklist.episode_failed`` (worklist/tasks.py) the
-  pipeline sends (workers/announce.py) call them;
+  pipeline sends (workers/announce.py) call them; a caller that holds the manifest and the result passes
+  them too (``manifest=``, ``result=``) and neither file is read again;
 * a model for questions: any object with ``image_size`` and ``answer(pixels, instruction) -> str``
   (``worklist/answerer.py`` wraps a ``MiniGPTMed``); without one the Ask box says the model is off;
 * ``Bridge.on_sign(callback)``: the callback gets a ``SignedReport`` (every final file, the ORU path, F or C)
@@ -91,10 +92,13 @@ class Bridge:
 
     # ------------------------------------------------------------------ drafts in
 
-    def register_draft(self, manifest_path: Path, result_path: Path, priority: Priority = Priority.ROUTINE) -> int:
-        """Put a ready draft on the worklist (idempotent for a retried task); returns the entry id."""
-        manifest = StudyManifest.read(manifest_path)
-        result = AnalysisResult.read(result_path)
+    def register_draft(self, manifest_path: Path, result_path: Path, priority: Priority = Priority.ROUTINE, *,
+                       manifest: StudyManifest | None = None, result: AnalysisResult | None = None) -> int:
+        """Put a ready draft on the worklist (idempotent for a retried task); returns the entry id. The entry names
+        the two files; *manifest* and *result*, when the caller has them (what it wrote there), are used instead
+        of reading them back."""
+        manifest = manifest if manifest is not None else StudyManifest.read(manifest_path)
+        result = result if result is not None else AnalysisResult.read(result_path)
         if (result.study_instance_uid, result.episode_id) != (manifest.study_instance_uid, manifest.episode_id):
             raise ValueError(f"result {result_path} is for study {result.study_instance_uid} episode "
                              f"{result.episode_id}, not the manifest's {manifest.study_instance_uid} episode "

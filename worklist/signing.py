@@ -5,8 +5,9 @@ grounded draft also the sentences of that text linked to those findings (worklis
 and the ORU are built from. The first
 signature writes the final set of ``reporting/outbox.py`` beside the draft (``sr_final.dcm`` …, ORU with
 OBR-25 = F). An amendment of a signed report writes a complete new final set to
-``<episode folder>/amendment_<n>/`` with new SOP Instance UIDs, each SR naming the previous signed version as
-its predecessor, and an ORU with OBR-25 = C; earlier versions stay on disk and in the database unchanged.
+``<episode folder>/amendment_<n>/``, built once from the signed result with the UIDs of version *n*
+(reporting/uids.py), each SR naming the previous signed version as its predecessor, and an ORU with OBR-25 = C;
+earlier versions stay on disk and in the database unchanged.
 The entry is claimed (state -> signed) before anything is written, so two radiologists signing at once cannot
 both write: the second gets ``SignConflictError``.
 """
@@ -14,17 +15,11 @@ both write: the second gets ``SignConflictError``.
 from __future__ import annotations
 
 import logging
-import tempfile
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import pydicom
-from pydicom.uid import UID
-
-from core.jsonio import write_atomic
-from core.layout import episode_dir
+from core.layout import version_dir
 from core.manifest import StudyManifest
 from core.result import AnalysisResult, DraftReport, Finding
 from core.settings import Settings
@@ -37,13 +32,12 @@ from reporting.hl7_oru import (
     build_oru_r01,
     new_control_id,
 )
-from reporting.outbox import OutboxEntry, OutputProblem, dicom_bytes, read_sources, write_outbox
+from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_outbox
 from worklist.grounding import final_structure, ground_draft, is_grounded
 from worklist.storage import Decision, ReportVersion, Store, Study, StudyState, User
 
 logger = logging.getLogger(__name__)
 
-_AMENDMENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/raddraft/raddraft/worklist/amendment/v1")
 FINAL_RESULT_NAME = "result_final.json"
 
 
@@ -137,7 +131,9 @@ def sign_study(store: Store, settings: Settings, study_id: int, user: User, now:
     version = len(previous) + 1
     status = ResultStatus.FINAL if version == 1 else ResultStatus.CORRECTED
     signoff = Signoff(verifying_observer_name=user.full_name, verifying_organization=user.organization,
-                      signed_at=now)
+                      signed_at=now, version=version,
+                      previous_sr_uid=previous[-1].sr_uid if previous else "",
+                      previous_narrative_uid=previous[-1].narrative_uid if previous else "")
     sources = read_sources(settings.spool_dir, manifest)
     hl7: bytes | OutputProblem
     try:
@@ -155,13 +151,8 @@ def sign_study(store: Store, settings: Settings, study_id: int, user: User, now:
             raise SignConflictError(f"worklist entry {study_id} is in review by {holder}: take it over to sign it")
         raise SignConflictError(f"worklist entry {study_id} was signed by someone else a moment ago")
     try:
-        folder = episode_dir(settings.outbox_dir, manifest.study_instance_uid, manifest.episode_id)
-        if version == 1:
-            entries = write_outbox(settings.outbox_dir, manifest, result, sources, hl7, signoff=signoff)
-        else:
-            folder = folder / f"amendment_{version}"
-            entries = _write_amendment(folder, settings, manifest=manifest, result=result, sources=sources, hl7=hl7,
-                                       signoff=signoff, version=version, previous=previous[-1])
+        folder = version_dir(settings.outbox_dir, manifest.study_instance_uid, manifest.episode_id, version)
+        entries = write_outbox(settings.outbox_dir, manifest, result, sources, hl7, signoff=signoff)
         result_path = folder / FINAL_RESULT_NAME
         result.write(result_path)
         sr_uid = next(e.sop_instance_uid for e in entries if e.kind == "sr")
@@ -179,36 +170,3 @@ def sign_study(store: Store, settings: Settings, study_id: int, user: User, now:
                         version=version, result_status=status, signed_by=user.username,
                         verifying_observer=user.full_name, signed_at=now, output_dir=folder, files=entries,
                         hl7_path=hl7_path, manifest_path=Path(study.manifest_path), result_path=result_path)
-
-
-def amendment_uid(original: str, version: int) -> UID:
-    """The SOP Instance UID of an object in amendment *version*: a 2.25 UID of a name-based UUID."""
-    name = "\x1f".join((original, str(version)))
-    return UID(f"2.25.{uuid.uuid5(_AMENDMENT_NAMESPACE, name).int}")
-
-
-def _write_amendment(folder: Path, settings: Settings, *, manifest: StudyManifest, result: AnalysisResult,
-                     sources: list[pydicom.Dataset], hl7: bytes | OutputProblem, signoff: Signoff, version: int,
-                     previous: ReportVersion) -> list[OutboxEntry]:
-    """The final set of an amendment in *folder*: new UIDs, predecessor = the previous signed version."""
-    settings.home.mkdir(parents=True, exist_ok=True)
-    written: list[OutboxEntry] = []
-    with tempfile.TemporaryDirectory(dir=settings.home, prefix=".amendment-") as staging:
-        for entry in write_outbox(Path(staging), manifest, result, sources, hl7, signoff=signoff):
-            target = folder / entry.path.name
-            if entry.sop_instance_uid is None:
-                write_atomic(target, entry.path.read_bytes())
-                written.append(OutboxEntry(target, entry.kind))
-                continue
-            dataset = pydicom.dcmread(entry.path)
-            new_uid = amendment_uid(entry.sop_instance_uid, version)
-            dataset.SOPInstanceUID = new_uid
-            dataset.file_meta.MediaStorageSOPInstanceUID = new_uid
-            dataset.InstanceNumber = version + 1
-            predecessor = {"sr": previous.sr_uid, "narrative": previous.narrative_uid}.get(entry.kind)
-            if predecessor and "PredecessorDocumentsSequence" in dataset:
-                reference = dataset.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
-                reference.ReferencedSOPSequence[0].ReferencedSOPInstanceUID = predecessor
-            write_atomic(target, dicom_bytes(dataset))
-            written.append(OutboxEntry(target, entry.kind, str(new_uid)))
-    return written

@@ -27,6 +27,7 @@ from core.states import EpisodeState
 from dicom_node.scu import send_instances
 from model.phantoms import generate_studies, write_studies
 from raddraft.model_socket import socket_path
+from reporting.outputs import read_entries
 from state.store import StateStore
 
 DEMO_MODALITIES = ("CR", "CT", "MR")
@@ -149,12 +150,12 @@ def _print_study(out: object, home: Path, modality: str, study_uid: str, state: 
         via = " [found by the follow-up question]" if finding.get("source") == "detection" else ""
         write(f"    box {number}: {finding['label']}{side} ({box}) on {finding['sop_instance_uid']}{frame}"
               f"{' - ' + stated if stated else ''}{via}\n")
-    write(f"  SR:       {folder / 'sr.dcm'}\n  narrative: {folder / 'narrative.dcm'}\n")
-    for path in sorted(folder.glob("gsps_*.dcm")):
-        write(f"  GSPS:     {path}\n")
-    write(f"  ORU:      {folder / 'oru.hl7'}\n")
-    for path in sorted(folder.glob("overlay_*.png")):
-        write(f"  overlay:  {path}\n")
+    entries = read_entries(folder)  # the draft set as the outbox index lists it
+    for kind, label in (("sr", "SR:      "), ("narrative", "narrative:"), ("gsps", "GSPS:    "), ("hl7", "ORU:     "),
+                        ("overlay", "overlay: ")):
+        for entry in entries:
+            if entry.kind == kind:
+                write(f"  {label} {entry.path}\n")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
