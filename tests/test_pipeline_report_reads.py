@@ -90,8 +90,13 @@ def test_the_report_stage_reads_each_file_once(tmp_path: Path) -> None:
         ("manifest.json", manifest_path), ("request.json", request_path), ("analysis.json", analysis_path))}
     spooled = settings.spool_dir / "CT_small.dcm"
 
+    sent: list[tuple[str, list[object], str]] = []  # the worklist's announcements: read in the worklist's stage
+
+    def publish(name: str, args: list[object], task_id: str) -> None:
+        sent.append((name, args, task_id))
+
     with counting_reads() as reads:
-        outcome = pipeline.report_episode(settings, response)
+        outcome = pipeline.report_episode(settings, response, publish=publish)
     assert outcome is not None and not outcome.reused and outcome.result.findings
     assert {name: _reads_of(reads, path) for name, path in files.items()} == {
         "manifest.json": 1, "request.json": 1, "analysis.json": 0}
@@ -99,6 +104,7 @@ def test_the_report_stage_reads_each_file_once(tmp_path: Path) -> None:
     outbox = outcome.entries[0].path.parent
     assert not [path for path in reads if Path(path).parent == outbox]  # no output read back after it was written
     assert max(_home_reads(reads, tmp_path).values()) == 1, _home_reads(reads, tmp_path).most_common(3)
+    assert [name for name, _, _ in sent] == ["worklist.draft_ready"]
 
     # a re-run of an interrupted stage keeps the analysis it wrote: read once, the request not at all
     store = StateStore(settings.index_path)
@@ -107,7 +113,7 @@ def test_the_report_stage_reads_each_file_once(tmp_path: Path) -> None:
     finally:
         store.close()
     with counting_reads() as again:
-        rerun = pipeline.report_episode(settings, response)
+        rerun = pipeline.report_episode(settings, response, publish=publish)
     assert rerun is not None and rerun.reused
     assert {name: _reads_of(again, path) for name, path in files.items()} == {
         "manifest.json": 1, "request.json": 0, "analysis.json": 1}

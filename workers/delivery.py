@@ -12,7 +12,6 @@ the outputs are missing: retrying cannot help, it goes to the dead-letter table 
 from __future__ import annotations
 
 import logging
-import re
 from enum import StrEnum
 from pathlib import Path
 
@@ -27,13 +26,13 @@ from dicom_node.scu import (
     send_instances,
 )
 from reporting.mllp import Ack, MLLPError, deliver
+from reporting.outputs import OutboxEntry, read_entries
 
 log = logging.getLogger(__name__)
 
 DICOM = "dicom"  # delivery kinds, as stored in the index
 HL7 = "hl7"
 DICOM_CONNECT_TIMEOUT_S = 10.0
-_GSPS = re.compile(r"^gsps(_final)?_(\d+)\.dcm$")
 # DIMSE statuses of a C-STORE failure worth retrying: 0xA7xx "Refused: Out of Resources" (PS3.4 B.2.3)
 _OUT_OF_RESOURCES = range(0xA700, 0xA800)
 
@@ -60,20 +59,14 @@ class PermanentDeliveryError(DeliveryError):
 
 
 def dicom_outputs(folder: Path, output_set: OutputSet = OutputSet.DRAFT) -> list[Path]:
-    """The DICOM files of one output set in *folder*: SR, narrative SR, then the GSPS in order, those the report
-    stage could build (reporting/outbox.py records the others).
+    """The DICOM files of one output set in *folder* as its outbox index lists them (reporting/outputs.py): SR,
+    narrative SR, then the GSPS in order, those the report stage could build (it records the others). A file
+    the index does not list (a GSPS left by an earlier run that built more) is never sent.
 
-    Raises :class:`PermanentDeliveryError` when there is none (the report stage has not run, or built none).
+    Raises :class:`PermanentDeliveryError` when there is none (the report stage has not run, or built none), or
+    the index is unreadable.
     """
-    suffix = "_final" if output_set is OutputSet.FINAL else ""
-    documents = [path for path in (folder / f"sr{suffix}.dcm", folder / f"narrative{suffix}.dcm") if path.is_file()]
-    states = []
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = _GSPS.match(path.name)
-            if match and bool(match.group(1)) == (output_set is OutputSet.FINAL):
-                states.append((int(match.group(2)), path))
-    files = documents + [path for _, path in sorted(states)]
+    files = [entry.path for entry in _entries(folder, output_set) if entry.delivery == DICOM]
     if not files:
         raise PermanentDeliveryError(f"outbox folder {folder} has no DICOM output of the {output_set.value} set: "
                                      "the report stage has not written it, or could build none")
@@ -81,11 +74,18 @@ def dicom_outputs(folder: Path, output_set: OutputSet = OutputSet.DRAFT) -> list
 
 
 def hl7_output(folder: Path, output_set: OutputSet = OutputSet.DRAFT) -> bytes:
-    path = folder / ("oru_final.hl7" if output_set is OutputSet.FINAL else "oru.hl7")
-    if not path.is_file():
-        raise PermanentDeliveryError(f"outbox folder {folder} has no {path.name}: the report stage has not "
-                                     f"written the {output_set.value} set")
-    return path.read_bytes()
+    paths = [entry.path for entry in _entries(folder, output_set) if entry.delivery == HL7]
+    if not paths:
+        raise PermanentDeliveryError(f"outbox folder {folder} has no ORU: the report stage has not written the "
+                                     f"{output_set.value} set, or could not build it")
+    return paths[0].read_bytes()
+
+
+def _entries(folder: Path, output_set: OutputSet) -> list[OutboxEntry]:
+    try:
+        return read_entries(folder, signed=output_set is OutputSet.FINAL)
+    except (OSError, ValueError) as exc:  # OutboxIndexError is a ValueError; a torn index is a JSON ValueError
+        raise PermanentDeliveryError(f"outbox folder {folder}: its index cannot be read: {exc}") from exc
 
 
 def deliver_dicom(settings: Settings, study_uid: str, episode_id: int, destination: Destination,

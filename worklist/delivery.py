@@ -26,7 +26,7 @@ from typing import Any
 from core import metrics
 from core.settings import Destination, HL7Destination, Settings
 from dicom_node.episodes import BrokerUnavailableError
-from reporting.outputs import read_problems
+from reporting.outputs import read_entries, read_problems
 from workers.delivery import (
     DICOM,
     HL7,
@@ -141,7 +141,7 @@ def deliver_signed(settings: Settings, store: Store, target: SignedTarget, *,
         logger.info("worklist entry %d version %d to %s is already delivered; duplicate ignored", row.study_id,
                     version, destination)
         return False
-    if target.kind == HL7 and not (folder / "oru_final.hl7").is_file():
+    if target.kind == HL7 and not any(entry.kind == "hl7" for entry in read_entries(folder, signed=True)):
         reason = "; ".join(f"{p.state}: {p.reason}" for p in read_problems(folder, signed=True) if p.kind == HL7)
         reason = reason or "no final ORU was built"
         store.finish_delivery(row, DeliveryState.SKIPPED, clock(), reason[:MAX_ERROR_CHARS], audit=(
