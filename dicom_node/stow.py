@@ -64,6 +64,8 @@ JSON_TYPE = "application/json"
 READ_BYTES = 64 * 1024  # bytes read from the socket at a time: with a boundary's tail, a request's memory bound
 MAX_PART_HEADER_BYTES = 16 * 1024  # the header block of one part
 MAX_CHUNK_LINE_BYTES = 1024  # a chunk-size line of a chunked body (with extensions), or a trailer line
+# RFC 2046 says at most 70; Orthanc's DICOMweb plugin sends 73 (two UUIDs): taken, within a bound
+MAX_BOUNDARY_LENGTH = 256
 MAX_PARTS = 10_000  # parts of one request: each is a file until the request is decided
 # Bytes of a refused request's body read and discarded before the answer, so that a client that sends its whole
 # body before reading the answer (most do) reads it instead of a connection reset; a larger body is not read.
@@ -113,6 +115,8 @@ class RequestBody:
 
     def __init__(self, stream: BinaryIO, length: int | None, limit: int) -> None:
         self._stream = stream
+        # read1: what the socket has (one read), where read(n) would wait for n bytes; WSGI only promises read
+        self._read = getattr(stream, "read1", stream.read)
         self._left = length  # Content-Length bytes still to read; None: chunked
         self._chunk_left = 0
         self._done = length == 0
@@ -154,7 +158,7 @@ class RequestBody:
 
     def _read_raw(self, size: int) -> bytes:
         try:
-            data = self._stream.read(size)
+            data = self._read(size)
         except OSError as exc:  # reset, timeout
             raise BodyEndedError(f"the connection failed during the body: {exc}") from exc
         if not data:
@@ -447,6 +451,8 @@ class StowApp:
                     raise MalformedError(str(exc)) from exc
             self._check_disk(environ)
         except RequestError as exc:
+            if exc.status != HTTPStatus.UNAUTHORIZED:  # logged by _authenticate
+                log.warning("STOW-RS request from %s refused: HTTP %d %s", peer, exc.status.value, exc)
             if body is not None:
                 body.drain(DRAIN_BYTES)
             return _error_reply(exc)
@@ -487,8 +493,9 @@ class StowApp:
             raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                                'STOW-RS takes multipart/related; type="application/dicom" (DICOM Part 10 files)')
         boundary = header.get_param("boundary")
-        if not isinstance(boundary, str) or not 1 <= len(boundary) <= 70:
-            raise MalformedError("the multipart/related Content-Type has no boundary (1-70 characters)")
+        if not isinstance(boundary, str) or not 1 <= len(boundary) <= MAX_BOUNDARY_LENGTH:
+            raise MalformedError(f"the multipart/related Content-Type has no boundary (1-{MAX_BOUNDARY_LENGTH} "
+                                 "characters)")
         return boundary.encode("latin-1")
 
     def _check_disk(self, environ: dict[str, Any]) -> None:
