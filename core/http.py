@@ -8,7 +8,9 @@ a short timeout, free disk space in ``home`` is above ``min_free_disk_mb``. ``/m
 :mod:`core.metrics` in the Prometheus text format.
 
 :func:`respond` is the whole application as a function of the path, so another server (the worklist's WSGI
-app) can route the two paths to it instead of opening a second port.
+app) can route the two paths to it instead of opening a second port. :class:`Mounts` puts more WSGI applications
+on such a port by path prefix (``raddraft serve`` mounts the DICOMweb ingest, ``dicom_node/stow.py``, in front of
+the worklist); ``/healthz`` and ``/metrics`` cannot be mounted over.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -86,6 +89,46 @@ def respond(settings: Settings, method: str, path: str, *, index: bool = True, d
     if details:
         answer.update(document)
     return Reply(status, JSON_TYPE, json.dumps(answer, indent=2).encode())
+
+
+# a WSGI application (PEP 3333): (environ, start_response) -> body
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+OPS_ROUTES = ("/healthz", "/metrics")
+
+
+class Mounts:
+    """A WSGI application that hands each request under a mounted path prefix to that prefix's application and
+    every other request to *fallback* (the longest matching prefix wins).
+
+    A prefix ``/dicomweb`` takes ``/dicomweb`` and ``/dicomweb/…``, not ``/dicomwebx``. The mounted application
+    sees the whole path in ``PATH_INFO`` (it is not stripped of the prefix).
+    """
+
+    def __init__(self, fallback: WSGIApp) -> None:
+        self.fallback = fallback
+        self._routes: list[tuple[str, WSGIApp]] = []
+
+    def mount(self, prefix: str, app: WSGIApp) -> None:
+        """Route the requests under *prefix* (``/name``, no trailing slash) to *app*."""
+        if not prefix.startswith("/") or prefix.endswith("/") or "?" in prefix:
+            raise ValueError(f"mount prefix {prefix!r} must start with '/' and not end with one")
+        if any(route == prefix or route.startswith(prefix + "/") for route in OPS_ROUTES):
+            raise ValueError(f"mount prefix {prefix!r} would hide {', '.join(OPS_ROUTES)}")
+        if any(mounted == prefix for mounted, _ in self._routes):
+            raise ValueError(f"mount prefix {prefix!r} is already mounted")
+        self._routes.append((prefix, app))
+        self._routes.sort(key=lambda route: len(route[0]), reverse=True)
+
+    def route(self, path: str) -> WSGIApp:
+        """The application that answers *path*."""
+        for prefix, app in self._routes:
+            if path == prefix or path.startswith(prefix + "/"):
+                return app
+        return self.fallback
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        return self.route(str(environ.get("PATH_INFO", "") or "/"))(environ, start_response)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -134,6 +134,65 @@ class HL7Destination(BaseModel):
         return f"{self.host}:{self.port}"
 
 
+_STOW_SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+STOW_TOKEN_MIN_LENGTH = 16
+
+
+class StowSource(BaseModel):
+    """A DICOMweb source allowed to STOW-RS to the gateway: its *name* (recorded as the instances' calling AE in the
+    index, and logged) and its bearer *token* (a secret: never logged, masked in any repr of the settings)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    token: SecretStr
+
+    @field_validator("name", mode="after")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _STOW_SOURCE_NAME_RE.match(value):
+            raise ValueError(f"STOW-RS source name {value!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("token", mode="after")
+    @classmethod
+    def _check_token(cls, value: SecretStr) -> SecretStr:
+        token = value.get_secret_value()
+        if len(token) < STOW_TOKEN_MIN_LENGTH or any(char.isspace() or char == "," for char in token):
+            raise ValueError(f"a STOW-RS token must be at least {STOW_TOKEN_MIN_LENGTH} characters without spaces "
+                             "or commas")
+        return value
+
+    @classmethod
+    def parse(cls, text: str) -> StowSource:
+        """``name:token`` (the token may hold ``:``); the message of a bad entry names the source, never the token."""
+        name, separator, token = text.strip().partition(":")
+        if not separator or not name.strip():
+            raise ValueError("a STOW-RS source must be written name:token")
+        return cls(name=name.strip(), token=SecretStr(token.strip()))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def read_stow_tokens_file(path: Path) -> list[StowSource]:
+    """The sources of a tokens file: one ``name token`` per line; blank lines and ``#`` comments are skipped. A bad
+    line's message names its number (and the source), never the token."""
+    sources: list[StowSource] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        words = text.split()
+        if len(words) != 2:
+            raise ValueError(f"{path} line {number}: must be 'name token' (two words)")
+        try:
+            sources.append(StowSource(name=words[0], token=SecretStr(words[1])))
+        except ValueError as exc:
+            raise ValueError(f"{path} line {number}: {exc}") from None
+    return sources
+
+
 def _split_list(value: Any) -> Any:
     """Accept a list, or a string of items separated by commas and/or whitespace."""
     if isinstance(value, str):
@@ -160,7 +219,9 @@ def _split_ae_entries(value: Any) -> Any:
 class Settings(BaseSettings):
     """Every setting of raddraft, with its default. Environment: ``RADDRAFT_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="RADDRAFT_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused value is not echoed in the message (it may hold a STOW-RS token or a broker
+    # password); every message names the setting and the rule it breaks
+    model_config = SettingsConfigDict(env_prefix="RADDRAFT_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     # --- storage --------------------------------------------------------------------------------------------
     home: Path = Field(Path("./var"), description="data directory: spool, index, broker, outbox")
@@ -236,6 +297,16 @@ class Settings(BaseSettings):
         "sign-ins are refused with HTTP 429 (no password checked) until the window has passed")
     login_address_window_s: float = Field(300.0, gt=0, description="window of login_address_max_failures")
 
+    # --- DICOMweb ingest (STOW-RS on the HTTP port, dicom_node/stow.py) ---------------------------------------
+    stow_sources: Annotated[list[StowSource], NoDecode] = Field(
+        default_factory=list, description="name:token entries separated by commas: the DICOMweb sources that may "
+        "POST /dicomweb/studies with Authorization: Bearer <token>; none here nor in stow_tokens_file: the endpoint "
+        "is off")
+    stow_tokens_file: Path | None = Field(
+        None, description="file of 'name token' lines (more sources; keeps the tokens out of the environment)")
+    stow_max_request_mb: float | None = Field(
+        None, gt=0, description="largest STOW-RS request body, MiB; empty = 4 x max_instance_mb")
+
     # --- model -----------------------------------------------------------------------------------------------
     model: str = Field("embedded", description="preset name or path to a model folder")
     inference_device: str = Field("auto", description="torch device of gpu workers: auto, cpu, cuda, cuda:1 …")
@@ -263,6 +334,36 @@ class Settings(BaseSettings):
             raise ValueError(f"reserved_associations ({self.reserved_associations}) must be less than "
                              f"max_associations ({self.max_associations})")
         return self
+
+    @model_validator(mode="after")
+    def _check_stow_sources(self) -> Settings:
+        names: set[str] = set()
+        tokens: set[str] = set()
+        for source in self.stow_credentials:
+            if source.name in names:
+                raise ValueError(f"STOW-RS source {source.name!r} is configured twice")
+            token = source.token.get_secret_value()
+            if token in tokens:
+                raise ValueError(f"STOW-RS source {source.name!r} has the token of another source")
+            names.add(source.name)
+            tokens.add(token)
+        return self
+
+    @field_validator("stow_sources", mode="before")
+    @classmethod
+    def _parse_stow_sources(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [entry for entry in re.split(r"[,\n]", value) if entry.strip()]
+        return [StowSource.parse(v) if isinstance(v, str) else v for v in value]
+
+    @field_validator("stow_tokens_file", mode="after")
+    @classmethod
+    def _check_tokens_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            if not value.is_file():
+                raise ValueError(f"file {value} does not exist")
+            read_stow_tokens_file(value)  # a bad line stops the process at start-up, not at the first request
+        return value
 
     @field_validator("ae_title", "hl7_sending_application", mode="after")
     @classmethod
@@ -296,7 +397,7 @@ class Settings(BaseSettings):
             raise ValueError(f"file {value} does not exist")
         return value
 
-    @field_validator("broker_url", "database_url", mode="before")
+    @field_validator("broker_url", "database_url", "stow_tokens_file", "stow_max_request_mb", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -318,6 +419,18 @@ class Settings(BaseSettings):
     def max_instance_bytes(self) -> int:
         """``max_instance_mb`` in bytes: the largest instance the node and the model socket take."""
         return int(self.max_instance_mb * 1024 * 1024)
+
+    @cached_property
+    def stow_credentials(self) -> list[StowSource]:
+        """Every STOW-RS source: ``stow_sources``, then those of ``stow_tokens_file``; empty: the endpoint is off."""
+        from_file = read_stow_tokens_file(self.stow_tokens_file) if self.stow_tokens_file is not None else []
+        return [*self.stow_sources, *from_file]
+
+    @property
+    def stow_max_request_bytes(self) -> int:
+        """The largest STOW-RS request body in bytes (``stow_max_request_mb``, by default 4 x max_instance_mb)."""
+        megabytes = self.stow_max_request_mb if self.stow_max_request_mb is not None else 4 * self.max_instance_mb
+        return int(megabytes * 1024 * 1024)
 
     @property
     def effective_broker_url(self) -> str:

@@ -51,8 +51,10 @@ ARRIVAL_OUTCOMES = {Arrival.NEW: "stored", Arrival.DUPLICATE: "duplicate", Arriv
 class IncomingInstance:
     """A C-STORE request as received: the encoded file (preamble, file meta, dataset) and its context.
 
-    *data*: the encoded file in memory, or the path of the file holding it (left in place: its owner, pynetdicom,
-    removes it after the C-STORE handler returns)."""
+    *data*: the encoded file in memory, or the path of the file holding it (left in place: its owner, pynetdicom
+    or the STOW-RS handler, removes it after :meth:`InstanceReceiver.receive` returns). *expected_study_uid*: the
+    study the request was addressed to (STOW-RS ``POST /dicomweb/studies/{uid}``); an instance of another study
+    is refused. None (C-STORE): any study."""
 
     data: bytes | Path
     abstract_syntax: str
@@ -60,6 +62,7 @@ class IncomingInstance:
     transfer_syntax_uid: str
     calling_ae: str
     peer_address: str
+    expected_study_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,9 @@ class InstanceReceiver:
         if sop_instance_uid != incoming.affected_sop_instance_uid:
             raise RefusedError(mismatch, f"SOP Instance UID (0008,0018) {sop_instance_uid} differs from the "
                                          f"request's Affected SOP Instance UID {incoming.affected_sop_instance_uid}")
+        if incoming.expected_study_uid is not None and study_uid != incoming.expected_study_uid:
+            raise RefusedError(mismatch, f"Study Instance UID (0020,000D) {study_uid} is not the study "
+                                         f"{incoming.expected_study_uid} the request was addressed to")
         return _Identity(str(study_uid), str(series_uid), str(sop_instance_uid), str(sop_class_uid), patient_id,
                          derived_kind(str(sop_class_uid), manufacturer))
 

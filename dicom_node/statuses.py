@@ -14,6 +14,17 @@ class StoreStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC210
 
 
+class StowFailureReason(IntEnum):
+    """Failure Reason (0008,1197) of a STOW-RS response's Failed SOP Sequence (PS3.18 10.5.3)."""
+
+    PROCESSING_FAILURE = 0x0110
+    REFERENCED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    REFERENCED_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+
+
 class EchoStatus(IntEnum):
     """C-ECHO response statuses (PS3.7 9.1.5)."""
 

@@ -18,12 +18,14 @@ import signal
 import threading
 from types import FrameType
 
+from core.http import Mounts
 from core.settings import Settings
 from dicom_node.episodes import HandoffDispatcher
 from dicom_node.index import Index
 from dicom_node.receive import InstanceReceiver
 from dicom_node.scp import DicomNode
 from dicom_node.spool import Spool
+from dicom_node.stow import STOW_PREFIX, StowApp
 from raddraft.model_socket import ModelSocketServer
 from state.store import StateStore
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure, publish_prepare
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     workers: list[InProcessWorker] = []
     in_process = settings.uses_embedded_broker and not args.no_worker
     worklist = WorklistService(settings, _question_model(settings) if in_process else None)
+    _mount_stow(worklist, settings, receiver)
     if in_process:
         # one worker for both queues: two Celery WorkControllers in one process do not consume; infer tasks take
         # a process-wide lock (workers/tasks.py), so the model runs one batch at a time in one of these threads
@@ -96,6 +99,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         store.close()
     log.info("raddraft stopped")
     return 0
+
+
+def _mount_stow(worklist: WorklistService, settings: Settings, receiver: InstanceReceiver) -> None:
+    """Put STOW-RS (``/dicomweb``) in front of the worklist on the HTTP port, if any source is configured."""
+    sources = settings.stow_credentials
+    if not sources:
+        log.info("DICOMweb ingest (STOW-RS) is off: no stow_sources or stow_tokens_file")
+        return
+    server = worklist.server.server  # the worklist's wsgiref server: its application gets the mounts in front
+    mounts = Mounts(server.get_app())
+    mounts.mount(STOW_PREFIX, StowApp(receiver, sources, settings.stow_max_request_bytes))
+    server.set_app(mounts)
+    log.info("DICOMweb ingest (STOW-RS) on %s%s/studies for %d source(s): %s", worklist.url, STOW_PREFIX,
+             len(sources), ", ".join(source.name for source in sources))
 
 
 def _republish_stranded(store: StateStore) -> None:
