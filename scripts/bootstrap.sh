@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 log() { echo "[bootstrap] $*" >&2; }
 
-apt_packages=(dcmtk orthanc dicom3tools pixelmed-apps redis-server chromium openjdk-17-jdk-headless)
+apt_packages=(dcmtk orthanc orthanc-dicomweb dicom3tools pixelmed-apps redis-server chromium openjdk-17-jdk-headless)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

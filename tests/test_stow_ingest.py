@@ -26,7 +26,6 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from node_helpers import PYDICOM_TEST_FILES, Serve, make_ct, node_settings, wait_for
-from peers import Orthanc
 from pydicom.uid import generate_uid
 
 from core.http import Mounts
@@ -36,6 +35,7 @@ from dicom_node.receive import InstanceReceiver
 from dicom_node.spool import Spool
 from dicom_node.statuses import StowFailureReason
 from dicom_node.stow import STOW_PREFIX, MultipartSplitter, RequestBody, StowApp, bearer_token
+from peers import Orthanc
 from state.store import StateStore
 from worklist.server import RunningServer
 

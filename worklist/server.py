@@ -22,8 +22,15 @@ class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     allow_reuse_address = True
 
 
+REQUEST_TIMEOUT_S = 30.0  # a client silent this long mid-request (headers or body) is disconnected
+
+
 class QuietHandler(WSGIRequestHandler):
-    """Access lines at DEBUG through logging (paths hold entry ids only, never patient data)."""
+    """Access lines at DEBUG through logging (paths hold entry ids only, never patient data); a connection that
+    stalls for :data:`REQUEST_TIMEOUT_S` (a slow-loris client, a STOW-RS upload that stops) is closed, so it
+    holds a thread and its part files no longer."""
+
+    timeout = REQUEST_TIMEOUT_S  # socketserver.StreamRequestHandler: the connection's socket timeout
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
