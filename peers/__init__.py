@@ -133,30 +133,48 @@ class _Process:
         raise NotImplementedError
 
 
+# Where Debian's orthanc-dicomweb package puts the DICOMweb plugin (scripts/bootstrap.sh installs it).
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
 class Orthanc(_Process):
-    """Orthanc from its own JSON config: no plugins, no authentication, storage and index in *workdir*.
+    """Orthanc from its own JSON config: no authentication, storage and index in *workdir*.
 
     ``dicom_port``/``http_port`` are free ports; ``aet`` is its AE title. With ``check_called_aet`` Orthanc
-    rejects associations whose called AE title is not ``aet``.
+    rejects associations whose called AE title is not ``aet``. No plugins, unless ``dicomweb``: then the DICOMweb
+    plugin (:data:`DICOMWEB_PLUGIN`) serves QIDO-RS/WADO-RS/STOW-RS under ``dicomweb_url``.
     """
 
     name = "orthanc"
     graceful_stop = False  # a clean stop takes ~3.5 s (HTTP and DICOM servers poll); its temp state is discarded
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC", check_called_aet: bool = False) -> None:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", check_called_aet: bool = False,
+                 dicomweb: bool = False) -> None:
         super().__init__(workdir)
         self.aet = aet
         self.check_called_aet = check_called_aet
+        self.dicomweb = dicomweb
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.url = f"http://{LOOPBACK}:{self.http_port}"
+        self.dicomweb_url = f"{self.url}/dicom-web"
 
     def config(self) -> dict[str, Any]:
+        if self.dicomweb and not DICOMWEB_PLUGIN.exists():
+            raise FileNotFoundError(f"{DICOMWEB_PLUGIN} is missing (apt package orthanc-dicomweb, see "
+                                    "scripts/bootstrap.sh)")
+        extra: dict[str, Any] = {}
+        if self.dicomweb:
+            # Metadata from the stored files ("Full"), so WADO-RS metadata has every attribute a viewer asks for.
+            extra["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                                 "WadoRoot": "/wado", "Ssl": False, "StudiesMetadata": "Full",
+                                 "SeriesMetadata": "Full"}
         return {
+            **extra,
             "Name": f"test-{self.dicom_port}",
             "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "index"),
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,

@@ -19,6 +19,22 @@ stated findings the AI did not localize (coded, 99RADDRAFT RD001), which boxes t
 and "(not stated in the draft text)" in the group's tracking identifier), which sentences state each box, and a
 study-level count (:func:`consistency_evaluations`). A result written before grounding, or signed, has none.
 
+How OHIF 3.13 (@ohif/app 3.13.2, checked in its bundled source) reads a group (issue 20; tests/test_ohif_sr.py):
+
+* Before hydration, the SR viewport's DICOMSRDisplay preview (extensions/cornerstone-dicom-sr/src/
+  getSopClassHandlerModule.ts, _processTID1410Measurement) labels a box with its NUM items and then the first
+  Finding Site (363698007, SCT) only: "363698007: Pleura". Nothing else in a TID 1410 group changes that text.
+* The group is rehydratable: @cornerstonejs/adapters registers the RectangleROI adapter for a SCOORD named
+  "Image Region" (111030, DCM), POLYLINE, 4 or 5 points, which is our closed box. Hydration (OHIF's "Do you want to
+  continue tracking measurements for this study?", or at once with disableConfirmationPrompts) makes each group a
+  RectangleROI measurement on the source image: hydrateStructuredReport.ts sets annotation.data.finding from the
+  Finding (121071) CODE and findingSites from the Finding Sites; its label (getLabelFromDCMJSImportedToolData)
+  comes only from a TEXT "Comment" (121106, DCM) or a CORNERSTONEJS free-text code, so it stays empty and the
+  measurement panel (useMeasurements.ts mapMeasurementToDisplay: label || finding.text || firstSite.text) shows
+  the coded finding type's meaning ("Pleural effusion"), the sites' meanings below it.
+* Laterality (a concept modifier of the Finding Site) is read by neither. A Comment would carry it into OHIF's label,
+  but PixelMed's TID 1410 has no such row ("Content Item not in template"), so the SR does not write one.
+
 Draft: COMPLETE / UNVERIFIED / PRELIMINARY. Final (after a radiologist signs): VERIFIED / FINAL, with the
 verifying observer and organization, and the draft referenced as its predecessor.
 """

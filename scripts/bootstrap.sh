@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything raddraft needs on a Debian machine: the system packages (dcmtk, Orthanc, validators,
-# Redis, Chromium) and the Python virtual environment in .venv with torch pinned to the CPU build.
+# Redis, Chromium, Orthanc's DICOMweb plugin), the Python virtual environment in .venv with torch pinned to the
+# CPU build, and the OHIF viewer's static build (tests/test_ohif_sr.py) in .cache/ohif, outside git.
 # Idempotent and quiet when nothing changed; safe to run before every command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,4 +43,21 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         log "pip install failed (full log: .venv/pip-install.log)"; exit 1
     fi
     echo "$want" > "$stamp"
+fi
+
+# The OHIF viewer's prebuilt dist/ (npm package @ohif/app ships it), for the browser test of the findings SR in
+# OHIF. Unpacked from the package tarball: no node_modules, no install scripts. Never committed (.gitignore).
+OHIF_VERSION="${RADDRAFT_OHIF_VERSION:-3.13.2}"
+ohif_dir=".cache/ohif/$OHIF_VERSION"
+if [ ! -f "$ohif_dir/dist/index.html" ]; then
+    command -v npm >/dev/null || { log "npm is required to fetch the OHIF viewer (@ohif/app@$OHIF_VERSION)"; exit 1; }
+    log "fetching the OHIF viewer @ohif/app@$OHIF_VERSION into $ohif_dir"
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' EXIT
+    (cd "$tmp" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
+    mkdir -p "$tmp/unpacked"
+    tar -xzf "$tmp"/ohif-app-*.tgz -C "$tmp/unpacked" package/dist
+    rm -rf "$ohif_dir"
+    mkdir -p "$ohif_dir"
+    mv "$tmp/unpacked/package/dist" "$ohif_dir/dist"
 fi
