@@ -102,7 +102,7 @@ def test_each_group_has_what_ohif_hydrates_from(tmp_path: Path) -> None:
     closed 5-point POLYLINE "Image Region" (the RectangleROI adapter's registered type), the coded Finding whose
     meaning OHIF shows, the Finding Sites; and no Comment, which PixelMed's TID 1410 would flag."""
     study = cr_study(tmp_path / "source")
-    sr = build_findings_sr(study.manifest, result_for(study, phantom_findings(study)), study.sources)
+    sr = build_findings_sr(study.inputs(result_for(study, phantom_findings(study))))
     [measurements] = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
     groups = list(measurements.ContentSequence)
     assert len(groups) == len(EXPECTED_LABELS)
@@ -134,7 +134,7 @@ def deliver_study_and_sr(tmp_path: Path, orthanc: Orthanc) -> tuple[Study, list[
         source.save_as(path, enforce_file_format=True)
         orthanc.upload(path)
     findings = phantom_findings(study)
-    sr = build_findings_sr(study.manifest, result_for(study, findings), study.sources)
+    sr = build_findings_sr(study.inputs(result_for(study, findings)))
     sr_path = tmp_path / "findings-sr.dcm"
     sr.save_as(sr_path, enforce_file_format=True)
     summary = send_instances(Destination(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port), [sr_path],
