@@ -1,5 +1,6 @@
 """``raddraft serve``: the DICOM node, the hand-off dispatcher, the radiologists' worklist (with ``/healthz`` and
-``/metrics``) on the HTTP port and (embedded broker) in-process io and gpu workers.
+``/metrics``) on the HTTP port and (embedded broker) in-process io and gpu workers, restarted when they die
+(``/healthz`` says not ok and ``raddraft status`` says since when once they keep dying: workers/inprocess.py).
 
 With the embedded broker (no ``broker_url``) this one command is the whole gateway: io tasks run in a thread
 pool, the model runs in a single gpu thread, and work a previous run left between two stages is published
@@ -18,7 +19,9 @@ import signal
 import threading
 from types import FrameType
 
+from core import http
 from core.http import Mounts
+from core.layout import inprocess_worker_state_path
 from core.settings import Settings
 from dicom_node.episodes import HandoffDispatcher
 from dicom_node.index import Index
@@ -70,7 +73,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if in_process:
         # one worker for both queues: two Celery WorkControllers in one process do not consume; infer tasks take
         # a process-wide lock (workers/tasks.py), so the model runs one batch at a time in one of these threads
-        workers = [InProcessWorker(app, [IO_QUEUE, GPU_QUEUE], concurrency=args.io_threads + 1)]
+        # watched (workers/inprocess.py): a dead worker is restarted, and /healthz and `raddraft status` say so
+        workers = [InProcessWorker(app, [IO_QUEUE, GPU_QUEUE], concurrency=args.io_threads + 1,
+                                   state_path=inprocess_worker_state_path(settings.home),
+                                   max_restarts=settings.inprocess_worker_max_restarts,
+                                   restart_backoff_s=settings.inprocess_worker_restart_backoff_s)]
 
     dispatcher.recover(reset_claimed=settings.uses_embedded_broker)
     if workers:
@@ -82,6 +89,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         dispatcher.start()
         for worker in workers:
             worker.start()
+            http.register_check("worker", worker.health)
         if workers:
             threading.Thread(target=_warm_model, args=(settings,), name="raddraft-model-warmup", daemon=True).start()
             model_socket = _model_socket(settings)
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         node.stop()
         dispatcher.stop()
         for worker in workers:
+            http.register_check("worker", None)
             worker.stop()
         worklist.stop()
         store.close()
