@@ -1,5 +1,6 @@
 """``raddraft serve`` as a subprocess, seen from outside (issue 21): its in-process worker killed by a real broker
-message says so on ``/healthz`` and in ``raddraft status``."""
+message says so on ``/healthz`` and in ``raddraft status``; ``/metrics`` of serve and of ``raddraft worker
+--http-port`` has the queue depths and the studies by state."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from node_helpers import Serve, make_ct, wait_for
 from pydicom.uid import generate_uid
 
 from dicom_node.statuses import StoreStatus
+from peers import RedisServer
+from peers.gateway import base_env, sample, scrape, worker
 
 
 def worklist_url(serve: Serve) -> str:
@@ -82,3 +85,48 @@ def test_a_dead_in_process_worker_fails_healthz_and_shows_in_status(tmp_path):
     assert "in-process worker died (KeyError) 2 time(s) in a row: not restarted again" in log
     assert "health check failed: worker" in log
     assert "in-process worker: stopped since " in status(home)
+
+
+def test_metrics_show_queue_depths_and_studies_by_state(tmp_path):
+    """No in-process worker: what is published stays in the embedded broker's queues and /metrics counts it."""
+    home = tmp_path / "home"
+    serve = Serve(home, "--no-worker", RADDRAFT_STUDY_IDLE_SECONDS="3600")
+    try:
+        url = worklist_url(serve)
+        assoc = serve.associate()
+        for _ in range(2):  # two studies: two episodes receiving
+            assert assoc.send_c_store(make_ct(generate_uid(), generate_uid())).Status == StoreStatus.SUCCESS
+        assoc.release()
+        with Connection(broker_url(home)) as connection:
+            for queue, count in (("io", 3), ("gpu", 2)):
+                simple = connection.SimpleQueue(queue)
+                for i in range(count):
+                    simple.put({"n": i}, serializer="json")
+                simple.close()
+        code, body = get(f"{url}/metrics")
+        assert code == 200
+        text = body.decode()
+        assert sample(text, "raddraft_queue_depth", queue="io") == 3
+        assert sample(text, "raddraft_queue_depth", queue="gpu") == 2
+        assert sample(text, "raddraft_study_episodes", state="receiving") == 2
+        assert sample(text, "raddraft_study_episodes", state="prepared") == 0
+        assert "in-process worker" not in status(home)  # --no-worker: no worker to report
+    finally:
+        code = serve.stop()
+    assert code == 0, "".join(serve.log)
+
+
+def test_an_io_worker_serves_the_queue_depths_of_redis(tmp_path, redis_server: RedisServer):
+    home = tmp_path / "home"
+    with Connection(redis_server.url) as connection:
+        simple = connection.SimpleQueue("gpu")  # no gpu worker: they wait
+        for i in range(4):
+            simple.put({"n": i}, serializer="json")
+        simple.close()
+    env = base_env(home, RADDRAFT_BROKER_URL=redis_server.url)
+    with worker("io", env, "--http-port", "0") as io:
+        status, text = scrape(io.log, "/metrics")
+    assert status == 200
+    assert sample(text, "raddraft_queue_depth", queue="gpu") == 4
+    assert sample(text, "raddraft_queue_depth", queue="io") == 0
+    assert sample(text, "raddraft_study_episodes", state="receiving") == 0  # no index yet: every state 0

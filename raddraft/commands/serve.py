@@ -19,7 +19,7 @@ import signal
 import threading
 from types import FrameType
 
-from core import http
+from core import http, metrics
 from core.http import Mounts
 from core.layout import inprocess_worker_state_path
 from core.settings import Settings
@@ -30,7 +30,7 @@ from dicom_node.scp import DicomNode
 from dicom_node.spool import Spool
 from dicom_node.stow import STOW_PREFIX, StowApp
 from raddraft.model_socket import ModelSocketServer
-from state.store import StateStore
+from state.store import StateStore, episode_state_counts
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure, publish_prepare
 from workers.inprocess import InProcessWorker
 from worklist import TASK_MODULE as WORKLIST_TASK_MODULE
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     spool.ensure()
     store = StateStore(settings.index_path)
     index = Index(store)
+    # /metrics (on the worklist port): studies by episode state from the index, queue depths from the broker
+    metrics.configure(settings, episode_state_counts(settings.index_path))
     app = configure(settings, task_modules=[WORKLIST_TASK_MODULE])  # the in-process worker runs them
     receiver = InstanceReceiver(spool, index, settings.max_instance_mb, settings.min_free_disk_mb)
     node = DicomNode(settings, receiver)
