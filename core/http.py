@@ -4,7 +4,8 @@
 ``{"status": "not ok"}`` and nothing else: paths, broker addresses and free space are for operators. With
 *details* (an admin's session on the worklist port) the document adds ``"ok": bool, "checks": {name: {"ok":
 bool, "detail": str, …}}``. Checks: the index is readable (read-only, never created), the broker answers within
-a short timeout, free disk space in ``home`` is above ``min_free_disk_mb``. ``/metrics`` is
+a short timeout, free disk space in ``home`` is above ``min_free_disk_mb``, and any check the process added with
+:func:`register_check` (``raddraft serve``: its in-process worker is alive). ``/metrics`` is
 :mod:`core.metrics` in the Prometheus text format.
 
 :func:`respond` is the whole application as a function of the path, so another server (the worklist's WSGI
@@ -37,6 +38,22 @@ REQUEST_TIMEOUT_S = 10.0
 JSON_TYPE = "application/json"
 
 
+# checks a process adds to /healthz (raddraft serve: its in-process worker), by name: each returns {"ok": bool,
+# "detail": str, …} without patient data
+HealthCheck = Callable[[], dict[str, Any]]
+_CHECKS: dict[str, HealthCheck] = {}
+_CHECKS_LOCK = threading.Lock()
+
+
+def register_check(name: str, check: HealthCheck | None) -> None:
+    """Add *check* to ``/healthz`` as *name* (None removes it); its ``ok`` False makes the answer 503."""
+    with _CHECKS_LOCK:
+        if check is None:
+            _CHECKS.pop(name, None)
+        else:
+            _CHECKS[name] = check
+
+
 @dataclass(frozen=True)
 class Reply:
     status: HTTPStatus
@@ -67,6 +84,13 @@ def health(settings: Settings, timeout: float = CHECK_TIMEOUT_S, *, index: bool 
                           "detail": f"{free:.0f} MiB free in {settings.home}, {rule} {settings.min_free_disk_mb:g} MiB"}
     except probes.ProbeError as exc:
         checks["disk"] = {"ok": False, "detail": str(exc)}
+    with _CHECKS_LOCK:
+        extra = dict(_CHECKS)
+    for name, check in extra.items():
+        try:
+            checks[name] = dict(check())
+        except Exception as exc:  # a broken check is a failed check, not a broken /healthz
+            checks[name] = {"ok": False, "detail": f"the {name} check failed: {type(exc).__name__}"}
     return {"ok": all(check["ok"] for check in checks.values()), "checks": checks}
 
 

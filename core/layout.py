@@ -34,6 +34,11 @@ def validate_uid(value: object, attribute: str) -> str:
     return value
 
 
+def inprocess_worker_state_path(home: Path) -> Path:
+    """The state of ``raddraft serve``'s in-process worker (workers/inprocess.py), read by ``raddraft status``."""
+    return home / "run" / "inprocess-worker.json"
+
+
 def manifest_path(home: Path, study_uid: str, episode_id: int) -> Path:
     """The episode's manifest, written by the prepare stage."""
     validate_uid(study_uid, "study UID")

@@ -5,7 +5,9 @@ Other modules record events with three calls: :func:`record_instance` (a DICOM i
 delivery succeeded or failed). Two gauges are read at scrape time through hooks: studies by episode state and
 the broker's queue depths. :func:`configure` installs both: the episode states from a source the caller gives (the
 state store: this module imports no stage package), the queue depths from the broker of the settings;
-:func:`set_study_state_source` / :func:`set_queue_depth_source` replace them.
+:func:`set_study_state_source` / :func:`set_queue_depth_source` replace them. ``raddraft serve`` calls it at start-up
+(its ``/metrics`` is on the worklist port), so does ``raddraft worker --http-port`` (a gpu worker, which has no
+index: the queue depths only).
 
 Who records: the DICOM receiver (every arrival: ``stored``, ``duplicate``, ``replaced``, ``rejected``), the
 Celery task signals of workers/tasks.py (every task's wall time, by the name after ``raddraft.``), the pipeline's

@@ -265,6 +265,12 @@ class Settings(BaseSettings):
     max_decode_interruptions: int = Field(
         2, ge=1, description="times decoding an episode's images may be interrupted by a dying worker (out of "
         "memory, killed) before the episode ends failed instead of taking the worker down again")
+    inprocess_worker_max_restarts: int = Field(
+        5, ge=0, description="serve: times in a row a dead in-process worker is restarted before it is left dead "
+        "(/healthz 503, raddraft status says so); a worker up for a minute starts the count again")
+    inprocess_worker_restart_backoff_s: float = Field(
+        2.0, gt=0, description="serve: pause before the first restart of a dead in-process worker; doubles with "
+        "each death in a row, at most 60 s")
     task_retry_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles with each retry")
     task_retry_backoff_max_s: float = Field(300.0, gt=0, description="longest delay between two retries")
     broker_visibility_timeout_s: float = Field(

@@ -1,5 +1,6 @@
 """``raddraft serve``: the DICOM node, the hand-off dispatcher, the radiologists' worklist (with ``/healthz`` and
-``/metrics``) on the HTTP port and (embedded broker) in-process io and gpu workers.
+``/metrics``) on the HTTP port and (embedded broker) in-process io and gpu workers, restarted when they die
+(``/healthz`` says not ok and ``raddraft status`` says since when once they keep dying: workers/inprocess.py).
 
 With the embedded broker (no ``broker_url``) this one command is the whole gateway: io tasks run in a thread
 pool, the model runs in a single gpu thread, and work a previous run left between two stages is published
@@ -18,7 +19,9 @@ import signal
 import threading
 from types import FrameType
 
+from core import http, metrics
 from core.http import Mounts
+from core.layout import inprocess_worker_state_path
 from core.settings import Settings
 from dicom_node.episodes import HandoffDispatcher
 from dicom_node.index import Index
@@ -27,7 +30,7 @@ from dicom_node.scp import DicomNode
 from dicom_node.spool import Spool
 from dicom_node.stow import STOW_PREFIX, StowApp
 from raddraft.model_socket import ModelSocketServer
-from state.store import StateStore
+from state.store import StateStore, episode_state_counts
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure, publish_prepare
 from workers.inprocess import InProcessWorker
 from worklist import TASK_MODULE as WORKLIST_TASK_MODULE
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     spool.ensure()
     store = StateStore(settings.index_path)
     index = Index(store)
+    # /metrics (on the worklist port): studies by episode state from the index, queue depths from the broker
+    metrics.configure(settings, episode_state_counts(settings.index_path))
     app = configure(settings, task_modules=[WORKLIST_TASK_MODULE])  # the in-process worker runs them
     receiver = InstanceReceiver(spool, index, settings.max_instance_mb, settings.min_free_disk_mb)
     node = DicomNode(settings, receiver)
@@ -70,7 +75,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if in_process:
         # one worker for both queues: two Celery WorkControllers in one process do not consume; infer tasks take
         # a process-wide lock (workers/tasks.py), so the model runs one batch at a time in one of these threads
-        workers = [InProcessWorker(app, [IO_QUEUE, GPU_QUEUE], concurrency=args.io_threads + 1)]
+        # watched (workers/inprocess.py): a dead worker is restarted, and /healthz and `raddraft status` say so
+        workers = [InProcessWorker(app, [IO_QUEUE, GPU_QUEUE], concurrency=args.io_threads + 1,
+                                   state_path=inprocess_worker_state_path(settings.home),
+                                   max_restarts=settings.inprocess_worker_max_restarts,
+                                   restart_backoff_s=settings.inprocess_worker_restart_backoff_s)]
 
     dispatcher.recover(reset_claimed=settings.uses_embedded_broker)
     if workers:
@@ -82,6 +91,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         dispatcher.start()
         for worker in workers:
             worker.start()
+            http.register_check("worker", worker.health)
         if workers:
             threading.Thread(target=_warm_model, args=(settings,), name="raddraft-model-warmup", daemon=True).start()
             model_socket = _model_socket(settings)
@@ -94,6 +104,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         node.stop()
         dispatcher.stop()
         for worker in workers:
+            http.register_check("worker", None)
             worker.stop()
         worklist.stop()
         store.close()

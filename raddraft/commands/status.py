@@ -1,7 +1,8 @@
 """``raddraft status [--json]``: studies with the state of each episode and their counts, the deliveries, the
 dead-letter table (tasks that failed for good; re-play them with ``raddraft retry``) and what the DICOM node
 turned away, stored once or stored without analysis (rejected presentation contexts, identical re-sends, refused
-instances, AI/derived objects)."""
+instances, AI/derived objects), and the state of ``raddraft serve``'s in-process worker (running, restarting,
+stalled, dead since …, with its restarts)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from core.layout import inprocess_worker_state_path
 from core.settings import Settings
 from dicom_node.index import Index, NodeCounter
 from reporting.outputs import episode_problems
 from state.store import StateStore
+from workers.inprocess import read_state
 
 STORED_WITHOUT_ANALYSIS = "stored_without_analysis"  # AI/derived objects: stored, no episode (dicom_node/derived.py)
 # the line of each count of the DICOM node in the text output
@@ -34,9 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect(settings: Settings) -> dict[str, Any]:
     """The status document: one entry per study episode, plus totals per state."""
+    worker = read_state(inprocess_worker_state_path(settings.home))
     if not settings.index_path.exists():
         return {"studies": [], "totals": {}, "instances": 0, "deliveries": [], "dead_letters": [],
-                "node": {name: 0 for name in COUNTER_LABELS}, "studies_without_episode": []}
+                "node": {name: 0 for name in COUNTER_LABELS}, "studies_without_episode": [],
+                "inprocess_worker": worker}
     store = StateStore(settings.index_path)
     index = Index(store)
     try:
@@ -77,6 +82,8 @@ def collect(settings: Settings) -> dict[str, Any]:
         "node": counters,
         # studies of which only AI/derived objects were received: stored, nothing to analyse
         "studies_without_episode": sorted(set(counts) - {episode.study_instance_uid for episode in episodes}),
+        # raddraft serve's in-process worker (workers/inprocess.py), None when serve never ran one here
+        "inprocess_worker": worker,
     }
 
 
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not document["studies"]:
         out.write(f"no studies in {settings.home}\n")
         _write_node_counters(out, document["node"])
+        _write_worker(out, document["inprocess_worker"])
         return 0
     out.write(f"{'STUDY INSTANCE UID':<64}  {'EP':>3}  {'STATE':<10}  {'INST':>5}  {'SER':>4}  LAST RECEIVED\n")
     for row in document["studies"]:
@@ -125,7 +133,33 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             out.write(f"  #{row['id']}  {row['task']}  {row['study_instance_uid']} episode {row['episode']}  "
                       f"{row['at']}  after {row['retries']} retry(ies): {row['error']}\n")
     _write_node_counters(out, document["node"])
+    _write_worker(out, document["inprocess_worker"])
     return 0
+
+
+def _write_worker(out: TextIO, worker: dict[str, Any] | None) -> None:
+    """One line on raddraft serve's in-process worker: running, restarting, stalled, dead since …, stopped."""
+    if worker is None:
+        return
+    state, restarts = worker.get("state"), worker.get("restarts", 0)
+    since = _iso(worker["since"]) if worker.get("since") else "?"
+    beat = f"last heartbeat {_iso(worker['heartbeat'])}" if worker.get("heartbeat") else "no heartbeat yet"
+    if state == "unknown":
+        line = f"unknown: {worker.get('error')}"
+    elif not worker["process_running"] and state != "stopped":
+        line = f"not running: the serve process {worker.get('pid')} has ended (it was {state} since {since})"
+    elif state == "dead":
+        line = (f"dead since {since} after {restarts} restart(s) ({worker.get('last_error')}); nothing is "
+                "processed until raddraft serve is restarted")
+    elif state == "restarting":
+        line = f"restarting since {since} ({worker.get('last_error')}), {restarts} restart(s)"
+    elif state == "stalled":
+        line = f"stalled since {since}: its consumer loop does not turn ({beat}), {restarts} restart(s)"
+    elif state == "stopped":
+        line = f"stopped since {since}"
+    else:
+        line = f"{state} since {since}, {beat}, {restarts} restart(s)"
+    out.write(f"in-process worker: {line}\n")
 
 
 def _write_node_counters(out: TextIO, counts: dict[str, int]) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 
+from core import metrics
 from core.http import OpsServer
 from core.settings import Settings
+from state.store import episode_state_counts
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure
 from worklist import TASK_MODULE as WORKLIST_TASK_MODULE
 
@@ -42,6 +44,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.http_port is not None:  # the counters this worker records (core/metrics.py) live in this process
         if not 0 <= args.http_port <= 65535:
             raise SystemExit(f"raddraft worker: --http-port {args.http_port} is not a TCP port (0-65535)")
+        if args.queues == GPU_QUEUE:  # no index on a gpu machine: the queue depths only
+            metrics.set_queue_depth_source(metrics.broker_depths(settings))
+        else:
+            metrics.configure(settings, episode_state_counts(settings.index_path))
         ops = OpsServer(settings.model_copy(update={"http_port": args.http_port}),
                         check_index=args.queues != GPU_QUEUE)  # a gpu worker has no index
         try:
