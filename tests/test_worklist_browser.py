@@ -20,6 +20,7 @@ from worklist_helpers import ONE_FINDING_CR, THREE_NODULES_CT, orthanc_instance,
 
 import worklist.tasks  # noqa: F401 - registers the signed-delivery tasks with the worker
 from core.result import AnalysisResult, Finding
+from core.states import DeliveryState
 from model.embedded import load_model
 from peers import wait_for
 from peers.mllp import MLLPListener
@@ -32,7 +33,7 @@ from worklist.bridge import Bridge
 from worklist.server import RunningServer
 from worklist.service import WorklistService
 from worklist.signing import SignedReport
-from worklist.storage import DeliveryState, Store
+from worklist.storage import Store
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -17,6 +17,7 @@ from worklist_helpers import (  # noqa: F401 - fixture
 )
 
 from core import metrics
+from core.states import DeliveryState
 from dicom_node.episodes import BrokerUnavailableError
 from peers import free_port
 from peers.mllp import MLLPListener
@@ -32,7 +33,7 @@ from worklist.delivery import (
     mark_dead,
 )
 from worklist.service import WorklistService
-from worklist.storage import Decision, DeliveryState, Store, StudyState
+from worklist.storage import Decision, Store, StudyState
 
 NOW = datetime(2024, 5, 2, 9, 30, tzinfo=UTC)
 

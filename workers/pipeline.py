@@ -31,7 +31,7 @@ from core.layout import analysis_path, manifest_path, request_path
 from core.manifest import StudyManifest
 from core.result import AnalysisResult
 from core.settings import Settings
-from core.states import DeliveryState, EpisodeState
+from core.states import DRAFT_OUTPUT, DeliveryState, EpisodeState
 from model import analyze
 from model.config import PRESETS, MiniGPTConfig
 from model.embedded import EMBEDDED_DIR, MINIGPT_MED_FILES
@@ -255,7 +255,7 @@ def _skip_unbuilt(store: StateStore, rows: list[Delivery], built: set[str], prob
             store.finish_delivery(key, DeliveryState.SKIPPED, clock(), reasons[row.kind] or "nothing was built",
                                   attempted=False)
             log.info("%s skipped: no %s output was built", key, row.kind)
-    return store.deliveries(rows[0].study_instance_uid, rows[0].episode_id) if rows else rows
+    return store.deliveries(rows[0].study_instance_uid, rows[0].episode_id, DRAFT_OUTPUT) if rows else rows
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ def stranded_work(store: StateStore) -> list[StrandedWork]:
         if episode.state is EpisodeState.PREPARED:
             work.append(StrandedWork("prepare", episode.study_instance_uid, episode.episode_id))
         elif episode.state is EpisodeState.REPORTED:
-            for row in store.deliveries(episode.study_instance_uid, episode.episode_id):
+            for row in store.deliveries(episode.study_instance_uid, episode.episode_id, DRAFT_OUTPUT):
                 if row.state is DeliveryState.PENDING:
                     work.append(StrandedWork(f"deliver-{row.kind}", row.study_instance_uid, row.episode_id,
                                              row.destination))

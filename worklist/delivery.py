@@ -25,6 +25,7 @@ from typing import Any
 
 from core import metrics
 from core.settings import Destination, HL7Destination, Settings
+from core.states import DeliveryState
 from dicom_node.episodes import BrokerUnavailableError
 from reporting.outputs import read_entries, read_problems
 from workers.delivery import (
@@ -37,7 +38,7 @@ from workers.delivery import (
     send_hl7_folder,
 )
 from worklist.signing import SignedReport
-from worklist.storage import DeliveryState, SignedDelivery, Store
+from worklist.storage import SignedDelivery, Store
 
 logger = logging.getLogger(__name__)
 

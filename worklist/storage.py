@@ -48,6 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateColumn
 
 from core.settings import Settings
+from core.states import DeliveryState
 from worklist.grounding import normalized, sentence_digest
 
 logger = logging.getLogger(__name__)
@@ -72,13 +73,6 @@ class Priority(StrEnum):
 
 
 PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
-
-
-class DeliveryState(StrEnum):
-    PENDING = "pending"
-    DONE = "done"
-    DEAD = "dead"  # failed for good: the dead letter in the index says how to re-play it
-    SKIPPED = "skipped"  # nothing of this kind was built for the version (the reason is in last_error)
 
 
 class Decision(StrEnum):
