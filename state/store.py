@@ -457,6 +457,19 @@ class StateStore:
             )
             return moved.rowcount == 1
 
+    def import_deliveries(self, rows: list[Delivery]) -> int:
+        """Add *rows* as they are, keeping a row of the same key that is already here (the worklist's signed
+        deliveries, copied once from the table it kept them in); returns how many were added."""
+        with self.database.transaction() as db:
+            added = 0
+            for row in rows:
+                added += db.execute(
+                    "INSERT OR IGNORE INTO deliveries (study_instance_uid, episode_id, output_set, kind, destination, "
+                    "state, attempts, created_at, done_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*row.key.sql(), str(row.state), row.attempts, row.created_at, row.done_at, row.last_error),
+                ).rowcount
+            return added
+
     def note_delivery_error(self, key: DeliveryKey, error: str) -> None:
         """Count a failed attempt that will be retried (the row stays ``pending``)."""
         with self.database.transaction() as db:
