@@ -264,10 +264,10 @@ def episode_state(home: Path, study_uid: str, episode_id: int = 1) -> str | None
     return None if episode is None else str(episode.state)
 
 
-def deliveries(home: Path, study_uid: str, episode_id: int = 1) -> list[Any]:
+def deliveries(home: Path, study_uid: str, episode_id: int = 1, output_set: str = "draft") -> list[Any]:
     store = StateStore(home / "index.sqlite")
     try:
-        return store.deliveries(study_uid, episode_id)
+        return store.deliveries(study_uid, episode_id, output_set)
     finally:
         store.close()
 

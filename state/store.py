@@ -13,7 +13,9 @@ outbox, one delivery row per destination) → ``delivered`` (every delivery done
 see the dead-letter table), or ``not-analysed`` (the analysis gate let nothing through). The next episode of a
 study waits while one is ``queued``, ``preparing`` or ``prepared`` (``IN_FLIGHT_STATES``).
 
-Deliveries: one row per (episode, kind, destination), ``pending`` → ``done`` or ``dead``. Dead letters: one row
+Deliveries: one row per (episode, output set, kind, destination), ``pending`` → ``done``, ``dead`` or ``skipped``;
+the output set is the episode's draft (``draft``, the rows that make the episode ``delivered``) or a version the
+radiologists signed on the worklist (``signed:<n>``, core/states.py). Dead letters: one row
 per task that failed for good (after its last retry, or at once for a permanent error), with the task name and
 its arguments so ``raddraft retry`` can publish it again. Task runs: one row per run of a stage and its outcome.
 """
@@ -27,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.states import DeliveryState, EpisodeState
+from core.states import DRAFT_OUTPUT, DeliveryState, EpisodeState
 from state.database import Database
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ CREATE TABLE IF NOT EXISTS task_runs (
 CREATE TABLE IF NOT EXISTS deliveries (
     study_instance_uid TEXT NOT NULL,
     episode_id         INTEGER NOT NULL,
+    output_set         TEXT NOT NULL DEFAULT 'draft',
     kind               TEXT NOT NULL,
     destination        TEXT NOT NULL,
     state              TEXT NOT NULL,
@@ -75,7 +78,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     created_at         REAL NOT NULL,
     done_at            REAL,
     last_error         TEXT,
-    PRIMARY KEY (study_instance_uid, episode_id, kind, destination)
+    PRIMARY KEY (study_instance_uid, episode_id, output_set, kind, destination)
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id                 INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -90,6 +93,17 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     replayed_at        REAL
 );
 """
+# An index.sqlite written before deliveries had an output set: SQLite cannot change a primary key in place, so
+# the table is rebuilt (create, copy, drop, rename) in the transaction that opens the store; its rows are drafts.
+_DELIVERIES_BEFORE_OUTPUT_SETS = (
+    "CREATE TABLE deliveries_with_output_set (" + _SCHEMA.split("CREATE TABLE IF NOT EXISTS deliveries (", 1)[1]
+    .split(");", 1)[0] + ")",
+    "INSERT INTO deliveries_with_output_set (study_instance_uid, episode_id, output_set, kind, destination, state, "
+    "attempts, created_at, done_at, last_error) SELECT study_instance_uid, episode_id, 'draft', kind, destination, "
+    "state, attempts, created_at, done_at, last_error FROM deliveries",
+    "DROP TABLE deliveries",
+    "ALTER TABLE deliveries_with_output_set RENAME TO deliveries",
+)
 
 
 @dataclass(frozen=True)
@@ -112,19 +126,26 @@ class Episode:
 
 @dataclass(frozen=True)
 class DeliveryKey:
-    """Which delivery: one output set of one episode to one destination (``kind`` ``dicom`` or ``hl7``)."""
+    """Which delivery: one output set (``draft``, or ``signed:<n>``) of one episode to one destination (``kind``
+    ``dicom`` or ``hl7``)."""
 
     study_instance_uid: str
     episode_id: int
     kind: str
     destination: str
+    output_set: str = DRAFT_OUTPUT
 
-    def sql(self) -> tuple[str, int, str, str]:
-        return (self.study_instance_uid, self.episode_id, self.kind, self.destination)
+    def sql(self) -> tuple[str, int, str, str, str]:
+        """The values of ``_KEY_WHERE``."""
+        return (self.study_instance_uid, self.episode_id, self.output_set, self.kind, self.destination)
 
     def __str__(self) -> str:
+        of = "" if self.output_set == DRAFT_OUTPUT else f" ({self.output_set})"
         return (f"{self.kind} delivery to {self.destination} of study {self.study_instance_uid} "
-                f"episode {self.episode_id}")
+                f"episode {self.episode_id}{of}")
+
+
+_KEY_WHERE = "study_instance_uid = ? AND episode_id = ? AND output_set = ? AND kind = ? AND destination = ?"
 
 
 @dataclass(frozen=True)
@@ -140,6 +161,11 @@ class Delivery:
     created_at: float
     done_at: float | None
     last_error: str | None
+    output_set: str = DRAFT_OUTPUT
+
+    @property
+    def key(self) -> DeliveryKey:
+        return DeliveryKey(self.study_instance_uid, self.episode_id, self.kind, self.destination, self.output_set)
 
 
 @dataclass(frozen=True)
@@ -188,6 +214,12 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         self.database = Database(path)
+        with self.database.transaction() as db:
+            columns = [row["name"] for row in db.execute("PRAGMA table_info(deliveries)")]
+            if columns and "output_set" not in columns:
+                for statement in _DELIVERIES_BEFORE_OUTPUT_SETS:
+                    db.execute(statement)
+                log.info("%s: the deliveries table has an output set now (its rows are drafts)", path)
         self.database.create(_SCHEMA)
 
     def close(self) -> None:
@@ -355,54 +387,66 @@ class StateStore:
             return cursor.rowcount == 1
 
     # --- deliveries -------------------------------------------------------------------------------------------
-    def add_deliveries(self, study_uid: str, episode_id: int, targets: list[tuple[str, str]], now: float
-                       ) -> list[Delivery]:
-        """Create the ``(kind, destination)`` delivery rows that do not exist yet; return every row of the episode."""
+    def add_deliveries(self, study_uid: str, episode_id: int, targets: list[tuple[str, str]], now: float,
+                       output_set: str = DRAFT_OUTPUT) -> list[Delivery]:
+        """Create the ``(kind, destination)`` delivery rows of *output_set* that do not exist yet; return every row
+        of the episode's *output_set*."""
         with self.database.transaction() as db:
             for kind, destination in targets:
                 db.execute(
-                    "INSERT OR IGNORE INTO deliveries (study_instance_uid, episode_id, kind, destination, state, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (study_uid, episode_id, kind, destination, DeliveryState.PENDING, now),
+                    "INSERT OR IGNORE INTO deliveries (study_instance_uid, episode_id, output_set, kind, destination, "
+                    "state, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (study_uid, episode_id, output_set, kind, destination, DeliveryState.PENDING, now),
                 )
-        return self.deliveries(study_uid, episode_id)
+        return self.deliveries(study_uid, episode_id, output_set)
 
-    def deliveries(self, study_uid: str | None = None, episode_id: int | None = None) -> list[Delivery]:
-        """Delivery rows, of one episode when *study_uid* and *episode_id* are given."""
+    def deliveries(self, study_uid: str | None = None, episode_id: int | None = None, output_set: str | None = None,
+                   *, state: DeliveryState | None = None) -> list[Delivery]:
+        """Delivery rows: of one episode when *study_uid* and *episode_id* are given, of one output set when
+        *output_set* is, in one *state* when it is."""
+        where, values = [], []
+        if study_uid is not None:
+            where.append("study_instance_uid = ? AND episode_id = ?")
+            values += [study_uid, episode_id]
+        if output_set is not None:
+            where.append("output_set = ?")
+            values.append(output_set)
+        if state is not None:
+            where.append("state = ?")
+            values.append(str(state))
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        order = "created_at, " if study_uid is None else ""
         with self.database.reading() as db:
-            if study_uid is None:
-                rows = db.execute("SELECT * FROM deliveries ORDER BY created_at, kind, destination").fetchall()
-            else:
-                rows = db.execute(
-                    "SELECT * FROM deliveries WHERE study_instance_uid = ? AND episode_id = ? "
-                    "ORDER BY kind, destination", (study_uid, episode_id)).fetchall()
+            rows = db.execute(f"SELECT * FROM deliveries {clause}ORDER BY {order}output_set, kind, destination",
+                              values).fetchall()
         return [_delivery(row) for row in rows]
 
     def delivery(self, key: DeliveryKey) -> Delivery | None:
         with self.database.reading() as db:
-            row = db.execute(
-                "SELECT * FROM deliveries WHERE study_instance_uid = ? AND episode_id = ? AND kind = ? "
-                "AND destination = ?", key.sql()).fetchone()
+            row = db.execute(f"SELECT * FROM deliveries WHERE {_KEY_WHERE}", key.sql()).fetchone()
         return None if row is None else _delivery(row)
 
     def finish_delivery(self, key: DeliveryKey, state: DeliveryState, now: float, error: str | None = None, *,
                         attempted: bool = True) -> bool:
         """Record a delivery's end (*attempted*: it ends an attempt not counted yet; a dead letter of an attempt
-        already counted by :meth:`note_delivery_error` passes False); when every delivery of a ``reported``
-        episode is done, the episode becomes ``delivered`` in the same transaction (returned True)."""
+        already counted by :meth:`note_delivery_error` passes False); when every draft delivery of a ``reported``
+        episode is done, the episode becomes ``delivered`` in the same transaction (returned True). A signed
+        version's deliveries never move the episode."""
         with self.database.transaction() as db:
             cursor = db.execute(
-                "UPDATE deliveries SET state = ?, attempts = attempts + ?, done_at = ?, last_error = ? "
-                "WHERE study_instance_uid = ? AND episode_id = ? AND kind = ? AND destination = ?",
+                f"UPDATE deliveries SET state = ?, attempts = attempts + ?, done_at = ?, last_error = ? "
+                f"WHERE {_KEY_WHERE}",
                 (state, int(attempted), now if state is DeliveryState.DONE else None, error, *key.sql()),
             )
             if cursor.rowcount != 1:
                 raise KeyError(f"{key} is not in the store")
+            if key.output_set != DRAFT_OUTPUT:
+                return False
             study_uid, episode_id = key.study_instance_uid, key.episode_id
             open_rows = db.execute(
-                "SELECT COUNT(*) FROM deliveries WHERE study_instance_uid = ? AND episode_id = ? "
+                "SELECT COUNT(*) FROM deliveries WHERE study_instance_uid = ? AND episode_id = ? AND output_set = ? "
                 "AND state NOT IN (?, ?)",
-                (study_uid, episode_id, DeliveryState.DONE, DeliveryState.SKIPPED),
+                (study_uid, episode_id, DRAFT_OUTPUT, DeliveryState.DONE, DeliveryState.SKIPPED),
             ).fetchone()[0]
             if open_rows:
                 return False
@@ -413,23 +457,30 @@ class StateStore:
             )
             return moved.rowcount == 1
 
+    def import_deliveries(self, rows: list[Delivery]) -> int:
+        """Add *rows* as they are, keeping a row of the same key that is already here (the worklist's signed
+        deliveries, copied once from the table it kept them in); returns how many were added."""
+        with self.database.transaction() as db:
+            added = 0
+            for row in rows:
+                added += db.execute(
+                    "INSERT OR IGNORE INTO deliveries (study_instance_uid, episode_id, output_set, kind, destination, "
+                    "state, attempts, created_at, done_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*row.key.sql(), str(row.state), row.attempts, row.created_at, row.done_at, row.last_error),
+                ).rowcount
+            return added
+
     def note_delivery_error(self, key: DeliveryKey, error: str) -> None:
         """Count a failed attempt that will be retried (the row stays ``pending``)."""
         with self.database.transaction() as db:
-            db.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, last_error = ? "
-                "WHERE study_instance_uid = ? AND episode_id = ? AND kind = ? AND destination = ?",
-                (error, *key.sql()),
-            )
+            db.execute(f"UPDATE deliveries SET attempts = attempts + 1, last_error = ? WHERE {_KEY_WHERE}",
+                       (error, *key.sql()))
 
     def reopen_delivery(self, key: DeliveryKey) -> None:
         """A dead delivery being re-played goes back to ``pending``."""
         with self.database.transaction() as db:
-            db.execute(
-                "UPDATE deliveries SET state = ? WHERE study_instance_uid = ? AND episode_id = ? AND kind = ? "
-                "AND destination = ? AND state = ?",
-                (DeliveryState.PENDING, *key.sql(), DeliveryState.DEAD),
-            )
+            db.execute(f"UPDATE deliveries SET state = ? WHERE {_KEY_WHERE} AND state = ?",
+                       (DeliveryState.PENDING, *key.sql(), DeliveryState.DEAD))
 
     # --- dead letters -----------------------------------------------------------------------------------------
     def add_dead_letter(self, task: str, task_id: str, args: str, *, study_uid: str, episode_id: int, error: str,

@@ -178,7 +178,7 @@ def test_delivery_dead_lettered_then_replayed_with_raddraft_retry(tmp_path, orth
 
         document = wait_for(dead_letter, timeout=TIMEOUT_S, what="a dead letter in raddraft status")
         (letter,) = document["dead_letters"]
-        assert letter["task"] == "raddraft.deliver_dicom" and letter["retries"] == 1
+        assert letter["task"] == "raddraft.deliver" and letter["retries"] == 1
         assert letter["study_instance_uid"] == truth["study_uid"] and "not reachable" in letter["error"]
         (row,) = document["deliveries"]
         assert row["state"] == "dead" and row["attempts"] == 2

@@ -94,7 +94,7 @@ def test_embedded_broker_cr_study_round_trip(tmp_path, orthanc, phantoms):
             with urllib.request.urlopen(f"{worklist.group(1)}/metrics", timeout=10) as response:
                 text = response.read().decode()
             assert sample(text, "raddraft_instances_received_total", outcome="stored") == len(phantoms.files("CR"))
-            for task in ("prepare", "infer", "report", "deliver_dicom", "deliver_hl7"):
+            for task in ("prepare", "infer", "report", "deliver"):
                 assert (sample(text, "raddraft_task_seconds_count", task=task) or 0) >= 1, task
             for kind in ("dicom", "hl7"):
                 assert (sample(text, "raddraft_deliveries_total", kind=kind, outcome="ok") or 0) >= 1, kind
@@ -117,7 +117,7 @@ def test_redis_broker_with_separate_workers_ct_study(tmp_path, orthanc, redis_se
             # each worker serves the counters of what it ran and its health
             status, text = scrape(io.log, "/metrics")
             assert status == 200
-            for task in ("prepare", "report", "deliver_dicom", "deliver_hl7"):
+            for task in ("prepare", "report", "deliver"):
                 assert (sample(text, "raddraft_task_seconds_count", task=task) or 0) >= 1, task
             for kind in ("dicom", "hl7"):
                 assert (sample(text, "raddraft_deliveries_total", kind=kind, outcome="ok") or 0) >= 1, kind

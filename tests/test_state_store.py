@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.states import DeliveryState, EpisodeState
+from core.states import DeliveryState, EpisodeState, signed_output, signed_version
 from dicom_node.index import Arrival, Index, InstanceRecord
 from state.store import IN_FLIGHT_STATES, DeliveryKey, StateStore
 
@@ -186,8 +186,11 @@ def test_an_index_written_before_the_split_opens_with_its_rows(tmp_path: Path) -
         assert index.instance("1.1").episode_id == 1
         assert index.study_counts() == {STUDY: (1, 1)}
         assert store.episode(STUDY, 1).state is EpisodeState.REPORTED
-        assert [d.destination for d in store.deliveries(STUDY, 1)] == ["PACS"]
+        assert [(d.destination, d.output_set) for d in store.deliveries(STUDY, 1)] == [("PACS", "draft")]
         assert [letter.error for letter in store.dead_letters()] == ["refused"]
+        # the rebuilt table has the output set in its key: a signed version's row beside the draft's
+        store.add_deliveries(STUDY, 1, [("dicom", "PACS")], 3.5, "signed:1")
+        assert [d.output_set for d in store.deliveries(STUDY, 1)] == ["draft", "signed:1"]
         assert store.finish_delivery(DeliveryKey(STUDY, 1, "dicom", "PACS"), DeliveryState.DONE, 4.0)
         assert store.episode(STUDY, 1).state is EpisodeState.DELIVERED
         receive(index, "1.2", received_at=5.0)  # the study sent again: episode 2, after the old file's episode 1
@@ -222,6 +225,52 @@ def test_the_last_delivery_done_delivers_the_episode_and_a_dead_letter_is_replay
     assert not store.mark_replayed(letter, 1015.0)
     assert store.dead_letters() == []
     assert [d.id for d in store.dead_letters(include_replayed=True)] == [letter]
+
+
+def test_an_index_is_migrated_once_in_one_transaction(tmp_path: Path) -> None:
+    """Opening a migrated file (every worker opens the store) changes nothing; a migration that fails half-way
+    leaves the old table as it was."""
+    path = tmp_path / "index.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+        db.execute("INSERT INTO deliveries (study_instance_uid, episode_id, kind, destination, state, attempts, "
+                   "created_at, done_at, last_error) VALUES (?, 1, 'hl7', 'RIS', 'dead', 3, 2.0, NULL, 'refused')",
+                   (STUDY,))
+        db.execute("CREATE TABLE deliveries_with_output_set (x)")  # the rebuild's CREATE TABLE fails
+    db.close()
+    with pytest.raises(sqlite3.OperationalError):
+        StateStore(path)
+    with sqlite3.connect(path) as db:
+        assert "output_set" not in [row[1] for row in db.execute("PRAGMA table_info(deliveries)")]
+        assert db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 1
+        db.execute("DROP TABLE deliveries_with_output_set")
+    db.close()
+    for _ in range(2):
+        store = StateStore(path)
+        try:
+            (row,) = store.deliveries()
+            assert (row.key, row.state, row.attempts, row.last_error) == (
+                DeliveryKey(STUDY, 1, "hl7", "RIS", "draft"), DeliveryState.DEAD, 3, "refused")
+        finally:
+            store.close()
+
+
+def test_a_signed_version_has_its_own_deliveries_that_never_move_the_episode(store: StateStore) -> None:
+    receive(Index(store), "1.1")
+    store.set_state(STUDY, 1, EpisodeState.REPORTED, 1010.0)
+    store.add_deliveries(STUDY, 1, [("dicom", "PACS")], 1010.0)
+    signed = store.add_deliveries(STUDY, 1, [("dicom", "PACS"), ("hl7", "RIS")], 1011.0, signed_output(2))
+    assert [(row.output_set, row.kind) for row in signed] == [("signed:2", "dicom"), ("signed:2", "hl7")]
+    for row in signed:
+        assert not store.finish_delivery(row.key, DeliveryState.DONE, 1012.0)  # the draft's is still pending
+    assert store.episode(STUDY, 1).state is EpisodeState.REPORTED
+    pending = [row.key for row in store.deliveries(state=DeliveryState.PENDING)]
+    assert pending == [DeliveryKey(STUDY, 1, "dicom", "PACS")]
+    assert store.finish_delivery(DeliveryKey(STUDY, 1, "dicom", "PACS"), DeliveryState.DONE, 1013.0)
+    assert [row.state for row in store.deliveries(STUDY, 1, "signed:2")] == [DeliveryState.DONE] * 2
+    assert signed_version("signed:2") == 2 and signed_version("draft") is None
+    with pytest.raises(ValueError, match="must be 'draft' or 'signed:<version>'"):
+        signed_version("signed:0")
 
 
 def test_every_episode_state_is_reached_by_the_pipeline():

@@ -20,6 +20,7 @@ from worklist_helpers import ONE_FINDING_CR, THREE_NODULES_CT, orthanc_instance,
 
 import worklist.tasks  # noqa: F401 - registers the signed-delivery tasks with the worker
 from core.result import AnalysisResult, Finding
+from core.states import DeliveryState
 from model.embedded import load_model
 from peers import wait_for
 from peers.mllp import MLLPListener
@@ -29,10 +30,11 @@ from worklist import auth
 from worklist.answerer import MiniGPTAnswerer
 from worklist.app import WorklistApp
 from worklist.bridge import Bridge
+from worklist.delivery import signed_deliveries
 from worklist.server import RunningServer
 from worklist.service import WorklistService
 from worklist.signing import SignedReport
-from worklist.storage import DeliveryState, Store
+from worklist.storage import Store
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -196,8 +198,11 @@ def test_review_edit_and_sign_in_chromium(served, orthanc, screenshots):
     assert all(str(s[11]) == "F" for s in message.segments("OBX"))
     assert not any("onsolidation" in str(s[5]) for s in message.segments("OBX"))
     assert str(message) == str(hl7.parse(report.hl7_path.read_bytes().decode("utf-8")))  # the bytes signing wrote
-    wait_for(lambda: all(r.state is DeliveryState.DONE for r in store.deliveries(entry)), timeout=30,
-             what="both deliveries done")
+    # the rows in the state store (what the study page shows); the audit lines from worklist.delivery_outcome
+    wait_for(lambda: [r.state for r in signed_deliveries(settings, report.study_uid, report.episode_id)[1]]
+             == [DeliveryState.DONE] * 2, timeout=30, what="both deliveries done")
+    wait_for(lambda: {"delivered-dicom", "delivered-hl7"} <= {e.action for e in store.audit_entries(entry)},
+             timeout=30, what="both deliveries audited")
     actions = [e.action for e in store.audit_entries(entry)]
     for action in ("view", "finding-rejected", "finding-accepted", "correct", "edit-report", "sign",
                    "delivered-dicom", "delivered-hl7"):

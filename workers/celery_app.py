@@ -27,13 +27,15 @@ TASK_PREFIX = "raddraft."
 PREPARE_TASK = f"{TASK_PREFIX}prepare"
 INFER_TASK = f"{TASK_PREFIX}infer"
 REPORT_TASK = f"{TASK_PREFIX}report"
-DELIVER_DICOM_TASK = f"{TASK_PREFIX}deliver_dicom"
-DELIVER_HL7_TASK = f"{TASK_PREFIX}deliver_hl7"
+# One delivery task for every output set and kind: [study UID, episode id, output set, kind, destination]
+# (workers/delivery.py). The names it replaced may still be in dead letters: workers/deadletter.py maps them.
+DELIVER_TASK = f"{TASK_PREFIX}deliver"
 DEAD_LETTER_TASK = f"{TASK_PREFIX}dead_letter"
 # What the pipeline tells the radiologists' worklist (workers/announce.py): tasks the worklist defines
 # (worklist/tasks.py) and the pipeline sends by name, so workers/ never imports worklist/.
 WORKLIST_DRAFT_READY_TASK = "worklist.draft_ready"
 WORKLIST_EPISODE_FAILED_TASK = "worklist.episode_failed"
+WORKLIST_DELIVERY_OUTCOME_TASK = "worklist.delivery_outcome"  # a signed version's delivery ended: its audit line
 
 IO_QUEUE = "io"
 GPU_QUEUE = "gpu"
@@ -41,11 +43,11 @@ GPU_QUEUE = "gpu"
 TASK_ROUTES: dict[str, dict[str, str]] = {
     PREPARE_TASK: {"queue": IO_QUEUE},
     REPORT_TASK: {"queue": IO_QUEUE},
-    DELIVER_DICOM_TASK: {"queue": IO_QUEUE},
-    DELIVER_HL7_TASK: {"queue": IO_QUEUE},
+    DELIVER_TASK: {"queue": IO_QUEUE},
     DEAD_LETTER_TASK: {"queue": IO_QUEUE},
     WORKLIST_DRAFT_READY_TASK: {"queue": IO_QUEUE},
     WORKLIST_EPISODE_FAILED_TASK: {"queue": IO_QUEUE},
+    WORKLIST_DELIVERY_OUTCOME_TASK: {"queue": IO_QUEUE},
     INFER_TASK: {"queue": GPU_QUEUE},
 }
 

@@ -2,11 +2,13 @@
 
 A task lands here after its last retry of a transient error, or at once for a permanent one. Recording also
 marks what the failure means for the episode: a failed ``infer`` or ``report`` makes the episode ``failed``; a
-failed delivery makes that delivery ``dead`` (the episode stays ``reported``); a failed ``prepare`` keeps the
+failed delivery makes that delivery ``dead`` (the episode stays ``reported``; a signed version's is reported to
+the worklist for its audit); a failed ``prepare`` keeps the
 state workers/prepare.py gave it. A failed ``infer`` or ``report`` is announced to the worklist
 (workers/announce.py) so the radiologists see the study failed rather than waiting for a draft. Re-playing undoes
-that mark and publishes the same task with the same arguments under a new task id; every stage is idempotent, so a
-re-played task that finds its work done exits.
+that mark and publishes the same task with the same arguments under a new task id (a delivery task of a name it
+replaced, ``raddraft.deliver_dicom`` … ``raddraft.deliver_signed_hl7``, as ``raddraft.deliver`` with its arguments
+mapped); every stage is idempotent, so a re-played task that finds its work done exits.
 """
 
 from __future__ import annotations
@@ -23,20 +25,17 @@ from core.settings import Settings
 from core.states import DeliveryState, EpisodeState
 from dicom_node.episodes import BrokerUnavailableError
 from state.store import DeadLetter, DeliveryKey, StateStore
-from workers import announce, celery_app
+from workers import announce, celery_app, delivery
 from workers.celery_app import (
-    DELIVER_DICOM_TASK,
-    DELIVER_HL7_TASK,
+    DELIVER_TASK,
     INFER_TASK,
     PREPARE_TASK,
     REPORT_TASK,
 )
-from workers.delivery import DICOM, HL7
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
-_DELIVERY_KIND = {DELIVER_DICOM_TASK: DICOM, DELIVER_HL7_TASK: HL7}
 # The state a re-played task needs to find its episode in (FAILED is undone to this).
 _REPLAY_STATE = {PREPARE_TASK: EpisodeState.QUEUED, INFER_TASK: EpisodeState.PREPARED,
                  REPORT_TASK: EpisodeState.PREPARED}
@@ -50,6 +49,23 @@ def episode_of(task_name: str, args: Sequence[Any]) -> tuple[str, int]:
     return str(args[0]), int(args[1])
 
 
+def delivery_of(task_name: str, args: Sequence[Any]) -> DeliveryKey | None:
+    """The delivery a task of *task_name* with *args* does (a name it replaced too); None for another task."""
+    if task_name != DELIVER_TASK and task_name not in delivery.LEGACY_TASKS:
+        return None
+    try:
+        return delivery.key_of_args(args, task_name)
+    except (delivery.DeliveryError, ValueError, TypeError):
+        return None
+
+
+def current_task(task_name: str, args: list[Any]) -> tuple[str, list[Any]]:
+    """The task to publish for a dead letter of *task_name* with *args*: a delivery task of a name it replaced
+    becomes ``raddraft.deliver``; any other stays as it is."""
+    key = delivery_of(task_name, args) if task_name in delivery.LEGACY_TASKS else None
+    return (task_name, args) if key is None else (DELIVER_TASK, delivery.task_args(key))
+
+
 def record(settings: Settings, task_name: str, task_id: str, args: Sequence[Any], *, error: str, retries: int,
            clock: Callable[[], float] = time.time, publish: announce.Publisher | None = None) -> int:
     """Add a dead letter and mark the episode or delivery it concerns; returns the dead letter's id. A failed
@@ -61,11 +77,11 @@ def record(settings: Settings, task_name: str, task_id: str, args: Sequence[Any]
     try:
         letter_id = store.add_dead_letter(task_name, task_id, json.dumps(list(args)), study_uid=study_uid,
                                           episode_id=episode_id, error=error, retries=retries, now=clock())
-        kind = _DELIVERY_KIND.get(task_name)
-        if kind is not None:
-            key = DeliveryKey(study_uid, episode_id, kind, str(args[2]))
+        key = delivery_of(task_name, args)
+        if key is not None:
             if store.delivery(key) is not None:
                 store.finish_delivery(key, DeliveryState.DEAD, clock(), error, attempted=False)
+                delivery.report_outcome(key, DeliveryState.DEAD, error, publish or celery_app.publish)
         elif task_name in (INFER_TASK, REPORT_TASK) and store.episode(study_uid, episode_id) is not None:
             stage = task_name.rsplit(".", 1)[-1]
             store.set_state(study_uid, episode_id, EpisodeState.FAILED, clock(), error=f"{stage}: {error}",
@@ -112,20 +128,20 @@ def replay(settings: Settings, ids: Sequence[int] | None, publish: Publisher,
             letter = pending[letter_id]
             _undo_mark(store, letter, clock())
             task_id = f"{letter.task_id.split('~replay', 1)[0]}~replay{letter.id}"
-            publish(letter.task, json.loads(letter.args), task_id)
+            task_name, args = current_task(letter.task, json.loads(letter.args))
+            publish(task_name, args, task_id)
             store.mark_replayed(letter.id, clock())
             log.info("dead letter #%d re-played as task %s", letter.id, task_id)
-            done.append(Replayed(letter.id, letter.task, task_id))
+            done.append(Replayed(letter.id, task_name, task_id))
         return done
     finally:
         store.close()
 
 
 def _undo_mark(store: StateStore, letter: DeadLetter, now: float) -> None:
-    kind = _DELIVERY_KIND.get(letter.task)
-    if kind is not None:
-        args = json.loads(letter.args)
-        store.reopen_delivery(DeliveryKey(letter.study_instance_uid, letter.episode_id, kind, str(args[2])))
+    key = delivery_of(letter.task, json.loads(letter.args))
+    if key is not None:
+        store.reopen_delivery(key)
         return
     target = _REPLAY_STATE.get(letter.task)
     if target is not None:

@@ -31,7 +31,7 @@ from core.layout import analysis_path, manifest_path, request_path
 from core.manifest import StudyManifest
 from core.result import AnalysisResult
 from core.settings import Settings
-from core.states import DeliveryState, EpisodeState
+from core.states import DRAFT_OUTPUT, DeliveryState, EpisodeState
 from model import analyze
 from model.config import PRESETS, MiniGPTConfig
 from model.embedded import EMBEDDED_DIR, MINIGPT_MED_FILES
@@ -255,35 +255,50 @@ def _skip_unbuilt(store: StateStore, rows: list[Delivery], built: set[str], prob
             store.finish_delivery(key, DeliveryState.SKIPPED, clock(), reasons[row.kind] or "nothing was built",
                                   attempted=False)
             log.info("%s skipped: no %s output was built", key, row.kind)
-    return store.deliveries(rows[0].study_instance_uid, rows[0].episode_id) if rows else rows
+    return store.deliveries(rows[0].study_instance_uid, rows[0].episode_id, DRAFT_OUTPUT) if rows else rows
 
 
 @dataclass(frozen=True)
 class StrandedWork:
-    """A stage to publish again after a restart: ``stage`` is ``prepare``, ``deliver-<kind>``, or an announcement
-    to the worklist no worklist task consumed (``worklist-draft``, ``worklist-failure`` with its ``reason``)."""
+    """A stage to publish again after a restart: ``stage`` is ``prepare``, ``deliver-<kind>`` (of ``output_set``:
+    the draft, or a signed version), or an announcement to the worklist no worklist task consumed
+    (``worklist-draft``, ``worklist-failure`` with its ``reason``)."""
 
     stage: str
     study_uid: str
     episode_id: int
     destination: str | None = None
     reason: str | None = None
+    output_set: str = DRAFT_OUTPUT
+
+    @property
+    def delivery(self) -> DeliveryKey | None:
+        """The delivery a ``deliver-<kind>`` stage publishes."""
+        if not self.stage.startswith("deliver-") or self.destination is None:
+            return None
+        return DeliveryKey(self.study_uid, self.episode_id, self.stage.removeprefix("deliver-"), self.destination,
+                           self.output_set)
 
 
 def stranded_work(store: StateStore) -> list[StrandedWork]:
     """Work a previous run left between stages: prepared episodes (their infer or report message was lost; the
-    prepare stage re-publishes infer), pending deliveries of reported episodes, and announcements to the worklist
-    still pending (workers/announce.py). Use it only where a lost message is possible and no other worker still
-    holds it (the embedded broker with in-process workers); a duplicate announcement is harmless."""
+    prepare stage re-publishes infer), pending draft deliveries of reported episodes and pending deliveries of
+    signed versions, and announcements to the worklist still pending (workers/announce.py). Use it only where a
+    lost message is possible and no other worker still holds it (the embedded broker with in-process workers); a
+    duplicate announcement is harmless."""
     work: list[StrandedWork] = []
     for episode in store.episodes():
         if episode.state is EpisodeState.PREPARED:
             work.append(StrandedWork("prepare", episode.study_instance_uid, episode.episode_id))
         elif episode.state is EpisodeState.REPORTED:
-            for row in store.deliveries(episode.study_instance_uid, episode.episode_id):
+            for row in store.deliveries(episode.study_instance_uid, episode.episode_id, DRAFT_OUTPUT):
                 if row.state is DeliveryState.PENDING:
                     work.append(StrandedWork(f"deliver-{row.kind}", row.study_instance_uid, row.episode_id,
                                              row.destination))
+    for row in store.deliveries(state=DeliveryState.PENDING):
+        if row.output_set != DRAFT_OUTPUT:
+            work.append(StrandedWork(f"deliver-{row.kind}", row.study_instance_uid, row.episode_id, row.destination,
+                                     output_set=row.output_set))
     for notice in announce.unconsumed(store):
         if notice.run == announce.DRAFT_RUN:
             work.append(StrandedWork(notice.run, notice.study_uid, notice.episode_id))

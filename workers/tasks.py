@@ -23,17 +23,16 @@ from celery.signals import task_postrun, task_prerun
 
 from core import metrics
 from core.layout import manifest_path
-from core.settings import Destination, HL7Destination, Settings
-from core.states import DeliveryState, EpisodeState
+from core.settings import Settings
+from core.states import EpisodeState
 from dicom_node.episodes import BrokerUnavailableError
 from model.payload import InferenceRequest, InferenceResponse
-from state.store import DeliveryKey, StateStore
+from state.store import StateStore
 from workers import announce, deadletter, delivery, pipeline
 from workers.batching import MicroBatcher
 from workers.celery_app import (
     DEAD_LETTER_TASK,
-    DELIVER_DICOM_TASK,
-    DELIVER_HL7_TASK,
+    DELIVER_TASK,
     INFER_TASK,
     PREPARE_TASK,
     REPORT_TASK,
@@ -207,52 +206,25 @@ def report(self: PipelineTask, response_message: dict[str, Any]) -> None:
         if outcome is None:
             return
         for key in outcome.deliveries:
-            name = DELIVER_DICOM_TASK if key.kind == delivery.DICOM else DELIVER_HL7_TASK
-            publish(name, [key.study_instance_uid, key.episode_id, key.destination],
-                    task_id(f"deliver-{key.kind}", key.study_instance_uid, key.episode_id, key.destination))
+            publish(DELIVER_TASK, delivery.task_args(key), delivery.task_id(key))
     except BrokerUnavailableError as exc:
         self.retry_transient(exc)
 
 
-def _deliver(task: PipelineTask, key: DeliveryKey, send: Any) -> bool:
+@app.task(name=DELIVER_TASK, base=PipelineTask, bind=True)
+def deliver(self: PipelineTask, study_uid: str, episode_id: int, output_set: str, kind: str,  # noqa: PLR0917
+            destination: str) -> bool:
+    """Send one output set of one episode (the draft, or a signed version) to one destination: C-STORE (done only
+    on Success statuses) or MLLP (done only on AA or CA). The work is :func:`workers.delivery.run`."""
     settings = current_settings()
+    key = delivery.key_of_args([study_uid, episode_id, output_set, kind, destination])
     store = StateStore(settings.index_path)
     try:
-        row = store.delivery(key)
-        if row is None:
-            raise pipeline.StageError(f"{key} is not in the index (the report stage did not create it)")
-        if row.state is DeliveryState.DONE:
-            log.info("%s is already done; duplicate ignored", key)
-            return False
-        try:
-            send(settings)
-        except Exception as exc:
-            metrics.record_delivery(key.kind, ok=False)
-            store.note_delivery_error(key, str(exc))  # every attempt is counted; a permanent error is re-raised
-            if isinstance(exc, delivery.TransientDeliveryError):
-                task.retry_transient(exc)
-            raise
-        metrics.record_delivery(key.kind, ok=True)  # the attempt succeeded, as the worklist's deliveries count
-        store.finish_delivery(key, DeliveryState.DONE, time.time())
-        return True
+        return delivery.run(settings, store, key, publish)
+    except delivery.TransientDeliveryError as exc:
+        self.retry_transient(exc)
     finally:
         store.close()
-
-
-@app.task(name=DELIVER_DICOM_TASK, base=PipelineTask, bind=True)
-def deliver_dicom(self: PipelineTask, study_uid: str, episode_id: int, destination: str) -> bool:
-    """C-STORE the episode's SR, narrative and GSPS to one destination; done only on Success statuses."""
-    target = Destination.parse(destination)
-    key = DeliveryKey(study_uid, episode_id, delivery.DICOM, destination)
-    return _deliver(self, key, lambda settings: delivery.deliver_dicom(settings, study_uid, episode_id, target))
-
-
-@app.task(name=DELIVER_HL7_TASK, base=PipelineTask, bind=True)
-def deliver_hl7(self: PipelineTask, study_uid: str, episode_id: int, destination: str) -> bool:
-    """Send the episode's ORU^R01 to one MLLP destination; done only on an AA (or CA) acknowledgement."""
-    target = HL7Destination.parse(destination)
-    key = DeliveryKey(study_uid, episode_id, delivery.HL7, destination)
-    return _deliver(self, key, lambda settings: delivery.deliver_hl7(settings, study_uid, episode_id, target))
 
 
 @app.task(name=DEAD_LETTER_TASK, acks_late=True, reject_on_worker_lost=True)
@@ -274,9 +246,10 @@ def republish(work: pipeline.StrandedWork, send: announce.Publisher = publish) -
         send(WORKLIST_EPISODE_FAILED_TASK, [work.study_uid, work.episode_id, work.reason or "failed"],
              task_id(work.stage, work.study_uid, work.episode_id, "again"))
         return
-    name = DELIVER_DICOM_TASK if work.stage == f"deliver-{delivery.DICOM}" else DELIVER_HL7_TASK
-    send(name, [work.study_uid, work.episode_id, work.destination],
-         task_id(work.stage, work.study_uid, work.episode_id, work.destination or ""))
+    key = work.delivery
+    if key is None:
+        raise ValueError(f"stranded work {work} is no stage that can be published")
+    send(DELIVER_TASK, delivery.task_args(key), delivery.task_id(key))
 
 
 def republish_stranded(store: StateStore) -> list[pipeline.StrandedWork]:

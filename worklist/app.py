@@ -25,6 +25,7 @@ from reporting.outputs import episode_problems
 from worklist import auth
 from worklist.bridge import Bridge, ModelUnavailableError
 from worklist.correction import apply_correction
+from worklist.delivery import signed_deliveries
 from worklist.grounding import GroundedDraft, GroundedSentence, ground_draft, is_grounded, normalized, replace_sentence
 from worklist.render import PngCache
 from worklist.signing import SignConflictError, SignError
@@ -297,10 +298,10 @@ class WorklistApp:
             })
         info = manifest.study
         versions = self.store.versions(study.id)
-        deliveries: dict[int, list[dict[str, Any]]] = {}
-        for row in self.store.deliveries(study.id):
-            deliveries.setdefault(row.version, []).append({"kind": row.kind, "destination": row.destination,
-                                                           "state": row.state.value, "attempts": row.attempts})
+        deliveries = {version: [{"kind": row.kind, "destination": row.destination, "state": row.state.value,
+                                 "attempts": row.attempts} for row in rows]
+                      for version, rows in signed_deliveries(self.bridge.settings, study.study_uid,
+                                                             study.episode_id).items()}
         radiologist = session.user.role == "radiologist"
         claimant = study.claimant
         others = claimant is not None and claimant != session.user.username

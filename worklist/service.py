@@ -3,7 +3,7 @@ the signed-delivery callback, and the HTTP server on ``http_bind:http_port`` tha
 ``/metrics``.
 
     service = WorklistService(settings)   # after workers.celery_app.configure(settings)
-    service.start()                       # re-publishes pending signed deliveries, then listens
+    service.start()                       # moves old signed deliveries, re-publishes pending ones, listens
     ...
     service.stop()
 """
@@ -17,7 +17,7 @@ from core.settings import Settings
 from dicom_node.episodes import BrokerUnavailableError
 from worklist.app import DEFAULT_REFRESH_MS, WorklistApp
 from worklist.bridge import Bridge, QuestionModel
-from worklist.delivery import Publisher, SignedDeliveryQueue, celery_publish
+from worklist.delivery import Publisher, SignedDeliveryQueue, celery_publish, import_worklist_deliveries
 from worklist.server import RunningServer
 from worklist.storage import Store
 
@@ -47,7 +47,9 @@ class WorklistService:
         return self.server.url
 
     def start(self, republish: bool = True) -> WorklistService:
-        """*republish*: publish the pending deliveries of signed reports again (their messages may be lost)."""
+        """Copy the signed deliveries of the old ``worklist_deliveries`` table into the state store (idempotent);
+        *republish*: publish the pending deliveries of signed reports again (their messages may be lost)."""
+        import_worklist_deliveries(self.settings, self.store)
         if republish:
             try:
                 self.deliveries.republish_pending()

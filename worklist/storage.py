@@ -74,13 +74,6 @@ class Priority(StrEnum):
 PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
 
 
-class DeliveryState(StrEnum):
-    PENDING = "pending"
-    DONE = "done"
-    DEAD = "dead"  # failed for good: the dead letter in the index says how to re-play it
-    SKIPPED = "skipped"  # nothing of this kind was built for the version (the reason is in last_error)
-
-
 class Decision(StrEnum):
     PENDING = "pending"
     ACCEPTED = "accepted"
@@ -190,7 +183,8 @@ report_versions = Table(
     UniqueConstraint("study_id", "version", name="uq_worklist_report_version"),
 )
 
-# one row per (signed version, destination): the durable record of what the io queue still has to deliver
+# one row per (signed version, destination): where signed deliveries were kept before the state store's
+# ``deliveries`` had them (index.sqlite); read only to copy them there (worklist/delivery.py), never written
 signed_deliveries = Table(
     "worklist_deliveries", metadata,
     Column("study_id", Integer, ForeignKey("worklist_studies.id"), primary_key=True),
@@ -331,19 +325,6 @@ class ReportVersion:
     output_dir: str
     sr_uid: str
     narrative_uid: str
-
-
-@dataclass(frozen=True)
-class SignedDelivery:
-    """One signed version to one destination (``kind`` ``dicom`` or ``hl7``)."""
-
-    study_id: int
-    version: int
-    kind: str
-    destination: str
-    state: DeliveryState
-    attempts: int
-    last_error: str
 
 
 @dataclass(frozen=True)
@@ -762,60 +743,17 @@ class Store:
                                   signed_at=_utc(row["signed_at"]), output_dir=row["output_dir"],
                                   sr_uid=row["sr_uid"], narrative_uid=row["narrative_uid"]) for row in rows]
 
-    # ------------------------------------------------------------------ deliveries of signed versions
+    # ------------------------------------------------------------------ deliveries of signed versions (old table)
 
-    def add_deliveries(self, study_id: int, version: int, targets: list[tuple[str, str]], now: datetime
-                       ) -> list[SignedDelivery]:
-        """Create the missing ``(kind, destination)`` rows of a signed version; return all its rows."""
+    def legacy_deliveries(self) -> list[dict[str, Any]]:
+        """The rows of ``worklist_deliveries``, where signed deliveries were kept before the state store's
+        ``deliveries`` had them (worklist/delivery.py copies them there at start-up); times in UTC."""
         with self._tx() as conn:
-            existing = {(row.kind, row.destination) for row in conn.execute(
-                select(signed_deliveries.c.kind, signed_deliveries.c.destination).where(
-                    signed_deliveries.c.study_id == study_id, signed_deliveries.c.version == version))}
-            for kind, destination in targets:
-                if (kind, destination) not in existing:
-                    conn.execute(insert(signed_deliveries).values(
-                        study_id=study_id, version=version, kind=kind, destination=destination,
-                        state=DeliveryState.PENDING.value, attempts=0, last_error="", created_at=now))
-                    existing.add((kind, destination))
-        return self.deliveries(study_id, version)
-
-    def deliveries(self, study_id: int | None = None, version: int | None = None,
-                   state: DeliveryState | None = None) -> list[SignedDelivery]:
-        query = select(signed_deliveries).order_by(signed_deliveries.c.study_id, signed_deliveries.c.version,
-                                                   signed_deliveries.c.kind, signed_deliveries.c.destination)
-        if study_id is not None:
-            query = query.where(signed_deliveries.c.study_id == study_id)
-        if version is not None:
-            query = query.where(signed_deliveries.c.version == version)
-        if state is not None:
-            query = query.where(signed_deliveries.c.state == state.value)
-        with self._tx() as conn:
-            return [SignedDelivery(row["study_id"], row["version"], row["kind"], row["destination"],
-                                   DeliveryState(row["state"]), row["attempts"], row["last_error"])
-                    for row in conn.execute(query).mappings()]
-
-    def finish_delivery(self, key: SignedDelivery, state: DeliveryState, now: datetime, error: str = "", *,
-                        audit: tuple[str, str, str]) -> None:
-        """Record the end of a delivery (done, or dead with its error), counting the attempt, and its audit entry
-        *audit* (username, action, detail) in the same transaction: a reader that sees the row finished sees the
-        entry too, and a crash leaves neither."""
-        username, action, detail = audit
-        with self._tx() as conn:
-            self._update_delivery(conn, key, state=state.value, done_at=now, last_error=error,
-                                  attempts=signed_deliveries.c.attempts + 1)
-            self._insert_audit(conn, username, action, key.study_id, detail, now=now)
-
-    def note_delivery_error(self, key: SignedDelivery, error: str) -> None:
-        """Count a failed attempt that will be retried (the row stays pending)."""
-        with self._tx() as conn:
-            self._update_delivery(conn, key, last_error=error, attempts=signed_deliveries.c.attempts + 1)
-
-    @staticmethod
-    def _update_delivery(conn: Connection, key: SignedDelivery, **values: Any) -> None:
-        conn.execute(update(signed_deliveries).where(
-            signed_deliveries.c.study_id == key.study_id, signed_deliveries.c.version == key.version,
-            signed_deliveries.c.kind == key.kind, signed_deliveries.c.destination == key.destination,
-        ).values(**values))
+            rows = conn.execute(select(signed_deliveries).order_by(
+                signed_deliveries.c.study_id, signed_deliveries.c.version, signed_deliveries.c.kind,
+                signed_deliveries.c.destination)).mappings().all()
+        return [{**row, "created_at": _utc(row["created_at"]),
+                 "done_at": None if row["done_at"] is None else _utc(row["done_at"])} for row in rows]
 
     # ------------------------------------------------------------------ audit
 

@@ -1,12 +1,15 @@
-"""The worklist's io-queue Celery tasks: drafts and failures in (sent by the pipeline by name), signed reports out.
+"""The worklist's io-queue Celery tasks, sent by the pipeline by name: drafts and failures in, and how the
+deliveries of signed reports ended.
 
 * ``worklist.draft_ready(study_uid, episode_id)``: the report stage wrote the episode's draft (its manifest and
   ``analysis.json``); put it on the worklist (:meth:`worklist.bridge.Bridge.register_draft`).
 * ``worklist.episode_failed(study_uid, episode_id, reason)``: the episode failed for good (the prepare stage, or
   the dead letter of ``infer``/``report``); show it failed with *reason* (no patient data), unless a re-played
   stage has reported it since (the state store says ``reported``/``delivered``).
-* ``raddraft.deliver_signed_dicom`` / ``raddraft.deliver_signed_hl7``: the work is
-  ``worklist.delivery.deliver_signed``; the worklist row of a delivery that fails for good becomes ``dead``.
+* ``worklist.delivery_outcome(study_uid, episode_id, output_set, kind, destination, state, detail)``: the
+  pipeline's delivery task (or its dead letter) ended a signed version's delivery ``done``, ``skipped`` or
+  ``dead``; write the audit line (``worklist.delivery.audit_outcome``). The deliveries themselves are the
+  pipeline's (``raddraft.deliver``, workers/delivery.py), their rows in the state store.
 
 Registration is idempotent; each task records what it did in the state store (workers/announce.py) so that an
 announcement nobody consumed is sent again with the stranded work. They share the pipeline's base task
@@ -24,24 +27,24 @@ import threading
 import time
 from typing import Any
 
-from billiard.einfo import ExceptionInfo
 from sqlalchemy.exc import OperationalError as DatabaseUnavailableError
 
 from core.layout import analysis_path, manifest_path
 from core.settings import Settings
+from core.states import DeliveryState
 from state.store import StateStore
 from workers import announce
-from workers.celery_app import WORKLIST_DRAFT_READY_TASK, WORKLIST_EPISODE_FAILED_TASK, app, current_settings
-from workers.delivery import DICOM, HL7, TransientDeliveryError
+from workers.celery_app import (
+    WORKLIST_DELIVERY_OUTCOME_TASK,
+    WORKLIST_DRAFT_READY_TASK,
+    WORKLIST_EPISODE_FAILED_TASK,
+    app,
+    current_settings,
+)
+from workers.delivery import key_of_args
 from workers.tasks import TRANSIENT_ERRORS, PipelineTask
 from worklist.bridge import Bridge
-from worklist.delivery import (
-    DELIVER_SIGNED_DICOM_TASK,
-    DELIVER_SIGNED_HL7_TASK,
-    SignedTarget,
-    deliver_signed,
-    mark_dead,
-)
+from worklist.delivery import audit_outcome
 from worklist.storage import Store
 
 log = logging.getLogger(__name__)
@@ -63,43 +66,6 @@ def _store() -> Store:
         if key not in _stores:
             _stores[key] = Store.from_settings(settings)
         return _stores[key]
-
-
-class SignedDeliveryTask(PipelineTask):
-    kind = ""
-
-    def run_delivery(self, *args: Any) -> bool:
-        try:
-            return deliver_signed(current_settings(), _store(), SignedTarget.from_task_args(self.kind, args))
-        except TransientDeliveryError as exc:
-            self.retry_transient(exc)
-
-    def on_failure(self, exc: Exception, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   einfo: ExceptionInfo) -> None:
-        super().on_failure(exc, task_id, args, kwargs, einfo)
-        mark_dead(_store(), SignedTarget.from_task_args(self.kind, args), f"{type(exc).__name__}: {exc}")
-
-
-class DicomDeliveryTask(SignedDeliveryTask):
-    kind = DICOM
-
-
-class HL7DeliveryTask(SignedDeliveryTask):
-    kind = HL7
-
-
-@app.task(name=DELIVER_SIGNED_DICOM_TASK, base=DicomDeliveryTask, bind=True)
-def deliver_signed_dicom(self: DicomDeliveryTask, study_uid: str, episode_id: int, version: int,
-                         destination: str) -> bool:
-    """C-STORE the final SR, narrative SR and GSPS of one signed version to one destination."""
-    return self.run_delivery(study_uid, episode_id, version, destination)
-
-
-@app.task(name=DELIVER_SIGNED_HL7_TASK, base=HL7DeliveryTask, bind=True)
-def deliver_signed_hl7(self: HL7DeliveryTask, study_uid: str, episode_id: int, version: int,
-                       destination: str) -> bool:
-    """Send the final ORU (F, or C for an amendment) of one signed version to one MLLP destination."""
-    return self.run_delivery(study_uid, episode_id, version, destination)
 
 
 # ---------------------------------------------------------------------------------------------- drafts and failures in
@@ -168,3 +134,14 @@ def draft_ready(self: AnnouncementTask, study_uid: str, episode_id: int) -> int 
 def episode_failed(self: AnnouncementTask, study_uid: str, episode_id: int, reason: str) -> int | None:
     """Show an episode that failed for good, with the reason the pipeline gave (no patient data)."""
     return self.register(study_uid, episode_id, reason)
+
+
+@app.task(name=WORKLIST_DELIVERY_OUTCOME_TASK, base=PipelineTask, bind=True)
+def delivery_outcome(self: PipelineTask, study_uid: str, episode_id: int, output_set: str, kind: str,  # noqa: PLR0917
+                     destination: str, state: str, detail: str) -> bool:
+    """Write the audit line of a signed version's delivery that ended (sent by workers/delivery.py)."""
+    key = key_of_args([study_uid, episode_id, output_set, kind, destination])
+    try:
+        return audit_outcome(_store(), key, DeliveryState(state), detail)
+    except TRANSIENT_REGISTRATION_ERRORS as exc:
+        self.retry_transient(exc)

@@ -1,7 +1,9 @@
 """``raddraft retry ID… | --all | --stranded``: publish dead-lettered tasks again (their ids are in ``raddraft
 status``), or with ``--stranded`` every stage left between two tasks: episodes still ``prepared`` (their infer or
-report message was lost, e.g. by a broker stopped the instant it handed the message over) and pending deliveries
-of reported episodes. Every task is idempotent, so a stage that was in fact still running only runs twice."""
+report message was lost, e.g. by a broker stopped the instant it handed the message over), pending draft deliveries
+of reported episodes and pending deliveries of signed versions. A dead letter of a delivery task name that
+``raddraft.deliver`` replaced is re-played as ``raddraft.deliver`` (workers/deadletter.py). Every task is
+idempotent, so a stage that was in fact still running only runs twice."""
 
 from __future__ import annotations
 
