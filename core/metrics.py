@@ -68,7 +68,7 @@ def record_instance(outcome: str) -> None:
 
 
 def observe_task(name: str, seconds: float) -> None:
-    """A pipeline task (``prepare``, ``infer``, ``report``, ``deliver_dicom`` …) took *seconds*."""
+    """A pipeline task (``prepare``, ``infer``, ``report``, ``deliver`` …) took *seconds*."""
     if seconds < 0:
         raise ValueError(f"task duration {seconds} must not be negative")
     TASK_SECONDS.labels(task=_label(name, "task")).observe(seconds)

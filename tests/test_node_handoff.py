@@ -238,3 +238,18 @@ def test_status_json_lists_episodes(pipeline, capsys):
     document = json.loads(capsys.readouterr().out)
     (row,) = [r for r in document["studies"] if r["study_instance_uid"] == study]
     assert row["state"] == "prepared" and row["study_instances"] == 1 and row["handed_off"]
+
+
+def test_status_names_the_signed_version_of_an_unfinished_delivery(pipeline, capsys):
+    node = pipeline
+    study = generate_uid()
+    send(node, [make_ct(study)])
+    wait_for(lambda: state(node.store, study, 1) == EpisodeState.PREPARED, timeout=30, what="prepared")
+    node.store.add_deliveries(study, 1, [("hl7", "127.0.0.1:2575")], time.time())
+    node.store.add_deliveries(study, 1, [("hl7", "127.0.0.1:2575")], time.time(), output_set="signed:1")
+    args = type("Args", (), {"json": False})()
+    assert status.run(args, node.settings) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("delivery pending")]
+    assert sorted(lines) == sorted([
+        f"delivery pending: hl7 to 127.0.0.1:2575 of {study} episode 1 after 0 attempt(s)",
+        f"delivery pending: hl7 (signed version 1) to 127.0.0.1:2575 of {study} episode 1 after 0 attempt(s)"])

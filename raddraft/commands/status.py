@@ -74,8 +74,8 @@ def collect(settings: Settings) -> dict[str, Any]:
     return {
         "studies": rows, "totals": dict(sorted(totals.items())), "instances": total_instances,
         "deliveries": [{"study_instance_uid": d.study_instance_uid, "episode": d.episode_id, "kind": d.kind,
-                        "destination": d.destination, "state": str(d.state), "attempts": d.attempts,
-                        "error": d.last_error} for d in deliveries],
+                        "output_set": d.output_set, "destination": d.destination, "state": str(d.state),
+                        "attempts": d.attempts, "error": d.last_error} for d in deliveries],
         "dead_letters": [{"id": d.id, "task": d.task, "task_id": d.task_id, "study_instance_uid": d.study_instance_uid,
                           "episode": d.episode_id, "retries": d.retries, "error": d.error,
                           "at": _iso(d.at)} for d in dead_letters],
@@ -124,8 +124,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if skipped:
         out.write(f"{len(skipped)} delivery(ies) skipped: nothing of that kind was built (see the outputs above)\n")
     for row in unfinished:
-        out.write(f"delivery {row['state']}: {row['kind']} to {row['destination']} of {row['study_instance_uid']} "
-                  f"episode {row['episode']} after {row['attempts']} attempt(s)"
+        which = "" if row["output_set"] == "draft" else f" ({row['output_set'].replace(':', ' version ')})"
+        out.write(f"delivery {row['state']}: {row['kind']}{which} to {row['destination']} of "
+                  f"{row['study_instance_uid']} episode {row['episode']} after {row['attempts']} attempt(s)"
                   + (f" ({row['error']})" if row["error"] else "") + "\n")
     if document["dead_letters"]:
         out.write(f"{len(document['dead_letters'])} dead letter(s) (re-play with 'raddraft retry ID' or --all):\n")
