@@ -22,11 +22,13 @@ from test_pipeline_gate import _prepared
 
 from core.layout import analysis_path, manifest_path, request_path
 from core.result import ModelIdentity
+from core.settings import Destination
 from core.states import EpisodeState
 from model import analyze
 from model.payload import InferenceRequest, InferenceResponse, TaskOutput
+from peers import StoreSCP
 from state.store import StateStore
-from workers import pipeline
+from workers import delivery, pipeline
 
 IDENTITY = ModelIdentity(name="test", version="test", parameters={})
 _WATCH: list[Counter[str]] = []  # the counters of the reads being watched (an audit hook cannot be removed)
@@ -120,3 +122,28 @@ def test_the_report_stage_reads_each_file_once(tmp_path: Path) -> None:
     assert max(_home_reads(again, tmp_path).values()) == 1, _home_reads(again, tmp_path).most_common(3)
     assert [(e.path, e.sop_instance_uid) for e in rerun.entries] == [
         (e.path, e.sop_instance_uid) for e in outcome.entries]  # idempotent: the same UIDs
+
+
+def test_the_delivery_stage_reads_the_outbox_index_and_each_output_once(tmp_path: Path) -> None:
+    """A draft SR set sent to a real dcmtk storescp: the index once, each DICOM output at most twice (pynetdicom's
+    SCU reads a file's header to propose its context, then sends the file), nothing else of the home."""
+    settings, study = _prepared(tmp_path, ["CT_small.dcm"])
+    with StoreSCP(tmp_path / "storescp") as scp:
+        settings = settings.model_copy(update={"dicom_destinations": [
+            Destination(ae_title="STORESCP", host="127.0.0.1", port=scp.port)]})
+        request = pipeline.prepare_request(settings, study, 1)
+        outcome = pipeline.report_episode(settings, _response(request), publish=lambda *_: None)
+        assert outcome is not None
+        store = StateStore(settings.index_path)
+        try:
+            [row] = [d for d in store.deliveries(study, 1) if d.kind == "dicom"]
+            with counting_reads() as reads:
+                assert delivery.run(settings, store, row.key, publish=lambda *_: None)
+        finally:
+            store.close()
+    home = _home_reads(reads, settings.home)
+    index = outcome.entries[0].path.parent / "outbox.json"
+    assert home.pop(str(index)) == 1
+    sent = {str(entry.path) for entry in outcome.entries if entry.delivery == "dicom"}
+    assert set(home) - sent <= {str(settings.index_path)}, home  # only the outputs (and the state database)
+    assert all(home[path] <= 2 for path in sent), home

@@ -122,12 +122,14 @@ def folder_of(settings: Settings, key: DeliveryKey) -> tuple[Path, OutputSet]:
     return version_dir(settings.outbox_dir, key.study_instance_uid, key.episode_id, version), OutputSet.FINAL
 
 
-def unbuilt_reason(folder: Path, output_set: OutputSet, kind: str) -> str | None:
+def unbuilt_reason(folder: Path, output_set: OutputSet, kind: str,
+                   entries: Sequence[OutboxEntry] | None = None) -> str | None:
     """Why *folder*'s *output_set* has nothing of *kind* to send (the outputs its index records as not built), or
     None when it has something, or was never written, or its index cannot be read (sending raises the permanent
-    error)."""
+    error). *entries*: the set's index as the caller read it (read here when not given)."""
     try:
-        entries = read_entries(folder, signed=output_set is OutputSet.FINAL)
+        if entries is None:
+            entries = read_entries(folder, signed=output_set is OutputSet.FINAL)
         if not entries or any(entry.delivery == kind for entry in entries):
             return None
         problems = read_problems(folder, signed=output_set is OutputSet.FINAL)
@@ -138,15 +140,15 @@ def unbuilt_reason(folder: Path, output_set: OutputSet, kind: str) -> str | None
     return reason or f"no {'DICOM output' if kind == DICOM else 'ORU'} was built"
 
 
-def send(settings: Settings, key: DeliveryKey) -> str:
-    """Send *key*'s output set to its destination; what was done, for the log and the audit. Raises
-    :class:`DeliveryError` (transient or permanent)."""
+def send(settings: Settings, key: DeliveryKey, entries: Sequence[OutboxEntry] | None = None) -> str:
+    """Send *key*'s output set to its destination (*entries*: its index, read here when not given); what was done,
+    for the log and the audit. Raises :class:`DeliveryError` (transient or permanent)."""
     folder, output_set = folder_of(settings, key)
     if key.kind == DICOM:
-        summary = send_dicom_folder(settings, folder, Destination.parse(key.destination), output_set)
+        summary = send_dicom_folder(settings, folder, Destination.parse(key.destination), output_set, entries)
         detail = f"{len(summary.results)} object(s) stored"
     else:
-        ack = send_hl7_folder(settings, folder, HL7Destination.parse(key.destination), output_set)
+        ack = send_hl7_folder(settings, folder, HL7Destination.parse(key.destination), output_set, entries)
         detail = f"ORU {ack.control_id} {ack.code}"
     log.info("%s: %s", key, detail)
     return detail
@@ -167,14 +169,18 @@ def run(settings: Settings, store: StateStore, key: DeliveryKey, publish: Publis
         log.info("%s is already %s; duplicate ignored", key, row.state)
         return False
     folder, output_set = folder_of(settings, key)
-    reason = unbuilt_reason(folder, output_set, key.kind)
+    try:  # the set's index, read once for the whole stage
+        entries: list[OutboxEntry] | None = read_entries(folder, signed=output_set is OutputSet.FINAL)
+    except (OSError, ValueError):
+        entries = None  # sending reads it again and raises the permanent error with its reason
+    reason = unbuilt_reason(folder, output_set, key.kind, entries)
     if reason is not None:
         store.finish_delivery(key, DeliveryState.SKIPPED, clock(), reason[:MAX_ERROR_CHARS], attempted=False)
         log.info("%s skipped: %s", key, reason)
         report_outcome(key, DeliveryState.SKIPPED, reason, publish)
         return False
     try:
-        detail = send(settings, key)
+        detail = send(settings, key, entries)
     except Exception as exc:
         metrics.record_delivery(key.kind, ok=False)
         store.note_delivery_error(key, str(exc)[:MAX_ERROR_CHARS])
@@ -199,7 +205,8 @@ def report_outcome(key: DeliveryKey, state: DeliveryState, detail: str, publish:
         log.warning("%s ended %s; the worklist's audit misses it (broker refused: %s)", key, state, exc)
 
 
-def dicom_outputs(folder: Path, output_set: OutputSet = OutputSet.DRAFT) -> list[Path]:
+def dicom_outputs(folder: Path, output_set: OutputSet = OutputSet.DRAFT,
+                  entries: Sequence[OutboxEntry] | None = None) -> list[Path]:
     """The DICOM files of one output set in *folder* as its outbox index lists them (reporting/outputs.py): SR,
     narrative SR, then the GSPS in order, those the report stage could build (it records the others). A file
     the index does not list (a GSPS left by an earlier run that built more) is never sent.
@@ -207,22 +214,26 @@ def dicom_outputs(folder: Path, output_set: OutputSet = OutputSet.DRAFT) -> list
     Raises :class:`PermanentDeliveryError` when there is none (the report stage has not run, or built none), or
     the index is unreadable.
     """
-    files = [entry.path for entry in _entries(folder, output_set) if entry.delivery == DICOM]
+    files = [entry.path for entry in _entries(folder, output_set, entries) if entry.delivery == DICOM]
     if not files:
         raise PermanentDeliveryError(f"outbox folder {folder} has no DICOM output of the {output_set.value} set: "
                                      "the report stage has not written it, or could build none")
     return files
 
 
-def hl7_output(folder: Path, output_set: OutputSet = OutputSet.DRAFT) -> bytes:
-    paths = [entry.path for entry in _entries(folder, output_set) if entry.delivery == HL7]
+def hl7_output(folder: Path, output_set: OutputSet = OutputSet.DRAFT,
+               entries: Sequence[OutboxEntry] | None = None) -> bytes:
+    paths = [entry.path for entry in _entries(folder, output_set, entries) if entry.delivery == HL7]
     if not paths:
         raise PermanentDeliveryError(f"outbox folder {folder} has no ORU: the report stage has not written the "
                                      f"{output_set.value} set, or could not build it")
     return paths[0].read_bytes()
 
 
-def _entries(folder: Path, output_set: OutputSet) -> list[OutboxEntry]:
+def _entries(folder: Path, output_set: OutputSet, entries: Sequence[OutboxEntry] | None = None
+             ) -> Sequence[OutboxEntry]:
+    if entries is not None:
+        return entries
     try:
         return read_entries(folder, signed=output_set is OutputSet.FINAL)
     except (OSError, ValueError) as exc:  # OutboxIndexError is a ValueError; a torn index is a JSON ValueError
@@ -230,10 +241,11 @@ def _entries(folder: Path, output_set: OutputSet) -> list[OutboxEntry]:
 
 
 def send_dicom_folder(settings: Settings, folder: Path, destination: Destination,
-                      output_set: OutputSet = OutputSet.DRAFT) -> SendSummary:
+                      output_set: OutputSet = OutputSet.DRAFT, entries: Sequence[OutboxEntry] | None = None
+                      ) -> SendSummary:
     """C-STORE the DICOM outputs of *output_set* in *folder* (an episode's, or an amendment's); the summary when
     every one got a Success status, else a transient (no status, Out of Resources) or permanent error."""
-    files = dicom_outputs(folder, output_set)
+    files = dicom_outputs(folder, output_set, entries)
     try:
         summary = send_instances(destination, files, calling_ae_title=settings.ae_title,
                                  connection_timeout_s=min(DICOM_CONNECT_TIMEOUT_S, settings.network_timeout_s),
@@ -259,9 +271,9 @@ def send_dicom_folder(settings: Settings, folder: Path, destination: Destination
 
 
 def send_hl7_folder(settings: Settings, folder: Path, destination: HL7Destination,
-                    output_set: OutputSet = OutputSet.DRAFT) -> Ack:
+                    output_set: OutputSet = OutputSet.DRAFT, entries: Sequence[OutboxEntry] | None = None) -> Ack:
     """Send the ORU of *output_set* in *folder* to *destination*; the ACK when it is AA (or CA)."""
-    message = hl7_output(folder, output_set)
+    message = hl7_output(folder, output_set, entries)
     try:
         ack = deliver(message, destination, settings)
     except MLLPError as exc:
