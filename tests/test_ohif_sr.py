@@ -44,7 +44,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader", "-
                  "--ignore-gpu-blocklist", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 README_IMAGE = Path(__file__).resolve().parent.parent / "docs" / "images" / "ohif-findings.png"
-LOAD_TIMEOUT_MS = 120_000
+LOAD_TIMEOUT_MS = 90_000
+LOAD_ATTEMPTS = 2
 BOX_TOLERANCE_PX = 0.5
 
 
@@ -156,15 +157,21 @@ def test_ohif_draws_each_finding_on_its_box_and_labels_it(tmp_path: Path, pacs: 
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
             page.on("pageerror", lambda error: console.append(f"pageerror: {error}"))
-            page.goto(f"{ohif.url}/viewer?StudyInstanceUIDs={study_uid}", timeout=LOAD_TIMEOUT_MS)
-            try:
-                page.wait_for_function(SHOW_SR, arg=sr_series, timeout=LOAD_TIMEOUT_MS, polling=500)
-                page.wait_for_function(f"() => window.services.measurementService.getMeasurements().length >= "
-                                       f"{len(findings)}", timeout=LOAD_TIMEOUT_MS, polling=500)
-            except Exception:
-                page.screenshot(path=str(tmp_path / "ohif-failed.png"))
-                logger.error("OHIF console:\n%s\nrequests: %s", "\n".join(console[-80:]), ohif.requests[-40:])
-                raise
+            # OHIF occasionally misses an SR put into the viewport while it is still loading the study (seen once
+            # in six runs on a loaded machine): one fresh load of the page, then the failure is real
+            for attempt in range(1, LOAD_ATTEMPTS + 1):
+                page.goto(f"{ohif.url}/viewer?StudyInstanceUIDs={study_uid}", timeout=LOAD_TIMEOUT_MS)
+                try:
+                    page.wait_for_function(SHOW_SR, arg=sr_series, timeout=LOAD_TIMEOUT_MS, polling=500)
+                    page.wait_for_function(f"() => window.services.measurementService.getMeasurements().length >= "
+                                           f"{len(findings)}", timeout=LOAD_TIMEOUT_MS, polling=500)
+                    break
+                except Exception:
+                    page.screenshot(path=str(tmp_path / f"ohif-failed-{attempt}.png"))
+                    logger.error("OHIF load %d: console:\n%s\nrequests: %s", attempt, "\n".join(console[-80:]),
+                                 ohif.requests[-40:])
+                    if attempt == LOAD_ATTEMPTS:
+                        raise
             measurements = page.evaluate(READ_MEASUREMENTS)
             logger.info("OHIF measurements: %s", json.dumps(measurements, indent=1))
             skip_tour = page.get_by_text("Skip all", exact=True)
