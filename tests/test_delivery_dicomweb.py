@@ -25,8 +25,11 @@ from test_stow_ingest import TOKEN, gateway
 from core.settings import Settings, load_settings, normalize_dicomweb_url, read_dicomweb_auth_file
 from core.states import DeliveryState
 from peers import DICOMWEB_PLUGIN, Orthanc, free_port
+from raddraft.commands import status
 from state.store import Delivery, StateStore
-from workers import delivery, pipeline
+from workers import deadletter, delivery, pipeline
+from workers.celery_app import DELIVER_TASK
+from worklist.delivery import delivery_targets
 
 pytestmark = pytest.mark.skipif(not DICOMWEB_PLUGIN.exists(), reason="Orthanc's DICOMweb plugin is not installed")
 
@@ -52,7 +55,7 @@ def updated(settings: Settings, **changes: Any) -> Settings:
 def dicomweb_row(settings: Settings, study: str) -> Delivery:
     store = StateStore(settings.index_path)
     try:
-        [row] = [d for d in store.deliveries(study, 1) if d.kind == delivery.DICOMWEB]
+        [row] = [d for d in store.deliveries(study, 1) if d.kind == delivery.DICOMWEB and d.output_set == "draft"]
     finally:
         store.close()
     return row
@@ -280,3 +283,30 @@ def test_url_normalization():
     assert normalize_dicomweb_url(" https://PACS.example:443/dicom-web/ ") == "https://PACS.example:443/dicom-web"
     with pytest.raises(ValueError, match=r"not a valid URL|out of range"):
         normalize_dicomweb_url("https://pacs.example:99999/dw")
+
+
+# --- the other ends: signing's targets, raddraft status, dead letters ------------------------------------------
+def test_dicomweb_rows_in_signing_status_and_dead_letters(tmp_path, capsys):
+    url = "https://pacs.example/dicom-web"
+    settings, study, _ = reported(tmp_path, dicomweb_destinations=[url + "/"])
+    assert (delivery.DICOMWEB, url) in delivery_targets(settings)  # a signed version gets a row too
+    store = StateStore(settings.index_path)
+    try:
+        store.add_deliveries(study, 1, delivery_targets(settings), 0.0, output_set="signed:1")
+    finally:
+        store.close()
+    args = type("Args", (), {"json": False})()
+    assert status.run(args, settings) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("delivery pending")]
+    assert sorted(lines) == sorted([
+        f"delivery pending: dicomweb to {url} of {study} episode 1 after 0 attempt(s)",
+        f"delivery pending: dicomweb (signed version 1) to {url} of {study} episode 1 after 0 attempt(s)"])
+    key = dicomweb_row(settings, study).key
+    assert deadletter.delivery_of(DELIVER_TASK, delivery.task_args(key)) == key
+    letter = deadletter.record(settings, DELIVER_TASK, delivery.task_id(key), delivery.task_args(key),
+                               error="refused", retries=0, publish=lambda *_: None)
+    assert dicomweb_row(settings, study).state is DeliveryState.DEAD
+    published: list[tuple[str, list[Any], str]] = []
+    deadletter.replay(settings, [letter], lambda *sent: published.append(sent))
+    assert [name for name, _, _ in published] == [DELIVER_TASK] and published[0][1] == delivery.task_args(key)
+    assert dicomweb_row(settings, study).state is DeliveryState.PENDING
