@@ -35,7 +35,7 @@ from core.states import EpisodeState
 
 log = logging.getLogger(__name__)
 
-DeliveryKind = Literal["dicom", "hl7"]
+DeliveryKind = Literal["dicom", "dicomweb", "hl7"]
 StateSource = Callable[[], Mapping[str, int]]
 DepthSource = Callable[[], Mapping[str, int]]
 
@@ -51,7 +51,8 @@ INSTANCES = Counter("raddraft_instances_received", "DICOM instances received, by
                     "replaced, rejected …)", ["outcome"], registry=REGISTRY)
 TASK_SECONDS = Histogram("raddraft_task_seconds", "Wall time of pipeline tasks, by task name", ["task"],
                          buckets=TASK_BUCKETS, registry=REGISTRY)
-DELIVERIES = Counter("raddraft_deliveries", "Result deliveries, by kind (dicom, hl7) and outcome (ok, failed)",
+DELIVERIES = Counter("raddraft_deliveries",
+                     "Result deliveries, by kind (dicom, dicomweb, hl7) and outcome (ok, failed)",
                      ["kind", "outcome"], registry=REGISTRY)
 
 
@@ -76,8 +77,8 @@ def observe_task(name: str, seconds: float) -> None:
 
 def record_delivery(kind: DeliveryKind, ok: bool) -> None:
     """One delivery of results over DICOM or HL7 ended."""
-    if kind not in ("dicom", "hl7"):
-        raise ValueError(f"delivery kind {kind!r} must be 'dicom' or 'hl7'")
+    if kind not in ("dicom", "dicomweb", "hl7"):
+        raise ValueError(f"delivery kind {kind!r} must be 'dicom', 'dicomweb' or 'hl7'")
     DELIVERIES.labels(kind=kind, outcome="ok" if ok else "failed").inc()
 
 

@@ -13,6 +13,7 @@ import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -132,6 +133,83 @@ class HL7Destination(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def normalize_dicomweb_url(text: str) -> str:
+    """A DICOMweb (STOW-RS) base URL as destinations and delivery rows hold it: ``http(s)://host[:port]/path``
+    without a trailing slash. Raises ``ValueError`` for another scheme, no host, credentials, a query or a
+    fragment (credentials go in ``dicomweb_auth_file`` or ``dicomweb_bearer_token``, never in the URL list)."""
+    url = text.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"DICOMweb destination {_url_for_message(url)!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"DICOMweb destination {_url_for_message(url)!r} must be written http(s)://host[:port]/path")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"DICOMweb destination {_url_for_message(url)!r} must not hold credentials: give them in "
+                         "dicomweb_auth_file or dicomweb_bearer_token")
+    if parts.query or parts.fragment:
+        raise ValueError(f"DICOMweb destination {_url_for_message(url)!r} must have no query or fragment")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"DICOMweb destination {_url_for_message(url)!r}: port {port} out of range")
+    return url
+
+
+def _url_for_message(url: str) -> str:
+    """*url* without whatever stands before an ``@`` of its authority (it may be a password), nor its query and
+    fragment (they may hold a token)."""
+    for mark in ("?", "#"):
+        if mark in url:
+            url = url.split(mark, 1)[0] + mark + "…"
+    scheme, separator, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "…@" + authority.rsplit("@", 1)[1]
+    return f"{scheme}{separator}{authority}{slash}{path}" if separator else ("…" if "@" in url else url)
+
+
+class DicomWebAuth(BaseModel):
+    """The credentials of one DICOMweb destination: HTTP basic (*username*, *secret* the password) or a bearer
+    token (*secret*). The secret is a :class:`SecretStr`: masked in any repr, never logged."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: Literal["basic", "bearer"]
+    secret: SecretStr
+    username: str | None = None
+
+    def __str__(self) -> str:
+        return f"basic {self.username}" if self.scheme == "basic" else "bearer"
+
+
+def read_dicomweb_auth_file(path: Path) -> dict[str, DicomWebAuth]:
+    """The credentials of a DICOMweb auth file, by normalized base URL: lines ``URL basic USER PASSWORD`` or
+    ``URL bearer TOKEN``; blank lines and ``#`` comments are skipped. A bad line's message names its number
+    (and the URL), never the secret."""
+    credentials: dict[str, DicomWebAuth] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        words = text.split()
+        try:
+            url = normalize_dicomweb_url(words[0])
+        except ValueError as exc:
+            raise ValueError(f"{path} line {number}: {exc}") from None
+        scheme = words[1].lower() if len(words) > 1 else ""
+        if scheme == "basic" and len(words) == 4:
+            auth = DicomWebAuth(scheme="basic", username=words[2], secret=SecretStr(words[3]))
+        elif scheme == "bearer" and len(words) == 3:
+            auth = DicomWebAuth(scheme="bearer", secret=SecretStr(words[2]))
+        else:
+            raise ValueError(f"{path} line {number}: must be 'URL basic USER PASSWORD' or 'URL bearer TOKEN' "
+                             f"(for {url})")
+        if url in credentials:
+            raise ValueError(f"{path} line {number}: {url} has credentials on an earlier line")
+        credentials[url] = auth
+    return credentials
 
 
 _STOW_SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -280,6 +358,20 @@ class Settings(BaseSettings):
     # --- delivery --------------------------------------------------------------------------------------------
     dicom_destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     hl7_destinations: Annotated[list[HL7Destination], NoDecode] = Field(default_factory=list)
+    dicomweb_destinations: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="DICOMweb STOW-RS base URLs (https://pacs.example/dicom-web) separated by "
+        "commas; the DICOM outputs are POSTed to <URL>/studies. No credentials here")
+    dicomweb_auth_file: Path | None = Field(
+        None, description="file of 'URL basic USER PASSWORD' or 'URL bearer TOKEN' lines: the credentials of "
+        "each DICOMweb destination (secrets, never logged)")
+    dicomweb_bearer_token: SecretStr | None = Field(
+        None, description="bearer token sent to every DICOMweb destination that has no line in dicomweb_auth_file")
+    dicomweb_ca_bundle: Path | None = Field(
+        None, description="PEM CA bundle that verifies the DICOMweb destinations' certificates; empty = the "
+        "system's (certifi's) CAs")
+    dicomweb_insecure: bool = Field(
+        False, description="true: do not verify the DICOMweb destinations' TLS certificates (logged as a warning "
+        "at every delivery); never the default")
     hl7_sending_application: str = "RADDRAFT"
     hl7_sending_facility: str = "RADDRAFT"
     hl7_receiving_application: str = "RIS"
@@ -391,19 +483,44 @@ class Settings(BaseSettings):
     def _parse_hl7_destinations(cls, value: Any) -> Any:
         return [HL7Destination.parse(v) if isinstance(v, str) else v for v in _split_list(value)]
 
+    @field_validator("dicomweb_destinations", mode="before")
+    @classmethod
+    def _parse_dicomweb_destinations(cls, value: Any) -> Any:
+        urls = [normalize_dicomweb_url(str(v)) for v in _split_list(value)]
+        if len(set(urls)) != len(urls):
+            raise ValueError("a DICOMweb destination is listed twice")
+        return urls
+
+    @field_validator("dicomweb_auth_file", mode="after")
+    @classmethod
+    def _check_auth_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            if not value.is_file():
+                raise ValueError(f"file {value} does not exist")
+            read_dicomweb_auth_file(value)  # a bad line stops the process at start-up, not at the first delivery
+        return value
+
+    @field_validator("dicomweb_bearer_token", mode="after")
+    @classmethod
+    def _check_bearer_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and any(char.isspace() for char in value.get_secret_value()):
+            raise ValueError("dicomweb_bearer_token must not contain spaces")
+        return value
+
     @field_validator("analysis_modalities", "analysis_excluded_image_types", "analysis_body_parts", mode="before")
     @classmethod
     def _parse_words(cls, value: Any) -> Any:
         return [str(v).strip().upper() for v in _split_list(value) if str(v).strip()]
 
-    @field_validator("tls_certificate", "tls_private_key", "tls_client_ca", mode="after")
+    @field_validator("tls_certificate", "tls_private_key", "tls_client_ca", "dicomweb_ca_bundle", mode="after")
     @classmethod
     def _check_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"file {value} does not exist")
         return value
 
-    @field_validator("broker_url", "database_url", "stow_tokens_file", "stow_max_request_mb", mode="before")
+    @field_validator("broker_url", "database_url", "stow_tokens_file", "stow_max_request_mb", "dicomweb_auth_file",
+                     "dicomweb_bearer_token", "dicomweb_ca_bundle", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -431,6 +548,19 @@ class Settings(BaseSettings):
         """Every STOW-RS source: ``stow_sources``, then those of ``stow_tokens_file``; empty: the endpoint is off."""
         from_file = read_stow_tokens_file(self.stow_tokens_file) if self.stow_tokens_file is not None else []
         return [*self.stow_sources, *from_file]
+
+    @cached_property
+    def dicomweb_credentials(self) -> dict[str, DicomWebAuth]:
+        """The credentials of ``dicomweb_auth_file`` by base URL (empty without the file)."""
+        return read_dicomweb_auth_file(self.dicomweb_auth_file) if self.dicomweb_auth_file is not None else {}
+
+    def dicomweb_auth(self, url: str) -> DicomWebAuth | None:
+        """The credentials of DICOMweb destination *url*: its line in ``dicomweb_auth_file``, else
+        ``dicomweb_bearer_token``, else None (no Authorization header)."""
+        auth = self.dicomweb_credentials.get(normalize_dicomweb_url(url))
+        if auth is None and self.dicomweb_bearer_token is not None:
+            auth = DicomWebAuth(scheme="bearer", secret=self.dicomweb_bearer_token)
+        return auth
 
     @property
     def stow_max_request_bytes(self) -> int:

@@ -9,6 +9,7 @@ none of them (the import contracts in pyproject.toml).
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import socket
@@ -142,16 +143,19 @@ class Orthanc(_Process):
 
     ``dicom_port``/``http_port`` are free ports; ``aet`` is its AE title. With ``check_called_aet`` Orthanc
     rejects associations whose called AE title is not ``aet``. No plugins, unless ``dicomweb``: then the DICOMweb
-    plugin (:data:`DICOMWEB_PLUGIN`) serves QIDO-RS/WADO-RS/STOW-RS under ``dicomweb_url``.
+    plugin (:data:`DICOMWEB_PLUGIN`) serves QIDO-RS/WADO-RS/STOW-RS under ``dicomweb_url``. With ``users``
+    (name → password) its HTTP server requires HTTP basic authentication (``RegisteredUsers``) for every request,
+    the DICOMweb ones included; :meth:`request` signs in as the first user.
     """
 
     name = "orthanc"
     graceful_stop = False  # a clean stop takes ~3.5 s (HTTP and DICOM servers poll); its temp state is discarded
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC", check_called_aet: bool = False,
-                 dicomweb: bool = False) -> None:
+                 dicomweb: bool = False, users: dict[str, str] | None = None) -> None:
         super().__init__(workdir)
         self.aet = aet
+        self.users = dict(users or {})
         self.check_called_aet = check_called_aet
         self.dicomweb = dicomweb
         self.dicom_port = free_port()
@@ -178,7 +182,8 @@ class Orthanc(_Process):
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomServerEnabled": True,
             "DicomAet": self.aet,
             "DicomPort": self.dicom_port,
@@ -202,6 +207,9 @@ class Orthanc(_Process):
         text. HTTP errors raise ``urllib.error.HTTPError``."""
         data = json.dumps(body).encode() if isinstance(body, dict) else body.encode() if isinstance(body, str) else body
         req = urllib.request.Request(self.url + path, data=data, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         with urllib.request.urlopen(req, timeout=60) as response:
             payload = response.read()
             content_type = response.headers.get_content_type()

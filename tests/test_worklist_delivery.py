@@ -233,7 +233,7 @@ def test_a_delivery_of_an_unknown_version_or_kind_is_permanent(tmp_path, databas
     try:
         with pytest.raises(PermanentDeliveryError, match=r"is not in the index"):
             _run(settings, Broker(), [draft.phantom.study_uid, 1, "signed:3", "dicom", "PACS@127.0.0.1:104"])
-        with pytest.raises(PermanentDeliveryError, match="must be 'dicom' or 'hl7'"):
+        with pytest.raises(PermanentDeliveryError, match="must be 'dicom', 'dicomweb' or 'hl7'"):
             key_of_args(["1.2.3", 1, "signed:1", "fax", "x"])
         with pytest.raises(PermanentDeliveryError, match="must be 'draft' or 'signed:<version>'"):
             key_of_args(["1.2.3", 1, "final", "hl7", "x"])

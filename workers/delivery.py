@@ -1,4 +1,5 @@
-"""Deliver one output set of one study episode to one destination: DICOM with C-STORE, HL7 with MLLP.
+"""Deliver one output set of one study episode to one destination: DICOM with C-STORE or DICOMweb STOW-RS, HL7
+with MLLP.
 
 One runner for every output set: the draft the report stage wrote (``draft``: the episode's outbox folder) and a
 version the radiologists signed on the worklist (``signed:<n>``: its final set, in the episode's folder for the
@@ -8,7 +9,9 @@ arguments are IDs only: :func:`task_args` ``[study UID, episode id, output set, 
 
 The files are read from the outbox exactly as the report stage (or signing) wrote them, so a retried delivery
 resends the same SR (same UIDs) and the same ORU (same MSH-10), never a different one. A DICOM delivery is done
-only when every object got a Success status; an HL7 delivery only when the peer answered AA (or CA).
+only when every object got a Success status; a DICOMweb delivery only when the STOW-RS response (HTTP 200) lists
+every instance sent in its Referenced SOP Sequence and none in a Failed SOP Sequence (a partial 202 is a failure);
+an HL7 delivery only when the peer answered AA (or CA).
 
 Errors are sorted for the retry policy: :class:`TransientDeliveryError` (the peer is down, busy, timed out or
 closed the connection: a later retry may succeed) and :class:`PermanentDeliveryError` (rejected, refused, or
@@ -24,9 +27,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from dicomweb_client.session_utils import create_session, create_session_from_auth
+from pydicom.errors import InvalidDicomError
+
 from core import metrics
 from core.layout import episode_dir, version_dir
-from core.settings import Destination, HL7Destination, Settings
+from core.settings import Destination, DicomWebAuth, HL7Destination, Settings, normalize_dicomweb_url
 from core.states import DeliveryState, signed_output, signed_version
 from dicom_node.episodes import BrokerUnavailableError
 from dicom_node.scu import (
@@ -45,6 +54,7 @@ from workers.celery_app import WORKLIST_DELIVERY_OUTCOME_TASK
 log = logging.getLogger(__name__)
 
 DICOM = "dicom"  # delivery kinds, as stored in the index
+DICOMWEB = "dicomweb"  # the DICOM outputs, over STOW-RS
 HL7 = "hl7"
 DICOM_CONNECT_TIMEOUT_S = 10.0
 # DIMSE statuses of a C-STORE failure worth retrying: 0xA7xx "Refused: Out of Resources" (PS3.4 B.2.3)
@@ -72,7 +82,11 @@ class PermanentDeliveryError(DeliveryError):
     transient = False
 
 
-KINDS = (DICOM, HL7)
+KINDS = (DICOM, DICOMWEB, HL7)
+# which outputs of the outbox index (OutboxEntry.delivery) a delivery of each kind sends
+ENTRY_DELIVERY = {DICOM: DICOM, DICOMWEB: DICOM, HL7: HL7}
+# HTTP statuses of a STOW-RS request worth retrying: the peer is busy or a gateway in front of it timed out
+_TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_ERROR_CHARS = 500  # of an error or a reason kept in the row and the worklist's audit
 Publisher = Callable[[str, list[Any], str], None]  # (task name, args, task id); raises BrokerUnavailableError
 # The delivery tasks before there was one (their dead letters may still be re-played): name → the output set of
@@ -98,7 +112,7 @@ def key_of_args(args: Sequence[Any], task_name: str | None = None) -> DeliveryKe
         return DeliveryKey(str(study_uid), int(episode_id), kind, str(destination))
     study_uid, episode_id, output_set, kind, destination = args
     if kind not in KINDS:
-        raise PermanentDeliveryError(f"delivery kind {kind!r} must be {DICOM!r} or {HL7!r}")
+        raise PermanentDeliveryError(f"delivery kind {kind!r} must be {DICOM!r}, {DICOMWEB!r} or {HL7!r}")
     try:
         signed_version(str(output_set))
     except ValueError as exc:
@@ -130,14 +144,15 @@ def unbuilt_reason(folder: Path, output_set: OutputSet, kind: str,
     try:
         if entries is None:
             entries = read_entries(folder, signed=output_set is OutputSet.FINAL)
-        if not entries or any(entry.delivery == kind for entry in entries):
+        delivery = ENTRY_DELIVERY.get(kind, kind)
+        if not entries or any(entry.delivery == delivery for entry in entries):
             return None
         problems = read_problems(folder, signed=output_set is OutputSet.FINAL)
     except (OSError, ValueError):
         return None
-    names = ("sr", "narrative", "gsps") if kind == DICOM else (HL7,)
+    names = ("sr", "narrative", "gsps") if delivery == DICOM else (HL7,)
     reason = "; ".join(f"{p.kind} {p.state}: {p.reason}" for p in problems if p.kind in names)
-    return reason or f"no {'DICOM output' if kind == DICOM else 'ORU'} was built"
+    return reason or f"no {'DICOM output' if delivery == DICOM else 'ORU'} was built"
 
 
 def send(settings: Settings, key: DeliveryKey, entries: Sequence[OutboxEntry] | None = None) -> str:
@@ -147,6 +162,9 @@ def send(settings: Settings, key: DeliveryKey, entries: Sequence[OutboxEntry] | 
     if key.kind == DICOM:
         summary = send_dicom_folder(settings, folder, Destination.parse(key.destination), output_set, entries)
         detail = f"{len(summary.results)} object(s) stored"
+    elif key.kind == DICOMWEB:
+        stored = send_dicomweb_folder(settings, folder, key.destination, output_set, entries)
+        detail = f"{len(stored)} object(s) stored over STOW-RS"
     else:
         ack = send_hl7_folder(settings, folder, HL7Destination.parse(key.destination), output_set, entries)
         detail = f"ORU {ack.control_id} {ack.code}"
@@ -282,3 +300,156 @@ def send_hl7_folder(settings: Settings, folder: Path, destination: HL7Destinatio
     except OSError as exc:
         raise TransientDeliveryError(f"HL7 destination {destination}: {exc}") from exc
     return ack
+
+
+class BearerAuth(requests.auth.AuthBase):
+    """``Authorization: Bearer <token>``, added to each request as it is sent (so that the token is in no header
+    dictionary a client logs)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "BearerAuth(**********)"
+
+
+def dicomweb_session(settings: Settings, url: str) -> requests.Session:
+    """The HTTP session of one delivery to DICOMweb destination *url*: its credentials (``dicomweb_auth_file``,
+    else ``dicomweb_bearer_token``, else none) and TLS verification (``dicomweb_ca_bundle``, else the default
+    CAs; off only with ``dicomweb_insecure``, logged as a warning)."""
+    auth: DicomWebAuth | None = settings.dicomweb_auth(url)
+    if auth is None:
+        session = create_session()
+    elif auth.scheme == "basic":
+        session = create_session_from_auth(requests.auth.HTTPBasicAuth(auth.username or "",
+                                                                       auth.secret.get_secret_value()))
+    else:
+        session = create_session_from_auth(BearerAuth(auth.secret.get_secret_value()))
+    if settings.dicomweb_insecure:
+        log.warning("DICOMweb destination %s: TLS certificate verification is OFF (dicomweb_insecure)", url)
+        session.verify = False
+    elif settings.dicomweb_ca_bundle is not None:
+        session.verify = str(settings.dicomweb_ca_bundle)
+    else:
+        session.verify = True
+    return session
+
+
+def _read_outputs(files: Sequence[Path]) -> list[pydicom.Dataset]:
+    datasets = []
+    for path in files:
+        try:
+            dataset = pydicom.dcmread(path)
+        except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+            raise PermanentDeliveryError(f"output {path.name} cannot be read: {type(exc).__name__}: {exc}") from exc
+        if "SOPInstanceUID" not in dataset:
+            raise PermanentDeliveryError(f"output {path.name} has no SOP Instance UID")
+        datasets.append(dataset)
+    return datasets
+
+
+def _failures(document: pydicom.Dataset | None) -> list[tuple[str, int | None]]:
+    """``(SOP Instance UID, Failure Reason)`` of each item of a Store Instances Response's Failed SOP Sequence."""
+    if document is None:
+        return []
+    failed = []
+    for item in document.get("FailedSOPSequence", None) or []:
+        reason = item.get("FailureReason", None)
+        failed.append((str(item.get("ReferencedSOPInstanceUID", "") or "?"),
+                       int(reason) if reason is not None else None))
+    return failed
+
+
+def _referenced(document: pydicom.Dataset) -> set[str]:
+    return {str(item.ReferencedSOPInstanceUID) for item in document.get("ReferencedSOPSequence", None) or []
+            if "ReferencedSOPInstanceUID" in item}
+
+
+def _describe_failures(failed: Sequence[tuple[str, int | None]]) -> str:
+    return "; ".join(f"{uid}: {'no Failure Reason' if reason is None else f'Failure Reason 0x{reason:04X}'}"
+                     for uid, reason in failed)
+
+
+def _error_document(response: requests.Response | None) -> pydicom.Dataset | None:
+    """The Store Instances Response of an error answer (a 409 names the failed instances), when it has one."""
+    if response is None or not response.content:
+        return None
+    if response.headers.get("Content-Type", "").split(";")[0].strip() not in ("application/dicom+json",):
+        return None
+    try:
+        return pydicom.Dataset.from_json(response.json())
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def send_dicomweb_folder(settings: Settings, folder: Path, url: str, output_set: OutputSet = OutputSet.DRAFT,
+                         entries: Sequence[OutboxEntry] | None = None) -> list[str]:
+    """STOW-RS the DICOM outputs of *output_set* in *folder* to DICOMweb destination *url* (``<url>/studies``);
+    the SOP Instance UIDs stored, when the answer was HTTP 200 and its Store Instances Response references every
+    one and fails none. Otherwise a transient error (no connection, a timeout, HTTP 408/429/5xx, every failed
+    instance Out of Resources 0xA7xx) or a permanent one (401/403, another 4xx, a refused instance, an answer
+    that does not account for every instance), naming the failed instances and their Failure Reasons.
+
+    The client's own retries are off: the delivery task retries, with its backoff and its dead letter."""
+    url = normalize_dicomweb_url(url)
+    files = dicom_outputs(folder, output_set, entries)
+    datasets = _read_outputs(files)
+    sent = [str(dataset.SOPInstanceUID) for dataset in datasets]
+    statuses: list[int] = []
+
+    def _note_status(response: requests.Response, *_args: Any, **_kwargs: Any) -> requests.Response:
+        statuses.append(response.status_code)
+        return response
+
+    timeout = settings.network_timeout_s
+    session = dicomweb_session(settings, url)
+    try:
+        client = DICOMwebClient(url, session=session, callback=_note_status,
+                                timeout=(min(DICOM_CONNECT_TIMEOUT_S, timeout), timeout))
+        client.set_http_retry_params(retry=False)
+        document = client.store_instances(datasets)
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        failed = _failures(_error_document(exc.response))
+        detail = f"; failed: {_describe_failures(failed)}" if failed else ""
+        if status in (401, 403):
+            raise PermanentDeliveryError(f"DICOMweb destination {url} refused the credentials: HTTP {status} "
+                                         f"{'Unauthorized' if status == 401 else 'Forbidden'}") from exc
+        transient = status in _TRANSIENT_HTTP or (
+            bool(failed) and all(reason is not None and reason in _OUT_OF_RESOURCES for _, reason in failed))
+        kind = TransientDeliveryError if transient else PermanentDeliveryError
+        raise kind(f"DICOMweb destination {url} answered HTTP {status} to the STOW-RS of {len(sent)} object(s)"
+                   f"{detail}") from exc
+    except requests.exceptions.SSLError as exc:  # a ConnectionError too, but retrying cannot fix a certificate
+        raise PermanentDeliveryError(f"DICOMweb destination {url}: TLS failed: {exc}") from exc
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise TransientDeliveryError(f"DICOMweb destination {url} is not reachable: {type(exc).__name__}: "
+                                     f"{exc}") from exc
+    except requests.RequestException as exc:
+        raise PermanentDeliveryError(f"DICOMweb destination {url}: {type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:  # an answer of another media type than DICOM JSON or XML
+        raise PermanentDeliveryError(f"DICOMweb destination {url} answered the STOW-RS with no readable Store "
+                                     f"Instances Response: {exc}") from exc
+    finally:
+        session.close()
+    status = statuses[-1] if statuses else None
+    failed = _failures(document)
+    referenced = _referenced(document)
+    not_stored = [uid for uid in sent if uid not in referenced]
+    # a sent instance neither referenced nor failed by its UID (a peer names a failed one by the UID it read)
+    unaccounted = [uid for uid in not_stored if uid not in {u for u, _ in failed}]
+    if status != 200 or failed or not_stored:
+        reasons = _describe_failures(failed)
+        if unaccounted:
+            reasons += f"{'; ' if reasons else ''}not referenced in the response: {', '.join(unaccounted)}"
+        transient = bool(failed) and len(unaccounted) <= len(failed) and all(
+            reason is not None and reason in _OUT_OF_RESOURCES for _, reason in failed)
+        kind = TransientDeliveryError if transient else PermanentDeliveryError
+        count = max(len(failed), len(not_stored))
+        raise kind(f"DICOMweb destination {url} (HTTP {status}) did not store {count} of {len(sent)} object(s): "
+                   f"{reasons or 'the response names no failure'}")
+    return sent

@@ -55,7 +55,7 @@ from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_out
 from state.store import Delivery, DeliveryKey, StateStore
 from workers import announce
 from workers.decode_child import isolated_decoder, prepare_slices
-from workers.delivery import DICOM, HL7
+from workers.delivery import DICOM, DICOMWEB, HL7
 from workers.gate import GateRules, gate
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ def report_episode(settings: Settings, response: InferenceResponse, *, publish: 
         announce.draft_ready(store, study_uid, episode_id, publish, now=clock())
         built = {entry.kind for entry in entries}
         targets = [(DICOM, str(d)) for d in settings.dicom_destinations]
+        targets += [(DICOMWEB, url) for url in settings.dicomweb_destinations]
         targets += [(HL7, str(d)) for d in settings.hl7_destinations]
         rows = store.add_deliveries(study_uid, episode_id, targets, clock())
         store.advance(study_uid, episode_id, tuple(s for s in EpisodeState if s not in (
@@ -247,8 +248,8 @@ def _skip_unbuilt(store: StateStore, rows: list[Delivery], built: set[str], prob
     """Mark ``skipped`` each pending delivery that has nothing to send (no DICOM output, or no ORU), with the
     reason; the episode is delivered once every other delivery is done. Returns the rows as they are now."""
     reasons = {kind: "; ".join(f"{p.kind} {p.state}: {p.reason}" for p in problems if p.kind in kinds)
-               for kind, kinds in ((DICOM, DICOM_KINDS), (HL7, (HL7,)))}
-    has = {DICOM: bool(built & set(DICOM_KINDS)), HL7: HL7 in built}
+               for kind, kinds in ((DICOM, DICOM_KINDS), (DICOMWEB, DICOM_KINDS), (HL7, (HL7,)))}
+    has = {DICOM: bool(built & set(DICOM_KINDS)), DICOMWEB: bool(built & set(DICOM_KINDS)), HL7: HL7 in built}
     for row in rows:
         if row.state is DeliveryState.PENDING and not has.get(row.kind, True):
             key = DeliveryKey(row.study_instance_uid, row.episode_id, row.kind, row.destination)

@@ -215,7 +215,8 @@ def report(self: PipelineTask, response_message: dict[str, Any]) -> None:
 def deliver(self: PipelineTask, study_uid: str, episode_id: int, output_set: str, kind: str,  # noqa: PLR0917
             destination: str) -> bool:
     """Send one output set of one episode (the draft, or a signed version) to one destination: C-STORE (done only
-    on Success statuses) or MLLP (done only on AA or CA). The work is :func:`workers.delivery.run`."""
+    on Success statuses), STOW-RS (done only when every instance is stored) or MLLP (done only on AA or CA). The
+    work is :func:`workers.delivery.run`."""
     settings = current_settings()
     key = delivery.key_of_args([study_uid, episode_id, output_set, kind, destination])
     store = StateStore(settings.index_path)

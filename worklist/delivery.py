@@ -1,13 +1,13 @@
 """Signed reports to the PACS and the RIS through the pipeline's one delivery task, like the drafts.
 
 ``SignedDeliveryQueue(settings, store)`` is the ``Bridge.on_sign`` callback. For every configured destination
-(``dicom_destinations``, ``hl7_destinations``) it records a pending row of the signed version in the state store's
-``deliveries`` (output set ``signed:<version>``, beside the draft's rows), then publishes the pipeline's delivery
-task ``raddraft.deliver`` (workers/delivery.py: the runner of every delivery) with IDs only: ``[study UID,
-episode id, "signed:<version>", kind, destination]``. The runner sends the version's final set exactly as signing
-wrote it (an amendment's from its ``amendment_<n>/`` folder), so a retry resends the same UIDs and the same
-MSH-10; dead letters and ``raddraft retry`` are the drafts'. A broker that is down leaves the rows pending;
-``republish_pending`` at start-up publishes them again.
+(``dicom_destinations``, ``dicomweb_destinations``, ``hl7_destinations``) it records a pending row of the signed
+version in the state store's ``deliveries`` (output set ``signed:<version>``, beside the draft's rows), then
+publishes the pipeline's delivery task ``raddraft.deliver`` (workers/delivery.py: the runner of every delivery)
+with IDs only: ``[study UID, episode id, "signed:<version>", kind, destination]``. The runner sends the version's
+final set exactly as signing wrote it (an amendment's from its ``amendment_<n>/`` folder), so a retry resends the
+same UIDs and the same MSH-10; dead letters and ``raddraft retry`` are the drafts'. A broker that is down leaves
+the rows pending; ``republish_pending`` at start-up publishes them again.
 
 The runner reports how each signed delivery ended with ``worklist.delivery_outcome`` (worklist/tasks.py), which
 writes the audit line (``delivered-<kind>``, ``skipped-<kind>``, ``delivery-failed-<kind>``);
@@ -33,7 +33,7 @@ from core.states import DRAFT_OUTPUT, DeliveryState, signed_output, signed_versi
 from dicom_node.episodes import BrokerUnavailableError
 from state.store import Delivery, DeliveryKey, StateStore
 from workers.celery_app import DELIVER_TASK
-from workers.delivery import DICOM, HL7, MAX_ERROR_CHARS, task_args, task_id
+from workers.delivery import DICOM, DICOMWEB, HL7, MAX_ERROR_CHARS, task_args, task_id
 from worklist.signing import SignedReport
 from worklist.storage import Store
 
@@ -49,7 +49,9 @@ Publisher = Callable[[str, list[Any], str], None]  # (task name, args, task id);
 
 def delivery_targets(settings: Settings) -> list[tuple[str, str]]:
     """``(kind, destination)`` of every configured destination."""
-    return [(DICOM, str(d)) for d in settings.dicom_destinations] + [(HL7, str(d)) for d in settings.hl7_destinations]
+    return ([(DICOM, str(d)) for d in settings.dicom_destinations]
+            + [(DICOMWEB, url) for url in settings.dicomweb_destinations]
+            + [(HL7, str(d)) for d in settings.hl7_destinations])
 
 
 def celery_publish(task_name: str, args: list[Any], task_id: str) -> None:

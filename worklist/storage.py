@@ -189,7 +189,7 @@ signed_deliveries = Table(
     "worklist_deliveries", metadata,
     Column("study_id", Integer, ForeignKey("worklist_studies.id"), primary_key=True),
     Column("version", Integer, primary_key=True),
-    Column("kind", String(8), primary_key=True),  # "dicom" (C-STORE) or "hl7" (MLLP)
+    Column("kind", String(8), primary_key=True),  # "dicom" (C-STORE) or "hl7" (MLLP); "dicomweb" never: it came later
     Column("destination", String(200), primary_key=True),
     Column("state", String(8), nullable=False),  # pending, done, dead
     Column("attempts", Integer, nullable=False, default=0),
