@@ -174,7 +174,7 @@ def test_metrics_has_the_names_and_recorded_values(server: OpsServer, home: Path
 def test_record_functions_reject_bad_labels() -> None:
     with pytest.raises(ValueError, match="label outcome='Stored OK' must be 1-48 lowercase"):
         metrics.record_instance("Stored OK")
-    with pytest.raises(ValueError, match="delivery kind 'fax' must be 'dicom' or 'hl7'"):
+    with pytest.raises(ValueError, match="delivery kind 'fax' must be 'dicom', 'dicomweb' or 'hl7'"):
         metrics.record_delivery("fax", ok=True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="must not be negative"):
         metrics.observe_task("infer", -1.0)
