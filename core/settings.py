@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -294,6 +295,16 @@ def _split_ae_entries(value: Any) -> Any:
     return entries
 
 
+def _checked_secrets_file(path: Path | None, read: Callable[[Path], object]) -> Path | None:
+    """*path* after reading it once with *read*: a missing file or a bad line stops the process at start-up, not at
+    the first request or delivery that needs it."""
+    if path is not None:
+        if not path.is_file():
+            raise ValueError(f"file {path} does not exist")
+        read(path)
+    return path
+
+
 class Settings(BaseSettings):
     """Every setting of raddraft, with its default. Environment: ``RADDRAFT_<FIELD>``."""
 
@@ -457,11 +468,7 @@ class Settings(BaseSettings):
     @field_validator("stow_tokens_file", mode="after")
     @classmethod
     def _check_tokens_file(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            if not value.is_file():
-                raise ValueError(f"file {value} does not exist")
-            read_stow_tokens_file(value)  # a bad line stops the process at start-up, not at the first request
-        return value
+        return _checked_secrets_file(value, read_stow_tokens_file)
 
     @field_validator("ae_title", "hl7_sending_application", mode="after")
     @classmethod
@@ -494,11 +501,7 @@ class Settings(BaseSettings):
     @field_validator("dicomweb_auth_file", mode="after")
     @classmethod
     def _check_auth_file(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            if not value.is_file():
-                raise ValueError(f"file {value} does not exist")
-            read_dicomweb_auth_file(value)  # a bad line stops the process at start-up, not at the first delivery
-        return value
+        return _checked_secrets_file(value, read_dicomweb_auth_file)
 
     @field_validator("dicomweb_bearer_token", mode="after")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from model.phantoms import generate_studies, write_studies
 from peers import LOOPBACK, Orthanc, RedisServer, port_is_open, wait_for
 from state.store import StateStore
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 SR_MODALITY = "SR"
 PR_MODALITY = "PR"
@@ -105,7 +107,7 @@ def gateway(home: Path, env: dict[str, str]) -> Iterator[Gateway]:
     try:
         yield running
     except BaseException:
-        print(f"--- raddraft serve log ---\n{running.log[-30000:]}")  # shown by pytest for the failed test
+        log.error("--- raddraft serve log ---\n%s", running.log[-30000:])  # shown by pytest for the failed test
         raise
     finally:
         running.stop()
@@ -120,7 +122,7 @@ def worker(queue: str, env: dict[str, str], *options: str) -> Iterator[Process]:
         assert running.alive(), running.log
         yield running
     except BaseException:
-        print(f"--- raddraft worker {queue} log ---\n{running.log[-30000:]}")
+        log.error("--- raddraft worker %s log ---\n%s", queue, running.log[-30000:])
         raise
     finally:
         running.stop()
