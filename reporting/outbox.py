@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,25 +48,36 @@ from reporting.sr import build_findings_sr
 logger = logging.getLogger(__name__)
 
 
-__all__ = ["OUTPUT_KINDS", "OutboxEntry", "OutboxError", "OutputProblem", "dicom_bytes", "read_entries",
-           "read_problems", "read_sources", "write_outbox", "write_outputs"]
+__all__ = ["OUTPUT_KINDS", "OutboxEntry", "OutboxError", "OutputProblem", "dicom_bytes", "pixel_sources",
+           "read_entries", "read_problems", "read_sources", "write_outbox", "write_outputs"]
 
 
 class OutboxError(ValueError):
     """An output required by the caller (a signed report needs its SR and narrative) could not be built."""
 
 
-def read_sources(spool_dir: Path, manifest: StudyManifest) -> list[Dataset]:
-    """Every instance of the manifest, read from the spool (the evidence and pixels the outputs need), each made to
-    fit the modules the outputs copy (reporting/sources.py)."""
+def read_sources(spool_dir: Path, manifest: StudyManifest, pixels_of: Collection[str] | None = None
+                 ) -> list[Dataset]:
+    """Every instance of the manifest, read from the spool, each made to fit the modules the outputs copy
+    (reporting/sources.py). Only the instances in *pixels_of* (SOP Instance UIDs: :func:`pixel_sources`) are read
+    with their pixel data; the others up to it (their headers are the SR evidence and the images a presentation
+    state references: a 300-slice CT with 8 slices analysed reads 8 slices' pixels, not 300). None reads every
+    instance whole."""
     sources = []
     for _, instance in manifest.instances():
         path = spool_dir / instance.path
         if not path.is_file():
             raise FileNotFoundError(f"instance {instance.sop_instance_uid} of the manifest is missing from the "
                                     f"spool: {path}")
-        sources.append(conform(pydicom.dcmread(path)))
+        headers_only = pixels_of is not None and instance.sop_instance_uid not in pixels_of
+        sources.append(conform(pydicom.dcmread(path, stop_before_pixels=headers_only)))
     return sources
+
+
+def pixel_sources(result: AnalysisResult) -> set[str]:
+    """The instances whose pixel data the outputs of *result* may read: the analysed images (box refinement) and
+    the images with findings (overlay PNG, a presentation state's window when the image has none)."""
+    return set(result.analysed_instances) | {finding.sop_instance_uid for finding in result.findings}
 
 
 def dicom_bytes(dataset: Dataset) -> bytes:

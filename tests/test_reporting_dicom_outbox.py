@@ -5,12 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import UTC, datetime
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from PIL import Image
-from reporting_dicom_helpers import Study, cr_findings, cr_study, result_for
+from reporting_dicom_helpers import (
+    Study,
+    classic_slices,
+    cr_findings,
+    cr_study,
+    manifest_for,
+    result_for,
+    write_source,
+)
 
 from core.layout import episode_dir
 from core.result import Finding
@@ -18,6 +27,7 @@ from reporting.context import ReportInputs, Signoff
 from reporting.outbox import (
     OutboxError,
     OutputProblem,
+    pixel_sources,
     read_entries,
     read_problems,
     read_sources,
@@ -229,3 +239,52 @@ def test_a_report_inputs_is_only_made_checked(cr: Study) -> None:
         ReportInputs(manifest=inputs.manifest, result=inputs.result, sources=inputs.sources)
     with pytest.raises(TypeError):
         inputs.sources["x"] = inputs.evidence()[0]  # type: ignore[index]
+
+
+def test_only_the_analysed_images_are_read_with_pixels_and_the_outputs_are_the_same(tmp_path: Path) -> None:
+    """Issue 21: the report stage read every slice of a study with its pixel data (a 300-slice CT, 8 slices
+    analysed). Read with pixels only the analysed images and those with findings, the outputs are byte for byte
+    those built from every image read whole (GSPS windows from pixels: the MR slices carry no window)."""
+    spool = tmp_path / "spool"
+    slices = classic_slices("MR_small.dcm", 12)
+    relatives = []
+    for k, ds in enumerate(slices):
+        for keyword in ("WindowCenter", "WindowWidth"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        relatives.append(f"mr/{k:02d}.dcm")
+        write_source(spool, relatives[-1], ds)
+    study = Study(spool, manifest_for(spool, relatives), [])
+    uids = [instance.sop_instance_uid for _, instance in study.manifest.instances()]
+    analysed = [uids[3], uids[6], uids[9]]
+    result = result_for(study, [Finding(label="nodule", sop_instance_uid=uids[6], box=(10.0, 12.0, 30.0, 34.0))],
+                        analysed=analysed)
+    assert pixel_sources(result) == set(analysed)
+
+    partial = read_sources(spool, study.manifest, pixel_sources(result))
+    assert [str(ds.SOPInstanceUID) for ds in partial if "PixelData" in ds] == analysed
+    whole = read_sources(spool, study.manifest)
+    assert all("PixelData" in ds for ds in whole)
+
+    built = {}
+    for name, sources in (("partial", partial), ("whole", whole)):
+        entries = write_outbox(tmp_path / name, study.manifest, result, sources, HL7)
+        built[name] = {entry.path.name: _without_clock(entry.path) for entry in entries}
+    assert sorted(built["partial"]) == ["findings.json", "gsps_1.dcm", "narrative.dcm", "oru.hl7", "overlay_1.png",
+                                        "sr.dcm"]
+    assert built["partial"] == built["whole"]
+
+
+def _without_clock(path: Path) -> bytes:
+    """The file's bytes; a DICOM file's with the times highdicom stamps from the wall clock emptied."""
+    if path.suffix != ".dcm":
+        return path.read_bytes()
+    ds = pydicom.dcmread(path)
+    ds.InstanceCreationTime = ""
+    if "PresentationCreationTime" in ds:
+        ds.PresentationCreationTime = ""
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = ""
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

@@ -51,7 +51,7 @@ from reporting.hl7_oru import (
     oru_r01_from_settings,
 )
 from reporting.lineage import supersede
-from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_outputs
+from reporting.outbox import OutboxEntry, OutputProblem, pixel_sources, read_sources, write_outputs
 from state.store import Delivery, DeliveryKey, StateStore
 from workers import announce
 from workers.decode_child import isolated_decoder, prepare_slices
@@ -203,11 +203,14 @@ def report_episode(settings: Settings, response: InferenceResponse, *, publish: 
         manifest = StudyManifest.read(manifest_path(settings.home, study_uid, episode_id))
         saved = analysis_path(settings.home, study_uid, episode_id)
         reused = saved.is_file()
-        sources = read_sources(settings.spool_dir, manifest)
         if reused:
             result = AnalysisResult.read(saved)
+            sources = read_sources(settings.spool_dir, manifest, pixel_sources(result))
         else:
             request = InferenceRequest.from_json(request_path(settings.home, study_uid, episode_id).read_bytes())
+            # pixels only of the analysed images (the findings are on them): the rest of the study is evidence
+            analysed = {image.sop_instance_uid for image in request.images if image.sop_instance_uid is not None}
+            sources = read_sources(settings.spool_dir, manifest, analysed)
             # a re-sent study's new report supersedes the last one: predecessor documents, carried tracking UIDs
             result = supersede(settings.outbox_dir, analyze.assemble(request, response, sources=sources))
             result.write(saved)

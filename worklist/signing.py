@@ -32,7 +32,7 @@ from reporting.hl7_oru import (
     build_oru_r01,
     new_control_id,
 )
-from reporting.outbox import OutboxEntry, OutputProblem, read_sources, write_outbox
+from reporting.outbox import OutboxEntry, OutputProblem, pixel_sources, read_sources, write_outbox
 from worklist.grounding import final_structure, ground_draft, is_grounded
 from worklist.storage import Decision, ReportVersion, Store, Study, StudyState, User
 
@@ -134,7 +134,7 @@ def sign_study(store: Store, settings: Settings, study_id: int, user: User, now:
                       signed_at=now, version=version,
                       previous_sr_uid=previous[-1].sr_uid if previous else "",
                       previous_narrative_uid=previous[-1].narrative_uid if previous else "")
-    sources = read_sources(settings.spool_dir, manifest)
+    sources = read_sources(settings.spool_dir, manifest, pixel_sources(result))
     hl7: bytes | OutputProblem
     try:
         hl7 = build_oru_r01(manifest, result, status, endpoints=HL7Endpoints.from_settings(settings),
