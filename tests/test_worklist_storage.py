@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 from sqlalchemy.exc import DBAPIError
 from worklist_helpers import database_url_fixture, settings_for, write_draft  # noqa: F401 - fixture
 
@@ -159,3 +160,66 @@ def test_a_database_made_before_the_lockout_and_claim_columns_gets_them_when_ope
         assert [c["name"] for c in inspect(store.engine).get_columns("worklist_studies")][-1] == "claimed_by"
     finally:
         store.close()
+
+
+def _seed_history(store: Store, signed: int, drafts: int) -> None:
+    """*signed* signed entries (the history) and *drafts* drafts waiting, inserted in bulk."""
+    from worklist.storage import studies  # noqa: PLC0415 - the table itself, for a bulk insert
+
+    rows = [dict(study_uid=f"1.2.3.{n}", episode_id=1, manifest_path="m", result_path=None,
+                 state=(StudyState.SIGNED if n < signed else StudyState.DRAFT_READY).value, modality="CT",
+                 accession=f"A{n}", description="", age_years=None, priority="routine", priority_rank=2,
+                 draft_findings="", draft_impression="", error="", received_at=NOW + timedelta(seconds=n),
+                 updated_at=NOW + timedelta(seconds=n)) for n in range(signed + drafts)]
+    with store.engine.begin() as conn:
+        conn.execute(studies.insert(), rows)
+
+
+def test_the_worklist_page_and_its_poll_read_an_index_not_the_history(tmp_path):
+    """Issue 21 (growth): with 10 000 signed entries in the database, the worklist's page of drafts and the
+    change poll are index searches (SQLite's query plan of the statements the store runs), and the page is a
+    page: a limit, an offset and whether more follow, never a count of the history."""
+    store = Store(f"sqlite:///{tmp_path / 'worklist.sqlite'}")
+    try:
+        _seed_history(store, signed=10_000, drafts=5)
+        statements: list[tuple[str, Any]] = []
+
+        def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+            if statement.lstrip().upper().startswith("SELECT"):
+                statements.append((statement, parameters))
+
+        event.listen(store.engine, "before_cursor_execute", capture)
+        waiting = [StudyState.DRAFT_READY.value, StudyState.IN_REVIEW.value]
+        first, more = store.studies_page(limit=2, states=waiting)
+        assert [s.accession for s in first] == ["A10000", "A10001"] and more
+        last, more = store.studies_page(limit=2, offset=4, states=waiting)
+        assert [s.accession for s in last] == ["A10004"] and not more
+        assert store.latest_change() == NOW + timedelta(seconds=10_004)
+        event.remove(store.engine, "before_cursor_execute", capture)
+        with store.engine.connect() as conn:
+            plans = [" | ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+                     for sql, params in statements]
+        assert len(plans) == 3
+        for plan in plans[:2]:
+            assert "USING INDEX ix_worklist_studies_state_priority" in plan, plan
+        assert "USING COVERING INDEX ix_worklist_studies_updated_at" in plans[2], plans[2]
+        with pytest.raises(ValueError, match=r"limit 501 must be in 1\.\.500"):
+            store.studies_page(limit=501)
+    finally:
+        store.close()
+
+
+def test_an_existing_database_gets_the_new_indexes(tmp_path):
+    url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
+    Store(url).close()
+    old = Store(url)
+    with old.engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ix_worklist_studies_state_priority")
+        conn.exec_driver_sql("DROP INDEX ix_worklist_studies_updated_at")
+    old.close()
+    reopened = Store(url)
+    try:
+        names = {index["name"] for index in inspect(reopened.engine).get_indexes("worklist_studies")}
+        assert {"ix_worklist_studies_state_priority", "ix_worklist_studies_updated_at"} <= names
+    finally:
+        reopened.close()

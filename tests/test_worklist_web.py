@@ -95,6 +95,14 @@ def test_api_worklist_study_image_and_edits(web):
     listing = json.loads(data)
     assert [s["accession"] for s in listing["studies"]] == ["ACC-7"]
     assert "PHANTOM" not in data.decode() and draft.phantom.datasets[0].PatientID not in data.decode()
+    assert (listing["offset"], listing["limit"], listing["has_more"]) == (0, 100, False)
+    response, data, _ = client.request("GET", "/api/studies?limit=1&offset=1")
+    assert json.loads(data)["studies"] == [] and json.loads(data)["limit"] == 1
+    for query, message in (("limit=0", b"limit 0 must be a whole number from 1 to 500"),
+                           ("limit=many", b"limit 'many' must be a whole number from 1 to 500"),
+                           ("offset=-1", b"offset -1 must be a whole number from 0")):
+        response, data, _ = client.request("GET", f"/api/studies?{query}")
+        assert response.status == 400 and message in data, data
     response, data, _ = client.request("GET", "/api/studies?state=bogus")
     assert response.status == 400 and b"state 'bogus' must be one of" in data
     client.request("GET", f"/studies/{entry}")  # opening the page puts the draft in review

@@ -29,7 +29,15 @@ from worklist.delivery import signed_deliveries
 from worklist.grounding import GroundedDraft, GroundedSentence, ground_draft, is_grounded, normalized, replace_sentence
 from worklist.render import PngCache
 from worklist.signing import SignConflictError, SignError
-from worklist.storage import Decision, SessionInfo, Study, StudyClaimedError, StudyNotFoundError, StudyState
+from worklist.storage import (
+    MAX_PAGE,
+    Decision,
+    SessionInfo,
+    Study,
+    StudyClaimedError,
+    StudyNotFoundError,
+    StudyState,
+)
 from worklist.web import HTTPError, Request, Response, Router
 
 logger = logging.getLogger(__name__)
@@ -39,6 +47,7 @@ SESSION_COOKIE = "rd_session"
 LOGIN_CSRF_COOKIE = "rd_login_csrf"
 SESSION_LIFETIME = timedelta(hours=12)
 DEFAULT_REFRESH_MS = 5000
+PAGE_SIZE = 100  # worklist entries per page unless ?limit= asks for another size (at most storage.MAX_PAGE)
 MAX_TEXT = 20000
 EDITABLE = (StudyState.DRAFT_READY, StudyState.IN_REVIEW)
 # one answer for every refused sign-in (unknown user, wrong password, disabled or locked account): it does not
@@ -246,16 +255,18 @@ class WorklistApp:
             if state not in {s.value for s in StudyState}:
                 raise HTTPError(HTTPStatus.BAD_REQUEST, f"state {state!r} must be one of "
                                                         f"{', '.join(s.value for s in StudyState)}")
+        limit = _query_int(request, "limit", PAGE_SIZE, 1, MAX_PAGE)
+        offset = _query_int(request, "offset", 0, 0, None)
         try:
-            rows = self.store.list_studies(states=states, modality=request.query.get("modality") or None,
-                                           priority=request.query.get("priority") or None,
-                                           accession=request.query.get("accession") or None,
-                                           sort=request.query.get("sort", "priority"),
-                                           descending=request.query.get("order") == "desc")
+            rows, more = self.store.studies_page(
+                limit=limit, offset=offset, states=states, modality=request.query.get("modality") or None,
+                priority=request.query.get("priority") or None, accession=request.query.get("accession") or None,
+                sort=request.query.get("sort", "priority"), descending=request.query.get("order") == "desc")
         except ValueError as exc:
             raise HTTPError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         latest = self.store.latest_change()
-        return Response.json({"studies": [s.to_json() for s in rows],
+        return Response.json({"studies": [s.to_json() for s in rows], "offset": offset, "limit": limit,
+                              "has_more": more,
                               "latest_change": latest.isoformat() if latest else None})
 
     # ------------------------------------------------------------------ study view
@@ -573,6 +584,21 @@ class WorklistApp:
         if content_type.startswith("text/") or content_type == "application/javascript":
             content_type += "; charset=utf-8"
         return Response(path.read_bytes(), content_type=content_type)
+
+
+def _query_int(request: Request, name: str, default: int, least: int, most: int | None) -> int:
+    """A whole-number query parameter within [least, most]; 400 naming the rule otherwise."""
+    raw = request.query.get(name)
+    if raw in (None, ""):
+        return default
+    rule = f"a whole number from {least}" + (f" to {most}" if most is not None else "")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name} {raw!r} must be {rule}") from None
+    if value < least or (most is not None and value > most):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name} {value} must be {rule}")
+    return value
 
 
 def _text(body: dict[str, Any], key: str) -> str:

@@ -142,6 +142,10 @@ studies = Table(
     Column("ai_text_only", Integer, nullable=True),
     Column("ai_box_only", Integer, nullable=True),
     UniqueConstraint("study_uid", "episode_id", name="uq_worklist_study_episode"),
+    # the worklist's page (a state filter, by priority then arrival) and its change poll read an index, not the
+    # whole history of signed entries (issue 21, growth)
+    Index("ix_worklist_studies_state_priority", "state", "priority_rank", "received_at", "id"),
+    Index("ix_worklist_studies_updated_at", "updated_at"),
 )
 
 finding_reviews = Table(
@@ -336,6 +340,8 @@ class AuditEntry:
     detail: str
 
 
+MAX_PAGE = 500  # entries in one page of the worklist
+
 SORT_COLUMNS = {
     "received": studies.c.received_at,
     "priority": studies.c.priority_rank,
@@ -378,6 +384,7 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
+        _add_missing_indexes(self.engine)
         with self.engine.begin() as conn:
             for statement in _SQLITE_IMMUTABLE if self.backend == "sqlite" else _POSTGRES_IMMUTABLE:
                 conn.exec_driver_sql(statement)
@@ -574,7 +581,8 @@ class Store:
 
     def list_studies(self, *, states: list[str] | None = None, modality: str | None = None,
                      priority: str | None = None, accession: str | None = None, sort: str = "priority",
-                     descending: bool = False, limit: int = 500) -> list[Study]:
+                     descending: bool = False, limit: int = MAX_PAGE, offset: int = 0) -> list[Study]:
+        """At most *limit* entries from *offset* in the order asked for (:meth:`studies_page` for the page)."""
         if sort not in SORT_COLUMNS:
             raise ValueError(f"sort {sort!r} must be one of {', '.join(SORT_COLUMNS)}")
         query = select(studies)
@@ -588,9 +596,21 @@ class Store:
             query = query.where(studies.c.accession.contains(accession, autoescape=True))
         column = SORT_COLUMNS[sort]
         order = column.desc().nulls_last() if descending else column.asc().nulls_last()
-        query = query.order_by(order, studies.c.received_at.asc(), studies.c.id.asc()).limit(limit)
+        if not 1 <= limit <= MAX_PAGE + 1:
+            raise ValueError(f"limit {limit} must be in 1..{MAX_PAGE + 1}")
+        if offset < 0:
+            raise ValueError(f"offset {offset} must not be negative")
+        query = query.order_by(order, studies.c.received_at.asc(), studies.c.id.asc()).limit(limit).offset(offset)
         with self._tx() as conn:
             return [_study(row) for row in conn.execute(query).mappings()]
+
+    def studies_page(self, *, limit: int, offset: int = 0, **filters: Any) -> tuple[list[Study], bool]:
+        """One page of :meth:`list_studies` (*filters* are its keyword arguments) and whether more entries follow:
+        one row more is read, the history is never counted."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit {limit} must be in 1..{MAX_PAGE}")
+        rows = self.list_studies(limit=limit + 1, offset=offset, **filters)
+        return rows[:limit], len(rows) > limit
 
     def latest_change(self) -> datetime | None:
         with self._tx() as conn:
@@ -794,6 +814,17 @@ def _add_missing_columns(engine: Engine) -> None:
                     ddl = CreateColumn(column).compile(dialect=engine.dialect)
                     conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
                     logger.info("worklist database: added column %s.%s", table.name, column.name)
+
+
+def _add_missing_indexes(engine: Engine) -> None:
+    """The indexes a table definition has and an existing database lacks (``create_all`` skips existing tables)."""
+    inspector = inspect(engine)
+    for table in metadata.sorted_tables:
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in present:
+                index.create(engine)
+                logger.info("worklist database: added index %s", index.name)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -1,5 +1,5 @@
 "use strict";
-// Worklist: fetches /api/studies with the filters, renders the table, polls for new drafts.
+// Worklist: fetches /api/studies with the filters, one page at a time, renders the table, polls for new drafts.
 (() => {
   const table = document.getElementById("worklist");
   const body = table.querySelector("tbody");
@@ -14,6 +14,8 @@
   let sort = "priority";
   let order = "asc";
   let known = null; // ids seen in the previous refresh, to highlight new rows
+  let offset = 0; // the first entry of the page shown (the API gives pages: limit, offset, has_more)
+  let pageSize = 0;
 
   function query() {
     const params = new URLSearchParams();
@@ -25,6 +27,7 @@
     }
     params.set("sort", sort);
     params.set("order", order);
+    if (offset) params.set("offset", offset);
     return params.toString();
   }
 
@@ -84,21 +87,34 @@
       const data = await response.json();
       if (!response.ok) { statusLine.textContent = data.error || "refresh failed"; return; }
       render(data.studies);
-      statusLine.textContent = "updated " + new Date().toLocaleTimeString() + " · " + data.studies.length + " studies";
+      pageSize = data.limit;
+      const pager = document.getElementById("pager");
+      pager.hidden = !(data.has_more || offset > 0);
+      document.getElementById("page-prev").disabled = offset === 0;
+      document.getElementById("page-next").disabled = !data.has_more;
+      document.getElementById("page-info").textContent = data.studies.length
+        ? "entries " + (offset + 1) + "–" + (offset + data.studies.length) : "no entries on this page";
+      statusLine.textContent = "updated " + new Date().toLocaleTimeString() + " · " + data.studies.length + " studies"
+        + (data.has_more || offset > 0 ? " on this page" : "");
     } catch (err) {
       statusLine.textContent = "refresh failed: " + err;
     }
   }
 
+  document.getElementById("page-prev").addEventListener("click", () => {
+    offset = Math.max(0, offset - pageSize); refresh();
+  });
+  document.getElementById("page-next").addEventListener("click", () => { offset += pageSize; refresh(); });
   for (const th of table.querySelectorAll("th[data-sort]")) {
     th.addEventListener("click", () => {
+      offset = 0;
       if (sort === th.dataset.sort) order = order === "asc" ? "desc" : "asc";
       else { sort = th.dataset.sort; order = "asc"; }
       refresh();
     });
   }
   for (const input of Object.values(filters)) {
-    input.addEventListener(input.tagName === "SELECT" ? "change" : "input", refresh);
+    input.addEventListener(input.tagName === "SELECT" ? "change" : "input", () => { offset = 0; refresh(); });
   }
   refresh();
   setInterval(refresh, refreshMs);
