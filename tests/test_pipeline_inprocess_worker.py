@@ -23,7 +23,9 @@ from workers.inprocess import DEAD, RESTARTING, RUNNING, STOPPED, InProcessWorke
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home")
+    # the in-process worker runs with the SQLite transport (an explicit opt-in); the embedded default's workers
+    # are processes (tests/test_serve_embedded_broker.py)
+    return Settings(home=tmp_path / "home", broker_url=f"sqla+sqlite:///{tmp_path / 'home' / 'broker.sqlite'}")
 
 
 @pytest.fixture
