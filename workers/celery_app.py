@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError
 from core.settings import Settings, load_settings
 from dicom_node.episodes import BrokerUnavailableError
 from model import decoders
-from workers import redis_transport
+from workers import redis_transport, sqlite_transport
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,13 @@ def unacked_mutex_expire(visibility_timeout_s: float) -> int:
 
 def _transport(settings: Settings) -> tuple[str, str | None]:
     """(broker URL, kombu transport class): plain Redis, and the embedded broker's unix socket, get the reconnect
-    fix of workers/redis_transport.py; others (TLS Redis, the SQLite transport) follow their URL scheme."""
+    fix of workers/redis_transport.py, SQLite the row deletion of workers/sqlite_transport.py; others (TLS Redis,
+    other SQL databases) follow their URL scheme."""
     url = settings.effective_broker_url
     if url.startswith(redis_transport.SOCKET_URL_PREFIX):
         return redis_transport.socket_url(url), redis_transport.SOCKET_TRANSPORT
+    if url.startswith(sqlite_transport.URL_PREFIX):  # delivered messages deleted: the file holds what is queued
+        return sqlite_transport.transport_url(url), sqlite_transport.TRANSPORT
     return url, redis_transport.TRANSPORT if url.startswith("redis://") else None
 
 
