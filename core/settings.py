@@ -341,7 +341,10 @@ class Settings(BaseSettings):
 
     # --- study completeness and queue -----------------------------------------------------------------------
     study_idle_seconds: float = Field(10.0, gt=0)
-    broker_url: str | None = Field(None, description="redis://… in production; empty = embedded durable broker")
+    broker_url: str | None = Field(
+        None, description="redis://… in production; empty = the embedded broker: a redis-server that raddraft serve "
+        "starts and owns on a unix socket in home (append-only file, fsync always); sqla+sqlite:///FILE = kombu's "
+        "polling SQLite transport with in-process workers (an explicit opt-in, slower)")
     handoff_retry_seconds: float = Field(2.0, gt=0, description="pause between hand-off attempts to the broker")
     task_max_retries: int = Field(8, ge=0, description="retries of a transient failure before the dead-letter table")
     max_decoded_mb: float = Field(
@@ -362,6 +365,9 @@ class Settings(BaseSettings):
         "each death in a row, at most 60 s")
     task_retry_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles with each retry")
     task_retry_backoff_max_s: float = Field(300.0, gt=0, description="longest delay between two retries")
+    embedded_broker_aof_rewrite_min_mb: float = Field(
+        1.0, gt=0, description="embedded broker: its append-only file is rewritten to what is queued and in flight "
+        "once it is this large and has doubled since the last rewrite")
     broker_visibility_timeout_s: float = Field(
         3600.0, gt=0, description="redis: an unacknowledged task (its worker died) is re-delivered after this"
     )
@@ -573,14 +579,31 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        """The configured broker, or the embedded durable broker (SQLite file in ``home``)."""
+        """The configured broker, or the embedded one: the redis-server ``raddraft serve`` owns, on the unix
+        socket :attr:`embedded_broker_socket` (kombu's ``redis+socket://`` URL)."""
         if self.broker_url:
             return self.broker_url
-        return f"sqla+sqlite:///{(self.home / 'broker.sqlite').resolve()}"
+        return f"redis+socket://{self.embedded_broker_socket.resolve()}"
 
     @property
     def uses_embedded_broker(self) -> bool:
+        """No ``broker_url``: ``raddraft serve`` starts and owns a redis-server in ``home`` (workers/owned_redis.py)."""
         return not self.broker_url
+
+    @property
+    def uses_sqlite_broker(self) -> bool:
+        """``broker_url`` names kombu's SQLite transport: serve's workers run in its own process (no re-delivery)."""
+        return bool(self.broker_url) and str(self.broker_url).startswith("sqla+sqlite:")
+
+    @property
+    def embedded_broker_dir(self) -> Path:
+        """The owned redis-server's data folder: its config, append-only file, pid file and log."""
+        return self.home / "broker"
+
+    @property
+    def embedded_broker_socket(self) -> Path:
+        """The owned redis-server's unix socket (no TCP port); the folder is private to the user (0700)."""
+        return self.home / "run" / "broker.sock"
 
     @property
     def tls_enabled(self) -> bool:

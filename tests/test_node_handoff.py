@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import time
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -26,6 +27,11 @@ from workers.inprocess import InProcessWorker
 from workers.prepare import prepare_episode
 
 
+def sqlite_broker(home: Path) -> str:
+    """kombu's SQLite transport in *home*: the opt-in broker whose workers run in the test's own process."""
+    return f"sqla+sqlite:///{(home / 'broker.sqlite').resolve()}"
+
+
 def send(node, datasets):
     assoc = node.associate()
     assert assoc.is_established
@@ -42,8 +48,8 @@ def state(store, study, episode):
 
 @pytest.fixture
 def pipeline(tmp_path):
-    """SCP + dispatcher + in-process worker on the embedded sqla broker in a temp home."""
-    settings = node_settings(tmp_path / "home")
+    """SCP + dispatcher + in-process worker on the sqla broker (the opt-in) in a temp home."""
+    settings = node_settings(tmp_path / "home", broker_url=sqlite_broker(tmp_path / "home"))
     app = configure(settings)
     worker = InProcessWorker(app, [IO_QUEUE], concurrency=1)
     worker.start()
@@ -210,7 +216,7 @@ def test_hand_off_waits_for_a_dead_broker_and_runs_exactly_once_when_it_is_up(tm
 
 
 def test_restart_republishes_episodes_left_in_flight(tmp_path):
-    settings = node_settings(tmp_path / "home")
+    settings = node_settings(tmp_path / "home", broker_url=sqlite_broker(tmp_path / "home"))
     store = StateStore(settings.index_path)
     index = Index(store)
     study = "1.2.826.0.1.3680043.10.2"

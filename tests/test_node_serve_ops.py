@@ -47,21 +47,27 @@ def status(home: Path, *args: str) -> str:
     return done.stdout
 
 
-def broker_url(home: Path) -> str:
+def sqlite_broker_url(home: Path) -> str:
+    """The SQLite transport (an explicit opt-in): serve's worker runs in its own process."""
     return f"sqla+sqlite:///{(home / 'broker.sqlite').resolve()}"
+
+
+def embedded_broker_url(home: Path) -> str:
+    """The default: the redis-server serve owns, on its unix socket."""
+    return f"redis+socket://{(home / 'run' / 'broker.sock').resolve()}"
 
 
 def test_a_dead_in_process_worker_fails_healthz_and_shows_in_status(tmp_path):
     home = tmp_path / "home"
     serve = Serve(home, RADDRAFT_STUDY_IDLE_SECONDS="3600", RADDRAFT_INPROCESS_WORKER_MAX_RESTARTS="1",
-                  RADDRAFT_INPROCESS_WORKER_RESTART_BACKOFF_S="0.2")
+                  RADDRAFT_INPROCESS_WORKER_RESTART_BACKOFF_S="0.2", RADDRAFT_BROKER_URL=sqlite_broker_url(home))
     try:
         url = worklist_url(serve)
         wait_for(lambda: get(f"{url}/healthz")[0] == 200, timeout=60, what="healthy gateway")
         assert "in-process worker: running since " in status(home)
 
         # the fault: a task message the worker's consumer cannot take (no id), restored to the queue as it dies
-        with Connection(broker_url(home)) as connection:
+        with Connection(sqlite_broker_url(home)) as connection:
             connection.Producer().publish({"x": 1}, exchange="", routing_key="io", serializer="json",
                                           headers={"task": "raddraft.prepare"})
         wait_for(lambda: get(f"{url}/healthz")[0] == 503, timeout=90, what="/healthz 503")
@@ -97,7 +103,7 @@ def test_metrics_show_queue_depths_and_studies_by_state(tmp_path):
         for _ in range(2):  # two studies: two episodes receiving
             assert assoc.send_c_store(make_ct(generate_uid(), generate_uid())).Status == StoreStatus.SUCCESS
         assoc.release()
-        with Connection(broker_url(home)) as connection:
+        with Connection(embedded_broker_url(home)) as connection:
             for queue, count in (("io", 3), ("gpu", 2)):
                 simple = connection.SimpleQueue(queue)
                 for i in range(count):

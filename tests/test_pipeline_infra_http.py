@@ -38,6 +38,7 @@ def health(server: OpsServer) -> tuple[int, dict[str, Any]]:
 
 
 def make_settings(home: Path, **overrides: Any) -> Settings:
+    overrides.setdefault("broker_url", f"sqla+sqlite:///{(home / 'broker.sqlite').resolve()}")  # no process to start
     return Settings(home=home, http_bind="127.0.0.1", http_port=0, min_free_disk_mb=0, **overrides)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from core.settings import Destination, HL7Destination, PeerSpec, load_settings
+from core.settings import Destination, HL7Destination, PeerSpec, Settings, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +27,16 @@ def test_defaults_are_the_documented_ones():
             settings.reserved_associations) == (5.0, 8, 4)
     assert settings.broker_url is None
     assert settings.uses_embedded_broker
-    assert settings.effective_broker_url.startswith("sqla+sqlite:///")
-    assert settings.effective_broker_url.endswith("/var/broker.sqlite")
+    assert not settings.uses_sqlite_broker
+    # the owned redis-server's unix socket (workers/owned_redis.py), not a polled SQLite file
+    assert settings.effective_broker_url.startswith("redis+socket:///")
+    assert settings.effective_broker_url.endswith("/var/run/broker.sock")
+
+
+def test_the_sqlite_transport_is_an_explicit_opt_in(tmp_path):
+    settings = Settings(home=tmp_path, broker_url=f"sqla+sqlite:///{tmp_path}/broker.sqlite")
+    assert settings.uses_sqlite_broker and not settings.uses_embedded_broker
+    assert settings.effective_broker_url == f"sqla+sqlite:///{tmp_path}/broker.sqlite"
 
 
 def test_environment_overrides_toml_and_toml_overrides_defaults(tmp_path, monkeypatch):

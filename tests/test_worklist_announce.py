@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 from node_helpers import node_settings, wait_for
 from worklist_helpers import write_draft
@@ -29,6 +30,11 @@ from workers.tasks import republish
 from worklist import TASK_MODULE
 from worklist.storage import Store, StudyState
 from worklist.tasks import run_announcement
+
+
+def sqlite_broker(home: Path) -> str:
+    """kombu's SQLite transport in *home*: the opt-in broker whose workers run in the test's own process."""
+    return f"sqla+sqlite:///{(home / 'broker.sqlite').resolve()}"
 
 
 class Broker:
@@ -57,7 +63,7 @@ def _episode(settings, state: EpisodeState):
 
 
 def test_a_draft_reaches_the_worklist_through_its_task_on_a_real_broker_and_worker(tmp_path):
-    settings = node_settings(tmp_path / "home")
+    settings = node_settings(tmp_path / "home", broker_url=sqlite_broker(tmp_path / "home"))
     store, draft = _episode(settings, EpisodeState.PREPARED)
     uid = draft.phantom.study_uid
     app = configure(settings, task_modules=[TASK_MODULE])
@@ -83,7 +89,7 @@ def test_a_draft_reaches_the_worklist_through_its_task_on_a_real_broker_and_work
 
 
 def test_a_draft_the_broker_refused_is_sent_again_with_the_stranded_work(tmp_path):
-    settings = node_settings(tmp_path / "home")
+    settings = node_settings(tmp_path / "home", broker_url=sqlite_broker(tmp_path / "home"))
     store, draft = _episode(settings, EpisodeState.PREPARED)
     uid = draft.phantom.study_uid
     broker = Broker()
@@ -115,7 +121,7 @@ def test_a_draft_the_broker_refused_is_sent_again_with_the_stranded_work(tmp_pat
 
 
 def test_a_dead_lettered_report_is_announced_failed_without_its_error_text(tmp_path):
-    settings = node_settings(tmp_path / "home")
+    settings = node_settings(tmp_path / "home", broker_url=sqlite_broker(tmp_path / "home"))
     store, draft = _episode(settings, EpisodeState.PREPARED)
     uid = draft.phantom.study_uid
     patient = str(draft.phantom.datasets[0].PatientName)
@@ -144,7 +150,7 @@ def test_a_dead_lettered_report_is_announced_failed_without_its_error_text(tmp_p
 
 
 def test_a_failure_announced_for_an_episode_reported_since_is_not_shown(tmp_path):
-    settings = node_settings(tmp_path / "home")
+    settings = node_settings(tmp_path / "home", broker_url=sqlite_broker(tmp_path / "home"))
     store, draft = _episode(settings, EpisodeState.FAILED)
     uid = draft.phantom.study_uid
     broker = Broker()

@@ -2,9 +2,10 @@
 
 ``app`` is module-level (``raddraft worker`` and ``raddraft serve`` start its workers, adding the worklist's task
 module, which this layer does not name); :func:`configure` binds it to a
-:class:`~core.settings.Settings` (the broker is ``settings.effective_broker_url``: the embedded
-``sqla+sqlite`` broker in ``home`` by default, or ``redis://`` in production). Tasks are idempotent, so they
-are acknowledged late and re-queued when a worker dies.
+:class:`~core.settings.Settings` (the broker is ``settings.effective_broker_url``: by default the embedded
+redis-server ``raddraft serve`` owns, on a unix socket in ``home`` (workers/owned_redis.py); ``redis://`` in
+production; ``sqla+sqlite`` as an explicit opt-in). Tasks are idempotent, so they are acknowledged late and
+re-queued when a worker dies.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from kombu.exceptions import OperationalError
 from core.settings import Settings, load_settings
 from dicom_node.episodes import BrokerUnavailableError
 from model import decoders
-from workers import redis_transport
+from workers import redis_transport, sqlite_transport
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ _bound: dict[str, Settings] = {}
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
-    if settings.uses_embedded_broker:
+    if settings.uses_sqlite_broker:
         # kombu's sqlalchemy transport passes these to sqlalchemy.create_engine
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     # visibility_timeout: a task whose worker died unacknowledged is re-delivered after this long; the sweep
@@ -85,10 +86,16 @@ def unacked_mutex_expire(visibility_timeout_s: float) -> int:
     return int(min(300, max(5, visibility_timeout_s)))
 
 
-def _transport(settings: Settings) -> str | None:
-    """kombu transport class: plain Redis gets the reconnect fix of workers/redis_transport.py; others (TLS Redis,
-    the embedded SQLite broker) follow their URL scheme."""
-    return redis_transport.TRANSPORT if settings.effective_broker_url.startswith("redis://") else None
+def _transport(settings: Settings) -> tuple[str, str | None]:
+    """(broker URL, kombu transport class): plain Redis, and the embedded broker's unix socket, get the reconnect
+    fix of workers/redis_transport.py, SQLite the row deletion of workers/sqlite_transport.py; others (TLS Redis,
+    other SQL databases) follow their URL scheme."""
+    url = settings.effective_broker_url
+    if url.startswith(redis_transport.SOCKET_URL_PREFIX):
+        return redis_transport.socket_url(url), redis_transport.SOCKET_TRANSPORT
+    if url.startswith(sqlite_transport.URL_PREFIX):  # delivered messages deleted: the file holds what is queued
+        return sqlite_transport.transport_url(url), sqlite_transport.TRANSPORT
+    return url, redis_transport.TRANSPORT if url.startswith("redis://") else None
 
 
 def configure(settings: Settings, task_modules: Sequence[str] = ()) -> Celery:
@@ -97,11 +104,12 @@ def configure(settings: Settings, task_modules: Sequence[str] = ()) -> Celery:
     *task_modules*: modules of tasks defined above this layer (the worklist's) that a worker started from this
     app imports besides :data:`PIPELINE_TASK_MODULES`; publishing needs none (tasks are sent by name).
     """
-    if settings.uses_embedded_broker:
+    if settings.uses_sqlite_broker:
         settings.home.mkdir(parents=True, exist_ok=True)
+    broker_url, transport = _transport(settings)
     app.conf.update(
-        broker_url=settings.effective_broker_url,
-        broker_transport=_transport(settings),
+        broker_url=broker_url,
+        broker_transport=transport,
         broker_transport_options=_transport_options(settings),
         broker_connection_timeout=CONNECT_TIMEOUT_S,
         broker_connection_retry_on_startup=True,
@@ -116,7 +124,7 @@ def configure(settings: Settings, task_modules: Sequence[str] = ()) -> Celery:
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         # the sqlalchemy transport has no fan-out exchanges, which remote control needs
-        worker_enable_remote_control=not settings.uses_embedded_broker,
+        worker_enable_remote_control=not settings.uses_sqlite_broker,
         enable_utc=True,
         include=[*PIPELINE_TASK_MODULES, *task_modules],
     )

@@ -9,7 +9,10 @@ neither is attempted: the message stays in Redis's unacknowledged set, from whic
 any worker restores it (``broker_visibility_timeout_s``), as after a kill -9. The task runs again; every task is
 idempotent. With the connection alive nothing changes.
 
-Selected by ``broker_transport`` in workers/celery_app.py for ``redis://`` brokers.
+Selected by ``broker_transport`` in workers/celery_app.py for ``redis://`` brokers, and as :class:`SocketTransport`
+for the embedded broker's unix socket (``redis+socket://``, workers/owned_redis.py). :func:`restore_unacknowledged`
+puts every unacknowledged message back in its queue at once: ``raddraft serve`` calls it at start-up, before any
+worker of its own Redis runs, so nothing waits for the visibility timeout after a crash.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from kombu import Connection
 from kombu.transport import redis
 
 log = logging.getLogger(__name__)
 
 TRANSPORT = "workers.redis_transport:Transport"
+SOCKET_TRANSPORT = "workers.redis_transport:SocketTransport"
+SOCKET_URL_PREFIX = "redis+socket://"
 
 
 class QoS(redis.QoS):
@@ -60,3 +66,37 @@ class Channel(redis.Channel):
 
 class Transport(redis.Transport):
     Channel = Channel
+
+
+class SocketTransport(Transport):
+    """:class:`Transport` on a unix socket: the URL is ``socket:///path`` (kombu's ``redis+socket://`` without its
+    transport prefix, which would pick kombu's own class), kept whole for the channel, which connects to it."""
+
+    can_parse_url = True
+
+
+def socket_url(url: str) -> str:
+    """``redis+socket:///path`` → ``socket:///path``, the URL :class:`SocketTransport` takes."""
+    if not url.startswith(SOCKET_URL_PREFIX):
+        raise ValueError(f"not a redis unix-socket URL ({SOCKET_URL_PREFIX}/path): {url!r}")
+    return url[len("redis+"):]
+
+
+def restore_unacknowledged(url: str) -> int:
+    """Put every message Redis holds unacknowledged (delivered to a worker that has not acknowledged it) back in
+    its queue; returns how many. Only when no worker of this Redis runs: a live worker's messages would run twice
+    (harmless, tasks are idempotent, but wasted)."""
+    with Connection(url, transport_options={"visibility_timeout": 0}) as connection:
+        channel = connection.default_channel
+        client = channel.client
+        held = int(client.zcard(channel.unacked_index_key))
+        if not held:
+            return 0
+        # the sweep lock a killed worker may have left: no worker runs, so nobody else holds it
+        client.delete(channel.unacked_mutex_key)
+        channel.qos.restore_visible(num=held, interval=1)
+        left = int(client.zcard(channel.unacked_index_key))
+        if left:
+            log.warning("%d unacknowledged message(s) could not be put back now; the visibility-timeout sweep "
+                        "delivers them again", left)
+        return held - left

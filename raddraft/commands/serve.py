@@ -1,14 +1,17 @@
 """``raddraft serve``: the DICOM node, the hand-off dispatcher, the radiologists' worklist (with ``/healthz`` and
-``/metrics``) on the HTTP port and (embedded broker) in-process io and gpu workers, restarted when they die
-(``/healthz`` says not ok and ``raddraft status`` says since when once they keep dying: workers/inprocess.py).
+``/metrics``) on the HTTP port and, with the embedded broker, the broker itself and its io and gpu workers.
 
-With the embedded broker (no ``broker_url``) this one command is the whole gateway: io tasks run in a thread
-pool, the model runs in a single gpu thread, and work a previous run left between two stages is published
-again at start-up (the embedded broker does not re-deliver a message whose worker died). With Redis the
-workers are separate ``raddraft worker --queues io|gpu`` processes and Redis re-delivers. Questions asked on
-the worklist go to the in-process model; without in-process workers the worklist answers that no model is
-loaded here. With in-process workers ``raddraft analyze`` is answered by the same model on
-``<home>/run/model.sock`` (raddraft/model_socket.py).
+With no ``broker_url`` this one command is the whole gateway: it starts and owns a redis-server on a unix socket
+in its home (workers/owned_redis.py: append-only, fsync always, rewritten as it grows; restarted if it dies) and
+runs one ``raddraft worker --queues io`` and one ``--queues gpu`` as child processes, restarted when they die
+(workers/supervisor.py; ``/healthz`` says not ok and ``raddraft status`` says since when once one keeps dying).
+Redis re-delivers what a dead worker held; at start-up, before any worker runs, every message a previous run's
+workers held unacknowledged is put back in its queue at once. The gpu child answers ``raddraft analyze`` on
+``<home>/run/model.sock`` (raddraft/model_socket.py); worklist questions load the same model in this process on
+the first question. With ``broker_url = "sqla+sqlite:///…"`` (an explicit opt-in) the workers run in this
+process (workers/inprocess.py) and work a previous run left between two stages is published again at start-up
+(that transport does not re-deliver). With an external Redis the workers are separate ``raddraft worker``
+processes.
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ from dicom_node.stow import STOW_PREFIX, StowApp
 from raddraft.model_socket import ModelSocketServer
 from state.store import StateStore, episode_state_counts
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure, publish_prepare
+from workers.child_metrics import include_children
 from workers.inprocess import InProcessWorker
+from workers.owned_redis import BrokerStartError, OwnedRedis
+from workers.redis_transport import restore_unacknowledged
+from workers.supervisor import WorkerSupervisor
 from worklist import TASK_MODULE as WORKLIST_TASK_MODULE
 from worklist.bridge import QuestionModel
 from worklist.service import WorklistService
@@ -42,8 +49,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-worker", action="store_true",
-                        help="do not start the in-process io and gpu workers even with the embedded broker")
-    parser.add_argument("--io-threads", type=int, default=2, help="threads of the in-process io worker (default 2)")
+                        help="do not start the io and gpu workers even with the embedded broker")
+    parser.add_argument("--io-threads", type=int, default=4, help="threads of the io worker (default 4)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -57,33 +64,65 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     settings.home.mkdir(parents=True, exist_ok=True)
+    broker: OwnedRedis | None = None
+    if settings.uses_embedded_broker:  # first, before any thread: the child is forked with a death signal
+        broker = OwnedRedis(settings)
+        try:
+            broker.start()
+        except BrokerStartError as exc:
+            raise SystemExit(f"raddraft serve: {exc}") from exc
+    try:
+        return _serve(args, settings, stop, broker)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _serve(args: argparse.Namespace, settings: Settings, stop: threading.Event, broker: OwnedRedis | None) -> int:
     spool = Spool(settings.spool_dir)
     spool.ensure()
     store = StateStore(settings.index_path)
     index = Index(store)
     # /metrics (on the worklist port): studies by episode state from the index, queue depths from the broker
     metrics.configure(settings, episode_state_counts(settings.index_path))
-    app = configure(settings, task_modules=[WORKLIST_TASK_MODULE])  # the in-process worker runs them
+    app = configure(settings, task_modules=[WORKLIST_TASK_MODULE])  # an in-process worker runs them
     receiver = InstanceReceiver(spool, index, settings.max_instance_mb, settings.min_free_disk_mb)
     node = DicomNode(settings, receiver)
     dispatcher = HandoffDispatcher(store, publish_prepare, settings.study_idle_seconds,
                                    settings.handoff_retry_seconds)
-    workers: list[InProcessWorker] = []
-    in_process = settings.uses_embedded_broker and not args.no_worker
-    worklist = WorklistService(settings, _question_model(settings) if in_process else None)
+    in_process = settings.uses_sqlite_broker and not args.no_worker
+    children = broker is not None and not args.no_worker
+    worklist = WorklistService(settings, _question_model(settings) if in_process or children else None)
     _mount_stow(worklist, settings, receiver)
-    if in_process:
+    workers: list[InProcessWorker | WorkerSupervisor] = []
+    if children:
+        # two processes, two interpreters: io (prepare, report, deliver) and gpu (infer) use both cores, as the
+        # Redis deployment's workers do (bench/burst.py measures it)
+        workers = [WorkerSupervisor([IO_QUEUE, GPU_QUEUE], cli_options=_cli_options(args),
+                                    worker_options={IO_QUEUE: ["--concurrency", str(args.io_threads)]},
+                                    state_path=inprocess_worker_state_path(settings.home),
+                                    max_restarts=settings.inprocess_worker_max_restarts,
+                                    restart_backoff_s=settings.inprocess_worker_restart_backoff_s,
+                                    http_host=_loopback(settings.http_bind))]
+        include_children(workers[0].metrics_urls)  # this /metrics sums the workers' task and delivery counts
+    elif in_process:
         # one worker for both queues: two Celery WorkControllers in one process do not consume; infer tasks take
         # a process-wide lock (workers/tasks.py), so the model runs one batch at a time in one of these threads
-        # watched (workers/inprocess.py): a dead worker is restarted, and /healthz and `raddraft status` say so
         workers = [InProcessWorker(app, [IO_QUEUE, GPU_QUEUE], concurrency=args.io_threads + 1,
                                    state_path=inprocess_worker_state_path(settings.home),
                                    max_restarts=settings.inprocess_worker_max_restarts,
                                    restart_backoff_s=settings.inprocess_worker_restart_backoff_s)]
 
-    dispatcher.recover(reset_claimed=settings.uses_embedded_broker)
-    if workers:
+    # the SQLite transport does not re-deliver: episodes claimed by the previous run's in-process worker and
+    # stages it left unfinished are published again. Redis keeps queued and unacknowledged messages; no worker of
+    # the owned Redis runs yet, so every unacknowledged one belonged to a worker that is gone: back in its queue.
+    dispatcher.recover(reset_claimed=in_process)
+    if in_process:
         _republish_stranded(store)
+    if children:
+        restored = restore_unacknowledged(settings.effective_broker_url)
+        if restored:
+            log.info("put back %d message(s) the previous run's workers held unacknowledged", restored)
     model_socket: ModelSocketServer | None = None
     node.start()
     try:
@@ -92,12 +131,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for worker in workers:
             worker.start()
             http.register_check("worker", worker.health)
-        if workers:
+        if in_process:  # with child workers the gpu child loads the model and answers raddraft analyze
             threading.Thread(target=_warm_model, args=(settings,), name="raddraft-model-warmup", daemon=True).start()
             model_socket = _model_socket(settings)
         log.info("raddraft serving; home %s, broker %s", settings.home,
-                 "embedded" if settings.uses_embedded_broker else "external")
-        stop.wait()
+                 "embedded (owned redis-server)" if broker is not None else
+                 "sqlite (in-process workers)" if settings.uses_sqlite_broker else "external")
+        while not stop.wait(1.0):
+            if broker is not None and not broker.running and not stop.wait(0.2):
+                log.error("the embedded broker (redis-server) ended; starting it again")
+                try:
+                    broker.start()
+                except BrokerStartError as exc:
+                    log.error("the embedded broker could not be started again: %s", exc)
     finally:
         if model_socket is not None:
             model_socket.stop()
@@ -110,6 +156,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         store.close()
     log.info("raddraft stopped")
     return 0
+
+
+def _loopback(bind: str) -> str:
+    """Where this process reaches a child's ops server bound like its own (an any-address bind: loopback)."""
+    return "127.0.0.1" if bind in ("", "0.0.0.0") else "::1" if bind == "::" else bind
+
+
+def _cli_options(args: argparse.Namespace) -> list[str]:
+    """The ``raddraft`` options a child worker needs to read the settings this serve read."""
+    options: list[str] = []
+    if getattr(args, "config", None) is not None:
+        options += ["--config", str(args.config.resolve())]
+    if getattr(args, "log_level", None):
+        options += ["--log-level", args.log_level]
+    return options
 
 
 def _mount_stow(worklist: WorklistService, settings: Settings, receiver: InstanceReceiver) -> None:

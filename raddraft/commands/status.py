@@ -1,8 +1,9 @@
 """``raddraft status [--json]``: studies with the state of each episode and their counts, the deliveries, the
 dead-letter table (tasks that failed for good; re-play them with ``raddraft retry``) and what the DICOM node
 turned away, stored once or stored without analysis (rejected presentation contexts, identical re-sends, refused
-instances, AI/derived objects), and the state of ``raddraft serve``'s in-process worker (running, restarting,
-stalled, dead since …, with its restarts)."""
+instances, AI/derived objects), and the state of ``raddraft serve``'s workers: its io and gpu worker processes
+with the embedded broker, or its in-process worker with the SQLite transport (running, restarting, stalled, dead
+since …, with their restarts)."""
 
 from __future__ import annotations
 
@@ -139,8 +140,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _write_worker(out: TextIO, worker: dict[str, Any] | None) -> None:
-    """One line on raddraft serve's in-process worker: running, restarting, stalled, dead since …, stopped."""
+    """One line on raddraft serve's in-process worker, or one per worker process it runs (the embedded broker:
+    workers/supervisor.py): running, restarting, stalled, dead since …, stopped."""
     if worker is None:
+        return
+    if "workers" in worker:
+        for child in worker["workers"]:
+            out.write(f"{child['queue']} worker process: {_child_line(worker, child)}\n")
         return
     state, restarts = worker.get("state"), worker.get("restarts", 0)
     since = _iso(worker["since"]) if worker.get("since") else "?"
@@ -161,6 +167,21 @@ def _write_worker(out: TextIO, worker: dict[str, Any] | None) -> None:
     else:
         line = f"{state} since {since}, {beat}, {restarts} restart(s)"
     out.write(f"in-process worker: {line}\n")
+
+
+def _child_line(document: dict[str, Any], child: dict[str, Any]) -> str:
+    state, restarts = child.get("state"), child.get("restarts", 0)
+    since = _iso(child["since"]) if child.get("since") else "?"
+    if not document["process_running"] and state != "stopped":
+        return f"not running: the serve process {document.get('pid')} has ended (it was {state} since {since})"
+    if state == "dead":
+        return (f"dead since {since} after {restarts} restart(s) ({child.get('last_error')}); its queue is not "
+                "consumed until raddraft serve is restarted")
+    if state == "restarting":
+        return f"restarting since {since} ({child.get('last_error')}), {restarts} restart(s)"
+    if state == "stopped":
+        return f"stopped since {since}"
+    return f"{state} since {since}, pid {child.get('pid')}, {restarts} restart(s)"
 
 
 def _write_node_counters(out: TextIO, counts: dict[str, int]) -> None:

@@ -1,18 +1,22 @@
 """``raddraft worker --queues io|gpu``: a production Celery worker (gpu: one process, one model, a thread per
 message up to ``inference_batch_size`` so that queued studies are answered in one forward pass; ``solo`` at 1).
 A gpu worker also answers ``raddraft analyze`` of the same home with its model (raddraft/model_socket.py).
-``--http-port`` serves the worker's own ``/healthz`` and ``/metrics`` (core/http.py)."""
+``--http-port`` serves the worker's own ``/healthz`` and ``/metrics`` (core/http.py). ``raddraft serve`` with the
+embedded broker runs one of each queue as its children (workers/supervisor.py) with ``--supervised-by``: such a
+worker ends when serve does."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import threading
 
 from core import metrics
 from core.http import OpsServer
 from core.settings import Settings
 from state.store import episode_state_counts
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure
+from workers.owned_redis import die_with_parent
 from worklist import TASK_MODULE as WORKLIST_TASK_MODULE
 
 log = logging.getLogger(__name__)
@@ -24,9 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="io worker threads (default 4); the gpu worker always runs one task at a time")
     parser.add_argument("--http-port", type=int, default=None, metavar="PORT",
                         help="serve this worker's /healthz and /metrics on http_bind:PORT (0: a free port)")
+    parser.add_argument("--supervised-by", type=int, default=None, metavar="PID",
+                        help="a child of raddraft serve (workers/supervisor.py): end when process PID ends")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.supervised_by is not None:
+        die_with_parent(args.supervised_by)
     app = configure(settings, task_modules=[WORKLIST_TASK_MODULE])  # the worklist's tasks run on io workers
     if args.queues == GPU_QUEUE:
         # one process, one model; a thread per message so that queued studies meet in one batch (workers/batching.py)
@@ -59,6 +67,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         from raddraft.analyze_output import start_model_socket  # noqa: PLC0415 - the model stack: gpu workers only
 
         model_socket = start_model_socket(settings)  # raddraft analyze on this machine uses this worker's model
+        # the model is loaded before the first study arrives, not by the first infer task
+        threading.Thread(target=_warm_model, args=(settings,), name="raddraft-model-warmup", daemon=True).start()
     try:
         worker.start()
     finally:
@@ -67,3 +77,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if ops is not None:
             ops.stop()
     return int(worker.exitcode or 0)
+
+
+def _warm_model(settings: Settings) -> None:
+    """Load the gpu worker's model ahead of its first infer task."""
+    from workers.inference import get_model  # noqa: PLC0415 - the model stack: gpu workers only
+
+    try:
+        get_model(settings.model, settings.inference_device)
+    except Exception:
+        log.exception("model %s could not be loaded ahead of time; the first infer task will report why",
+                      settings.model)
