@@ -247,9 +247,11 @@ class InstanceReceiver:
                           ) -> str:
         placed: list[Placement] = []
 
-        def place() -> None:
-            placed.append(self.spool.place(staged, identity.study_uid, identity.series_uid,
-                                           identity.sop_instance_uid))
+        def place() -> Path:
+            placement = self.spool.place(staged, identity.study_uid, identity.series_uid,
+                                         identity.sop_instance_uid, sync_directory=False)
+            placed.append(placement)
+            return placement.path.parent  # the index fsyncs it before the commit, once for its whole batch
 
         def is_duplicate(stored_path: str) -> bool:
             return (self.spool.root / stored_path).is_file()
