@@ -287,7 +287,8 @@ def bench_orthanc(workdir: Path, folders: Folders, case: Case, profile: Path | N
                        lambda: int(orthanc.get("/statistics")["CountInstances"]))
 
 
-def bench_raddraft(workdir: Path, folders: Folders, case: Case, profile: Path | None) -> Measurement:
+def bench_raddraft(workdir: Path, folders: Folders, case: Case, profile: Path | None, *, repo: Path = REPO,
+                   target: str = "raddraft") -> Measurement:
     home = workdir / "raddraft-home"
     port = free_port()
     env = {
@@ -304,8 +305,8 @@ def bench_raddraft(workdir: Path, folders: Folders, case: Case, profile: Path | 
     with log_path.open("wb") as log_file:
         # --no-worker: ingest only; with the embedded broker serve would otherwise start the io/gpu workers and
         # load the model in the background while the instances arrive
-        process = subprocess.Popen([sys.executable, "-m", "raddraft.cli", "serve", "--no-worker"], cwd=REPO, env=env,
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "raddraft.cli", "serve", "--no-worker"], cwd=repo,
+                                   env={**env, "PYTHONPATH": str(repo)}, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         def ready() -> bool:
             if process.poll() is not None:
@@ -314,7 +315,7 @@ def bench_raddraft(workdir: Path, folders: Folders, case: Case, profile: Path | 
 
         wait_for(ready, timeout=60, interval=0.2, what="raddraft serve answering C-ECHO")
         spool = home / "spool"
-        return measure("raddraft", folders, case, "RADDRAFT", port, process.pid,
+        return measure(target, folders, case, "RADDRAFT", port, process.pid,
                        lambda: sum(1 for p in spool.glob("*/*/*.dcm") if p.parent.parent.name != "tmp"), profile)
     finally:
         stop_process(process, timeout=30)
@@ -399,7 +400,7 @@ def run_case(case: Case, count: int, targets: list[str], rounds: int, workdir: P
     }
     ratios: dict[str, dict[str, float]] = {}
     if "raddraft" in targets:
-        for other in ("orthanc", "storescp"):
+        for other in ("orthanc", "storescp", "baseline"):
             if other in targets:
                 ratios[f"raddraft/{other}"] = spread([m["raddraft"].instances_per_s / m[other].instances_per_s
                                                       for m in per_round])
@@ -506,16 +507,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                         help="record raddraft with py-spy into DIR and print where its association threads' time goes")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="CHECKOUT",
+                        help="also run raddraft serve from another checkout (e.g. the code before a change) as "
+                             "target 'baseline', side by side, with the ratio raddraft/baseline")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, received files)")
     args = parser.parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]
+    if args.baseline is not None:
+        baseline = args.baseline.resolve()
+        RUNNERS["baseline"] = lambda workdir, folders, case, _profile: bench_raddraft(
+            workdir, folders, case, None, repo=baseline, target="baseline")
+        targets.insert(1 if "raddraft" in targets else 0, "baseline")
     if args.associations is not None:
         cases = [Case(f"nodelay-{args.associations}" if args.associations > 1 else "nodelay", args.associations,
                       big=False, nodelay=True)]
     else:
         cases = [CASES[name] for name in args.cases.split(",") if name in CASES]
-    unknown = sorted(set(targets) - set(TARGETS)) + sorted(set(args.cases.split(",")) - set(CASES))
+    unknown = sorted(set(targets) - set(RUNNERS)) + sorted(set(args.cases.split(",")) - set(CASES))
     if unknown or args.count < 1 or args.rounds < 1 or not cases:
         parser.error(f"unknown targets or cases {unknown}" if unknown else "--count, --rounds and cases are needed")
     for tool in ("storescu", "echoscu", "storescp", "Orthanc"):
