@@ -425,7 +425,7 @@ PROFILE_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("parse (dcmread)", "dcmread ("),
     ("validate (decode / check)", "decode_all ("),
     ("validate (decode / check)", "check_structure ("),
-    ("validate (decode / check)", "check_required ("),
+    ("validate (decode / check)", "check_instance ("),
     ("validate (decode / check)", "check_inflated_size ("),
     ("hash (sha256)", "content_sha256 ("),
     ("stage + file fsync", "stage ("),
@@ -433,7 +433,7 @@ PROFILE_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("wait for the index lock / group commit", "acquire ("),
     ("index commit (rename, dir fsync, SQLite)", "record_instance ("),
     ("index commit (rename, dir fsync, SQLite)", "_commit_batch ("),
-    ("index reads", "instance ("),
+    ("index reads", "Index.instance ("),
     ("free-space check", "free_bytes ("),
     ("C-STORE handler, other", "handle_store ("),
 )
