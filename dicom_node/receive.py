@@ -21,13 +21,12 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.charset import default_encoding
-from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_deferred_data_element
-from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.uid import UID
-from pydicom.valuerep import AMBIGUOUS_VR, VR
+from pydicom.valuerep import VR
 
 from core import metrics
 from core.layout import InvalidUIDError, validate_uid
@@ -189,8 +188,7 @@ class InstanceReceiver:
                 source: Path | None = incoming.data
             else:
                 dataset, source = dcmread(BytesIO(incoming.data)), None
-            check_structure(dataset, size, syntax)
-            decode_all(dataset, source=source)
+            check_instance(dataset, size, syntax, source=source)
             sop_class_uid = dataset.get("SOPClassUID")
             sop_instance_uid = dataset.get("SOPInstanceUID")
             study_uid = dataset.get("StudyInstanceUID")
@@ -249,9 +247,11 @@ class InstanceReceiver:
                           ) -> str:
         placed: list[Placement] = []
 
-        def place() -> None:
-            placed.append(self.spool.place(staged, identity.study_uid, identity.series_uid,
-                                           identity.sop_instance_uid))
+        def place() -> Path:
+            placement = self.spool.place(staged, identity.study_uid, identity.series_uid,
+                                         identity.sop_instance_uid, sync_directory=False)
+            placed.append(placement)
+            return placement.path.parent  # the index fsyncs it before the commit, once for its whole batch
 
         def is_duplicate(stored_path: str) -> bool:
             return (self.spool.root / stored_path).is_file()
@@ -293,15 +293,86 @@ class InstanceReceiver:
 
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
-SPECIFIC_CHARACTER_SET = 0x00080005
+# The attributes (top level) whose values are converted at the door, so that one pydicom cannot decode is refused
+# here rather than failing its study's episode later: what the node reads (_identify: the identifying UIDs,
+# Patient ID, Manufacturer) and what the prepare stage reads for the manifest (workers/prepare.py study_info,
+# instance_entry, series_entry; tests/test_node_perf_ingest.py keeps the two lists in step).
+READ_ATTRIBUTES = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
+    "Manufacturer",
+    "PatientName", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+    "StudyTime", "StudyDescription", "ReferringPhysicianName", "InstitutionName", "Modality", "SeriesNumber",
+    "SeriesDescription", "BodyPartExamined", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
+    "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation", "PixelSpacing", "ImagerPixelSpacing",
+    "ImagePositionPatient", "ImageOrientationPatient", "SliceLocation", "ViewPosition", "ImageLaterality",
+    "ImageType",
+)
 
 
-def check_structure(dataset: Dataset, data_length: int, transfer_syntax: UID) -> None:
+def check_instance(dataset: Dataset, data_length: int, transfer_syntax: UID, *, source: Path | None = None) -> None:
+    """Raise ``ValueError`` for a data set the node must refuse: one whose structure cannot be parsed
+    (:func:`check_parsable`) or whose :data:`READ_ATTRIBUTES` cannot be decoded. Nothing else is converted."""
+    check_parsable(dataset, data_length, transfer_syntax, source=source)
+    for keyword in READ_ATTRIBUTES:
+        dataset.get(keyword)  # converts the element (and resolves an ambiguous VR), raising for a bad value
+
+
+def check_parsable(dataset: Dataset, data_length: int, transfer_syntax: UID, *, source: Path | None = None) -> None:
+    """Raise ``ValueError`` for a data set whose structure cannot be parsed: :func:`check_structure` at the top
+    level, then every sequence parsed into its items and each item checked likewise, nested sequences too.
+
+    Values are not converted here (:func:`check_instance` converts :data:`READ_ATTRIBUTES`): a value that cannot
+    be decoded (a 3-byte US inside an item, say) in an element no stage reads is stored as received, as a PACS
+    stores it.
+
+    *source*: the file *dataset* was read from with ``defer_size``; a deferred sequence is read from it.
+    """
+    check_structure(dataset, data_length, transfer_syntax)
+    _check_sequences(dataset, data_length, transfer_syntax, source)
+
+
+def _check_sequences(dataset: Dataset, data_length: int, transfer_syntax: UID, source: Path | None) -> None:
+    for tag in dataset.keys():  # noqa: SIM118 -- iterating a Dataset itself would convert every element
+        held = dataset.get_item(tag, keep_deferred=True)
+        if isinstance(held, RawDataElement):
+            if not _may_be_sequence(held):
+                continue
+            if held.value is None and held.length > 0:  # deferred (over DEFER_SIZE): read it from the file
+                if source is None:
+                    raise ValueError(f"element {tag} was deferred but the file it was read from is not known")
+                held = read_deferred_data_element(open, str(source), None, held)
+            element = convert_raw_data_element(held, encoding=dataset.original_character_set, ds=dataset)
+        else:
+            element = held
+        if element.VR != VR.SQ:
+            continue
+        for item in element.value:
+            check_structure(item, data_length, transfer_syntax, whole=False)
+            _check_sequences(item, data_length, transfer_syntax, source)
+
+
+def _may_be_sequence(raw: RawDataElement) -> bool:
+    """Whether pydicom would convert *raw* to a sequence: VR SQ, or (implicit VR, or UN) an undefined length or a
+    tag its dictionary knows as SQ."""
+    if raw.VR == VR.SQ:
+        return True
+    if raw.VR not in (None, VR.UN):
+        return False
+    if raw.length == UNDEFINED_LENGTH:
+        return True
+    try:
+        return bool(dictionary_VR(raw.tag) == VR.SQ)
+    except KeyError:  # private or unknown: pydicom reads it as UN, not as a sequence
+        return False
+
+
+def check_structure(dataset: Dataset, data_length: int, transfer_syntax: UID, *, whole: bool = True) -> None:
     """Raise ``ValueError`` for a stream pydicom only warns about: wrong VR encoding, truncated or trailing bytes.
 
     Must run before the elements are converted (it inspects the raw elements' lengths and offsets). *data_length*:
     the bytes received (preamble and file meta included). A deferred element (read with ``defer_size``: its value
-    is ``None``, pydicom skipped over it) must lie wholly within them.
+    is ``None``, pydicom skipped over it) must lie wholly within them. *whole*: *dataset* is the whole data set
+    (not a sequence item), which must end where the received bytes end.
     """
     end: int | None = None
     for tag in dataset.keys():  # noqa: SIM118 -- iterating a Dataset itself would convert the raw elements
@@ -325,52 +396,6 @@ def check_structure(dataset: Dataset, data_length: int, transfer_syntax: UID) ->
         if present != raw.length:
             raise ValueError(f"element {tag} is truncated: {present} of {raw.length} bytes present")
         end = raw.value_tell + raw.length
-    if end is not None and not transfer_syntax.is_deflated and end != data_length:
+    if whole and end is not None and not transfer_syntax.is_deflated and end != data_length:
         raise ValueError(f"the data set ends at byte {end} but {data_length} bytes were received "
                          "(truncated element header or trailing bytes)")
-
-
-def decode_all(dataset: Dataset, ancestors: tuple[Dataset, ...] = (), *, source: Path | None = None) -> None:
-    """Convert every element (and sequence item) so malformed values fail here, not in a later stage.
-
-    The conversions pydicom applies on access (:func:`convert_raw_data_element`, then the ambiguous-VR
-    correction), without storing the converted elements back into *dataset*: storing is half the cost of
-    iterating a dataset, and the converted values are not needed (a few identifiers are read afterwards).
-    *dataset* comes from :func:`dcmread` (its ``original_character_set`` is the one to decode with).
-
-    *source*: the file *dataset* was read from with ``defer_size``. A deferred value of a bulk binary VR
-    (:data:`BULK_VRS`: pixel data and the like, which conversion leaves as bytes) stays unread; any other
-    deferred value (a long text, a sequence with a defined length) is read from *source* and converted.
-    """
-    lineage = [dataset, *ancestors]
-    encoding = dataset.original_character_set
-    for tag in dataset.keys():  # noqa: SIM118 -- iterating a Dataset itself would convert and store every element
-        held = dataset.get_item(tag, keep_deferred=True)
-        if not isinstance(held, RawDataElement):
-            element = held
-        else:
-            element = _convert(held, dataset, encoding, lineage)
-            if held.value is None and held.length > 0 and element.VR not in BULK_VRS:
-                if source is None:
-                    raise ValueError(f"element {tag} was deferred but the file it was read from is not known")
-                element = _convert(read_deferred_data_element(open, str(source), None, held), dataset, encoding,
-                                   lineage)
-        if element.VR == VR.SQ:
-            for child in element.value:
-                decode_all(child, tuple(lineage), source=source)
-
-
-# VRs whose values conversion leaves as they are (bytes): a deferred one need not be read to be checked
-BULK_VRS = frozenset({VR.OB, VR.OD, VR.OF, VR.OL, VR.OV, VR.OW})
-
-
-def _convert(held: RawDataElement, dataset: Dataset, encoding: str | list[str], lineage: list[Dataset]
-             ) -> DataElement:
-    """The element pydicom's access would make of *held*: converted, then its ambiguous VR resolved."""
-    # Specific Character Set itself is read in the default encoding, as Dataset.__getitem__ does
-    element = convert_raw_data_element(
-        held, encoding=default_encoding if held.tag == SPECIFIC_CHARACTER_SET else encoding, ds=dataset
-    )
-    if element.VR in AMBIGUOUS_VR:
-        element = correct_ambiguous_vr_element(element, dataset, held.is_little_endian, lineage)
-    return element

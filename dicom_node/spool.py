@@ -177,8 +177,11 @@ class Spool:
     def discard(self, staged: StagedFile) -> None:
         staged.path.unlink(missing_ok=True)
 
-    def place(self, staged: StagedFile, study_uid: str, series_uid: str, sop_instance_uid: str) -> Placement:
-        """Rename *staged* to its final path (replacing an older file atomically) and fsync the directory."""
+    def place(self, staged: StagedFile, study_uid: str, series_uid: str, sop_instance_uid: str, *,
+              sync_directory: bool = True) -> Placement:
+        """Rename *staged* to its final path (replacing an older file atomically) and fsync the directory, unless
+        *sync_directory* is False: then the caller fsyncs ``placement.path.parent`` before it relies on the file
+        (the group commit of dicom_node/index.py fsyncs each directory of a batch once)."""
         final = self.instance_path(study_uid, series_uid, sop_instance_uid)
         created: list[Path] = []
         backup: Path | None = None
@@ -190,7 +193,8 @@ class Spool:
                 os.link(final, backup)
             os.replace(staged.path, final)
             renamed = True
-            fsync_directory(final.parent)
+            if sync_directory:
+                fsync_directory(final.parent)
         except BaseException:
             if renamed:  # the directory fsync failed: put the old file (or nothing) back, as a rollback does
                 Placement(path=final, backup=backup, created_dirs=created).rollback()

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS episodes (
     PRIMARY KEY (study_instance_uid, episode_id)
 );
 CREATE INDEX IF NOT EXISTS episodes_by_state ON episodes (state);
+CREATE INDEX IF NOT EXISTS episodes_by_opened ON episodes (opened_at, study_instance_uid, episode_id);
 CREATE TABLE IF NOT EXISTS task_runs (
     id                 INTEGER PRIMARY KEY AUTOINCREMENT,
     task               TEXT NOT NULL,
@@ -194,6 +195,14 @@ _EPISODE_COLUMNS = (
 )
 
 
+# The queries of ``raddraft status`` over the episodes (tests/test_node_index_growth.py checks their plans).
+RECENT_EPISODES = (f"SELECT {_EPISODE_COLUMNS} FROM episodes ORDER BY opened_at DESC, study_instance_uid DESC, "
+                   "episode_id DESC LIMIT ?")
+EPISODE_TOTALS = "SELECT state, COUNT(*) AS n FROM episodes GROUP BY state"
+# an arrival's episode (episode_for_arrival)
+LATEST_EPISODE = "SELECT episode_id, state FROM episodes WHERE study_instance_uid = ? ORDER BY episode_id DESC LIMIT 1"
+
+
 def _episode(row: sqlite3.Row) -> Episode:
     return Episode(
         study_instance_uid=row["study_instance_uid"],
@@ -236,10 +245,7 @@ class StateStore:
         """
         if not db.in_transaction:
             raise RuntimeError("an arrival's episode is opened inside the transaction that stores its instance")
-        latest = db.execute(
-            "SELECT episode_id, state FROM episodes WHERE study_instance_uid = ? ORDER BY episode_id DESC LIMIT 1",
-            (study_uid,),
-        ).fetchone()
+        latest = db.execute(LATEST_EPISODE, (study_uid,)).fetchone()
         if latest is not None and latest["state"] in OPEN_STATES:
             db.execute(
                 "UPDATE episodes SET state = ?, last_received_at = ?, received = received + 1, closed_at = NULL "
@@ -270,6 +276,18 @@ class StateStore:
                 f"SELECT {_EPISODE_COLUMNS} FROM episodes ORDER BY opened_at, study_instance_uid, episode_id"
             ).fetchall()
         return [_episode(row) for row in rows]
+
+    def recent_episodes(self, limit: int) -> list[Episode]:
+        """The *limit* most recently opened episodes, oldest of them first (read through ``episodes_by_opened``)."""
+        with self.database.reading() as db:
+            rows = db.execute(RECENT_EPISODES, (limit,)).fetchall()
+        return [_episode(row) for row in reversed(rows)]
+
+    def episode_totals(self) -> dict[str, int]:
+        """Episodes per state (counted in ``episodes_by_state``, not in the table)."""
+        with self.database.reading() as db:
+            rows = db.execute(EPISODE_TOTALS).fetchall()
+        return {row["state"]: int(row["n"]) for row in rows}
 
     def close_idle_episodes(self, now: float, idle_seconds: float) -> list[Episode]:
         """Move episodes with no arrival for *idle_seconds* from ``receiving`` to ``ready``."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -32,12 +31,20 @@ COUNTER_LABELS: dict[str, str] = {
 }
 
 
+DEFAULT_LIMIT = 100  # episodes listed: the most recently opened ones (the totals count every episode)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+                        help=f"list the LIMIT most recently opened episodes (default {DEFAULT_LIMIT})")
 
 
-def collect(settings: Settings) -> dict[str, Any]:
-    """The status document: one entry per study episode, plus totals per state."""
+def collect(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
+    """The status document: one entry per study episode (the *limit* most recently opened), plus totals per state.
+
+    What it reads does not grow with the history in the index: the listed episodes and their studies' counts
+    through indexes, the totals kept by the index (dicom_node/index.py) and the episodes' state index."""
     worker = read_state(inprocess_worker_state_path(settings.home))
     if not settings.index_path.exists():
         return {"studies": [], "totals": {}, "instances": 0, "deliveries": [], "dead_letters": [],
@@ -46,8 +53,10 @@ def collect(settings: Settings) -> dict[str, Any]:
     store = StateStore(settings.index_path)
     index = Index(store)
     try:
-        counts = index.study_counts()
-        episodes = store.episodes()
+        episodes = store.recent_episodes(limit)
+        counts = index.study_counts({episode.study_instance_uid for episode in episodes})
+        totals = store.episode_totals()
+        without_episode = index.studies_without_episode(limit)
         total_instances = index.count_instances()
         deliveries = store.deliveries()
         dead_letters = store.dead_letters()
@@ -71,7 +80,6 @@ def collect(settings: Settings) -> dict[str, Any]:
             "error": episode.last_error,
             "outputs_not_built": _problems(settings, episode.study_instance_uid, episode.episode_id),
         })
-    totals = Counter(row["state"] for row in rows)
     return {
         "studies": rows, "totals": dict(sorted(totals.items())), "instances": total_instances,
         "deliveries": [{"study_instance_uid": d.study_instance_uid, "episode": d.episode_id, "kind": d.kind,
@@ -82,7 +90,7 @@ def collect(settings: Settings) -> dict[str, Any]:
                           "at": _iso(d.at)} for d in dead_letters],
         "node": counters,
         # studies of which only AI/derived objects were received: stored, nothing to analyse
-        "studies_without_episode": sorted(set(counts) - {episode.study_instance_uid for episode in episodes}),
+        "studies_without_episode": without_episode,
         # raddraft serve's in-process worker (workers/inprocess.py), None when serve never ran one here
         "inprocess_worker": worker,
     }
@@ -98,7 +106,7 @@ def _iso(timestamp: float) -> str:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    document = collect(settings)
+    document = collect(settings, getattr(args, "limit", DEFAULT_LIMIT))  # a Namespace built without --limit too
     out = sys.stdout
     if args.json:
         json.dump(document, out, indent=2)
@@ -119,7 +127,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for problem in row["outputs_not_built"]:
             out.write(f"    {problem['kind']} {problem['state']}: {problem['reason']}\n")
     totals = ", ".join(f"{state} {count}" for state, count in document["totals"].items())
-    out.write(f"{len(document['studies'])} episode(s): {totals}; {document['instances']} instance(s) stored\n")
+    episodes = sum(document["totals"].values())
+    out.write(f"{episodes} episode(s): {totals}; {document['instances']} instance(s) stored\n")
+    if episodes > len(document["studies"]):
+        out.write(f"(the {len(document['studies'])} most recently opened listed: --limit)\n")
     unfinished = [d for d in document["deliveries"] if d["state"] not in ("done", "skipped")]
     skipped = [d for d in document["deliveries"] if d["state"] == "skipped"]
     if skipped:
