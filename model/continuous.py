@@ -142,6 +142,7 @@ class ContinuousDecoder:
         self._eos = int(model.tokenizer.eos_token_id)
         self.steps = 0  # decode steps run (figures, tests)
         self.prefills = 0  # prefill passes run
+        self.tokens = 0  # new tokens chosen (EOS excluded)
         logger.info("continuous decoder: %d slot(s) x %d positions, %.1f MiB of cache", slots, max_len,
                     sum(t.numel() * t.element_size() for t in self.cache.tensors()) / 2**20)
 
@@ -270,6 +271,7 @@ class ContinuousDecoder:
             else:
                 row.tokens.append(token)
                 row.last = token
+                self.tokens += 1
                 row.done = len(row.tokens) >= row.max_new_tokens
             if row.done:
                 assert row.slot is not None
