@@ -121,14 +121,24 @@ class ContinuousBatcher:
     # ------------------------------------------------------------------ the decoder thread
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # closed, or the thread ends on an error no step caught: no task waits for ever
+            with self._wake:
+                self._closed = True
+                jobs, self._jobs = self._jobs, []
+            ended = RuntimeError("the decoder was closed")
+            for job in jobs + [row.owner for row in self.decoder.clear() if isinstance(row.owner, _Job)]:
+                job.fail(ended)
+
+    def _serve(self) -> None:
         decoder = self.decoder
         while True:
             with self._wake:
                 while not self._jobs and not decoder.pending and not self._closed:
                     self._wake.wait()
                 if self._closed:
-                    jobs, self._jobs = self._jobs, []
-                    break
+                    return
                 jobs, self._jobs = self._jobs, []
             for job in jobs:
                 self._admit(job)
@@ -143,9 +153,6 @@ class ContinuousBatcher:
             for job in {row.owner for row in finished if isinstance(row.owner, _Job)}:
                 if all(row.done for row in job.rows):
                     job.done.set()
-        closed = RuntimeError("the decoder was closed")
-        for job in jobs + [row.owner for row in decoder.clear() if isinstance(row.owner, _Job)]:
-            job.fail(closed)
 
     def _admit(self, job: _Job) -> None:
         """Embed the job's prompts and queue its rows; a job that cannot be decoded fails alone."""
