@@ -425,6 +425,8 @@ class Settings(BaseSettings):
     # --- model -----------------------------------------------------------------------------------------------
     model: str = Field("embedded", description="preset name or path to a model folder")
     inference_device: str = Field("auto", description="torch device of gpu workers: auto, cpu, cuda, cuda:1 …")
+    inference_dtype: str = Field("auto", pattern=r"^(auto|float32|bfloat16|float16)$",
+                                 description="weights of gpu workers: auto = bfloat16 on cuda, float32 on the cpu")
     inference_threads: int | None = Field(None, ge=1, description="torch CPU threads; empty = torch default")
     inference_batch_size: int = Field(4, ge=1, description="studies a gpu worker answers in one forward pass")
     inference_batch_window_s: float = Field(0.05, ge=0, description="how long a batch waits for more studies")

@@ -10,8 +10,9 @@ gpu queue in between) and the evaluation (model/evaluation.py) all go through th
    (:func:`model.imaging.study_view`: the image, a CT projection or a montage); each slice gets one task
    ``grounding:<slice key>``, the ``[grounding]`` instruction on that slice.
 2. a runner answers it: :func:`run_batch` here, on the model in this process (ONE greedy ``generate`` call over
-   every task row of every request it is given); in the pipeline the gpu worker runs the same function
-   (workers/inference.py); a gateway's model socket answers ``raddraft analyze`` with it too.
+   every task row of every request it is given); in the pipeline the gpu worker runs the same function with its
+   continuous decoder as the row generator (workers/batching.py: each study's rows join the running batch at the
+   token level); a gateway's model socket answers ``raddraft analyze`` with it too.
 3. :func:`assemble` — the :class:`~core.result.AnalysisResult` of the answers. The texts are cleaned of control
    characters (they go into DICOM and HL7 text); each grounded answer is parsed with the never-raising parser
    and each ``<p>label</p> {box}`` becomes a :class:`~core.result.Finding` with its box mapped from the 0–100 grid
@@ -35,7 +36,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -66,6 +67,12 @@ _SECTION = re.compile(r"(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE)
 # Model text is free text: control characters (other than the whitespace split_report already folds) cannot go
 # into DICOM or HL7 text, so they are replaced by a space before the result is built.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+# A runner's way of decoding rows: (images (R, 3, S, S), instructions, max_new_tokens per row) → the new ids of each
+# row (EOS excluded). The default is ONE ``generate_ids`` call to the longest budget; the gpu worker passes its
+# continuous decoder (workers/batching.py), where each row decodes to its own budget among other studies' rows.
+RowGenerator = Callable[[torch.Tensor, list[str], list[int]], list[list[int]]]
 
 
 class AnalysisError(ValueError):
@@ -153,9 +160,10 @@ def build_request(request_id: str, study_instance_uid: str, episode_id: int, ser
 
 
 # --- 2. run a batch -----------------------------------------------------------------------------------------
-def run_batch(loaded: LoadedModel, requests: Sequence[InferenceRequest], *, follow_up: bool = True
-              ) -> list[InferenceResponse]:
-    """Answer every task of every request with one greedy generate call; responses in request order.
+def run_batch(loaded: LoadedModel, requests: Sequence[InferenceRequest], *, follow_up: bool = True,
+              generate: RowGenerator | None = None) -> list[InferenceResponse]:
+    """Answer every task of every request with one greedy generate call; responses in request order. *generate*
+    decodes the rows (:data:`RowGenerator`; default: one ``generate_ids`` call of the model in this process).
 
     Greedy decoding of a row does not depend on the other rows (left padding + attention mask), so each row is cut
     to its own ``max_new_tokens`` and a batch gives the texts each request would get alone.
@@ -176,7 +184,7 @@ def run_batch(loaded: LoadedModel, requests: Sequence[InferenceRequest], *, foll
             raise ValueError(f"request {request.request_id}: model_size {request.model_size} does not match the "
                              f"model's vision.image_size {size}")
     rows = [(request, task) for request in requests for task in request.tasks]
-    texts, batch_rows, seconds = _generate(loaded, rows)
+    texts, batch_rows, seconds = _generate(loaded, rows, generate)
     outputs: dict[str, list[TaskOutput]] = {request.request_id: [] for request in requests}
     for (request, task), text in zip(rows, texts, strict=True):
         outputs[request.request_id].append(TaskOutput(task_id=task.task_id, text=text))
@@ -184,7 +192,7 @@ def run_batch(loaded: LoadedModel, requests: Sequence[InferenceRequest], *, foll
         second = [(request, task) for request in requests
                   for task in follow_up_tasks(request, {o.task_id: o.text for o in outputs[request.request_id]})]
         if second:
-            more, rows_two, seconds_two = _generate(loaded, second)
+            more, rows_two, seconds_two = _generate(loaded, second, generate)
             batch_rows, seconds = batch_rows + rows_two, seconds + seconds_two
             for (request, task), text in zip(second, more, strict=True):
                 outputs[request.request_id].append(TaskOutput(task_id=task.task_id, text=text))
@@ -194,9 +202,10 @@ def run_batch(loaded: LoadedModel, requests: Sequence[InferenceRequest], *, foll
             for request in requests]
 
 
-def _generate(loaded: LoadedModel, rows: Sequence[tuple[InferenceRequest, ModelTask]]
-              ) -> tuple[list[str], int, float]:
-    """The texts of one greedy generate call over *rows*, its row count and its wall time."""
+def _generate(loaded: LoadedModel, rows: Sequence[tuple[InferenceRequest, ModelTask]],
+              generate: RowGenerator | None = None) -> tuple[list[str], int, float]:
+    """The texts of one greedy generate call over *rows* (with *generate* when given), its row count and its wall
+    time."""
     model = loaded.model
     decoded: dict[tuple[str, str], np.ndarray] = {}
     images: list[np.ndarray] = []
@@ -209,7 +218,11 @@ def _generate(loaded: LoadedModel, rows: Sequence[tuple[InferenceRequest, ModelT
     started = time.perf_counter()
     with torch.inference_mode():
         batch = torch.from_numpy(np.stack(images))  # (R, 3, S, S)
-        generated = model.generate_ids(batch, [task.instruction for _, task in rows], max_new_tokens=max(limits))
+        instructions = [task.instruction for _, task in rows]
+        if generate is None:
+            generated = model.generate_ids(batch, instructions, max_new_tokens=max(limits))
+        else:
+            generated = generate(batch, instructions, limits)
     seconds = time.perf_counter() - started
     texts = [model.tokenizer.decode(row[:limit], skip_special_tokens=True).strip()
              for row, limit in zip(generated, limits, strict=True)]

@@ -1,25 +1,35 @@
-"""Several infer tasks of one gpu worker process answered in one forward pass (workers/batching.py), with the real
-tiny model: the batched answers equal the one-by-one answers."""
+"""Infer tasks of one gpu worker process decode together at the token level (workers/batching.py), with the real
+tiny model: requests submitted from several threads share decode steps and get the answers each gets alone (the
+one-call runner, follow-up round included); duplicates run once; a failure reaches exactly the tasks it concerns."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from pipeline_infra_helpers import TINY, tiny_model
+import torch
+from pipeline_infra_helpers import TINY, request, tiny_model
 from test_pipeline_infra_request import IDENTITY, spool_study
 
 from model import analyze
 from model.embedded import LoadedModel
 from model.phantoms import generate_studies
 from workers import pipeline
-from workers.batching import MicroBatcher
+from workers.batching import ContinuousBatcher
 
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
     return LoadedModel(tiny_model(), IDENTITY, trained=False)
+
+
+@pytest.fixture
+def batcher(loaded: LoadedModel):
+    batcher = ContinuousBatcher(loaded, slots=6, max_len=200)
+    yield batcher
+    batcher.close()
 
 
 def requests_of(tmp_path: Path, count: int):
@@ -32,7 +42,7 @@ def requests_of(tmp_path: Path, count: int):
     return requests
 
 
-def submit_all(batcher: MicroBatcher, requests):
+def submit_all(batcher: ContinuousBatcher, requests, stagger_s: float = 0.0):
     answers: dict[int, object] = {}
 
     def one(i: int) -> None:
@@ -44,44 +54,62 @@ def submit_all(batcher: MicroBatcher, requests):
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
     for thread in threads:
         thread.start()
+        time.sleep(stagger_s)  # later studies arrive while the first ones decode
     for thread in threads:
-        thread.join(timeout=60)
+        thread.join(timeout=120)
     return [answers[i] for i in range(len(requests))]
 
 
-def recording(loaded: LoadedModel, sizes: list[int]):
-    """The real batch runner, noting each batch's size in *sizes*."""
-
-    def run(batch):
-        sizes.append(len(batch))
-        return analyze.run_batch(loaded, batch)
-
-    return run
-
-
-def test_queued_requests_share_one_forward_pass_and_get_their_own_answers(loaded, tmp_path):
-    requests = requests_of(tmp_path, 3)
-    calls: list[int] = []
-    answers = submit_all(MicroBatcher(recording(loaded, calls), max_batch=4, window_s=0.5), requests)
-    assert calls == [3]
-    for request, answer in zip(requests, answers, strict=True):
-        [alone] = analyze.run_batch(loaded, [request])
-        assert answer.request_id == request.request_id
-        assert answer.texts() == alone.texts()
-        assert answer.batch_rows == sum(len(r.tasks) for r in requests)
+def test_queued_requests_decode_together_and_get_their_own_answers(loaded, batcher, tmp_path):
+    requests = [*requests_of(tmp_path, 3), request("1.2.3.9", [1, 2, 3], detection="pleural effusion", tokens=9)]
+    alone = [analyze.run_batch(loaded, [r])[0] for r in requests]  # one generate call per request, to the longest
+    steps_alone = []
+    for req, one in zip(requests, alone, strict=True):  # the decoder with one study at a time
+        before = batcher.decoder.steps
+        assert batcher.submit(req).texts() == one.texts()
+        steps_alone.append(batcher.decoder.steps - before)
+    before = batcher.decoder.steps
+    answers = submit_all(batcher, requests)
+    for req, answer, one in zip(requests, answers, alone, strict=True):
+        assert not isinstance(answer, Exception), answer
+        assert answer.request_id == req.request_id
+        assert answer.texts() == one.texts()
+        assert answer.batch_rows == one.batch_rows
+    # the studies shared decode steps: fewer than one study after the other
+    assert 0 < batcher.decoder.steps - before < sum(steps_alone), steps_alone
+    assert batcher.decoder.pending == 0
 
 
-def test_batches_are_capped_duplicates_run_once_and_errors_reach_every_task(loaded, tmp_path):
-    requests = requests_of(tmp_path, 3)
-    sizes: list[int] = []
-    answers = submit_all(MicroBatcher(recording(loaded, sizes), max_batch=2, window_s=0.3), [*requests, requests[0]])
-    assert sorted(sizes) in ([1, 2], [2, 2], [1, 1, 2]) and max(sizes) <= 2
-    assert answers[3].texts() == answers[0].texts()
+def test_duplicates_run_once_and_a_failure_reaches_the_tasks_it_concerns(loaded, batcher, tmp_path):
+    requests = requests_of(tmp_path, 2)
+    answers = submit_all(batcher, [requests[0], requests[1], requests[0]])
+    assert answers[2].texts() == answers[0].texts() and answers[0].texts() != answers[1].texts()
+    assert batcher.decoder.prefills <= 4  # 2 studies x (rows + follow-up round): the duplicate added none
 
-    def broken(batch):
+    # a request whose prompt + budget does not fit a slot fails alone; the others are answered
+    (tmp_path / "long").mkdir()
+    [long] = requests_of(tmp_path / "long", 1)
+    too_long = long.model_copy(update={"tasks": [t.model_copy(update={"max_new_tokens": 190}) for t in long.tasks]})
+    mixed = submit_all(batcher, [too_long, requests[1]])
+    assert isinstance(mixed[0], ValueError) and "exceeds the decoder's cache length 200" in str(mixed[0])
+    assert mixed[1].texts() == answers[1].texts()
+
+    # a step that raises (the accelerator out of memory) fails every row in the decoder; the decoder goes on
+    def out_of_memory(module: torch.nn.Module, args: object) -> None:
         raise RuntimeError("CUDA out of memory")
 
-    failed = submit_all(MicroBatcher(broken, max_batch=4, window_s=0.2), requests)
+    hook = loaded.model.llm.model.register_forward_pre_hook(out_of_memory)
+    try:
+        failed = submit_all(batcher, requests)
+    finally:
+        hook.remove()
     assert all(isinstance(a, RuntimeError) and "out of memory" in str(a) for a in failed)
-    with pytest.raises(ValueError, match="max_batch 0 must be at least 1"):
-        MicroBatcher(broken, max_batch=0, window_s=0)
+    assert batcher.decoder.pending == 0
+    assert [a.texts() for a in submit_all(batcher, requests)] == [answers[0].texts(), answers[1].texts()]
+
+
+def test_a_closed_batcher_refuses_work(loaded):
+    batcher = ContinuousBatcher(loaded, slots=1, max_len=120)
+    batcher.close()
+    with pytest.raises(RuntimeError, match="the decoder is closed"):
+        batcher.submit(request("1.2.3.4", [1], tokens=3))

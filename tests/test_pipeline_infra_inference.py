@@ -90,3 +90,24 @@ def test_device_and_thread_settings_are_checked() -> None:
             inference.resolve_device("cuda")
     with pytest.raises(ValueError, match="threads 0 must be at least 1"):
         inference.set_threads(0)
+
+
+def test_weights_dtype_is_bfloat16_on_cuda_and_float32_on_the_cpu(model_folder: Path) -> None:
+    assert inference.resolve_dtype("auto", torch.device("cuda:1")) is torch.bfloat16
+    assert inference.resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert inference.resolve_dtype("float16", torch.device("cpu")) is torch.float16
+    with pytest.raises(ValueError, match="inference dtype 'int8' must be auto, float32, bfloat16, float16"):
+        inference.resolve_dtype("int8", torch.device("cpu"))
+    with pytest.raises(ValueError, match="inference_dtype"):
+        Settings(inference_dtype="int8")
+    inference.clear_cache()
+    auto = inference.get_model(str(model_folder), "cpu")
+    assert {p.dtype for p in auto.model.parameters()} == {torch.float32}
+    half = inference.get_model(str(model_folder), "cpu", "bfloat16")
+    assert half is not auto and half.model.llm.get_input_embeddings().weight.dtype is torch.bfloat16
+    assert half.model.visual_encoder.pos_embed.dtype is torch.bfloat16 and half.model.llama_proj.weight.dtype is \
+        torch.bfloat16
+    assert half.model.ln_vision.weight.dtype is torch.float32  # MiniGPT-Med's LayerNorm stays fp32
+    [ids] = half.model.generate_ids(torch.zeros(1, 3, TINY.vision.image_size, TINY.vision.image_size),
+                                    ["[grounding] describe this image in detail"], max_new_tokens=3)
+    assert 1 <= len(ids) <= 3

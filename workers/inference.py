@@ -1,10 +1,13 @@
 """The gpu queue's work as plain functions: the model loaded once per worker process, and batched generation.
 
 :func:`get_model` loads ``settings.model`` lazily on first use and caches it for the life of the process (a
-lock makes concurrent first calls load it once). :func:`infer` answers several queued
-:class:`~model.payload.InferenceRequest` s with :func:`model.analyze.run_batch`, the runner of the one analysis
-path: ONE greedy ``generate`` call over every task row of every request (typically the report instruction on the
-study view plus a ``[grounding]`` instruction per image).
+lock makes concurrent first calls load it once), on ``settings.inference_device`` in ``settings.inference_dtype``
+(:func:`resolve_dtype`: ``auto`` is bfloat16 on CUDA, float32 on the CPU; MiniGPT-Med's ``ln_vision`` stays
+float32). :func:`infer` answers several queued :class:`~model.payload.InferenceRequest` s with
+:func:`model.analyze.run_batch`, the runner of the one analysis path: ONE greedy ``generate`` call over every
+task row of every request (typically the report instruction on the study view plus a ``[grounding]``
+instruction per image). The gpu worker's infer tasks go through :func:`continuous_batcher` instead: the same
+runner, each study's rows decoded in the process's continuous decoder (workers/batching.py).
 """
 
 from __future__ import annotations
@@ -18,37 +21,57 @@ import torch
 
 from core.settings import Settings
 from model.analyze import run_batch
+from model.config import MiniGPTConfig
 from model.embedded import LoadedModel, load_model
-from model.payload import InferenceRequest, InferenceResponse
+from model.payload import MAX_NEW_TOKENS, InferenceRequest, InferenceResponse
+from workers.batching import ContinuousBatcher
 
 log = logging.getLogger(__name__)
+
+# Decoder slots per study in flight: a radiograph has 2 rows (report + grounding), a CT up to 1 + 8 (the slice
+# policy's max_per_series); rows beyond the slots wait for one to free.
+ROWS_PER_STUDY = 4
+PROMPT_TEXT_TOKENS = 128  # room for the instruction text around the image tokens in a decoder slot
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _lock = threading.Lock()
 _cache: dict[str, LoadedModel] = {}
 
 
-def get_model(spec: str, device: str = "auto") -> LoadedModel:
-    """The model named by *spec* (``settings.model``) on *device*, loaded once per process."""
-    key = f"{spec}@{device}"
+def get_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """The model named by *spec* (``settings.model``) on *device* in *dtype* (:func:`resolve_dtype`), loaded once
+    per process."""
+    key = f"{spec}@{device}/{dtype}"
     with _lock:
         loaded = _cache.get(key)
         if loaded is None:
             started = time.perf_counter()
-            loaded = _load(spec, device)
+            loaded = _load(spec, device, dtype)
             _cache[key] = loaded
-            log.info("model %s %s loaded on %s in %.1f s", loaded.identity.name, loaded.identity.version,
-                     loaded.model.device, time.perf_counter() - started)
+            log.info("model %s %s loaded on %s in %s in %.1f s", loaded.identity.name, loaded.identity.version,
+                     loaded.model.device, loaded.model.llama_proj.weight.dtype, time.perf_counter() - started)
         return loaded
 
 
-def _load(spec: str, device: str) -> LoadedModel:
+def _load(spec: str, device: str, dtype: str) -> LoadedModel:
     """The one place a worker builds its model (``model.embedded.load_model`` knows every kind of spec)."""
-    loaded = load_model(spec)
     target = resolve_device(device)
-    if target.type != "cpu":
-        loaded.model.to(target)
+    kind = resolve_dtype(dtype, target)
+    loaded = load_model(spec)
+    loaded.model.to(device=target, dtype=kind)
+    loaded.model.ln_vision.float()  # MiniGPT-Med's frozen LayerNorm runs in fp32 (model/minigpt.py)
     loaded.model.eval()
     return loaded
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on a CUDA device and float32 elsewhere; otherwise float32, bfloat16 or float16."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"inference dtype {dtype!r} must be auto, {', '.join(DTYPES)}") from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -85,3 +108,18 @@ def infer(settings: Settings, requests: Sequence[InferenceRequest]) -> list[Infe
     """What a gpu task calls: the process's model (``settings.model`` on ``settings.inference_device``)."""
     set_threads(settings.inference_threads)
     return run_batch(get_model(settings.model, settings.inference_device), requests)
+
+
+def decoder_length(config: MiniGPTConfig) -> int:
+    """Cache positions of a decoder slot: the image tokens, the instruction text and the largest token budget a
+    request may ask (``MAX_NEW_TOKENS``), within the LLM's ``max_position_embeddings``."""
+    return min(config.llm.max_position_embeddings, config.image_tokens + PROMPT_TEXT_TOKENS + MAX_NEW_TOKENS)
+
+
+def continuous_batcher(settings: Settings) -> ContinuousBatcher:
+    """The gpu worker's continuous decoder over ``settings.model``: ``ROWS_PER_STUDY`` slots per study the worker
+    runs at once (``settings.inference_batch_size``)."""
+    set_threads(settings.inference_threads)
+    loaded = get_model(settings.model, settings.inference_device, settings.inference_dtype)
+    return ContinuousBatcher(loaded, settings.inference_batch_size * ROWS_PER_STUDY,
+                             decoder_length(loaded.model.config))

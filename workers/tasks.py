@@ -29,7 +29,7 @@ from dicom_node.episodes import BrokerUnavailableError
 from model.payload import InferenceRequest, InferenceResponse
 from state.store import StateStore
 from workers import announce, deadletter, delivery, pipeline
-from workers.batching import MicroBatcher
+from workers.batching import ContinuousBatcher
 from workers.celery_app import (
     DEAD_LETTER_TASK,
     DELIVER_TASK,
@@ -43,23 +43,24 @@ from workers.celery_app import (
     current_settings,
     publish,
 )
-from workers.inference import infer as run_inference
+from workers.inference import continuous_batcher
 from workers.prepare import prepare_episode
 
 log = logging.getLogger(__name__)
 
-# One batcher per process: infer tasks in the worker's threads share the model, one batch at a time.
-_batchers: dict[str, MicroBatcher] = {}
+# One decoder per process: infer tasks in the worker's threads share the model, their rows decode together.
+_batchers: dict[str, ContinuousBatcher] = {}
 _batchers_lock = threading.Lock()
 
 
-def _batcher() -> MicroBatcher:
+def _batcher() -> ContinuousBatcher:
     settings = current_settings()
+    key = (f"{settings.model}@{settings.inference_device}/{settings.inference_dtype}"
+           f"x{settings.inference_batch_size}")
     with _batchers_lock:
-        if "infer" not in _batchers:
-            _batchers["infer"] = MicroBatcher(lambda requests: run_inference(settings, requests),
-                                              settings.inference_batch_size, settings.inference_batch_window_s)
-        return _batchers["infer"]
+        if key not in _batchers:
+            _batchers[key] = continuous_batcher(settings)
+        return _batchers[key]
 
 # Wall time of every task this process runs (raddraft_task_seconds, by the name after "raddraft."), from the
 # worker's own signals: they fire around the task body in whichever thread runs it.
