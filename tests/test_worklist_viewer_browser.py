@@ -19,11 +19,13 @@ from urllib.parse import quote
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 from pydicom.uid import generate_uid
-from worklist_helpers import THREE_NODULES_CT, settings_for, spool_study
+from worklist_helpers import THREE_NODULES_CT, settings_for, spool_study, write_draft
 
 from core.result import DraftReport, Finding
+from model.imaging import display_values
 from model.phantoms import generate_study, study_rng
 from worklist import auth
 from worklist.app import WorklistApp
@@ -92,8 +94,12 @@ def served(tmp_path, screenshots):
                                        analysed=sorted(of_section.values()))
         bridge = Bridge(settings, store)
         entry = bridge.register_draft(manifest, result)
+        # a MONOCHROME1 CR with two findings (another seed than the CT's: the same seed gives the same study UID)
+        radiograph = write_draft(settings, (5, 8), accession="ACC-CR")
+        assert radiograph.phantom.datasets[0].PhotometricInterpretation == "MONOCHROME1"
+        cr_entry = bridge.register_draft(radiograph.manifest_path, radiograph.result_path)
         with RunningServer(WorklistApp(bridge)) as server:
-            yield server, store, entry, slices, findings
+            yield server, store, entry, slices, findings, cr_entry, radiograph
     finally:
         store.close()
 
@@ -123,8 +129,54 @@ def _expected_rect(page, box: tuple[float, ...], rows: int, columns: int) -> tup
     return left + box[0] * scale, top + box[1] * scale, (box[2] - box[0]) * scale, (box[3] - box[1]) * scale
 
 
-def test_ct_series_scroll_window_jump_and_review_in_chromium(served, screenshots):
-    server, store, entry, slices, findings = served
+def _fitted(page, rows: int, columns: int) -> tuple[int, int, int, int]:
+    """The screen rectangle (x, y, width, height) of the whole image fitted to the viewport."""
+    return tuple(round(v) for v in _expected_rect(page, (0, 0, columns, rows), rows, columns))
+
+
+def _shown_like(page, expected: np.ndarray, path: Path) -> float:
+    """The correlation of the image on the screen (a screenshot of the fitted image, boxes hidden) with *expected*
+    display values (rows, cols), resampled to the screen's size."""
+    page.uncheck("#toggle-boxes")
+    x, y, width, height = _fitted(page, *expected.shape)
+    page.screenshot(path=str(path), clip={"x": x, "y": y, "width": width, "height": height})
+    page.check("#toggle-boxes")
+    shown = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    wanted = np.asarray(Image.fromarray((expected * 255).astype(np.uint8)).resize(
+        (shown.shape[1], shown.shape[0]), Image.Resampling.BILINEAR), dtype=np.float64)
+    return float(np.corrcoef(shown.ravel(), wanted.ravel())[0, 1])
+
+
+def _sign_in(page, url: str) -> None:
+    page.goto(url + "/login")
+    page.fill("input[name=username]", "curie")
+    page.fill("input[name=password]", "radium-226")
+    page.click("button[type=submit]")
+    expect(page).to_have_url(url + "/")
+
+
+def test_a_monochrome1_radiograph_is_a_stack_of_one_shown_as_the_project_displays_it(served, tmp_path):
+    server, _, _, _, _, cr_entry, radiograph = served
+    dataset = radiograph.phantom.datasets[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            _sign_in(page, server.url)
+            page.goto(f"{server.url}/studies/{cr_entry}")
+            expect(page.get_by_test_id("slice-label")).to_have_text("Slice 1 / 1", timeout=30_000)
+            expect(page.locator("#series-select")).to_be_hidden()
+            expect(page.locator("#overlay g.box")).to_have_count(2)
+            # bright = dense, as model/imaging.py shows it (its window, MONOCHROME1 inverted once), not a negative
+            assert _shown_like(page, display_values(dataset), tmp_path / "cr.png") > 0.95
+            page.keyboard.press("ArrowDown")  # one slice: nowhere to go
+            expect(page.locator("#viewport")).to_have_attribute("data-slice", "0")
+        finally:
+            browser.close()
+
+
+def test_ct_series_scroll_window_jump_and_review_in_chromium(served, screenshots, tmp_path):
+    server, store, entry, slices, findings, _, _ = served
     by_sop = {str(ds.SOPInstanceUID): ds for ds in slices}
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -132,13 +184,9 @@ def test_ct_series_scroll_window_jump_and_review_in_chromium(served, screenshots
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(server.url + "/login")
-            page.fill("input[name=username]", "curie")
-            page.fill("input[name=password]", "radium-226")
-            page.click("button[type=submit]")
-            expect(page).to_have_url(server.url + "/")
+            _sign_in(page, server.url)
             study_uid = str(slices[0].StudyInstanceUID)
-            link = page.locator("#worklist tbody tr").get_by_test_id("open-in-viewer")
+            link = page.locator("#worklist tbody tr").filter(has_text="PH").get_by_test_id("open-in-viewer")
             expect(link).to_have_attribute("href", VIEWER_TEMPLATE.replace("{study_uid}", quote(study_uid, safe="")))
 
             page.goto(f"{server.url}/studies/{entry}")
@@ -182,6 +230,9 @@ def test_ct_series_scroll_window_jump_and_review_in_chromium(served, screenshots
             expect(page.locator("#viewport")).to_have_attribute("data-voi-upper", "149")
             assert _voi(page) == (-1350, 149)
             page.click(".preset[data-preset=lung]")
+            expect(page.locator("#viewport")).to_have_attribute("data-voi-upper", "150")
+            last = by_sop[doc["images"][series["images"][count - 1]]["sop_instance_uid"]]
+            assert _shown_like(page, display_values(last, window=(-600, 1500)), tmp_path / "ct.png") > 0.95
 
             # zoom: Ctrl+wheel and the buttons; Fit resets
             zoom = float(_data(page, "zoom"))

@@ -156,6 +156,7 @@ function loadImage(imageId) {
       if (values[i] < min) min = values[i];
       if (values[i] > max) max = values[i];
     }
+    meta.range = [min, max];
     const { rows, columns } = pixel;
     const voxelManager = utilities.VoxelManager.createImageVoxelManager({
       width: columns, height: rows, scalarData: values, numberOfComponents: color ? 3 : 1, id: imageId,
@@ -264,14 +265,20 @@ class StackViewer {
     return clamped;
   }
 
-  // {lower, upper} of modality values; null: the image's own window (its VOI, else its range)
+  // {lower, upper} of modality values; null: the image's own window (its first VOI, else its range). Not
+  // resetProperties(): it would apply a MONOCHROME1 image's inversion a second time.
   setWindow(range) {
-    if (range) {
-      this.viewport.setProperties({ voiRange: range });
-    } else {
-      this.viewport.resetProperties();
-    }
+    this.viewport.setProperties({ voiRange: range || this.ownWindow() });
     this.viewport.render();
+  }
+
+  ownWindow() {
+    const meta = modules.get(this.viewport.getCurrentImageId());
+    const { windowCenter: centers, windowWidth: widths } = meta.voiLutModule;
+    if (centers && widths && centers.length && widths.length) {  // the DICOM linear function (PS3.3 C.11.2.1.2)
+      return { lower: centers[0] - 0.5 - (widths[0] - 1) / 2, upper: centers[0] - 0.5 + (widths[0] - 1) / 2 };
+    }
+    return { lower: meta.range[0], upper: meta.range[1] };
   }
 
   voiRange() { return this.viewport.getProperties().voiRange; }
