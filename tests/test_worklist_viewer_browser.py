@@ -62,7 +62,8 @@ def resampled_ct(sections: list[pydicom.Dataset], step_mm: float) -> tuple[list[
         weight = 0.0 if span == 0 else (position - z_sorted[lower]) / span
         values = np.rint((1 - weight) * stored[lower] + weight * stored[upper]).astype(np.int16)
         ds = copy.deepcopy(sections[0])
-        ds.SeriesInstanceUID = series_uid
+        ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, 1
+        ds.SeriesDescription = f"LUNG {step_mm:g} mm (resampled)"
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = int(number)
         ds.ImagePositionPatient = [*sections[0].ImagePositionPatient[:2], round(float(position), 3)]
@@ -90,7 +91,12 @@ def served(tmp_path, screenshots):
                             box=tuple(map(float, f.box)), laterality=f.laterality, site=f.site) for f in truth]
         report = DraftReport(findings="Left upper lobe nodule. Right upper lobe nodule.",
                              impression="Two pulmonary nodules.")
-        manifest, result = spool_study(settings, slices, findings=findings, report=report,
+        sections = [copy.deepcopy(ds) for ds in phantom.datasets]  # the 5 mm sections: a second series
+        thick_uid = generate_uid()
+        for ds in sections:
+            ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = thick_uid, 2, "LUNG 5 mm"
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        manifest, result = spool_study(settings, slices + sections, findings=findings, report=report,
                                        analysed=sorted(of_section.values()))
         bridge = Bridge(settings, store)
         entry = bridge.register_draft(manifest, result)
@@ -191,8 +197,9 @@ def test_ct_series_scroll_window_jump_and_review_in_chromium(served, screenshots
 
             page.goto(f"{server.url}/studies/{entry}")
             doc = page.request.get(f"{server.url}/api/studies/{entry}").json()
-            (series,) = doc["series"]
+            series, thick = doc["series"]
             count = len(slices)
+            assert series["series_instance_uid"] == slices[0].SeriesInstanceUID and len(thick["images"]) == 4
             assert series["images"] == list(range(count))
             # the slice order is the position along the normal, whatever the instance numbers say
             z = [float(by_sop[doc["images"][i]["sop_instance_uid"]].ImagePositionPatient[2]) for i in series["images"]]
@@ -202,6 +209,7 @@ def test_ct_series_scroll_window_jump_and_review_in_chromium(served, screenshots
             expect(page.get_by_test_id("slice-label")).to_have_text(f"Slice 1 / {count}", timeout=30_000)
             expect(page.locator("#viewport")).to_have_attribute("data-slice", "0")
             expect(page.get_by_test_id("open-in-viewer")).to_be_visible()
+            expect(page.locator("#series-select option")).to_have_count(2)
             expect(page.get_by_test_id("shortcuts")).to_contain_text("a accept · r reject · n / p next / previous")
             # the image's own (first) window, W1500 L-600, by the DICOM linear VOI function (PS3.3 C.11.2.1.2)
             assert _voi(page) == (-600 - 0.5 - (1500 - 1) / 2, -600 - 0.5 + (1500 - 1) / 2)
@@ -245,6 +253,12 @@ def test_ct_series_scroll_window_jump_and_review_in_chromium(served, screenshots
             page.click("#zoom-fit")
             expect(page.locator("#viewport")).to_have_attribute("data-zoom", f"{zoom:.4f}")
 
+            # the series selector shows the other series (no finding on it); a finding brings its own series back
+            page.select_option("#series-select", "1")
+            expect(page.get_by_test_id("slice-label")).to_have_text("Slice 1 / 4")
+            expect(page.locator("#viewport")).to_have_attribute("data-series", "1")
+            expect(page.locator("#overlay g.box")).to_have_count(0)
+
             # a finding jumps to its slice; its box is drawn there, over its pixels, and nowhere else
             boxes = page.locator("#overlay g.box")
             items = page.locator("#findings li")
@@ -255,6 +269,7 @@ def test_ct_series_scroll_window_jump_and_review_in_chromium(served, screenshots
                 assert slice_index != 0
                 items.nth(index).locator(".label").click()
                 expect(page.locator("#viewport")).to_have_attribute("data-slice", str(slice_index))
+                expect(page.locator("#viewport")).to_have_attribute("data-series", "0")
                 expect(boxes).to_have_count(1)
                 drawn = page.locator(f'#overlay g.box[data-index="{index}"] rect')
                 expect(drawn).to_have_count(1)
