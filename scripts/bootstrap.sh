@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything raddraft needs on a Debian machine: the system packages (dcmtk, Orthanc, validators,
 # Redis, Chromium, Orthanc's DICOMweb plugin), the Python virtual environment in .venv with torch pinned to the
-# CPU build, and the OHIF viewer's static build (tests/test_ohif_sr.py) in .cache/ohif, outside git.
+# CPU build, the OHIF viewer's static build (tests/test_ohif_sr.py) in .cache/ohif and the worklist viewer's bundle
+# (Cornerstone3D) in .cache/viewer, outside git.
 # Idempotent and quiet when nothing changed; safe to run before every command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,4 +89,6 @@ if [ ! -f "$viewer_dir/viewer.bundle.js" ]; then
     mkdir -p .cache/viewer
     rm -rf "$viewer_dir"
     mv "$viewer_tmp/dist" "$viewer_dir"
+    # the bundles of earlier sources are never served again
+    find .cache/viewer -mindepth 1 -maxdepth 1 -type d ! -name "$viewer_key" -exec rm -rf {} +
 fi
