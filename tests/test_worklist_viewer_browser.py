@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 from pydicom.uid import generate_uid
+from reporting_dicom_helpers import classic_slices, legacy_enhanced
 from worklist_helpers import THREE_NODULES_CT, settings_for, spool_study, write_draft
 
 from core.result import DraftReport, Finding
@@ -311,3 +312,48 @@ def test_ct_series_scroll_window_jump_and_review_in_chromium(served, screenshots
     assert (reviews[0].decision.value, reviews[1].decision.value) == ("rejected", "accepted")
     actions = [e.action for e in store.audit_entries(entry)]
     assert actions.count("finding-rejected") == 1 and actions.count("finding-accepted") == 1
+
+
+@pytest.fixture
+def enhanced_served(tmp_path):
+    """A Legacy Converted Enhanced CT of six frames given top down (frame 1 highest), a finding on frame 3."""
+    settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'worklist.sqlite'}")
+    store = Store.from_settings(settings)
+    try:
+        store.add_user("curie", "radiologist", auth.hash_password("radium-226"), full_name="Curie^Marie",
+                       organization="IR", now=datetime.now(UTC))
+        enhanced = legacy_enhanced(classic_slices("CT_small.dcm", 6))
+        finding = Finding(label="nodule", sop_instance_uid=str(enhanced.SOPInstanceUID), frame_number=3,
+                          box=(40.0, 50.0, 60.0, 70.0), laterality="left", site="upper lobe")
+        manifest, result = spool_study(settings, [enhanced], findings=[finding])
+        entry = Bridge(settings, store).register_draft(manifest, result)
+        with RunningServer(WorklistApp(Bridge(settings, store))) as server:
+            yield server, entry, enhanced
+    finally:
+        store.close()
+
+
+def test_an_enhanced_ct_is_a_stack_of_its_frames_in_spatial_order(enhanced_served, tmp_path):
+    server, entry, enhanced = enhanced_served
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            _sign_in(page, server.url)
+            page.goto(f"{server.url}/studies/{entry}")
+            doc = page.request.get(f"{server.url}/api/studies/{entry}").json()
+            assert [image["frame_number"] for image in doc["images"]] == [6, 5, 4, 3, 2, 1]  # bottom up
+            expect(page.get_by_test_id("slice-label")).to_have_text("Slice 1 / 6", timeout=30_000)
+            # each frame with its own functional groups (position, rescale, window): the first slice is frame 6
+            frame_6, frame_1 = display_values(enhanced, 5), display_values(enhanced, 0)
+            shown_6 = _shown_like(page, frame_6, tmp_path / "frame6.png")
+            assert shown_6 > 0.98 and shown_6 > _shown_like(page, frame_1, tmp_path / "frame1.png")
+            page.get_by_test_id("finding").locator(".label").click()  # frame 3 is the fourth slice
+            expect(page.locator("#viewport")).to_have_attribute("data-slice", "3")
+            expect(page.locator("#overlay g.box")).to_have_count(1)
+            assert _shown_like(page, display_values(enhanced, 2), tmp_path / "frame3.png") > 0.98
+            page.keyboard.press("ArrowUp")
+            expect(page.locator("#viewport")).to_have_attribute("data-slice", "2")
+            expect(page.locator("#overlay g.box")).to_have_count(0)
+        finally:
+            browser.close()

@@ -557,7 +557,9 @@
     if (stackSeries !== null) goToImage(doc.series[stackSeries].images[Number($("slice-slider").value)]);
   });
   document.addEventListener("keydown", (event) => {
-    if (event.target.closest("input, textarea, select") || event.ctrlKey || event.metaKey || event.altKey || !doc) return;
+    // keys typed into a field (or the slider's own arrows) are theirs; a checkbox or a button does not take them
+    const field = event.target.closest("textarea, select, input:not([type=checkbox]):not([type=button])");
+    if (field || event.ctrlKey || event.metaKey || event.altKey || !doc) return;
     const keys = {
       ArrowUp: () => scrollSlices(-1), ArrowLeft: () => scrollSlices(-1), ArrowDown: () => scrollSlices(1),
       ArrowRight: () => scrollSlices(1), PageUp: () => scrollSlices(-10), PageDown: () => scrollSlices(10),
