@@ -238,8 +238,15 @@ def test_ct_series_scroll_window_jump_and_review_in_chromium(served, screenshots
             page.click(".preset[data-preset=image]")
             expect(page.locator("#viewport")).to_have_attribute("data-voi-upper", "149")
             assert _voi(page) == (-1350, 149)
+            page.click(".preset[data-preset=mediastinum]")  # a preset stays on while scrolling
+            expect(page.locator("#viewport")).to_have_attribute("data-voi-upper", "225")
+            page.keyboard.press("ArrowUp")
+            expect(page.locator("#viewport")).to_have_attribute("data-slice", str(count - 2))
+            assert _voi(page) == (-125, 225)
             page.click(".preset[data-preset=lung]")
             expect(page.locator("#viewport")).to_have_attribute("data-voi-upper", "150")
+            page.keyboard.press("ArrowDown")
+            expect(page.locator("#viewport")).to_have_attribute("data-slice", str(count - 1))
             last = by_sop[doc["images"][series["images"][count - 1]]["sop_instance_uid"]]
             assert _shown_like(page, display_values(last, window=(-600, 1500)), tmp_path / "ct.png") > 0.95
 
