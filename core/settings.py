@@ -411,6 +411,10 @@ class Settings(BaseSettings):
         20, ge=1, description="failed sign-ins from one address within login_address_window_s after which its "
         "sign-ins are refused with HTTP 429 (no password checked) until the window has passed")
     login_address_window_s: float = Field(300.0, gt=0, description="window of login_address_max_failures")
+    viewer_url_template: str | None = Field(
+        None, description="the hospital's own viewer: an http(s) URL with {study_uid} (replaced by the URL-encoded "
+        "Study Instance UID), e.g. https://pacs.example/viewer?StudyInstanceUIDs={study_uid}; the worklist links "
+        "each study to it; empty = no link")
 
     # --- DICOMweb ingest (STOW-RS on the HTTP port, dicom_node/stow.py) ---------------------------------------
     stow_sources: Annotated[list[StowSource], NoDecode] = Field(
@@ -483,6 +487,21 @@ class Settings(BaseSettings):
     def _check_ae_title(cls, value: str) -> str:
         return validate_ae_title(value)
 
+    @field_validator("viewer_url_template", mode="after")
+    @classmethod
+    def _check_viewer_url_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("viewer_url_template must be an http:// or https:// URL")
+        if "{study_uid}" not in value:
+            raise ValueError("viewer_url_template must contain {study_uid} (where the Study Instance UID goes)")
+        try:
+            value.format(study_uid="1.2.3")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"viewer_url_template may hold no placeholder but {{study_uid}}: {exc!r}") from None
+        return value
+
     @field_validator("allowed_peers", mode="before")
     @classmethod
     def _parse_peers(cls, value: Any) -> Any:
@@ -531,7 +550,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("broker_url", "database_url", "stow_tokens_file", "stow_max_request_mb", "dicomweb_auth_file",
-                     "dicomweb_bearer_token", "dicomweb_ca_bundle", mode="before")
+                     "dicomweb_bearer_token", "dicomweb_ca_bundle", "viewer_url_template", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything raddraft needs on a Debian machine: the system packages (dcmtk, Orthanc, validators,
 # Redis, Chromium, Orthanc's DICOMweb plugin), the Python virtual environment in .venv with torch pinned to the
-# CPU build, and the OHIF viewer's static build (tests/test_ohif_sr.py) in .cache/ohif, outside git.
+# CPU build, the OHIF viewer's static build (tests/test_ohif_sr.py) in .cache/ohif and the worklist viewer's bundle
+# (Cornerstone3D) in .cache/viewer, outside git.
 # Idempotent and quiet when nothing changed; safe to run before every command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,4 +61,34 @@ if [ ! -f "$ohif_dir/dist/index.html" ]; then
     rm -rf "$ohif_dir"
     mkdir -p "$ohif_dir"
     mv "$tmp/unpacked/package/dist" "$ohif_dir/dist"
+fi
+
+# The worklist's study viewer: Cornerstone3D (@cornerstonejs/core, @cornerstonejs/tools) and esbuild at the versions
+# of worklist/viewer/package-lock.json, bundled with worklist/viewer/viewer.js into one viewer.bundle.js that the
+# worklist serves (/static/viewer/): no CDN at run time. Built in .cache/viewer/<key>/, outside git; the key hashes
+# the lockfile, package.json, viewer.js and the xmlbuilder2 stand-in (worklist/viewer_assets.py computes the same), so
+# the step is skipped while the bundle of those files exists. xmlbuilder2 (vtk.js's XML reader/writer, which need
+# Node's events and url modules) is replaced by worklist/viewer/xmlbuilder2-unused.js: the viewer reads no VTK XML.
+viewer_src="worklist/viewer"
+viewer_files=(package-lock.json package.json viewer.js xmlbuilder2-unused.js)
+viewer_key="$(cd "$viewer_src" && cat "${viewer_files[@]}" | sha256sum | cut -c1-16)"
+viewer_dir=".cache/viewer/$viewer_key"
+if [ ! -f "$viewer_dir/viewer.bundle.js" ]; then
+    command -v npm >/dev/null || { log "npm is required to build the worklist viewer (Cornerstone3D)"; exit 1; }
+    log "building the worklist viewer (Cornerstone3D, esbuild) into $viewer_dir"
+    viewer_tmp="$(mktemp -d)"
+    trap 'rm -rf "${tmp:-}" "$viewer_tmp"' EXIT
+    (cd "$viewer_src" && cp "${viewer_files[@]}" "$viewer_tmp/")
+    if ! (cd "$viewer_tmp" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >npm.log 2>&1 \
+            && node_modules/.bin/esbuild viewer.js --bundle --format=iife --minify --target=es2020 \
+               --alias:xmlbuilder2=./xmlbuilder2-unused.js --outdir=dist --entry-names=viewer.bundle --log-level=error \
+               >esbuild.log 2>&1); then
+        cat "$viewer_tmp"/npm.log "$viewer_tmp"/esbuild.log >&2 2>/dev/null || true
+        log "building the worklist viewer failed"; exit 1
+    fi
+    mkdir -p .cache/viewer
+    rm -rf "$viewer_dir"
+    mv "$viewer_tmp/dist" "$viewer_dir"
+    # the bundles of earlier sources are never served again
+    find .cache/viewer -mindepth 1 -maxdepth 1 -type d ! -name "$viewer_key" -exec rm -rf {} +
 fi

@@ -19,6 +19,7 @@ from pydicom.uid import RLELossless
 from test_pipeline_gate import _prepared
 
 from core.layout import manifest_path
+from core.manifest import StudyManifest
 from dicom_node.index import Index
 from model import decoders
 from model.imaging import ImageDecodeError, decode_frame
@@ -26,7 +27,7 @@ from reporting.overlay import frame_values
 from state.store import StateStore
 from workers import pipeline
 from workers.prepare import build_manifest
-from worklist.render import render_png
+from worklist import wado
 
 SIDE = 30000
 
@@ -80,8 +81,9 @@ def test_a_bomb_is_kept_out_of_the_analysis_from_its_header_alone(tmp_path):
         decode_frame(image)
     with pytest.raises(decoders.DecodedTooLargeError):
         frame_values(image, None)  # the report's overlay and GSPS window
-    with pytest.raises(ImageDecodeError, match="RADDRAFT_MAX_DECODED_MB"):
-        render_png(path)  # the worklist's image view
+    (_, instance), = StudyManifest.read(manifest_path(settings.home, study, 1)).instances()
+    with pytest.raises(wado.WadoUnavailableError, match="RADDRAFT_MAX_DECODED_MB"):
+        wado.frames(settings.spool_dir, instance, "1")  # the worklist viewer's frames (WADO-RS)
 
 
 def test_the_limit_is_a_setting(tmp_path):

@@ -268,9 +268,9 @@ def test_grounded_draft_sentences_boxes_and_decisions_in_chromium(grounded_serve
             expect(page.locator("#findings li").nth(3).get_by_test_id("box-only")).to_have_count(1)
 
             # a sentence shows its box, on its section
-            expect(page.locator("#image-select")).to_have_value("0")
+            expect(page.locator("#viewport")).to_have_attribute("data-image", "0")
             sentences.nth(0).click()
-            expect(page.locator("#image-select")).to_have_value(str(image_of[0]))
+            expect(page.locator("#viewport")).to_have_attribute("data-image", str(image_of[0]))
             expect(page.locator('#overlay g.box[data-index="0"]')).to_have_class(re.compile(r"\bselected\b"))
             expect(page.locator('#overlay g.box[data-index="2"]')).not_to_have_class(re.compile(r"\bselected\b"))
             expect(sentences.nth(0)).to_have_class(re.compile(r"\bselected\b"))

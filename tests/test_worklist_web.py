@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 from datetime import UTC, datetime
 from urllib.parse import urlencode
 
 import pytest
-from PIL import Image
 from worklist_helpers import Client, database_url_fixture, settings_for, write_draft  # noqa: F401 - fixture
 
 from core.http import respond
@@ -111,11 +109,13 @@ def test_api_worklist_study_image_and_edits(web):
     assert study["state"] == "in review" and study["preliminary"] and study["can_sign"]
     assert [f["label"] for f in study["findings"]] == ["nodule", "consolidation", "nodule"]
     assert study["findings"][0]["box"] == list(draft.result.findings[0].box)
-    image = study["images"][0]
-    response, png, _ = client.request("GET", image["url"])
-    assert response.status == 200 and response.headers["Content-Type"] == "image/png"
-    assert Image.open(io.BytesIO(png)).size == (image["columns"], image["rows"])
-    response, _, _ = client.request("GET", f"/studies/{entry}/images/5.png")
+    image = study["images"][0]  # shown by the viewer through the worklist's WADO-RS (test_worklist_viewer_*.py)
+    series = study["series"][image["series"]]["series_instance_uid"]
+    frame = f"{study['wado_root']}/series/{series}/instances/{image['sop_instance_uid']}/frames/1"
+    response, data, _ = client.request("GET", frame)
+    assert response.status == 200 and response.headers["Content-Type"].startswith("multipart/related")
+    assert len(data) > image["rows"] * image["columns"]
+    response, _, _ = client.request("GET", frame.replace("/frames/1", "/frames/5"))
     assert response.status == 404
 
     status, body = client.post_json(f"/api/studies/{entry}/correct", {

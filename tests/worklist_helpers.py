@@ -12,7 +12,7 @@ import json
 import re
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -110,6 +110,37 @@ def write_draft(settings: Settings, which: tuple[int, int] = THREE_FINDINGS_CR, 
     result_path = work / "result.json"
     result.write(result_path)
     return DraftOnDisk(manifest_path, result_path, phantom, result)
+
+
+def spool_study(settings: Settings, datasets: list[pydicom.Dataset], episode_id: int = 1, *,
+                findings: Sequence[Finding] = (), report: DraftReport | None = None,
+                analysed: Sequence[str] = ()) -> tuple[Path, Path]:
+    """*datasets* (one study, any files) written to the spool, their manifest (workers.prepare) and a draft result
+    with *findings* and *report* (none: a normal draft): the paths of the manifest and the result."""
+    records = []
+    study_uid = str(datasets[0].StudyInstanceUID)
+    for ds in datasets:
+        relative = Path(study_uid) / f"{ds.SOPInstanceUID}.dcm"
+        path = settings.spool_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        data = path.read_bytes()
+        records.append(InstanceRecord(
+            sop_instance_uid=str(ds.SOPInstanceUID), study_instance_uid=study_uid,
+            series_instance_uid=str(ds.SeriesInstanceUID), patient_id=str(ds.get("PatientID", "")),
+            sop_class_uid=str(ds.SOPClassUID), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            calling_ae="TEST", peer_address="127.0.0.1", size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(), path=str(relative), received_at=0.0, episode_id=episode_id))
+    manifest = build_manifest(settings.spool_dir, study_uid, episode_id, records)
+    work = settings.home / "work" / study_uid / str(episode_id)
+    manifest.write(work / "manifest.json")
+    result = AnalysisResult(
+        study_instance_uid=study_uid, episode_id=episode_id, model=ModelIdentity(name="raddraft-small",
+                                                                                 version="0.1.0-test"),
+        report=report or DraftReport(findings="No acute findings.", impression="Normal."), findings=list(findings),
+        analysed_instances=list(analysed), created_at=datetime(2024, 5, 1, 12, 0, tzinfo=UTC))
+    result.write(work / "result.json")
+    return work / "manifest.json", work / "result.json"
 
 
 @contextmanager

@@ -8,6 +8,7 @@ application log names entries by id only, never a patient.
 
 from __future__ import annotations
 
+import json
 import logging
 import mimetypes
 from collections.abc import Callable, Iterable
@@ -16,18 +17,18 @@ from datetime import datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from core.manifest import StudyManifest
+from core.manifest import SeriesEntry, StudyManifest
 from core.result import AnalysisResult, DraftReport
 from reporting.outputs import episode_problems
-from worklist import auth
+from worklist import auth, viewer_assets, wado
 from worklist.bridge import Bridge, ModelUnavailableError
 from worklist.correction import apply_correction
 from worklist.delivery import signed_deliveries
 from worklist.grounding import GroundedDraft, GroundedSentence, ground_draft, is_grounded, normalized, replace_sentence
-from worklist.render import PngCache
 from worklist.signing import SignConflictError, SignError
 from worklist.storage import (
     MAX_PAGE,
@@ -70,11 +71,13 @@ OPS_PATHS = ("/healthz", "/metrics")
 
 @dataclass(frozen=True)
 class ImageRef:
+    """One slice the viewer shows: an image-bearing instance, or one frame of a multi-frame one."""
+
+    series_instance_uid: str
     sop_instance_uid: str
     frame_number: int | None
     rows: int
     columns: int
-    path: Path
 
 
 class WorklistApp:
@@ -89,7 +92,6 @@ class WorklistApp:
         self.store = bridge.store
         self.secure_cookies = secure_cookies
         self.refresh_ms = refresh_ms
-        self.pngs = PngCache()
         self.templates = Environment(loader=FileSystemLoader(PACKAGE_DIR / "templates"),
                                      autoescape=select_autoescape(["html"]), auto_reload=False)
         self.router = Router()
@@ -97,7 +99,9 @@ class WorklistApp:
             ("GET", "/login", self.login_page), ("POST", "/login", self.login), ("POST", "/logout", self.logout),
             ("GET", "/", self.worklist_page), ("GET", "/api/studies", self.api_studies),
             ("GET", "/studies/{study_id}", self.study_page), ("GET", "/api/studies/{study_id}", self.api_study),
-            ("GET", "/studies/{study_id}/images/{image_id}.png", self.image_png),
+            ("GET", "/wado/studies/{study}/series/{series}/metadata", self.wado_metadata),
+            ("GET", "/wado/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+             self.wado_frames),
             ("POST", "/api/studies/{study_id}/findings/{finding_id}", self.api_finding),
             ("POST", "/api/studies/{study_id}/sentences/{sentence_id}", self.api_sentence),
             ("POST", "/api/studies/{study_id}/report", self.api_report),
@@ -108,6 +112,7 @@ class WorklistApp:
             ("POST", "/api/studies/{study_id}/take-over", self.api_take_over),
             ("GET", "/audit", self.audit_page),
             ("GET", "/static/{name}", self.static),
+            ("GET", "/static/viewer/{name}", self.viewer_static),
         ]
         for method, pattern, handler in routes:
             self.router.add(method, pattern, handler)
@@ -133,7 +138,7 @@ class WorklistApp:
         return response.wsgi(start_response)
 
     def _error(self, request: Request, status: HTTPStatus, message: str) -> Response:
-        if request.path.startswith("/api/"):
+        if request.path.startswith(("/api/", "/wado/")):  # a script's request: the status itself, no redirect
             return Response.json({"error": message}, status)
         if status is HTTPStatus.UNAUTHORIZED:
             return Response.redirect("/login")
@@ -246,7 +251,8 @@ class WorklistApp:
         session = self._session(request)
         self.store.audit(session.user.username, "view-worklist", None, "", self._now())
         return Response(self._render("worklist.html", user=session.user, csrf_token=session.csrf_token,
-                                     refresh_ms=self.refresh_ms, states=[s.value for s in StudyState]))
+                                     refresh_ms=self.refresh_ms, states=[s.value for s in StudyState],
+                                     viewer_links=self.bridge.settings.viewer_url_template is not None))
 
     def api_studies(self, request: Request) -> Response:
         self._session(request)
@@ -265,8 +271,8 @@ class WorklistApp:
         except ValueError as exc:
             raise HTTPError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         latest = self.store.latest_change()
-        return Response.json({"studies": [s.to_json() for s in rows], "offset": offset, "limit": limit,
-                              "has_more": more,
+        return Response.json({"studies": [{**s.to_json(), "viewer_url": self._viewer_url(s.study_uid)} for s in rows],
+                              "offset": offset, "limit": limit, "has_more": more,
                               "latest_change": latest.isoformat() if latest else None})
 
     # ------------------------------------------------------------------ study view
@@ -292,6 +298,8 @@ class WorklistApp:
         result = AnalysisResult.read(Path(study.result_path)) if study.result_path else None
         images = self._images(study)
         image_index = {(img.sop_instance_uid, img.frame_number): n for n, img in enumerate(images)}
+        series = list(dict.fromkeys(img.series_instance_uid for img in images))
+        entries = {s.series_instance_uid: s for s in manifest.series}
         reviews = self.store.finding_reviews(study.id)
         grounded = self._grounded(study, result)
         findings = []
@@ -328,7 +336,14 @@ class WorklistApp:
             "consistency": _consistency_json(grounded) if grounded else None,
             "findings": findings,
             "images": [{"index": n, "rows": img.rows, "columns": img.columns, "frame_number": img.frame_number,
-                        "url": f"/studies/{study.id}/images/{n}.png"} for n, img in enumerate(images)],
+                        "sop_instance_uid": img.sop_instance_uid, "series": series.index(img.series_instance_uid)}
+                       for n, img in enumerate(images)],
+            "series": [{"index": n, "series_instance_uid": uid, "modality": entries[uid].modality,
+                        "number": entries[uid].series_number, "description": entries[uid].series_description,
+                        "images": [i for i, img in enumerate(images) if img.series_instance_uid == uid]}
+                       for n, uid in enumerate(series)],
+            "wado_root": f"/wado/studies/{quote(study.study_uid, safe='')}",
+            "viewer_url": self._viewer_url(study.study_uid),
             "versions": [{"version": v.version, "status": v.result_status, "signed_by": v.signed_by,
                           "signed_at": v.signed_at.isoformat(), "findings": v.findings, "impression": v.impression,
                           "deliveries": deliveries.get(v.version, [])} for v in versions],
@@ -355,44 +370,63 @@ class WorklistApp:
                             labels={i: r.label for i, r in reviews.items()}, accepted=accepted)
 
     def _images(self, study: Study) -> list[ImageRef]:
-        """The images a reader needs: every image with a finding or analysed by the model, in manifest order."""
+        """Every slice of the study: each image-bearing instance (each frame of a multi-frame one), series by series
+        in the manifest's order, which is the slice order (position along the slice normal, else instance
+        number; frames by their positions, else by number)."""
         manifest = StudyManifest.read(Path(study.manifest_path))
-        wanted: list[tuple[str, int | None]] = []
-        if study.result_path:
-            result = AnalysisResult.read(Path(study.result_path))
-            wanted = [(f.sop_instance_uid, f.frame_number) for f in result.findings]
-            wanted += [(uid, None) for uid in result.analysed_instances]
         refs: list[ImageRef] = []
-        seen: set[tuple[str, int | None]] = set()
-        order = {inst.sop_instance_uid: n for n, (_, inst) in enumerate(manifest.instances())}
-        candidates = sorted(dict.fromkeys(wanted), key=lambda w: (order.get(w[0], len(order)), w[1] or 0))
-        if not candidates:
-            candidates = [(inst.sop_instance_uid, None) for _, inst in manifest.instances() if inst.has_pixels][:1]
-        for uid, frame in candidates:
-            if uid in {s for s, _ in seen} and frame is None:
-                continue  # an analysed image already shown with its finding frame
-            _, instance = manifest.find_instance(uid)
+        for series, instance in manifest.instances():
             if not instance.has_pixels:
                 continue
-            seen.add((uid, frame))
-            refs.append(ImageRef(uid, frame, instance.rows or 0, instance.columns or 0,
-                                 self.bridge.settings.spool_dir / instance.path))
+            for frame in instance.frame_numbers() or [None]:
+                refs.append(ImageRef(series.series_instance_uid, instance.sop_instance_uid, frame,
+                                     instance.rows or 0, instance.columns or 0))
         return refs
 
-    def image_png(self, request: Request) -> Response:
+    def _viewer_url(self, study_uid: str) -> str | None:
+        template = self.bridge.settings.viewer_url_template
+        return viewer_link(template, study_uid) if template else None
+
+    # ------------------------------------------------------------------ WADO-RS (worklist/wado.py)
+
+    def _wado_series(self, request: Request) -> SeriesEntry:
+        """The series of a WADO-RS request, for a signed-in user, of a study that is a worklist entry."""
         self._session(request)
-        study = self.store.get_study(int(request.params["study_id"]))
-        images = self._images(study)
-        index = int(request.params["image_id"])
-        if not 0 <= index < len(images):
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"image {index} does not exist for entry {study.id}")
-        image = images[index]
+        study_uid = request.params["study"]
+        study = self.store.latest_study(study_uid)
+        if study is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"study {study_uid[:64]} is not on the worklist")
+        manifest = StudyManifest.read(Path(study.manifest_path))
         try:
-            png = self.pngs.render(image.path, image.frame_number)
-        except (OSError, ValueError) as exc:
-            logger.warning("worklist entry %d image %d cannot be rendered: %s", study.id, index, exc)
-            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, f"image {index} cannot be rendered: {exc}") from None
-        return Response(png, content_type="image/png")
+            return wado.find_series(manifest, request.params["series"])
+        except wado.WadoNotFoundError as exc:
+            raise HTTPError(HTTPStatus.NOT_FOUND, str(exc)) from None
+
+    def wado_metadata(self, request: Request) -> Response:
+        series = self._wado_series(request)
+        try:
+            body = wado.series_metadata(self.bridge.settings.spool_dir, series)
+        except wado.WadoUnavailableError as exc:
+            raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
+        return Response(json.dumps(body).encode(), content_type="application/dicom+json")
+
+    def wado_frames(self, request: Request) -> Response:
+        series = self._wado_series(request)
+        accept = request.header("Accept") or "*/*"
+        if not any(kind in accept for kind in ("multipart/related", "*/*", "application/octet-stream")):
+            raise HTTPError(HTTPStatus.NOT_ACCEPTABLE, 'frames are sent as multipart/related; '
+                                                       'type="application/octet-stream" only')
+        try:
+            instance = wado.find_instance(series, request.params["instance"])
+            reply = wado.frames(self.bridge.settings.spool_dir, instance, request.params["frames"])
+        except wado.WadoNotFoundError as exc:
+            raise HTTPError(HTTPStatus.NOT_FOUND, str(exc)) from None
+        except wado.WadoBadRequestError as exc:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        except wado.WadoUnavailableError as exc:
+            logger.warning("WADO-RS frames cannot be sent: %s", exc)
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
+        return Response(reply.body, content_type=reply.content_type)
 
     # ------------------------------------------------------------------ edits
 
@@ -584,6 +618,24 @@ class WorklistApp:
         if content_type.startswith("text/") or content_type == "application/javascript":
             content_type += "; charset=utf-8"
         return Response(path.read_bytes(), content_type=content_type)
+
+    def viewer_static(self, request: Request) -> Response:
+        """The built viewer (worklist/viewer_assets.py): 404 with how to build it when it is not there."""
+        name = request.params["name"]
+        path = viewer_assets.asset(name)
+        if path is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"viewer file {name[:64]} is not built: run scripts/bootstrap.sh "
+                                                  f"(it bundles Cornerstone3D into {viewer_assets.bundle_dir()})")
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if content_type in ("text/javascript", "application/javascript"):
+            content_type += "; charset=utf-8"
+        return Response(path.read_bytes(), content_type=content_type, cache=True)
+
+
+def viewer_link(template: str, study_uid: str) -> str:
+    """The hospital viewer's page of a study: *template* (``viewer_url_template``) with ``{study_uid}`` replaced by
+    the URL-encoded Study Instance UID."""
+    return template.replace("{study_uid}", quote(study_uid, safe=""))
 
 
 def _query_int(request: Request, name: str, default: int, least: int, most: int | None) -> int:

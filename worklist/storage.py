@@ -579,6 +579,13 @@ class Store:
                                                      studies.c.episode_id == episode_id)).mappings().first()
         return _study(row) if row else None
 
+    def latest_study(self, study_uid: str) -> Study | None:
+        """The entry of the latest arrival episode of the study *study_uid*; None when the worklist has none."""
+        with self._tx() as conn:
+            row = conn.execute(select(studies).where(studies.c.study_uid == study_uid)
+                               .order_by(studies.c.episode_id.desc()).limit(1)).mappings().first()
+        return _study(row) if row else None
+
     def list_studies(self, *, states: list[str] | None = None, modality: str | None = None,
                      priority: str | None = None, accession: str | None = None, sort: str = "priority",
                      descending: bool = False, limit: int = MAX_PAGE, offset: int = 0) -> list[Study]:

@@ -18,7 +18,9 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_ID = 2**31 - 1  # ids in paths: the database's INTEGER (PostgreSQL's is 32-bit; SQLite's 64-bit)
 
 SECURITY_HEADERS = [
-    ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    # blob: images: the viewer's tool cursors (Cornerstone3D draws them as SVG blobs)
+    ("Content-Security-Policy", "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+                                "script-src 'self'; "
                                 "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),

@@ -1,5 +1,7 @@
 "use strict";
-// Study view: image with SVG boxes (toggle, zoom), findings review, the grounded draft's sentences (click a
+// Study view: the series in a Cornerstone3D stack viewer (worklist/viewer/viewer.js, fed by the gateway's WADO-RS)
+// with the AI boxes in SVG over it on their own slice (toggle, zoom, pan, window presets, slice slider, wheel and
+// keys), findings review (a accept, r reject, n/p next/previous finding), the grounded draft's sentences (click a
 // sentence: its boxes; click a box: its sentences; decide the statements without image evidence), report editor,
 // questions, signing. Everything is put in the page with textContent (no HTML from data).
 (() => {
@@ -9,8 +11,14 @@
   const $ = (id) => document.getElementById(id);
   const SVG = "http://www.w3.org/2000/svg";
   let doc = null;
-  let imageIndex = 0;
-  let zoom = 1;
+  let imageIndex = 0;  // index into doc.images (every slice of the study) of the slice shown
+  let viewer = null;  // RaddraftViewer.StackViewer, null while it is not built or has failed
+  let stackSeries = null;  // index into doc.series of the stack the viewer holds
+  let stackLoading = null;  // the promise of the stack being put in the viewer
+  let preset = "image";
+  const PRESETS = {  // window width, level of modality values (HU for CT)
+    lung: [1500, -600], mediastinum: [350, 50], bone: [2000, 300], brain: [80, 40],
+  };
   let answerBoxes = [];
   let selected = null;  // {kind: "sentence" | "finding", index}: what the reader clicked last
 
@@ -76,9 +84,8 @@
   }
 
   function goToImage(index) {
-    if (index === null || index === undefined || index === imageIndex) return;
+    if (index === null || index === undefined || !doc.images[index]) return;
     imageIndex = index;
-    $("image-select").value = imageIndex;
     showImage();
   }
 
@@ -213,43 +220,132 @@
   }
 
   function renderImages() {
-    const select = $("image-select");
-    select.replaceChildren();
-    for (const img of doc.images) {
+    const select = $("series-select");
+    const options = doc.series.map((series) => {
       const option = document.createElement("option");
-      option.value = img.index;
-      option.textContent = "Image " + (img.index + 1) + (img.frame_number ? " frame " + img.frame_number : "")
-        + " (" + img.columns + "×" + img.rows + ")";
-      select.appendChild(option);
-    }
+      option.value = series.index;
+      option.textContent = [series.modality, series.number === null ? "" : "series " + series.number,
+        series.description, series.images.length + (series.images.length === 1 ? " image" : " images")]
+        .filter(Boolean).join(" · ");
+      return option;
+    });
+    select.replaceChildren(...options);
+    select.hidden = doc.series.length < 2;
+    $("open-in-viewer").hidden = !doc.viewer_url;
+    if (doc.viewer_url) $("open-in-viewer").href = doc.viewer_url;
     if (imageIndex >= doc.images.length) imageIndex = 0;
-    select.value = imageIndex;
     showImage();
   }
 
+  function startViewer() {
+    if (viewer) return viewer;
+    if (!window.RaddraftViewer) {
+      viewerError("The image viewer is not built: run scripts/bootstrap.sh (it bundles Cornerstone3D).");
+      return null;
+    }
+    try {
+      viewer = new window.RaddraftViewer.StackViewer($("cs-element"));
+    } catch (err) {
+      viewerError("The image viewer cannot start: " + err.message);
+      return null;
+    }
+    viewer.onRender(rendered);
+    new ResizeObserver(() => { viewer.resize(); }).observe($("viewport"));
+    $("viewport").dataset.renderer = viewer.renderer();
+    return viewer;
+  }
+
+  function viewerError(text) {
+    $("viewer-error").hidden = !text;
+    $("viewer-error").textContent = text;
+  }
+
+  // the stack of a series: its metadata from WADO-RS, one image id per slice in the document's slice order
+  async function loadSeries(index, slice) {
+    const series = doc.series[index];
+    const response = await fetch(doc.wado_root + "/series/" + encodeURIComponent(series.series_instance_uid)
+      + "/metadata", { credentials: "same-origin", headers: { Accept: "application/dicom+json" } });
+    if (response.status === 401) { window.location.href = "/login"; throw new Error("signed out"); }
+    if (!response.ok) throw new Error("series metadata: HTTP " + response.status);
+    const instances = await response.json();
+    const order = series.images.map((i) => [doc.images[i].sop_instance_uid, doc.images[i].frame_number]);
+    const ids = viewer.imageIdsFor(doc.wado_root, instances, order);
+    stackSeries = index;
+    $("series-select").value = index;
+    $("slice-slider").max = ids.length - 1;
+    await viewer.setStack(ids, slice);
+    applyPreset(preset);
+  }
+
+  // show doc.images[imageIndex]: its series' stack in the viewer, at its slice
   function showImage() {
     const img = doc.images[imageIndex];
-    if (!img) return;
-    const el = $("image");
-    if (el.dataset.src !== img.url) {
-      el.dataset.src = img.url;
-      el.onload = () => { fit(); };
-      el.src = img.url;
+    if (!img || !startViewer()) return;
+    const slice = doc.series[img.series].images.indexOf(imageIndex);
+    const previous = stackLoading || Promise.resolve();
+    stackLoading = previous.then(async () => {
+      if (stackSeries !== img.series) await loadSeries(img.series, slice);
+      else await viewer.setIndex(slice);
+      drawBoxes();  // the findings may have changed (a decision) on the slice already shown
+    }).catch((err) => { viewerError("The images cannot be shown: " + err.message); });
+  }
+
+  // after each render of the viewport: the slice shown, its window and zoom in the page, the boxes over it
+  function rendered() {
+    if (stackSeries === null) return;
+    const series = doc.series[stackSeries];
+    const slice = viewer.index();
+    imageIndex = series.images[slice];
+    const view = $("viewport");
+    const voi = viewer.voiRange();
+    view.dataset.image = imageIndex;
+    view.dataset.slice = slice;
+    view.dataset.series = stackSeries;
+    view.dataset.zoom = viewer.zoom().toFixed(4);
+    if (voi) {
+      view.dataset.voiLower = voi.lower;
+      view.dataset.voiUpper = voi.upper;
+      $("window-label").textContent = "W " + Math.round(voi.upper - voi.lower) + " L "
+        + Math.round((voi.upper + voi.lower) / 2);
     }
-    $("overlay").setAttribute("viewBox", "0 0 " + img.columns + " " + img.rows);
+    $("slice-slider").value = slice;
+    $("slice-label").textContent = "Slice " + (slice + 1) + " / " + series.images.length;
+    $("zoom-level").textContent = Math.round(viewer.zoom() * 100) + "%";
     drawBoxes();
   }
 
-  function box(rect, className, caption, fontSize) {
+  function applyPreset(name) {
+    preset = name;
+    for (const button of document.querySelectorAll(".preset")) {
+      button.classList.toggle("on", button.dataset.preset === name);
+    }
+    $("viewport").dataset.preset = name;
+    if (!viewer || stackSeries === null) return;
+    const wl = PRESETS[name];
+    viewer.setWindow(wl ? { lower: wl[1] - wl[0] / 2, upper: wl[1] + wl[0] / 2 } : null);
+  }
+
+  async function scrollSlices(step) {
+    if (!viewer || stackSeries === null) return;
+    await stackLoading;
+    await viewer.setIndex(viewer.index() + step);
+  }
+
+  function box(rect, className, caption) {
     const g = document.createElementNS(SVG, "g");
     g.setAttribute("class", "box " + className);
+    // source pixels -> canvas pixels through the viewport's own transform (pan, zoom, flips)
+    const a = viewer.imageToCanvas([rect[0], rect[1]]);
+    const b = viewer.imageToCanvas([rect[2], rect[3]]);
+    const x = Math.min(a[0], b[0]);
+    const y = Math.min(a[1], b[1]);
     const r = document.createElementNS(SVG, "rect");
-    r.setAttribute("x", rect[0]); r.setAttribute("y", rect[1]);
-    r.setAttribute("width", rect[2] - rect[0]); r.setAttribute("height", rect[3] - rect[1]);
+    r.setAttribute("x", x); r.setAttribute("y", y);
+    r.setAttribute("width", Math.abs(b[0] - a[0])); r.setAttribute("height", Math.abs(b[1] - a[1]));
     const t = document.createElementNS(SVG, "text");
-    t.setAttribute("x", rect[0]);
-    t.setAttribute("y", Math.max(fontSize, rect[1] - fontSize * 0.3));
-    t.setAttribute("font-size", fontSize);
+    t.setAttribute("x", x);
+    t.setAttribute("y", Math.max(13, y - 4));
+    t.setAttribute("font-size", 13);
     t.textContent = caption;
     g.append(r, t);
     return g;
@@ -258,35 +354,36 @@
   function drawBoxes() {
     const svg = $("overlay");
     svg.replaceChildren();
-    if (!$("toggle-boxes").checked) return;
-    const img = doc.images[imageIndex];
-    const fontSize = Math.max(10, Math.round(Math.max(img.columns, img.rows) / 40));
+    if (!$("toggle-boxes").checked || !viewer || stackSeries === null) return;
     for (const f of doc.findings) {
       if (f.image !== imageIndex) continue;
       const g = box(f.box, "finding " + f.decision + (f.status ? " " + f.status : ""),
-        (f.index + 1) + " " + f.label + (f.decision === "rejected" ? " ✗" : ""), fontSize);
+        (f.index + 1) + " " + f.label + (f.decision === "rejected" ? " ✗" : ""));
       g.dataset.index = f.index;
       g.dataset.testid = "box";
       g.addEventListener("click", () => selectFinding(f));
       svg.appendChild(g);
     }
     for (const b of answerBoxes) {
-      if (b.image === imageIndex) svg.appendChild(box(b.box, "answer", b.caption, fontSize));
+      if (b.image === imageIndex) svg.appendChild(box(b.box, "answer", b.caption));
     }
     if (doc.sentences) highlight();
   }
 
-  function setZoom(value) {
-    zoom = Math.min(8, Math.max(0.1, value));
-    const img = doc.images[imageIndex];
-    $("stage").style.width = Math.round(img.columns * zoom) + "px";
-    $("zoom-level").textContent = Math.round(zoom * 100) + "%";
+  // the finding the keys act on: the one selected, else the first on the slice shown
+  function currentFinding() {
+    if (selected && selected.kind === "finding" && doc.findings[selected.index]) return doc.findings[selected.index];
+    return doc.findings.find((f) => f.image === imageIndex) || null;
   }
 
-  function fit() {
-    const img = doc.images[imageIndex];
-    const viewport = $("viewport");
-    setZoom(Math.min(viewport.clientWidth / img.columns, viewport.clientHeight / img.rows));
+  function stepFinding(step) {
+    const located = doc.findings.filter((f) => f.image !== null);
+    if (!located.length) return;
+    const current = selected && selected.kind === "finding" ? located.findIndex((f) => f.index === selected.index)
+      : -1;
+    const next = current < 0 ? (step > 0 ? 0 : located.length - 1)
+      : (current + step + located.length) % located.length;
+    selectFinding(located[next]);
   }
 
   function renderFindings() {
@@ -335,8 +432,16 @@
       li.append(label);
       if (f.status === "box_only") li.append(flag("localized, not in the text", "box-only"));
       li.append(where, actions);
-      if (doc.grounded) label.addEventListener("click", () => selectFinding(f));
-      li.addEventListener("mouseenter", () => { if (f.image !== null && f.image !== imageIndex) { imageIndex = f.image; $("image-select").value = imageIndex; showImage(); } });
+      if (f.image !== null) {
+        const slice = doc.images[f.image];
+        const sliceNote = document.createElement("div");
+        sliceNote.className = "where slice";
+        sliceNote.textContent = "slice " + (doc.series[slice.series].images.indexOf(f.image) + 1)
+          + (doc.series.length > 1 ? " of series " + (slice.series + 1) : "");
+        li.append(sliceNote);
+      }
+      // clicking the finding (not its buttons) selects it and shows its slice
+      li.addEventListener("click", (event) => { if (!event.target.closest("button, input")) selectFinding(f); });
       list.appendChild(li);
     }
   }
@@ -440,16 +545,34 @@
   $("report-findings").addEventListener("input", markStale);
   $("report-impression").addEventListener("input", markStale);
 
-  $("image-select").onchange = () => { imageIndex = Number($("image-select").value); showImage(); fit(); };
+  $("series-select").onchange = () => { goToImage(doc.series[Number($("series-select").value)].images[0]); };
   $("toggle-boxes").onchange = drawBoxes;
-  $("zoom-in").onclick = () => setZoom(zoom * 1.25);
-  $("zoom-out").onclick = () => setZoom(zoom / 1.25);
-  $("zoom-fit").onclick = fit;
-  $("viewport").addEventListener("wheel", (event) => {
-    if (!event.ctrlKey) return;
+  $("zoom-in").onclick = () => { if (viewer) viewer.zoomBy(1.25); };
+  $("zoom-out").onclick = () => { if (viewer) viewer.zoomBy(1 / 1.25); };
+  $("zoom-fit").onclick = () => { if (viewer) viewer.fit(); };
+  for (const button of document.querySelectorAll(".preset")) {
+    button.onclick = () => applyPreset(button.dataset.preset);
+  }
+  $("slice-slider").addEventListener("input", () => {
+    if (stackSeries !== null) goToImage(doc.series[stackSeries].images[Number($("slice-slider").value)]);
+  });
+  document.addEventListener("keydown", (event) => {
+    // keys typed into a field (or the slider's own arrows) are theirs; a checkbox or a button does not take them
+    const field = event.target.closest("textarea, select, input:not([type=checkbox]):not([type=button])");
+    if (field || event.ctrlKey || event.metaKey || event.altKey || !doc) return;
+    const keys = {
+      ArrowUp: () => scrollSlices(-1), ArrowLeft: () => scrollSlices(-1), ArrowDown: () => scrollSlices(1),
+      ArrowRight: () => scrollSlices(1), PageUp: () => scrollSlices(-10), PageDown: () => scrollSlices(10),
+      "+": () => viewer && viewer.zoomBy(1.25), "-": () => viewer && viewer.zoomBy(1 / 1.25),
+      n: () => stepFinding(1), p: () => stepFinding(-1),
+      a: () => { const f = currentFinding(); if (f && doc.editable) review(f, "accepted", f.label); },
+      r: () => { const f = currentFinding(); if (f && doc.editable) review(f, "rejected", f.label); },
+    };
+    const action = keys[event.key];
+    if (!action) return;
     event.preventDefault();
-    setZoom(zoom * (event.deltaY < 0 ? 1.1 : 1 / 1.1));
-  }, { passive: false });
+    action();
+  });
 
   load().catch((err) => { $("title").textContent = "Cannot load the study: " + err.message; });
 })();

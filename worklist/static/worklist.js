@@ -69,6 +69,18 @@
       tr.appendChild(cell(s.description || ""));
       tr.appendChild(cell(s.age_years === null ? "" : s.age_years + " y"));
       tr.appendChild(cell(new Date(s.received_at).toLocaleString()));
+      if (s.viewer_url) {  // the hospital's own viewer (RADDRAFT_VIEWER_URL_TEMPLATE)
+        const td = document.createElement("td");
+        const link = document.createElement("a");
+        link.href = s.viewer_url;
+        link.target = "_blank";
+        link.rel = "noopener noreferrer";
+        link.dataset.testid = "open-in-viewer";
+        link.textContent = "Open in viewer";
+        link.addEventListener("click", (event) => event.stopPropagation());
+        td.appendChild(link);
+        tr.appendChild(td);
+      }
       tr.addEventListener("click", () => { window.location.href = "/studies/" + s.id; });
       body.appendChild(tr);
     }
