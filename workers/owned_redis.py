@@ -9,7 +9,9 @@ With no ``broker_url``, serve runs Debian's ``/usr/bin/redis-server`` (``scripts
   of Redis, or of the machine; ``save ""`` (no RDB snapshots);
 * AOF rewrites from ``embedded_broker_aof_rewrite_min_mb`` on (``auto-aof-rewrite-percentage 100``): the file
   is rewritten to what is in Redis (the messages queued or in flight) whenever it has doubled since the last
-  rewrite, so its size follows what is in flight, not the history of every message ever delivered.
+  rewrite; and serve calls :meth:`OwnedRedis.compact` every few seconds, which rewrites it as soon as it is over
+  :data:`COMPACT_RATIO` times what Redis holds (a burst's messages delivered, the file still full of them). Its
+  size follows what is in flight, not the history of every message ever delivered.
 
 Ownership: serve holds an exclusive ``flock`` on ``<home>/broker/owner.lock`` for its lifetime, so a second serve
 of the same home fails at start-up; a redis-server left by a serve that was killed (its pid in
@@ -32,12 +34,15 @@ import time
 from pathlib import Path
 from typing import IO
 
+import redis
+
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 REDIS_SERVER = "/usr/bin/redis-server"
 REDIS_PACKAGE = "redis-server"  # the Debian package (scripts/bootstrap.sh)
+COMPACT_RATIO = 4  # compact() rewrites a file over this many times the data Redis holds (and over the minimum)
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0
 SUN_PATH_MAX = 107  # bytes of a unix socket path (sun_path is 108 with its NUL)
@@ -161,9 +166,40 @@ class OwnedRedis:
         log.info("embedded broker: redis-server (pid %d) on %s, data in %s (append-only, fsync always)",
                  self._process.pid, self.socket_path, self.dir)
 
+    def compact(self, wait_s: float = 0.0) -> bool:
+        """Rewrite the append-only file (BGREWRITEAOF) if it is over :data:`COMPACT_RATIO` times the data Redis
+        holds and over ``embedded_broker_aof_rewrite_min_mb``; True if a rewrite was started. With *wait_s*, wait
+        up to that long for the rewrite to finish (serve does as it stops)."""
+        client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=2.0)
+        try:
+            persistence = client.info("persistence")
+            if persistence.get("aof_rewrite_in_progress") or persistence.get("aof_rewrite_scheduled"):
+                return False
+            size = int(persistence.get("aof_current_size", 0))
+            held = int(client.info("memory").get("used_memory_dataset", 0))
+            if size < max(self.aof_rewrite_min_bytes, COMPACT_RATIO * held):
+                return False
+            client.bgrewriteaof()
+            log.info("embedded broker: append-only file %.1f MB for %.1f MB held: rewriting it", size / 1e6,
+                     held / 1e6)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                persistence = client.info("persistence")
+                if not (persistence.get("aof_rewrite_in_progress") or persistence.get("aof_rewrite_scheduled")):
+                    break
+                time.sleep(0.05)
+            return True
+        finally:
+            client.close()
+
     def stop(self) -> None:
         """Shut the owned Redis down (SIGTERM: it writes and fsyncs its file, removes its socket) and let go of
         the home."""
+        if self.running:
+            try:  # what it holds once its workers have stopped, not the run's history
+                self.compact(wait_s=STOP_TIMEOUT_S / 2)
+            except redis.RedisError as exc:
+                log.warning("the embedded broker's file was not compacted before it stopped: %s", exc)
         process, self._process = self._process, None
         if process is not None and process.poll() is not None:
             log.warning("the embedded broker had ended (%s)", process.returncode)

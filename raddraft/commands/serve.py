@@ -22,6 +22,8 @@ import signal
 import threading
 from types import FrameType
 
+from redis.exceptions import RedisError
+
 from core import http, metrics
 from core.http import Mounts
 from core.layout import inprocess_worker_state_path
@@ -45,6 +47,7 @@ from worklist.bridge import QuestionModel
 from worklist.service import WorklistService
 
 log = logging.getLogger(__name__)
+COMPACT_EVERY_S = 10  # how often the embedded broker's append-only file is checked (OwnedRedis.compact)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,13 +140,11 @@ def _serve(args: argparse.Namespace, settings: Settings, stop: threading.Event, 
         log.info("raddraft serving; home %s, broker %s", settings.home,
                  "embedded (owned redis-server)" if broker is not None else
                  "sqlite (in-process workers)" if settings.uses_sqlite_broker else "external")
+        ticks = 0
         while not stop.wait(1.0):
-            if broker is not None and not broker.running and not stop.wait(0.2):
-                log.error("the embedded broker (redis-server) ended; starting it again")
-                try:
-                    broker.start()
-                except BrokerStartError as exc:
-                    log.error("the embedded broker could not be started again: %s", exc)
+            ticks += 1
+            if broker is not None:
+                _tend(broker, stop, compact=ticks % COMPACT_EVERY_S == 0)
     finally:
         if model_socket is not None:
             model_socket.stop()
@@ -156,6 +157,21 @@ def _serve(args: argparse.Namespace, settings: Settings, stop: threading.Event, 
         store.close()
     log.info("raddraft stopped")
     return 0
+
+
+def _tend(broker: OwnedRedis, stop: threading.Event, *, compact: bool) -> None:
+    """Start the embedded broker again if it ended; now and then, compact its file (workers/owned_redis.py)."""
+    if not broker.running and not stop.wait(0.2):
+        log.error("the embedded broker (redis-server) ended; starting it again")
+        try:
+            broker.start()
+        except BrokerStartError as exc:
+            log.error("the embedded broker could not be started again: %s", exc)
+    elif compact:
+        try:
+            broker.compact()
+        except RedisError as exc:
+            log.warning("the embedded broker's file was not compacted: %s", exc)
 
 
 def _loopback(bind: str) -> str:
