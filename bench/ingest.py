@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500, help="38 KB instances per case (default 500)")
     parser.add_argument("--big-count", type=int, default=100, help="0.5 MB instances of nodelay-big (default 100)")
-    parser.add_argument("--cases", default="nodelay,nodelay-8,nodelay-big,nagle",
+    parser.add_argument("--cases", default="nodelay,nagle,nodelay-8,nodelay-big",
                         help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--associations", type=int, default=None,
                         help="run only the 38 KB TCP_NODELAY case over this many associations (e.g. 8)")
