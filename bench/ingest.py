@@ -13,8 +13,10 @@ with its own share of the files):
 
 Targets: ``raddraft serve --no-worker`` (a subprocess with a temporary home and default settings, so every
 instance is fsynced; the study idle time is raised and the in-process workers are off, so no analysis and no
-model loading compete with the measured ingest), dcmtk ``storescp`` and Orthanc (both from ``peers/``), each
-started fresh for every measurement. Every target must have stored all instances, else the run fails. In the
+model loading compete with the measured ingest), dcmtk ``storescp`` and Orthanc (both from ``peers/``, with
+``TCP_NODELAY=1`` in their environment in the TCP_NODELAY cases) and ``pynetdicom``, an SCP configured as
+raddraft's that stores nothing (bench/null_scp.py: pynetdicom's own ceiling), each started fresh for every
+measurement. Every target must have stored all instances, else the run fails. In the
 same round the disk's *fsync limit* is measured: files of the case's size written, fsynced, renamed into one
 directory and the directory fsynced, by as many streams as the case has associations.
 
@@ -58,7 +60,7 @@ log = logging.getLogger("bench.ingest")
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 CALLING_AET = "BENCH"
-TARGETS = ("raddraft", "storescp", "orthanc")
+TARGETS = ("raddraft", "storescp", "orthanc", "pynetdicom")
 # issue 21: raddraft >= 1.5 x Orthanc and >= 70 % of the disk's fsync limit on one association
 GOAL_OVER_ORTHANC = 1.5
 GOAL_OF_FSYNC_LIMIT = 0.70
@@ -321,10 +323,26 @@ def bench_raddraft(workdir: Path, folders: Folders, case: Case, profile: Path | 
         stop_process(process, timeout=30)
 
 
+def bench_null_scp(workdir: Path, folders: Folders, case: Case, profile: Path | None) -> Measurement:
+    """bench/null_scp.py: a pynetdicom SCP configured as raddraft's that stores nothing (pynetdicom's ceiling)."""
+    port, count_file = free_port(), workdir / "null-scp.count"
+    count_file.touch()
+    process = subprocess.Popen([sys.executable, "-m", "bench.null_scp", str(port), str(count_file)], cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: process.poll() is None and echo_ok("NULLSCP", port), timeout=60, interval=0.2,
+                 what="the null SCP answering C-ECHO")
+        return measure("pynetdicom", folders, case, "NULLSCP", port, process.pid,
+                       lambda: count_file.stat().st_size, profile=None)
+    finally:
+        stop_process(process, timeout=30)
+
+
 RUNNERS: dict[str, Callable[[Path, Folders, Case, Path | None], Measurement]] = {
     "raddraft": bench_raddraft,
     "storescp": bench_storescp,
     "orthanc": bench_orthanc,
+    "pynetdicom": bench_null_scp,
 }
 
 
@@ -400,7 +418,7 @@ def run_case(case: Case, count: int, targets: list[str], rounds: int, workdir: P
     }
     ratios: dict[str, dict[str, float]] = {}
     if "raddraft" in targets:
-        for other in ("orthanc", "storescp", "baseline"):
+        for other in ("orthanc", "storescp", "pynetdicom", "baseline"):
             if other in targets:
                 ratios[f"raddraft/{other}"] = spread([m["raddraft"].instances_per_s / m[other].instances_per_s
                                                       for m in per_round])
@@ -429,8 +447,6 @@ PROFILE_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("validate (decode / check)", "check_inflated_size ("),
     ("hash (sha256)", "content_sha256 ("),
     ("stage + file fsync", "stage ("),
-    ("wait for the index lock / group commit", "wait_durable ("),
-    ("wait for the index lock / group commit", "acquire ("),
     ("index commit (rename, dir fsync, SQLite)", "record_instance ("),
     ("index commit (rename, dir fsync, SQLite)", "_commit_batch ("),
     ("index reads", "Index.instance ("),
@@ -499,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500, help="38 KB instances per case (default 500)")
     parser.add_argument("--big-count", type=int, default=100, help="0.5 MB instances of nodelay-big (default 100)")
-    parser.add_argument("--cases", default="nodelay,nodelay-8,nodelay-big,nagle",
+    parser.add_argument("--cases", default="nodelay,nagle,nodelay-8,nodelay-big",
                         help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--associations", type=int, default=None,
                         help="run only the 38 KB TCP_NODELAY case over this many associations (e.g. 8)")

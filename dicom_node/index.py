@@ -6,6 +6,12 @@ refused instances, for ``raddraft status``). The pipeline's state (episodes, del
 is the state store's (state/store.py); both keep their tables in the one database of the store
 (state/database.py), so an arrival stores its instance row and opens or extends its episode
 (:meth:`state.store.StateStore.episode_for_arrival`) in one transaction.
+
+Arrivals are committed in groups (:meth:`Index.record_instance`): the associations that arrive while one batch
+is being made durable share the next batch's directory fsyncs and its SQLite commit. ``instance_totals`` keeps the
+counts ``raddraft status`` shows, updated in each arrival's transaction, so that reading them does not count the
+whole history; the queries of an arrival and of ``status`` read through indexes
+(tests/test_node_index_growth.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Durable instance files: ``spool/<study>/<series>/<sop>.dcm`` written via ``spool/tmp`` and an atomic rename.
 
 A file is first *staged* (written to ``spool/tmp`` and fsynced), then *placed* (renamed over its final path and
-the directory fsynced). A placement can be rolled back until it is committed, so the caller can make the file and
-its index row appear together or not at all. Paths are built only from UIDs that pass :func:`validate_uid`.
+the directory fsynced, by :meth:`Spool.place` or, for a batch of arrivals, once per directory by the index's group
+commit in dicom_node/index.py, before the rows are committed). A placement can be rolled back until it is
+committed, so the caller can make the file and its index row appear together or not at all. Paths are built
+only from UIDs that pass :func:`validate_uid`.
 
 An instance received to a file (pynetdicom's chunked receive, see :func:`dicom_node.scp.build_ae`) is staged by
 a hard link into ``spool/tmp`` when that file lies on the spool's file system (no copy), else by a copy in
