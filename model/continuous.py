@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import Cache
-from transformers.cache_utils import CacheLayerMixin
+from transformers import Cache, CacheLayerMixin
 
 from model.minigpt import MiniGPTMed
 

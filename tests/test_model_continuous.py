@@ -97,7 +97,9 @@ def test_random_model_rows_of_every_length_get_the_one_by_one_answers() -> None:
     together, most = staggered(decoder, images, limits, arrivals=[0, 1, 1, 4, 5])
     assert together == alone and most == 2
     # the same rows again: the slots are reused, the cache is the same
+    pointers = [t.data_ptr() for t in decoder.cache.tensors()]
     assert decoder.generate_ids(images, INSTRUCTIONS[:5], limits) == alone
+    assert [t.data_ptr() for t in decoder.cache.tensors()] == pointers
     # EOS held back: exactly min_new_tokens … max_new_tokens, as generate_ids
     forced = model.generate_ids(images[:2], INSTRUCTIONS[:2], max_new_tokens=12, min_new_tokens=12)
     assert decoder.generate_ids(images[:2], INSTRUCTIONS[:2], [12, 12], min_new_tokens=12) == forced

@@ -105,9 +105,10 @@ def set_threads(threads: int | None) -> None:
 
 
 def infer(settings: Settings, requests: Sequence[InferenceRequest]) -> list[InferenceResponse]:
-    """What a gpu task calls: the process's model (``settings.model`` on ``settings.inference_device``)."""
+    """The one-call runner on the process's model (``settings.model`` on ``settings.inference_device`` in
+    ``settings.inference_dtype``); the gpu worker's tasks use :func:`continuous_batcher`."""
     set_threads(settings.inference_threads)
-    return run_batch(get_model(settings.model, settings.inference_device), requests)
+    return run_batch(get_model(settings.model, settings.inference_device, settings.inference_dtype), requests)
 
 
 def decoder_length(config: MiniGPTConfig) -> int:
