@@ -432,8 +432,8 @@ class Settings(BaseSettings):
     inference_dtype: str = Field("auto", pattern=r"^(auto|float32|bfloat16|float16)$",
                                  description="weights of gpu workers: auto = bfloat16 on cuda, float32 on the cpu")
     inference_threads: int | None = Field(None, ge=1, description="torch CPU threads; empty = torch default")
-    inference_batch_size: int = Field(4, ge=1, description="studies a gpu worker answers in one forward pass")
-    inference_batch_window_s: float = Field(0.05, ge=0, description="how long a batch waits for more studies")
+    inference_batch_size: int = Field(4, ge=1, description="studies a gpu worker decodes at once: its continuous "
+                                      "decoder's rows (4 a study) share one KV cache allocated once")
     model_socket: bool = Field(
         True, description="a gateway holding the model answers `raddraft analyze` on <home>/run/model.sock"
     )

@@ -1,5 +1,6 @@
 """``raddraft worker --queues io|gpu``: a production Celery worker (gpu: one process, one model, a thread per
-message up to ``inference_batch_size`` so that queued studies are answered in one forward pass; ``solo`` at 1).
+message up to ``inference_batch_size``, each handing its rows to the process's continuous decoder, where queued
+studies share every decoding step: workers/batching.py; ``solo`` at 1).
 A gpu worker also answers ``raddraft analyze`` of the same home with its model (raddraft/model_socket.py).
 ``--http-port`` serves the worker's own ``/healthz`` and ``/metrics`` (core/http.py). ``raddraft serve`` with the
 embedded broker runs one of each queue as its children (workers/supervisor.py) with ``--supervised-by``: such a
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         die_with_parent(args.supervised_by)
     app = configure(settings, task_modules=[WORKLIST_TASK_MODULE])  # the worklist's tasks run on io workers
     if args.queues == GPU_QUEUE:
-        # one process, one model; a thread per message so that queued studies meet in one batch (workers/batching.py)
+        # one process, one model; a thread per message so that queued studies share the decoder (workers/batching.py)
         if args.concurrency is not None:
             raise SystemExit("raddraft worker: the gpu queue takes RADDRAFT_INFERENCE_BATCH_SIZE, not --concurrency")
         pool, concurrency = ("solo", 1) if settings.inference_batch_size == 1 else ("threads",
