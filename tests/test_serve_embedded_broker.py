@@ -14,12 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from node_helpers import Serve, make_ct, wait_for
 from pydicom.uid import generate_uid
 from test_node_serve_ops import get, status, worklist_url
 
+from core.settings import Settings
 from dicom_node.statuses import StoreStatus
 from state.store import StateStore
+from workers.owned_redis import BrokerStartError, OwnedRedis
 
 FINAL = {"reported", "delivered", "not-analysed", "failed"}  # "reported": no destination configured
 
@@ -221,3 +224,39 @@ def test_the_broker_files_follow_what_is_in_flight_not_the_history(tmp_path):
     # 32 studies went through: the file holds what is left (bindings, nothing queued), not every message
     assert size < 3 * 0.02 * 1024 * 1024 + 16384 and size < written / 4, (size, written)
     assert keys < 20, keys
+
+
+def test_without_redis_server_or_with_a_too_long_socket_path_start_up_says_why(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    with pytest.raises(BrokerStartError, match=r"needs /nonexistent/redis-server \(Debian package redis-server: "
+                                               r"apt-get install redis-server"):
+        OwnedRedis(settings, executable="/nonexistent/redis-server").start()
+    long_home = Settings(home=tmp_path / ("h" * 120))
+    with pytest.raises(BrokerStartError, match=r"socket path .* is longer than 107 bytes .* shorter RADDRAFT_HOME"):
+        OwnedRedis(long_home).start()
+
+
+def test_a_redis_left_running_by_a_previous_serve_is_replaced_and_its_data_kept(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    first = OwnedRedis(settings)
+    first.start()
+    try:
+        assert redis_command(settings.home, "LPUSH", "io", "queued-before") == b":1\r\n"
+    finally:
+        first.stop()
+    # a redis-server of that home still running without its serve (as if serve died and the signal was lost)
+    leftover = subprocess.Popen(["/usr/bin/redis-server", str(first.config_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: redis_pid(settings.home) == leftover.pid, timeout=20, what="leftover Redis up")
+        second = OwnedRedis(settings)
+        second.start()
+        try:
+            assert leftover.wait(timeout=30) == 0  # shut down cleanly (SIGTERM), not killed
+            assert second.pid != leftover.pid and redis_pid(settings.home) == second.pid
+            assert b"queued-before" in redis_command(settings.home, "LRANGE", "io", "0", "-1")
+        finally:
+            second.stop()
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait(timeout=10)

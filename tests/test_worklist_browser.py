@@ -1,9 +1,10 @@
 """The worklist in a real headless Chromium (Playwright): log in, watch a new draft arrive, review, edit, sign.
 
 The worklist runs as ``raddraft serve`` runs it (worklist/service.py) beside a real Celery io worker on the
-embedded broker; the signature's deliveries go through that queue to a real Orthanc (the final SR is read back
-from it) and a real MLLP listener (the ORU with OBR-25 = F). Screenshots of both pages are taken on every run
-(into the test's folder); with RADDRAFT_UPDATE_SCREENSHOTS=1 they replace docs/screenshots/ of the README.
+SQLite broker (in this process); the signature's deliveries go through that queue to a real Orthanc (the final
+SR is read back from it) and a real MLLP listener (the ORU with OBR-25 = F). Screenshots of both pages are taken
+on every run (into the test's folder); with RADDRAFT_UPDATE_SCREENSHOTS=1 they replace docs/screenshots/ of the
+README.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def served(tmp_path, orthanc):
     with MLLPListener() as listener:
         settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'worklist.sqlite'}", http_port=0,
                                 dicom_destinations=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
-                                hl7_destinations=f"127.0.0.1:{listener.port}")
+                                hl7_destinations=f"127.0.0.1:{listener.port}",
+                                broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}")  # workers in-process
         worker = InProcessWorker(configure(settings), [IO_QUEUE], concurrency=1)
         worker.start()
         try:

@@ -1,5 +1,6 @@
-"""A Celery worker running in a thread of the current process (``raddraft serve`` with the embedded broker),
-watched so that a dead worker does not go unnoticed (issue 21).
+"""A Celery worker running in a thread of the current process (``raddraft serve`` with the SQLite transport, an
+explicit opt-in; the embedded default runs its workers as processes, workers/supervisor.py), watched so that a
+dead worker does not go unnoticed (issue 21).
 
 The worker is a threads-pool :class:`celery.worker.WorkController` in a thread. A watchdog thread checks it every
 ``check_interval_s``:

@@ -69,10 +69,13 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def _is_redis(pid: int) -> bool:
+    """*pid* is a running redis-server (a zombie, ended and not yet reaped, is not)."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip().startswith("redis-server")
-    except OSError:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
+    return comm.startswith("redis-server") and state != "Z"
 
 
 def ping(socket_path: Path, timeout: float = 1.0) -> bool:
