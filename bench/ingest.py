@@ -463,6 +463,8 @@ def _leaf(stack: str) -> str:
 def _category(stack: str) -> str:
     if _leaf(stack).endswith("._run_reactor"):  # its loop itself: time.sleep(0.001), a C call with no frame
         return "pynetdicom reactor loop (1 ms sleeps)"
+    if _leaf(stack) == "InstanceReceiver._receive":  # blocked in `with self._parsing` (dicom_node/receive.py)
+        return "wait for the parsing gate"
     for label, marker in PROFILE_CATEGORIES:
         if marker in stack:
             return label

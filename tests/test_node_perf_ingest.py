@@ -6,13 +6,15 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import PYDICOM_TEST_FILES, SCU_AE, make_ct, node_settings, running_node, wait_for
+from node_helpers import PYDICOM_TEST_FILES, SCU_AE, make_ct, node_settings, running_node, wait_for, write_ct
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -203,3 +205,45 @@ def test_a_value_the_node_does_not_read_is_stored_as_received(tmp_path):
         assert (spool.root / record.path).read_bytes() == data
     finally:
         store.close()
+
+
+def test_associations_parse_their_data_sets_one_at_a_time(tmp_path):
+    """PARSING_GATE (dicom_node/receive.py): the first thread to convert an element waits up to 2 s for a second
+    thread to convert one too; with the gate the second cannot until the first is done (before: at once)."""
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    store = StateStore(tmp_path / "index.sqlite")
+    receiver = InstanceReceiver(spool, Index(store), 100, 0)
+    study = generate_uid()
+    incoming = []
+    for number in range(2):
+        ds = make_ct(study, instance_number=number + 1)
+        path = write_ct(tmp_path / f"{number}.dcm", ds)
+        incoming.append(IncomingInstance(path, CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, SCU_AE,
+                                         "127.0.0.1"))
+    seen: list[int] = []
+    lock, second, overlapped = threading.Lock(), threading.Event(), []
+    default = hooks.raw_element_value
+
+    def recording(raw: RawDataElement, data: dict, **kwargs) -> None:
+        me = threading.get_ident()
+        with lock:
+            first = not seen
+            if me not in seen:
+                seen.append(me)
+            if len(seen) > 1:
+                second.set()
+        if first:
+            overlapped.append(second.wait(2.0))
+        default(raw, data, **kwargs)
+
+    hooks.register_callback("raw_element_value", recording)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            statuses = list(pool.map(receiver.receive, incoming))
+    finally:
+        hooks.register_callback("raw_element_value", default)
+        store.close()
+    assert statuses == [StoreStatus.SUCCESS, StoreStatus.SUCCESS]
+    assert len(seen) == 2
+    assert overlapped == [False], "a second data set was parsed while the first one was"
