@@ -117,12 +117,6 @@ class WorkerSupervisor:
             return [f"http://{self._http_host}:{child.http_port}/metrics" for child in self._children
                     if child.http_port is not None and child.state.state == RUNNING]
 
-    def pids(self) -> dict[str, int | None]:
-        """The pid of each child now running, by queue (None while it is dead or restarting)."""
-        with self._lock:
-            return {child.state.queue: child.state.pid if child.state.state == RUNNING else None
-                    for child in self._children}
-
     # --- life cycle --------------------------------------------------------------------------------------------
 
     def start(self) -> None:

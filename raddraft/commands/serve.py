@@ -53,7 +53,9 @@ COMPACT_EVERY_S = 10  # how often the embedded broker's append-only file is chec
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-worker", action="store_true",
                         help="do not start the io and gpu workers even with the embedded broker")
-    parser.add_argument("--io-threads", type=int, default=4, help="threads of the io worker (default 4)")
+    parser.add_argument("--io-threads", type=int, default=None,
+                        help="threads of the io worker (default 4, as raddraft worker; 2 in process with the "
+                             "SQLite transport)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -102,7 +104,7 @@ def _serve(args: argparse.Namespace, settings: Settings, stop: threading.Event, 
         # two processes, two interpreters: io (prepare, report, deliver) and gpu (infer) use both cores, as the
         # Redis deployment's workers do (bench/burst.py measures it)
         workers = [WorkerSupervisor([IO_QUEUE, GPU_QUEUE], cli_options=_cli_options(args),
-                                    worker_options={IO_QUEUE: ["--concurrency", str(args.io_threads)]},
+                                    worker_options={IO_QUEUE: ["--concurrency", str(args.io_threads or 4)]},
                                     state_path=inprocess_worker_state_path(settings.home),
                                     max_restarts=settings.inprocess_worker_max_restarts,
                                     restart_backoff_s=settings.inprocess_worker_restart_backoff_s,
@@ -111,7 +113,7 @@ def _serve(args: argparse.Namespace, settings: Settings, stop: threading.Event, 
     elif in_process:
         # one worker for both queues: two Celery WorkControllers in one process do not consume; infer tasks take
         # a process-wide lock (workers/tasks.py), so the model runs one batch at a time in one of these threads
-        workers = [InProcessWorker(app, [IO_QUEUE, GPU_QUEUE], concurrency=args.io_threads + 1,
+        workers = [InProcessWorker(app, [IO_QUEUE, GPU_QUEUE], concurrency=(args.io_threads or 2) + 1,
                                    state_path=inprocess_worker_state_path(settings.home),
                                    max_restarts=settings.inprocess_worker_max_restarts,
                                    restart_backoff_s=settings.inprocess_worker_restart_backoff_s)]
