@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error         TEXT,
     PRIMARY KEY (study_instance_uid, episode_id, output_set, kind, destination)
 );
+CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (state);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id                 INTEGER PRIMARY KEY AUTOINCREMENT,
     task               TEXT NOT NULL,
@@ -437,6 +438,16 @@ class StateStore:
         with self.database.reading() as db:
             rows = db.execute(f"SELECT * FROM deliveries {clause}ORDER BY {order}output_set, kind, destination",
                               values).fetchall()
+        return [_delivery(row) for row in rows]
+
+    def unfinished_deliveries(self) -> list[Delivery]:
+        """Every delivery not ``done`` nor ``skipped`` (pending or dead: what is in flight or needs someone),
+        oldest first; read through ``deliveries_by_state``, not the history of finished ones."""
+        unfinished = [str(s) for s in DeliveryState if s not in (DeliveryState.DONE, DeliveryState.SKIPPED)]
+        marks = ", ".join("?" * len(unfinished))  # IN, not NOT IN: SQLite searches an index only for the former
+        with self.database.reading() as db:
+            rows = db.execute(f"SELECT * FROM deliveries WHERE state IN ({marks}) ORDER BY created_at, output_set, "
+                              "kind, destination", unfinished).fetchall()
         return [_delivery(row) for row in rows]
 
     def delivery(self, key: DeliveryKey) -> Delivery | None:

@@ -126,3 +126,25 @@ def test_status_lists_the_recent_episodes_and_counts_everything(indexes, tmp_pat
     assert document["instances"] == 10001
     assert document["node"]["stored_without_analysis"] == 1
     assert document["studies_without_episode"] == ["1.3"]
+
+
+def test_status_lists_the_unfinished_deliveries_and_those_of_the_listed_episodes_not_the_history(tmp_path):
+    """Issue 21 (growth): with 10 000 finished deliveries in the index, ``raddraft status`` lists the deliveries of
+    the episodes it lists and every unfinished one (pending, dead) however old (read through
+    ``deliveries_by_state``), never the finished history (before: every delivery row ever written)."""
+    settings = node_settings(tmp_path)
+    seed(settings.index_path, per_study=1)
+    with sqlite3.connect(settings.index_path) as db:
+        db.executemany(
+            "INSERT INTO deliveries (study_instance_uid, episode_id, output_set, kind, destination, state, attempts, "
+            "created_at, done_at) VALUES (?, 1, 'draft', 'dicom', ?, ?, 1, ?, ?)",
+            [("1.2.0", f"OLD{n}@127.0.0.1:{1000 + n % 60000}", "done", 1.0 + n, 2.0 + n) for n in range(10_000)]
+            + [("1.2.1", "PACS@127.0.0.1:104", "dead", 0.5, None),
+               ("1.2.99", "PACS@127.0.0.1:104", "done", 3.0, 4.0)])
+        plan = " | ".join(row[-1] for row in db.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM deliveries WHERE state IN (?, ?)", ("pending", "dead")))
+    db.close()
+    document = collect(settings, limit=1)  # the most recently opened episode only: study 1.2.99
+    listed = [(d["study_instance_uid"], d["state"]) for d in document["deliveries"]]
+    assert listed == [("1.2.99", "done"), ("1.2.1", "dead")]
+    assert "deliveries_by_state" in plan, plan

@@ -58,7 +58,12 @@ def collect(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
         totals = store.episode_totals()
         without_episode = index.studies_without_episode(limit)
         total_instances = index.count_instances()
-        deliveries = store.deliveries()
+        # the listed episodes' deliveries, and every unfinished one however old: never the finished history
+        deliveries = [d for episode in episodes for d in store.deliveries(episode.study_instance_uid,
+                                                                          episode.episode_id)]
+        listed = {(d.study_instance_uid, d.episode_id) for d in deliveries}
+        deliveries += [d for d in store.unfinished_deliveries()
+                       if (d.study_instance_uid, d.episode_id) not in listed]
         dead_letters = store.dead_letters()
         counters: dict[str, int] = {str(counter): count for counter, count in index.counters().items()}
         counters[STORED_WITHOUT_ANALYSIS] = index.count_instances_without_episode()
