@@ -545,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(targets) - set(RUNNERS)) + sorted(set(args.cases.split(",")) - set(CASES))
     if unknown or args.count < 1 or args.rounds < 1 or not cases:
         parser.error(f"unknown targets or cases {unknown}" if unknown else "--count, --rounds and cases are needed")
+    for case in cases:
+        count = args.big_count if case.big else args.count
+        if count < case.associations:
+            parser.error(f"case {case.name}: {count} instance(s) are fewer than its {case.associations} associations "
+                         "(each sends its own share): give more with --count / --big-count")
     for tool in ("storescu", "echoscu", "storescp", "Orthanc"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (dcmtk, orthanc: see scripts/bootstrap.sh)")

@@ -7,9 +7,12 @@ below. Everything is validated once at start-up; a bad value stops the process w
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import os
 import re
 import socket
+import tempfile
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -303,6 +306,9 @@ def _checked_secrets_file(path: Path | None, read: Callable[[Path], object]) -> 
             raise ValueError(f"file {path} does not exist")
         read(path)
     return path
+
+
+UNIX_SOCKET_PATH_MAX = 107  # bytes of a unix socket's path (sun_path is 108 with its NUL)
 
 
 class Settings(BaseSettings):
@@ -604,7 +610,7 @@ class Settings(BaseSettings):
         socket :attr:`embedded_broker_socket` (kombu's ``redis+socket://`` URL)."""
         if self.broker_url:
             return self.broker_url
-        return f"redis+socket://{self.embedded_broker_socket.resolve()}"
+        return f"redis+socket://{self.embedded_broker_socket}"
 
     @property
     def uses_embedded_broker(self) -> bool:
@@ -623,8 +629,14 @@ class Settings(BaseSettings):
 
     @property
     def embedded_broker_socket(self) -> Path:
-        """The owned redis-server's unix socket (no TCP port); the folder is private to the user (0700)."""
-        return self.home / "run" / "broker.sock"
+        """The owned redis-server's unix socket (no TCP port) in a folder private to the user (0700):
+        ``<home>/run/broker.sock``, or, where that path is longer than a unix socket's address allows (a home deep
+        in the file system), ``<temp>/raddraft-<uid>/broker-<digest of the home>.sock``."""
+        own = (self.home / "run" / "broker.sock").resolve()
+        if len(os.fsencode(own)) <= UNIX_SOCKET_PATH_MAX:
+            return own
+        digest = hashlib.sha256(os.fsencode(self.home.resolve())).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"raddraft-{os.getuid()}" / f"broker-{digest}.sock"
 
     @property
     def tls_enabled(self) -> bool:

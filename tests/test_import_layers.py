@@ -81,4 +81,10 @@ def test_a_back_arrow_breaks_the_contract(copy: Path, module: str, line: str, me
     finally:
         path.write_text(original, encoding="utf-8")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert message in result.stdout and "1 broken" in result.stdout, result.stdout
+    broken = ALSO_BROKEN.get((module, line), 0) + 1
+    assert message in result.stdout and f"{broken} broken" in result.stdout, result.stdout
+
+
+# arrows that break a second contract as well, rightly: the benchmarks import the pipeline (bench/stages.py), so
+# the pipeline's arrow into the tests is one of theirs too
+ALSO_BROKEN = {("workers/gate.py", "import tests.node_helpers"): 1}

@@ -70,7 +70,9 @@ def job_state(orthanc, job_id: str) -> dict:
 @pytest.fixture
 def pipeline(tmp_path):
     """raddraft SCP (only ORTHANC@127.0.0.1 allowed) + hand-off dispatcher + in-process io worker."""
-    settings = node_settings(tmp_path / "home", allowed_peers="ORTHANC@127.0.0.1")
+    # a worker in this process: the SQLite transport (the embedded default is a Redis that raddraft serve starts)
+    settings = node_settings(tmp_path / "home", allowed_peers="ORTHANC@127.0.0.1",
+                             broker_url=f"sqla+sqlite:///{(tmp_path / 'home' / 'broker.sqlite').resolve()}")
     worker = InProcessWorker(configure(settings), [IO_QUEUE], concurrency=1)
     worker.start()
     with running_node(settings) as node:

@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from test_node_serve_ops import get, status, worklist_url
 from core.settings import Settings
 from dicom_node.statuses import StoreStatus
 from state.store import StateStore
-from workers.owned_redis import BrokerStartError, OwnedRedis
+from workers.owned_redis import BrokerStartError, OwnedRedis, ping
 
 FINAL = {"reported", "delivered", "not-analysed", "failed"}  # "reported": no destination configured
 
@@ -226,14 +227,44 @@ def test_the_broker_files_follow_what_is_in_flight_not_the_history(tmp_path):
     assert keys < 20, keys
 
 
-def test_without_redis_server_or_with_a_too_long_socket_path_start_up_says_why(tmp_path):
+def test_without_redis_server_start_up_says_why(tmp_path):
     settings = Settings(home=tmp_path / "home")
     with pytest.raises(BrokerStartError, match=r"needs /nonexistent/redis-server \(Debian package redis-server: "
                                                r"apt-get install redis-server"):
         OwnedRedis(settings, executable="/nonexistent/redis-server").start()
+
+
+
+def test_a_home_too_deep_for_a_unix_socket_gets_a_private_socket_folder_under_the_temporary_folder(tmp_path):
+    """A socket's path is at most 107 bytes: a deep home (a test's or a bench's folder, a deep mount) put the
+    socket in a private folder of the temporary folder instead of refusing to start; a folder there that is a
+    link, or not this user's, is refused."""
     long_home = Settings(home=tmp_path / ("h" * 120))
-    with pytest.raises(BrokerStartError, match=r"socket path .* is longer than 107 bytes .* shorter RADDRAFT_HOME"):
-        OwnedRedis(long_home).start()
+    socket_path = long_home.embedded_broker_socket
+    assert len(os.fsencode(socket_path)) <= 107 and long_home.home.resolve() not in socket_path.parents
+    assert socket_path == Settings(home=tmp_path / ("h" * 120)).embedded_broker_socket  # the same home, the same
+    assert socket_path != Settings(home=tmp_path / ("g" * 120)).embedded_broker_socket
+    owned = OwnedRedis(long_home)
+    owned.start()
+    try:
+        assert ping(socket_path)
+        folder = os.lstat(socket_path.parent)
+        assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
+    finally:
+        owned.stop()
+
+
+def test_a_socket_folder_that_is_a_link_is_refused(tmp_path, monkeypatch):
+    short_tmp = tmp_path / "t"
+    short_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))  # the temporary folder this test's deep home uses
+    deep = Settings(home=tmp_path / ("k" * 120))
+    folder = deep.embedded_broker_socket.parent
+    assert folder.parent == short_tmp
+    (tmp_path / "elsewhere").mkdir()
+    folder.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BrokerStartError, match="is not a folder of this user"):
+        OwnedRedis(deep).start()
 
 
 def test_a_redis_left_running_by_a_previous_serve_is_replaced_and_its_data_kept(tmp_path):

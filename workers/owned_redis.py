@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -52,6 +53,17 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child between fork
 
 class BrokerStartError(RuntimeError):
     """The embedded broker cannot be started; the message says why and what to do."""
+
+
+def _private_folder(folder: Path) -> None:
+    """Make *folder* (the socket's: in the home, or under the temporary folder for a deep home) a real folder of
+    this user only (0700); a symbolic link or a folder of another user there is refused, never used."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = os.lstat(folder)
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid():
+        raise BrokerStartError(f"the embedded broker's socket folder {folder} is not a folder of this user: "
+                               "remove it, or choose another RADDRAFT_HOME or TMPDIR")
+    os.chmod(folder, 0o700)
 
 
 def _die_with_parent() -> None:
@@ -96,7 +108,7 @@ class OwnedRedis:
 
     def __init__(self, settings: Settings, executable: str = REDIS_SERVER) -> None:
         self.dir = settings.embedded_broker_dir.resolve()
-        self.socket_path = settings.embedded_broker_socket.resolve()
+        self.socket_path = settings.embedded_broker_socket  # absolute; not resolved: a link there is refused
         self.executable = executable
         self.aof_rewrite_min_bytes = int(settings.embedded_broker_aof_rewrite_min_mb * 1024 * 1024)
         self.config_path = self.dir / "redis.conf"
@@ -143,11 +155,11 @@ class OwnedRedis:
                 + ", or set broker_url to an external Redis")
         if len(os.fsencode(self.socket_path)) > SUN_PATH_MAX:
             raise BrokerStartError(f"the embedded broker's socket path {self.socket_path} is longer than "
-                                   f"{SUN_PATH_MAX} bytes (a unix socket's limit): choose a shorter RADDRAFT_HOME")
+                                   f"{SUN_PATH_MAX} bytes (a unix socket's limit): choose a shorter RADDRAFT_HOME "
+                                   "or TMPDIR")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        os.chmod(self.socket_path.parent, 0o700)
+        _private_folder(self.socket_path.parent)
         if self._lock is None:  # held from the first start to stop (a restart keeps it)
             self._take_ownership()
         self._replace_stale()
