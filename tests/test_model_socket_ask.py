@@ -143,9 +143,17 @@ class _Worklist:
     port: int
 
 
-def _children(pid: int) -> list[int]:
-    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-            for child in (task / "children").read_text().split()]
+def _gpu_worker(serve_pid: int) -> list[int]:
+    """The pids of the gpu worker children serve supervises (``raddraft worker --queues gpu --supervised-by``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--supervised-by" in argv and str(serve_pid).encode() in argv and b"gpu" in argv:
+            found.append(int(entry.name))
+    return found
 
 
 def test_raddraft_serve_answers_a_question_with_the_gpu_workers_model_only(home):
@@ -175,8 +183,7 @@ def test_raddraft_serve_answers_a_question_with_the_gpu_workers_model_only(home)
         # the model was loaded once, by the gpu worker: serve (SharedModelAnswerer) would log a second load
         assert len(MODEL_LOADED.findall(running.log)) == 1, running.log
 
-        gpu = [pid for pid in _children(running.process.pid)
-               if "gpu" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        gpu = _gpu_worker(running.process.pid)
         assert len(gpu) == 1
         os.kill(gpu[0], signal.SIGKILL)  # the supervisor restarts it; until its socket answers: not connected
         status, body = client.post_json(f"/api/studies/{entry}/ask", {"image": 0, "kind": "vqa", "text": "?"})
