@@ -11,6 +11,8 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +28,9 @@ from worklist_helpers import Client, write_draft
 from core.settings import load_settings
 from model.imaging import prepare_image
 from model.phantoms import write_studies
-from peers.gateway import MODEL, base_env, gateway
+from peers.gateway import MODEL, REPO, base_env, gateway
 from raddraft.analyze_output import start_model_socket
+from raddraft.commands.serve import _question_model
 from raddraft.model_socket import (
     AnalyzeReply,
     AskRequest,
@@ -39,7 +42,7 @@ from raddraft.model_socket import (
 from workers.inference import get_model
 from workers.pipeline import model_input_size
 from worklist import auth
-from worklist.answerer import MiniGPTAnswerer
+from worklist.answerer import MiniGPTAnswerer, SharedModelAnswerer
 from worklist.bridge import Bridge, ModelUnavailableError
 from worklist.storage import Store
 
@@ -135,6 +138,30 @@ def test_a_socket_nobody_answers_is_model_not_connected(home, pixels):
     stale.close()
     with pytest.raises(ModelUnavailableError, match=r"not connected.*no model server"):
         answerer.answer(pixels, VQA)
+
+
+# a client process asking a question where no server answers; it reports what it imported
+CLIENT = ("import sys, numpy\n"
+          "from pathlib import Path\n"
+          "from raddraft.model_socket import ModelSocketUnavailable, request_answer\n"
+          "try:\n"
+          "    request_answer(Path(sys.argv[1]), 'embedded', '[vqa] ?', numpy.zeros((3, 4, 4), 'float32'))\n"
+          "except ModelSocketUnavailable:\n"
+          "    print('torch' in sys.modules, 'pydicom' in sys.modules)\n")
+
+
+def test_the_question_client_imports_neither_torch_nor_pydicom(home):
+    done = subprocess.run([sys.executable, "-c", CLIENT, str(socket_path(home))], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert (done.returncode, done.stdout.split()) == (0, ["False", "False"]), done.stderr
+
+
+def test_serve_asks_the_socket_with_child_workers_and_its_own_model_with_the_sqlite_opt_in(home):
+    children = _question_model(load_settings(home=home, model=MODEL))
+    assert isinstance(children, SocketAnswerer) and children.image_size == model_input_size(MODEL)
+    sqlite = _question_model(load_settings(home=home, model=MODEL,
+                                           broker_url=f"sqla+sqlite:///{home / 'broker.sqlite'}"))
+    assert isinstance(sqlite, SharedModelAnswerer)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""``QuestionModel`` over a loaded MiniGPT-Med, for ``Bridge(model=…)`` (imports torch; the web app does not)."""
+"""``QuestionModel`` over a loaded MiniGPT-Med, for ``Bridge(model=…)`` (imports torch; the web app does not).
+
+``MiniGPTAnswerer`` is also how the gpu worker answers the worklist's questions on its model socket
+(raddraft/analyze_output.py); ``raddraft serve`` with child workers asks there (raddraft/model_socket.py
+``SocketAnswerer``) and uses ``SharedModelAnswerer`` only with in-process workers (the SQLite opt-in).
+"""
 
 from __future__ import annotations
 
