@@ -30,7 +30,7 @@ from raddraft.model_socket import (
     normalize_model_spec,
     socket_path,
 )
-from workers.inference import get_model
+from workers.inference import settings_model
 from workers.pipeline import model_input_size
 from worklist.answerer import ASK_MAX_NEW_TOKENS, MiniGPTAnswerer
 
@@ -95,7 +95,7 @@ def socket_handler(settings: Settings) -> Handler:
             raise AnalyzeError("model", f"this gateway serves model {served!r}, not {request.model!r}")
         try:
             ds = dcmread(io.BytesIO(data))
-            return describe(get_model(settings.model, settings.inference_device), ds, request.task, request.prompt)
+            return describe(settings_model(settings), ds, request.task, request.prompt)
         except (InvalidDicomError, ValueError) as exc:
             raise AnalyzeError("input", str(exc)) from exc
 
@@ -115,7 +115,7 @@ def question_handler(settings: Settings) -> QuestionHandler | None:
     def answer(request: AskRequest, pixels: np.ndarray) -> str:
         if request.model != served:
             raise AnalyzeError("model", f"this gateway serves model {served!r}, not {request.model!r}")
-        loaded = get_model(settings.model, settings.inference_device)
+        loaded = settings_model(settings)
         return MiniGPTAnswerer(loaded.model, max_new_tokens=ASK_MAX_NEW_TOKENS).answer(pixels, request.instruction)
 
     return QuestionHandler(image_size=size, answer=answer)

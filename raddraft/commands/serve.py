@@ -229,7 +229,7 @@ def _question_model(settings: Settings) -> QuestionModel | None:
         return SocketAnswerer(socket_path(settings.home), settings.model, size)
     from worklist.answerer import SharedModelAnswerer  # noqa: PLC0415 (torch: only with in-process workers)
 
-    return SharedModelAnswerer(settings.model, settings.inference_device, size)
+    return SharedModelAnswerer(settings, size)
 
 
 def _model_socket(settings: Settings) -> ModelSocketServer | None:
@@ -241,10 +241,10 @@ def _model_socket(settings: Settings) -> ModelSocketServer | None:
 
 def _warm_model(settings: Settings) -> None:
     """Load the model before the first study arrives (the in-process gpu worker would load it on first use)."""
-    from workers.inference import get_model  # noqa: PLC0415 (torch: only when the workers run here)
+    from workers.inference import settings_model  # noqa: PLC0415 (torch: only when the workers run here)
 
     try:
-        get_model(settings.model, settings.inference_device)
+        settings_model(settings)
     except Exception:
         log.exception("model %s could not be loaded ahead of time; the first infer task will report why",
                       settings.model)
