@@ -1,5 +1,6 @@
 """What ``raddraft analyze`` prints for one dataset, the same whether the command loaded the model itself or a
-gateway answered on its model socket (:mod:`raddraft.model_socket`); and the gateway's side of that socket.
+gateway answered on its model socket (:mod:`raddraft.model_socket`); and the gateway's side of that socket, which
+also answers the worklist's questions (worklist/answerer.py ``MiniGPTAnswerer`` on the same loaded model).
 
 Both go through the one analysis path, :mod:`model.analyze` (build the request → run it → assemble), as the
 pipeline does. Imports the model stack (torch): only the process that runs the model imports this module.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -21,12 +23,16 @@ from raddraft.model_socket import (
     AnalyzeError,
     AnalyzeReply,
     AnalyzeRequest,
+    AskRequest,
     Handler,
     ModelSocketServer,
+    QuestionHandler,
     normalize_model_spec,
     socket_path,
 )
-from workers.inference import get_model
+from workers.inference import settings_model
+from workers.pipeline import model_input_size
+from worklist.answerer import ASK_MAX_NEW_TOKENS, MiniGPTAnswerer
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +95,39 @@ def socket_handler(settings: Settings) -> Handler:
             raise AnalyzeError("model", f"this gateway serves model {served!r}, not {request.model!r}")
         try:
             ds = dcmread(io.BytesIO(data))
-            return describe(get_model(settings.model, settings.inference_device), ds, request.task, request.prompt)
+            return describe(settings_model(settings), ds, request.task, request.prompt)
         except (InvalidDicomError, ValueError) as exc:
             raise AnalyzeError("input", str(exc)) from exc
 
     return handle
 
 
+def question_handler(settings: Settings) -> QuestionHandler | None:
+    """Answers worklist questions with the model :func:`socket_handler` uses, greedy, as ``MiniGPTAnswerer``
+    does in process (at most ``ASK_MAX_NEW_TOKENS``); None (logged) when the model's input size is unknown."""
+    served = normalize_model_spec(settings.model)
+    try:
+        size = model_input_size(settings.model)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        log.warning("the model socket answers no worklist questions: %s", exc)
+        return None
+
+    def answer(request: AskRequest, pixels: np.ndarray) -> str:
+        if request.model != served:
+            raise AnalyzeError("model", f"this gateway serves model {served!r}, not {request.model!r}")
+        loaded = settings_model(settings)
+        return MiniGPTAnswerer(loaded.model, max_new_tokens=ASK_MAX_NEW_TOKENS).answer(pixels, request.instruction)
+
+    return QuestionHandler(image_size=size, answer=answer)
+
+
 def start_model_socket(settings: Settings) -> ModelSocketServer | None:
-    """Answer ``raddraft analyze`` on ``<home>/run/model.sock``; None (logged) when it cannot be served here."""
+    """Answer ``raddraft analyze`` and the worklist's questions on ``<home>/run/model.sock``; None (logged) when
+    it cannot be served here."""
     if not settings.model_socket:
         return None
     server = ModelSocketServer(socket_path(settings.home), socket_handler(settings),
-                               max_bytes=settings.max_instance_bytes)
+                               max_bytes=settings.max_instance_bytes, questions=question_handler(settings))
     try:
         server.start()
     except (ValueError, FileExistsError, OSError) as exc:

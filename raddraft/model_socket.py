@@ -12,6 +12,13 @@ Protocol, one request per connection: the client writes one line of JSON, :class
 :class:`AnalyzeReply`, and closes. Anything else (garbage, a header that is too long, a size over the gateway's
 ``max_instance_mb``, a client that stops sending) gets a ``protocol`` error reply where the connection still
 allows one, and the server goes on serving. Requests are answered one at a time, in the order they connect.
+
+The worklist's questions (a [vqa] question or a [refer] phrase on one image) take the same socket, so that
+``raddraft serve`` with child workers holds the model once, in its gpu worker: the header line is an
+:class:`AskRequest` (``"kind": "ask"``, the instruction, the pixels' shape and dtype) followed by exactly the
+``3*S*S*4`` bytes of the (3, S, S) float32 little-endian model input, S the served model's input size; anything
+else is refused as ``protocol`` before the pixels are read. The reply is an :class:`AnalyzeReply` whose ``text``
+is the raw answer. :class:`SocketAnswerer` is the worklist's ``QuestionModel`` over it.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,9 @@ PROTOCOL = 1
 HEADER_LIMIT = 64 * 1024
 SUN_PATH_LIMIT = 107  # bytes of a Unix socket path (sun_path is 108 bytes with its NUL)
 ANSWER_TIMEOUT_S = 300.0  # how long a client waits for its answer (the gateway may be busy with studies)
+ASK_TIMEOUT_S = 120.0  # how long a worklist question waits for the gpu worker (a radiologist waits on the page)
+INSTRUCTION_LIMIT = 4000  # characters of a question's instruction
+PIXEL_DTYPE = "<f4"  # the model input's bytes on the socket: float32, little-endian
 
 ErrorKind = Literal["input", "model", "protocol", "internal"]
 Task = Literal["report", "detection", "refer", "identify", "grounding", "vqa"]
@@ -52,6 +64,20 @@ class AnalyzeRequest(BaseModel):
     task: Task | None = None
     prompt: str | None = None
     size: int = Field(ge=0, description="bytes of the DICOM file that follow the header line")
+
+
+class AskRequest(BaseModel):
+    """The header line of a worklist question, before the ``size`` bytes of the (3, S, S) float32 model input."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protocol: Literal[1] = PROTOCOL
+    kind: Literal["ask"] = "ask"
+    model: str = Field(description="the model asked for, as normalize_model_spec gives it")
+    instruction: str = Field(min_length=1, max_length=INSTRUCTION_LIMIT)
+    shape: tuple[int, int, int]
+    dtype: Literal["<f4"] = PIXEL_DTYPE
+    size: int = Field(ge=0, description="bytes of the pixels that follow the header line")
 
 
 class AnalyzeReply(BaseModel):
@@ -79,6 +105,15 @@ class AnalyzeError(Exception):
 
 
 Handler = Callable[[AnalyzeRequest, bytes], AnalyzeReply]
+
+
+@dataclass(frozen=True)
+class QuestionHandler:
+    """How a server answers :class:`AskRequest` s: the model's input size S and the raw answer to one question
+    on (3, S, S) float32 pixels (raising :class:`AnalyzeError` for a question it refuses)."""
+
+    image_size: int
+    answer: Callable[[AskRequest, np.ndarray], str]
 
 
 class ModelSocketUnavailable(Exception):
@@ -130,11 +165,14 @@ def _read_exactly(stream: io.BufferedReader, size: int) -> bytes:
 
 
 class ModelSocketServer:
-    """Serves :class:`AnalyzeRequest` s at *path* with *handler*, one at a time, in a daemon thread."""
+    """Serves :class:`AnalyzeRequest` s at *path* with *handler*, and :class:`AskRequest` s with *questions*
+    (refused without), one at a time, in a daemon thread."""
 
-    def __init__(self, path: Path, handler: Handler, max_bytes: int, read_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, handler: Handler, max_bytes: int, read_timeout_s: float = 30.0,
+                 questions: QuestionHandler | None = None) -> None:
         self.path = path
         self._handler = handler
+        self._questions = questions
         self._max_bytes = max_bytes
         self._read_timeout_s = read_timeout_s
         self._listener: socket.socket | None = None
@@ -210,6 +248,8 @@ class ModelSocketServer:
         if not line.endswith(b"\n"):
             what = "is longer than 64 KiB" if len(line) > HEADER_LIMIT else "ended before its newline"
             return _refused(f"the request header {what}")
+        if _is_question(line):
+            return self._ask(stream, line)
         try:
             request = AnalyzeRequest.model_validate_json(line)
         except ValidationError as exc:
@@ -231,6 +271,42 @@ class ModelSocketServer:
         return reply
 
 
+    def _ask(self, stream: io.BufferedReader, line: bytes) -> AnalyzeReply:
+        if self._questions is None:
+            return _refused("this gateway answers no questions (its model's input size is unknown)")
+        try:
+            request = AskRequest.model_validate_json(line)
+        except ValidationError as exc:
+            return _refused(f"the request header is not a question request: {exc.errors()[0]['msg']}")
+        side = self._questions.image_size
+        expected = 3 * side * side * 4
+        if request.shape != (3, side, side) or request.size != expected:
+            return _refused(f"the pixels are {request.shape} in {request.size} bytes; this model takes (3, {side}, "
+                            f"{side}) float32: exactly {expected} bytes")
+        pixels = np.frombuffer(_read_exactly(stream, expected), dtype=PIXEL_DTYPE).reshape(3, side, side).copy()
+        if not np.isfinite(pixels).all():
+            return AnalyzeReply(ok=False, kind="input", error="the pixels hold NaN or infinite values")
+        started = time.perf_counter()
+        try:
+            text = self._questions.answer(request, pixels)
+        except AnalyzeError as exc:
+            return AnalyzeReply(ok=False, kind=exc.kind, error=str(exc))
+        except Exception as exc:  # the gateway keeps serving; the worklist hears why its question failed
+            log.exception("model socket: a question failed")
+            return AnalyzeReply(ok=False, kind="internal", error=f"the question failed in the gateway: {exc}")
+        log.info("model socket: answered a question in %.2f s", time.perf_counter() - started)
+        return AnalyzeReply(ok=True, text=text)
+
+
+def _is_question(line: bytes) -> bool:
+    """True for a header line that is a JSON object naming a ``kind`` (analyze requests have none)."""
+    try:
+        header = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(header, dict) and "kind" in header
+
+
 def _refused(message: str) -> AnalyzeReply:
     log.warning("model socket: refused a request: %s", message)
     return AnalyzeReply(ok=False, kind="protocol", error=message)
@@ -244,6 +320,21 @@ def request_analysis(path: Path, request: AnalyzeRequest, data: bytes,
     long for a socket), and :class:`ModelSocketError` when the exchange fails after the server took the
     connection.
     """
+    return _request(path, request.model_dump_json().encode(), data, timeout_s)
+
+
+def request_answer(path: Path, model: str, instruction: str, pixels: np.ndarray,
+                   timeout_s: float = ASK_TIMEOUT_S) -> AnalyzeReply:
+    """Ask the server at *path* one question on *pixels* ((3, S, S), sent as float32); its reply's ``text`` is
+    the raw answer. Raises as :func:`request_analysis`."""
+    if pixels.ndim != 3:
+        raise ValueError(f"the pixels of a question are (3, S, S), not {pixels.shape}")
+    data = np.ascontiguousarray(pixels, dtype=PIXEL_DTYPE).tobytes()
+    request = AskRequest(model=model, instruction=instruction, shape=pixels.shape, size=len(data))
+    return _request(path, request.model_dump_json().encode(), data, timeout_s)
+
+
+def _request(path: Path, header: bytes, data: bytes, timeout_s: float) -> AnalyzeReply:
     try:
         _check_length(path)
     except ValueError as exc:
@@ -257,7 +348,7 @@ def request_analysis(path: Path, request: AnalyzeRequest, data: bytes,
             raise ModelSocketUnavailable(f"no model server at {path}: {exc.strerror or exc}") from exc
         client.settimeout(timeout_s)
         try:
-            client.sendall(request.model_dump_json().encode() + b"\n")
+            client.sendall(header + b"\n")
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 client.sendall(data)  # a server that refused the header has closed: its reply says why
             with client.makefile("rb") as answer:
@@ -272,3 +363,37 @@ def request_analysis(path: Path, request: AnalyzeRequest, data: bytes,
         return AnalyzeReply.model_validate(json.loads(line))
     except (ValueError, ValidationError) as exc:
         raise ModelSocketError(f"the gateway at {path} sent a malformed answer: {exc}") from exc
+
+
+class SocketAnswerer:
+    """The worklist's ``QuestionModel`` (worklist/bridge.py) answered by the gpu worker's model on *path*
+    (``raddraft serve`` with child workers): this process loads no model. *image_size* is the model's input
+    size, read from its config without loading it. While nothing answers (the gpu worker is starting,
+    restarting or stopped) or the exchange breaks, ``answer`` raises ``ModelUnavailableError``; an input the
+    model refuses is a ``ValueError``."""
+
+    def __init__(self, path: Path, model: str, image_size: int, timeout_s: float = ASK_TIMEOUT_S) -> None:
+        self._path = path
+        self._model = normalize_model_spec(model)
+        self._image_size = image_size
+        self._timeout_s = timeout_s
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    def answer(self, pixels: np.ndarray, instruction: str) -> str:
+        from worklist.bridge import ModelUnavailableError  # noqa: PLC0415 (pydicom: raddraft analyze needs none)
+
+        try:
+            reply = request_answer(self._path, self._model, instruction, pixels, self._timeout_s)
+        except ModelSocketUnavailable as exc:
+            raise ModelUnavailableError(f"the model is not connected: the gpu worker does not answer (starting, "
+                                        f"restarting or stopped): {exc}") from None
+        except ModelSocketError as exc:
+            raise ModelUnavailableError(f"the model is not connected: {exc}") from None
+        if reply.ok:
+            return reply.text
+        if reply.kind == "input":
+            raise ValueError(f"the model cannot take this question: {reply.error}")
+        raise ModelUnavailableError(f"the gpu worker's model did not answer ({reply.kind}): {reply.error}")

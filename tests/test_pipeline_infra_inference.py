@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pipeline_infra_helpers import TINY, request, tiny_model_folder
@@ -111,3 +113,30 @@ def test_weights_dtype_is_bfloat16_on_cuda_and_float32_on_the_cpu(model_folder: 
     [ids] = half.model.generate_ids(torch.zeros(1, 3, TINY.vision.image_size, TINY.vision.image_size),
                                     ["[grounding] describe this image in detail"], max_new_tokens=3)
     assert 1 <= len(ids) <= 3
+
+
+def test_every_user_of_the_model_in_a_process_gets_the_one_copy_in_the_settings_dtype(model_folder: Path, caplog
+                                                                                        ) -> None:
+    """The infer tasks load the model in ``inference_dtype``; the model socket (analyze and questions), the warm-up
+    and the in-process worklist answerer loaded it in the default dtype: a second copy whenever the setting was
+    not ``auto``. They all go through :func:`inference.settings_model` now."""
+    from raddraft.analyze_output import question_handler  # noqa: PLC0415 - the socket's handler
+    from raddraft.model_socket import AskRequest, normalize_model_spec  # noqa: PLC0415
+    from worklist.answerer import SharedModelAnswerer  # noqa: PLC0415
+
+    settings = Settings(model=str(model_folder), inference_device="cpu", inference_dtype="bfloat16")
+    inference.clear_cache()
+    with caplog.at_level(logging.INFO, logger="workers.inference"):
+        first = inference.settings_model(settings)
+        size = TINY.vision.image_size
+        pixels = np.zeros((3, size, size), dtype=np.float32)
+        SharedModelAnswerer(settings, size).answer(pixels, "[vqa] is there a nodule?")
+        handler = question_handler(settings)
+        assert handler is not None
+        ask = AskRequest(model=normalize_model_spec(settings.model), instruction="[vqa] is there a nodule?",
+                         shape=pixels.shape, size=pixels.nbytes)
+        assert isinstance(handler.answer(ask, pixels), str)
+        assert inference.continuous_batcher(settings) is not None
+    loads = [r for r in caplog.records if "loaded on" in r.getMessage()]
+    assert len(loads) == 1 and inference.settings_model(settings) is first
+    assert first.model.llama_proj.weight.dtype is torch.bfloat16

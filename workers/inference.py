@@ -38,6 +38,12 @@ _lock = threading.Lock()
 _cache: dict[str, LoadedModel] = {}
 
 
+def settings_model(settings: Settings) -> LoadedModel:
+    """The process's model as *settings* name it (model, device, dtype): every user of the model in one process
+    (infer tasks, the model socket, the warm-up, worklist questions) gets this one copy."""
+    return get_model(settings.model, settings.inference_device, settings.inference_dtype)
+
+
 def get_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """The model named by *spec* (``settings.model``) on *device* in *dtype* (:func:`resolve_dtype`), loaded once
     per process."""
@@ -108,7 +114,7 @@ def infer(settings: Settings, requests: Sequence[InferenceRequest]) -> list[Infe
     """The one-call runner on the process's model (``settings.model`` on ``settings.inference_device`` in
     ``settings.inference_dtype``); the gpu worker's tasks use :func:`continuous_batcher`."""
     set_threads(settings.inference_threads)
-    return run_batch(get_model(settings.model, settings.inference_device, settings.inference_dtype), requests)
+    return run_batch(settings_model(settings), requests)
 
 
 def decoder_length(config: MiniGPTConfig) -> int:
@@ -121,6 +127,6 @@ def continuous_batcher(settings: Settings) -> ContinuousBatcher:
     """The gpu worker's continuous decoder over ``settings.model``: ``ROWS_PER_STUDY`` slots per study the worker
     runs at once (``settings.inference_batch_size``)."""
     set_threads(settings.inference_threads)
-    loaded = get_model(settings.model, settings.inference_device, settings.inference_dtype)
+    loaded = settings_model(settings)
     return ContinuousBatcher(loaded, settings.inference_batch_size * ROWS_PER_STUDY,
                              decoder_length(loaded.model.config))

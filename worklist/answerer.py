@@ -1,4 +1,9 @@
-"""``QuestionModel`` over a loaded MiniGPT-Med, for ``Bridge(model=…)`` (imports torch; the web app does not)."""
+"""``QuestionModel`` over a loaded MiniGPT-Med, for ``Bridge(model=…)`` (imports torch; the web app does not).
+
+``MiniGPTAnswerer`` is also how the gpu worker answers the worklist's questions on its model socket
+(raddraft/analyze_output.py); ``raddraft serve`` with child workers asks there (raddraft/model_socket.py
+``SocketAnswerer``) and uses ``SharedModelAnswerer`` only with in-process workers (the SQLite opt-in).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import threading
 import numpy as np
 import torch
 
+from core.settings import Settings
 from model.minigpt import MiniGPTMed
-from workers.inference import get_model
+from workers.inference import settings_model
 
 ASK_MAX_NEW_TOKENS = 100  # MiniGPT-Med's budget for box answers
 
@@ -35,9 +41,8 @@ class SharedModelAnswerer:
     """``QuestionModel`` over the gpu worker's model of this process (``raddraft serve`` with in-process workers):
     loaded on the first question, or already loaded by inference; the input size is known without loading."""
 
-    def __init__(self, spec: str, device: str, image_size: int) -> None:
-        self._spec = spec
-        self._device = device
+    def __init__(self, settings: Settings, image_size: int) -> None:
+        self._settings = settings
         self._image_size = image_size
         self._answerer: MiniGPTAnswerer | None = None
         self._lock = threading.Lock()
@@ -49,5 +54,5 @@ class SharedModelAnswerer:
     def answer(self, pixels: np.ndarray, instruction: str) -> str:
         with self._lock:
             if self._answerer is None:
-                self._answerer = MiniGPTAnswerer(get_model(self._spec, self._device).model)
+                self._answerer = MiniGPTAnswerer(settings_model(self._settings).model)
         return self._answerer.answer(pixels, instruction)

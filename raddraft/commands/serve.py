@@ -7,11 +7,12 @@ runs one ``raddraft worker --queues io`` and one ``--queues gpu`` as child proce
 (workers/supervisor.py; ``/healthz`` says not ok and ``raddraft status`` says since when once one keeps dying).
 Redis re-delivers what a dead worker held; at start-up, before any worker runs, every message a previous run's
 workers held unacknowledged is put back in its queue at once. The gpu child answers ``raddraft analyze`` on
-``<home>/run/model.sock`` (raddraft/model_socket.py); worklist questions load the same model in this process on
-the first question. With ``broker_url = "sqla+sqlite:///…"`` (an explicit opt-in) the workers run in this
-process (workers/inprocess.py) and work a previous run left between two stages is published again at start-up
-(that transport does not re-deliver). With an external Redis the workers are separate ``raddraft worker``
-processes.
+``<home>/run/model.sock`` (raddraft/model_socket.py), and the worklist's questions too (``SocketAnswerer``): this
+process loads no model, and while the gpu child is starting or restarting the Ask box says the model is not
+connected. With ``broker_url = "sqla+sqlite:///…"`` (an explicit opt-in) the workers run in this process
+(workers/inprocess.py), worklist questions use their model (loaded once, in this process) and work a previous
+run left between two stages is published again at start-up (that transport does not re-deliver). With an
+external Redis the workers are separate ``raddraft worker`` processes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dicom_node.receive import InstanceReceiver
 from dicom_node.scp import DicomNode
 from dicom_node.spool import Spool
 from dicom_node.stow import STOW_PREFIX, StowApp
-from raddraft.model_socket import ModelSocketServer
+from raddraft.model_socket import ModelSocketServer, SocketAnswerer, socket_path
 from state.store import StateStore, episode_state_counts
 from workers.celery_app import GPU_QUEUE, IO_QUEUE, configure, publish_prepare
 from workers.child_metrics import include_children
@@ -214,16 +215,21 @@ def _republish_stranded(store: StateStore) -> None:
 
 
 def _question_model(settings: Settings) -> QuestionModel | None:
-    """The in-process model for worklist questions; None (questions answered 'no model') when it is not there."""
-    from workers.pipeline import model_input_size  # noqa: PLC0415 (torch: only when the workers run here)
-    from worklist.answerer import SharedModelAnswerer  # noqa: PLC0415
+    """The model for worklist questions: with in-process workers (the SQLite transport) theirs, in this process;
+    with child workers the gpu child's, over the model socket. None (questions answered 'no model') when the
+    model's input size is unknown."""
+    from workers.pipeline import model_input_size  # noqa: PLC0415 (torch: only when the workers run)
 
     try:
         size = model_input_size(settings.model)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         log.warning("worklist questions are off: %s", exc)
         return None
-    return SharedModelAnswerer(settings.model, settings.inference_device, size)
+    if not settings.uses_sqlite_broker:
+        return SocketAnswerer(socket_path(settings.home), settings.model, size)
+    from worklist.answerer import SharedModelAnswerer  # noqa: PLC0415 (torch: only with in-process workers)
+
+    return SharedModelAnswerer(settings, size)
 
 
 def _model_socket(settings: Settings) -> ModelSocketServer | None:
@@ -235,10 +241,10 @@ def _model_socket(settings: Settings) -> ModelSocketServer | None:
 
 def _warm_model(settings: Settings) -> None:
     """Load the model before the first study arrives (the in-process gpu worker would load it on first use)."""
-    from workers.inference import get_model  # noqa: PLC0415 (torch: only when the workers run here)
+    from workers.inference import settings_model  # noqa: PLC0415 (torch: only when the workers run here)
 
     try:
-        get_model(settings.model, settings.inference_device)
+        settings_model(settings)
     except Exception:
         log.exception("model %s could not be loaded ahead of time; the first infer task will report why",
                       settings.model)
