@@ -171,13 +171,13 @@ class InProcessWorker:
             RUNNING: "the in-process worker is running",
             RESTARTING: f"the in-process worker died ({state.last_error}); restarting",
             STALLED: f"the in-process worker's loop has not turned for over {self._stale_after_s:.0f} s",
-            DEAD: f"the in-process worker is dead since {_iso(state.since)} after {state.restarts} restart(s) "
+            DEAD: f"the in-process worker is dead since {iso_utc(state.since)} after {state.restarts} restart(s) "
                   f"({state.last_error})",
             STOPPED: "the in-process worker is stopped",
         }[state.state]
         return {"ok": ok, "detail": detail, "state": state.state, "restarts": state.restarts,
-                "since": _iso(state.since),
-                "heartbeat": _iso(state.heartbeat) if state.heartbeat is not None else None}
+                "since": iso_utc(state.since),
+                "heartbeat": iso_utc(state.heartbeat) if state.heartbeat is not None else None}
 
     # --- the watchdog ------------------------------------------------------------------------------------------
 
@@ -286,20 +286,27 @@ class InProcessWorker:
         if self._state_path is None:
             return
         with self._lock:
-            data = json.dumps(asdict(self.state), indent=2).encode()
+            document = asdict(self.state)
+        write_state(self._state_path, document, "in-process worker")
+
+
+def write_state(path: Path, document: dict[str, Any], what: str) -> None:
+    """Replace the state file :func:`read_state` reads with *document* (whole: a reader never sees a part; not
+    fsynced, it is only a status); a file that cannot be written is logged, not raised."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
-            self._state_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self._state_path.parent, prefix=f".{self._state_path.name}.")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                os.replace(tmp, self._state_path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            log.warning("in-process worker state %s not written: %s", self._state_path, exc)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(json.dumps(document, indent=2).encode())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        log.warning("%s state %s not written: %s", what, path, exc)
 
 
-def _iso(timestamp: float) -> str:
+def iso_utc(timestamp: float) -> str:
+    """Epoch seconds as the ISO UTC text of the health checks and the state file's readers."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

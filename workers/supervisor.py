@@ -18,20 +18,20 @@ child).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from workers.inprocess import iso_utc, write_state
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +167,13 @@ class WorkerSupervisor:
             details.append({
                 RUNNING: f"the {state.queue} worker is running (pid {state.pid})",
                 RESTARTING: f"the {state.queue} worker died ({state.last_error}); restarting",
-                DEAD: f"the {state.queue} worker is dead since {_iso(state.since)} after {state.restarts} "
+                DEAD: f"the {state.queue} worker is dead since {iso_utc(state.since)} after {state.restarts} "
                       f"restart(s) ({state.last_error})",
                 STOPPED: f"the {state.queue} worker is stopped",
             }[state.state])
         return {"ok": all(state.state in (RUNNING, RESTARTING) for state in states), "detail": "; ".join(details),
                 "workers": {state.queue: {"state": state.state, "pid": state.pid, "restarts": state.restarts,
-                                          "since": _iso(state.since), "last_error": state.last_error}
+                                          "since": iso_utc(state.since), "last_error": state.last_error}
                             for state in states}}
 
     # --- the watchdog ------------------------------------------------------------------------------------------
@@ -261,19 +261,4 @@ class WorkerSupervisor:
         document = {"pid": os.getpid(), "state": worst, "kind": "processes",
                     "restarts": sum(c["restarts"] for c in states), "workers": states,
                     "since": min((c["since"] for c in states if c["state"] == worst), default=time.time())}
-        try:
-            self._state_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self._state_path.parent, prefix=f".{self._state_path.name}.")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(json.dumps(document, indent=2).encode())
-                os.replace(tmp, self._state_path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            log.warning("worker state %s not written: %s", self._state_path, exc)
-
-
-def _iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+        write_state(self._state_path, document, "worker")
