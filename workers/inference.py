@@ -44,6 +44,16 @@ def settings_model(settings: Settings) -> LoadedModel:
     return get_model(settings.model, settings.inference_device, settings.inference_dtype)
 
 
+def warm_up(settings: Settings) -> None:
+    """Load the process's model ahead of its first use (a worker's first infer task, a gateway's first study);
+    a model that cannot be loaded is logged here and reported by the task that needs it."""
+    try:
+        settings_model(settings)
+    except Exception:
+        log.exception("model %s could not be loaded ahead of time; the first infer task will report why",
+                      settings.model)
+
+
 def get_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """The model named by *spec* (``settings.model``) on *device* in *dtype* (:func:`resolve_dtype`), loaded once
     per process."""

@@ -241,10 +241,6 @@ def _model_socket(settings: Settings) -> ModelSocketServer | None:
 
 def _warm_model(settings: Settings) -> None:
     """Load the model before the first study arrives (the in-process gpu worker would load it on first use)."""
-    from workers.inference import settings_model  # noqa: PLC0415 (torch: only when the workers run here)
+    from workers.inference import warm_up  # noqa: PLC0415 (torch: only when the workers run here)
 
-    try:
-        settings_model(settings)
-    except Exception:
-        log.exception("model %s could not be loaded ahead of time; the first infer task will report why",
-                      settings.model)
+    warm_up(settings)

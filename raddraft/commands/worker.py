@@ -82,10 +82,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _warm_model(settings: Settings) -> None:
     """Load the gpu worker's model ahead of its first infer task."""
-    from workers.inference import settings_model  # noqa: PLC0415 - the model stack: gpu workers only
+    from workers.inference import warm_up  # noqa: PLC0415 - the model stack: gpu workers only
 
-    try:
-        settings_model(settings)
-    except Exception:
-        log.exception("model %s could not be loaded ahead of time; the first infer task will report why",
-                      settings.model)
+    warm_up(settings)
